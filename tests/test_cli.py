@@ -1,0 +1,177 @@
+"""End to end through the CLI: generate, resume, export, render, batch, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import trimesh
+from safetensors.torch import load_file
+
+from threedistill.cli import main
+
+# Small, fast settings: 32x32 renders, 24 samples per ray, a small hash grid, a short turntable.
+FAST = [
+    "run.resolution=32", "representation.nerf.num_samples=24", "representation.nerf.n_levels=6",
+    "representation.nerf.log2_hashmap_size=12", "representation.nerf.max_resolution=64",
+    "export.mesh_resolution=40", "export.turntable_frames=6", "export.turntable_resolution=32",
+    "run.progress=false", "guidance.guidance_scale=7.5",
+]
+
+
+def _generate(tmp_path, prior_path, *extra, name="run", prompt="a red cube"):
+    args = ["generate", prompt, "--out", str(tmp_path), f"prior.name={prior_path}", f"run.name={name}", *FAST, *extra]
+    return main(args), tmp_path / name
+
+
+@pytest.mark.slow
+def test_generate_writes_every_output(tmp_path, tiny_sd_path, capsys):
+    code, run = _generate(tmp_path, tiny_sd_path, "run.steps=50", "run.preview_every=25", "run.checkpoint_every=20",
+                          "export.formats=[glb,obj,ply]")
+    assert code == 0, capsys.readouterr().err
+    for f in ("config.yaml", "metrics.jsonl", "run.json", "turntable.mp4", "model.glb", "model.obj", "model.ply"):
+        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_000025.png", "step_000050.png"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.safetensors"))
+    assert ckpts == ["step_000020.safetensors", "step_000040.safetensors", "step_000050.safetensors"]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 51))
+    for key in ("loss", "grad_norm", "t", "time_render", "time_guidance", "time_backward", "time_step"):
+        assert all(key in l for l in lines), key
+    assert all(20 <= l["t"] <= 980 for l in lines)
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 50
+    # The mesh reloads in trimesh with vertex colours, in every format.
+    for fmt in ("glb", "obj", "ply"):
+        mesh = trimesh.load(run / f"model.{fmt}", force="mesh")
+        assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    # The turntable has the configured number of frames.
+    import imageio.v3 as iio
+
+    assert len(list(iio.imiter(run / "turntable.mp4"))) == 6
+    # Checkpoints hold the representation and optimizer state, never the prior.
+    tensors = load_file(str(run / "checkpoints" / "step_000050.safetensors"))
+    assert any(k.startswith("representation.") for k in tensors)
+    assert any(k.startswith("optim.") for k in tensors)
+    assert not any("unet" in k or "text_encoder" in k or "vae" in k for k in tensors)
+
+    # export / render subcommands on the finished run
+    assert main(["export", str(run), "--format", "ply", "--output", str(tmp_path / "again.ply")]) == 0
+    assert len(trimesh.load(tmp_path / "again.ply").faces) > 0
+    assert main(["render", str(run), "--frames", "4", "--resolution", "16", "--output", str(tmp_path / "t.mp4")]) == 0
+    assert len(list(iio.imiter(tmp_path / "t.mp4"))) == 4
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_sd_path):
+    steps = ["run.checkpoint_every=6", "export.formats=[]", "export.turntable=false", "run.preview_every=100"]
+    code, full = _generate(tmp_path, tiny_sd_path, "run.steps=12", *steps, name="full")
+    assert code == 0
+    # A run killed after step 6: simulate by running 6 steps, then resume it to 12.
+    code, part = _generate(tmp_path, tiny_sd_path, "run.steps=6", *steps, name="part")
+    assert code == 0
+    # A killed run also leaves metric lines past its last checkpoint; resume must drop them.
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n" + '{"step": 8, "lo')
+    assert main(["generate", "--resume", str(part), "run.steps=12"]) == 0
+    a = load_file(str(full / "checkpoints" / "step_000012.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step_000012.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps_logged = [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_batch_skips_finished_and_resumes_unfinished(tmp_path, tiny_sd_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red cube\n\na blue sphere\n")
+    out = tmp_path / "batch"
+    args = ["batch", str(prompts), "--out", str(out), f"prior.name={tiny_sd_path}", *FAST, "run.steps=4",
+            "export.formats=[]", "export.turntable=false", "run.checkpoint_every=2"]
+    assert main(args) == 0
+    runs = sorted(p.name for p in out.iterdir())
+    assert runs == ["000-a-red-cube", "001-a-blue-sphere"]
+    for r in runs:
+        assert json.loads((out / r / "run.json").read_text())["status"] == "finished"
+    # Make the second run look killed mid-way: back to its step-2 checkpoint and status "running".
+    second = out / "001-a-blue-sphere"
+    for p in (second / "checkpoints").glob("step_000004.*"):
+        p.unlink()
+    st = json.loads((second / "run.json").read_text())
+    st["status"] = "running"
+    (second / "run.json").write_text(json.dumps(st))
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "a red cube: already finished" in log
+    assert "resuming" in log and "a blue sphere: finished" in log
+    assert (second / "checkpoints" / "step_000004.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, no traceback, nothing half-written.
+# ---------------------------------------------------------------------------------------------
+def _run_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "threedistill.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def _assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_sd_path):
+    prior = f"prior.name={tiny_sd_path}"
+    out = str(tmp_path / "o")
+    _assert_one_line_error(_run_cli("generate", "", "--out", out, prior), "prompt is empty")
+    _assert_one_line_error(_run_cli("generate", "   ", "--out", out, prior), "prompt is empty")
+    _assert_one_line_error(_run_cli("generate", "run.steps=5", "--out", out, prior), "prompt is missing")
+    _assert_one_line_error(_run_cli("generate", "a cube", "--out", out, prior, "run.stepz=5"), "run.stepz")
+    _assert_one_line_error(_run_cli("generate", "a cube", "--out", out, prior, "run.steps=many"), "run.steps")
+    _assert_one_line_error(_run_cli("generate", "a cube", "--out", out, prior, "guidance.name=nope"), "guidance.name")
+    _assert_one_line_error(_run_cli("generate", "a cube", "--config", str(tmp_path / "nope.yaml")), "not found")
+    _assert_one_line_error(_run_cli("generate", "a cube", "--out", out, "prior.name=no-such/model",
+                                    f"prior.cache_dir={tmp_path / 'hf'}"), "no-such/model")
+    _assert_one_line_error(_run_cli("generate", "--resume", str(tmp_path / "missing")), "does not exist")
+    _assert_one_line_error(_run_cli("export", str(tmp_path)), "config.yaml")
+    _assert_one_line_error(_run_cli("render", str(tmp_path / "missing")), "missing")
+    _assert_one_line_error(_run_cli("batch", str(tmp_path / "none.txt")), "not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    _assert_one_line_error(_run_cli("batch", str(empty)), "no prompts")
+    _assert_one_line_error(_run_cli("frobnicate"), "invalid choice")
+    # Nothing was left behind by the failed generates.
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_unwritable_output_folder(tmp_path, tiny_sd_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = _run_cli("generate", "a cube", "--out", str(blocker / "sub"), f"prior.name={tiny_sd_path}")
+    _assert_one_line_error(proc, "not writable")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        _assert_one_line_error(_run_cli("generate", "a cube", "--out", str(ro), f"prior.name={tiny_sd_path}"), "not writable")
+
+
+def test_existing_run_folder_is_not_clobbered(tmp_path, tiny_sd_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("run:\n  prompt: old\n")
+    proc = _run_cli("generate", "a cube", "--out", str(tmp_path), "run.name=r", f"prior.name={tiny_sd_path}")
+    _assert_one_line_error(proc, "already holds a run")
+    assert (run / "config.yaml").read_text() == "run:\n  prompt: old\n"

@@ -1,0 +1,87 @@
+import pytest
+
+from threedistill.config import load_config, parse_schedule, scheduled
+from threedistill.errors import UserError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(overrides=["run.steps=7", "guidance.guidance_scale=50", "run.resolution=32"])
+    assert cfg.run.steps == 7 and cfg.run.resolution == 32
+    assert scheduled(cfg.guidance.guidance_scale, 0) == 50.0
+    assert cfg.guidance.name == "sds" and cfg.representation.name == "nerf"
+
+
+def test_design_example_overrides_parse():
+    cfg = load_config(overrides=["prior.name=shapes", "guidance.name=ism", "representation.name=gaussians",
+                                 "run.steps=500"])
+    assert cfg.prior.name == "shapes" and cfg.run.steps == 500
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.stepz=3", "run.stepz"),
+    ("bogus=1", "bogus"),
+    ("representation.nerf.num_samplez=3", "representation.nerf.num_samplez"),
+    ("run.steps=abc", "run.steps"),
+    ("run.seed=1.5", "run.seed"),
+    ("run.steps=0", "run.steps"),
+    ("run.resolution=-4", "run.resolution"),
+    ("guidance.t_max=[1,2]", "guidance.t_max"),
+    ("guidance.t_max=1.5", "guidance.t_max"),
+    ("guidance.guidance_scale=lots", "guidance.guidance_scale"),
+    ("camera.fovy_range=[70,40]", "camera.fovy_range"),
+    ("guidance.weighting=cubic", "guidance.weighting"),
+    ("export.formats=[fbx]", "export.formats"),
+    ("run.device=tpu", "run.device"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(UserError) as e:
+        load_config(overrides=[override])
+    msg = str(e.value)
+    assert key in msg
+    assert "\n" not in msg
+
+
+def test_override_without_equals():
+    with pytest.raises(UserError, match="key=value"):
+        load_config(overrides=["run.steps"])
+
+
+def test_yaml_file_and_bad_yaml(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("run:\n  steps: 12\nguidance:\n  t_max: [0.98, 0.5, 0, 100]\n")
+    cfg = load_config(good, ["run.seed=3"])
+    assert cfg.run.steps == 12 and cfg.run.seed == 3
+    assert scheduled(cfg.guidance.t_max, 50) == pytest.approx(0.74)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("run:\n  stepz: 3\n")
+    with pytest.raises(UserError, match="run.stepz"):
+        load_config(unknown)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_presets_load():
+    from threedistill.config import CONFIG_DIR
+
+    presets = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert presets, "configs/ should ship presets"
+    for p in presets:
+        load_config(p)
+
+
+def test_schedule_semantics():
+    s = [1.0, 3.0, 10, 20]
+    assert scheduled(s, 0) == 1.0
+    assert scheduled(s, 10) == 1.0
+    assert scheduled(s, 15) == pytest.approx(2.0)
+    assert scheduled(s, 20) == 3.0
+    assert scheduled(s, 1000) == 3.0
+    assert scheduled(2.5, 123) == 2.5
+    assert scheduled(None, 5) is None
+    assert parse_schedule([0.98, 0.5, 0, 0]) == (0.98, 0.5, 0, 0)
+    with pytest.raises(UserError):
+        parse_schedule([1, 2, 20, 10], "k")

@@ -1,0 +1,262 @@
+"""Cameras: one convention for the whole project.
+
+Convention
+----------
+* World: right-handed, **+Z is up**. The object sits at the origin inside ``[-r, r]^3``.
+  Its **front faces +X**: azimuth 0 deg looks at the front, azimuth 90 deg at its left side
+  (the camera on +Y), +-180 deg at its back. Elevation is the angle above the XY plane.
+* Camera position for (elevation e, azimuth a, distance d):
+  ``d * (cos e cos a, cos e sin a, sin e)``; cameras always look at the origin.
+* ``c2w`` is a camera-to-world 4x4 in the **OpenGL** camera convention: camera +X right,
+  +Y up, looking along **-Z**. Pixel (i, j) (row i from the top, column j from the left) has
+  its centre at ``((j + 0.5) - W/2, H/2 - (i + 0.5))`` in pixel units on the image plane at
+  focal length ``f = (H/2) / tan(fovy/2)``; square pixels.
+* Renderers convert at their boundary (gsplat wants world-to-camera OpenCV views:
+  :meth:`CameraBatch.w2c_opencv`). Mesh exports convert Z-up to the Y-up of glTF/OBJ/PLY viewers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
+
+import torch
+
+VIEW_LABELS = ("front", "side", "back", "overhead")
+
+
+@dataclass
+class CameraBatch:
+    """A batch of B pinhole cameras looking at the origin (see module docstring).
+
+    Shapes: ``c2w [B,4,4]``, ``fovy [B]`` (radians), ``elevation/azimuth [B]`` (degrees),
+    ``distance [B]``, ``light_positions [B,3]`` (world). ``height``/``width`` in pixels.
+    """
+
+    c2w: torch.Tensor
+    fovy: torch.Tensor
+    elevation: torch.Tensor
+    azimuth: torch.Tensor
+    distance: torch.Tensor
+    light_positions: torch.Tensor
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.c2w.device
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Camera centres in world space ``[B,3]``."""
+        return self.c2w[:, :3, 3]
+
+    @property
+    def focal(self) -> torch.Tensor:
+        """Focal length in pixels ``[B]`` (same for x and y)."""
+        return 0.5 * self.height / torch.tan(0.5 * self.fovy)
+
+    def to(self, device: torch.device | str) -> "CameraBatch":
+        return replace(
+            self,
+            **{k: getattr(self, k).to(device) for k in
+               ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
+        )
+
+    def with_resolution(self, height: int, width: Optional[int] = None) -> "CameraBatch":
+        return replace(self, height=int(height), width=int(width if width is not None else height))
+
+    def __getitem__(self, idx) -> "CameraBatch":
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return replace(
+            self,
+            **{k: getattr(self, k)[idx] for k in
+               ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
+        )
+
+    def intrinsics(self) -> torch.Tensor:
+        """OpenCV-style intrinsics ``K [B,3,3]`` (pixel centres at +0.5)."""
+        B = len(self)
+        K = torch.zeros(B, 3, 3, device=self.device, dtype=self.c2w.dtype)
+        K[:, 0, 0] = self.focal
+        K[:, 1, 1] = self.focal
+        K[:, 0, 2] = self.width / 2
+        K[:, 1, 2] = self.height / 2
+        K[:, 2, 2] = 1
+        return K
+
+    def w2c_opencv(self) -> torch.Tensor:
+        """World-to-camera ``[B,4,4]`` in OpenCV convention (+X right, +Y down, looking +Z)."""
+        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], device=self.device, dtype=self.c2w.dtype))
+        return torch.linalg.inv(self.c2w @ flip)
+
+    def rays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """World-space ray origins and unit directions, each ``[B,H,W,3]``."""
+        B, H, W = len(self), self.height, self.width
+        dev, dt = self.device, self.c2w.dtype
+        j = torch.arange(W, device=dev, dtype=dt) + 0.5
+        i = torch.arange(H, device=dev, dtype=dt) + 0.5
+        ii, jj = torch.meshgrid(i, j, indexing="ij")  # [H,W]
+        f = self.focal.view(B, 1, 1)
+        x = (jj[None] - W / 2) / f
+        y = (H / 2 - ii[None]) / f
+        d_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)  # [B,H,W,3]
+        d_world = torch.einsum("bij,bhwj->bhwi", self.c2w[:, :3, :3], d_cam)
+        d_world = d_world / d_world.norm(dim=-1, keepdim=True)
+        o_world = self.c2w[:, None, None, :3, 3].expand_as(d_world)
+        return o_world, d_world
+
+    def view_labels(
+        self, front_threshold: float = 45.0, back_threshold: float = 45.0, overhead_threshold: float = 60.0
+    ) -> List[str]:
+        return view_labels(self.elevation, self.azimuth, front_threshold, back_threshold, overhead_threshold)
+
+
+def view_labels(
+    elevation: torch.Tensor,
+    azimuth: torch.Tensor,
+    front_threshold: float = 45.0,
+    back_threshold: float = 45.0,
+    overhead_threshold: float = 60.0,
+) -> List[str]:
+    """front / side / back / overhead per camera (degrees; overhead wins over the azimuth)."""
+    labels = []
+    for e, a in zip(elevation.tolist(), azimuth.tolist()):
+        a = (a + 180.0) % 360.0 - 180.0  # wrap to [-180, 180)
+        if e > overhead_threshold:
+            labels.append("overhead")
+        elif abs(a) < front_threshold:
+            labels.append("front")
+        elif abs(a) > 180.0 - back_threshold:
+            labels.append("back")
+        else:
+            labels.append("side")
+    return labels
+
+
+def look_at_c2w(positions: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """OpenGL camera-to-world matrices ``[B,4,4]`` for cameras at ``positions [B,3]`` looking at
+    ``target`` (default origin) with world +Z up. Straight-overhead cameras use +X as image-up."""
+    B = positions.shape[0]
+    if target is None:
+        target = torch.zeros_like(positions)
+    forward = target - positions
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    up = torch.tensor([0.0, 0.0, 1.0], device=positions.device, dtype=positions.dtype).expand(B, 3)
+    right = torch.cross(forward, up, dim=-1)
+    degenerate = right.norm(dim=-1) < 1e-6
+    if degenerate.any():
+        alt = torch.tensor([1.0, 0.0, 0.0], device=positions.device, dtype=positions.dtype).expand(B, 3)
+        right = torch.where(degenerate[:, None], torch.cross(forward, alt, dim=-1), right)
+    right = right / right.norm(dim=-1, keepdim=True)
+    cam_up = torch.cross(right, forward, dim=-1)
+    c2w = torch.eye(4, device=positions.device, dtype=positions.dtype).repeat(B, 1, 1)
+    c2w[:, :3, 0] = right
+    c2w[:, :3, 1] = cam_up
+    c2w[:, :3, 2] = -forward
+    c2w[:, :3, 3] = positions
+    return c2w
+
+
+def spherical_to_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    e = torch.deg2rad(elevation_deg)
+    a = torch.deg2rad(azimuth_deg)
+    return torch.stack([distance * torch.cos(e) * torch.cos(a), distance * torch.cos(e) * torch.sin(a),
+                        distance * torch.sin(e)], dim=-1)
+
+
+def make_cameras(
+    elevation: torch.Tensor,
+    azimuth: torch.Tensor,
+    distance: torch.Tensor,
+    fovy_deg: torch.Tensor,
+    height: int,
+    width: Optional[int] = None,
+    light_positions: Optional[torch.Tensor] = None,
+) -> CameraBatch:
+    """Cameras from spherical coordinates (degrees). The light defaults to the camera position."""
+    elevation, azimuth, distance, fovy_deg = (torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+                                              for x in (elevation, azimuth, distance, fovy_deg))
+    pos = spherical_to_position(elevation, azimuth, distance)
+    c2w = look_at_c2w(pos)
+    if light_positions is None:
+        light_positions = pos.clone()
+    return CameraBatch(
+        c2w=c2w, fovy=torch.deg2rad(fovy_deg), elevation=elevation, azimuth=azimuth, distance=distance,
+        light_positions=light_positions, height=int(height), width=int(width if width is not None else height),
+    )
+
+
+class CameraSampler:
+    """Random training cameras with DreamFusion-style ranges (see :class:`CameraConfig`).
+
+    Elevation, azimuth, distance and fovy are uniform in their ranges. The light sits at a
+    random distance in ``light_distance_range`` in a direction near the camera's
+    (perturbed by ``light_position_perturb``), as in DreamFusion/threestudio.
+    Every draw comes from the ``generator`` passed in, so a step is reproducible.
+    """
+
+    def __init__(self, cfg, resolution: int):
+        self.cfg = cfg
+        self.resolution = int(resolution)
+
+    def sample(self, generator: torch.Generator, batch_size: Optional[int] = None) -> CameraBatch:
+        c = self.cfg
+        B = int(batch_size or c.batch_size)
+
+        def uniform(lo_hi: Sequence[float]) -> torch.Tensor:
+            lo, hi = float(lo_hi[0]), float(lo_hi[1])
+            return lo + (hi - lo) * torch.rand(B, generator=generator)
+
+        elevation = uniform(c.elevation_range)
+        azimuth = uniform(c.azimuth_range)
+        distance = uniform(c.distance_range)
+        fovy = uniform(c.fovy_range)
+        pos = spherical_to_position(elevation, azimuth, distance)
+        light_dir = pos / pos.norm(dim=-1, keepdim=True)
+        light_dir = light_dir + c.light_position_perturb * 0.5 * torch.randn(B, 3, generator=generator)
+        light_dir = light_dir / light_dir.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        light_positions = light_dir * uniform(c.light_distance_range)[:, None]
+        return make_cameras(elevation, azimuth, distance, fovy, self.resolution, light_positions=light_positions)
+
+    def labels(self, cameras: CameraBatch) -> List[str]:
+        return cameras.view_labels(self.cfg.front_threshold, self.cfg.back_threshold, self.cfg.overhead_threshold)
+
+
+def orbit_cameras(
+    n: int,
+    resolution: int,
+    elevation: float = 15.0,
+    distance: float = 1.75,
+    fovy: float = 55.0,
+    start_azimuth: float = 0.0,
+) -> CameraBatch:
+    """``n`` cameras evenly spaced in azimuth on one circle (a turntable), light at the camera."""
+    az = start_azimuth + torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    az = (az + 180.0) % 360.0 - 180.0
+    return make_cameras(torch.full((n,), float(elevation)), az, torch.full((n,), float(distance)),
+                        torch.full((n,), float(fovy)), resolution)
+
+
+def preview_cameras(resolution: int, distance: float = 1.75, fovy: float = 55.0, elevation: float = 15.0) -> CameraBatch:
+    """Four fixed views for previews: front, side (left), back, overhead."""
+    return make_cameras(
+        torch.tensor([elevation, elevation, elevation, 75.0]), torch.tensor([0.0, 90.0, 180.0, 0.0]),
+        torch.full((4,), float(distance)), torch.full((4,), float(fovy)), resolution,
+    )
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, stream): draws made from it are the same
+    whether a run is resumed or not. Streams separate consumers (cameras, guidance, renderer)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + int(stream) * 104_729) % (2**63 - 1))
+    return g
+
+
+STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER = 0, 1, 2

@@ -1,0 +1,231 @@
+"""The ``threedistill`` command.
+
+    threedistill generate "PROMPT" [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]
+    threedistill export RUN_DIR [--format glb|obj|ply] [--resolution N] [--threshold X]
+    threedistill render RUN_DIR [--frames N] [--resolution N]
+    threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
+
+Errors a user can cause print one line (``error: ...``) and exit with status 2; an interrupted
+run exits 130 after writing a checkpoint it can be resumed from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from threedistill.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. run.steps=500 guidance.guidance_scale=50 "
+                        "guidance.t_max=[0.98,0.5,0,5000]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="threedistill",
+        description="Text-to-3D by score distillation from a frozen 2D diffusion prior.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (and show tracebacks)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="distill one prompt into a 3D asset (a run folder)")
+    g.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
+    g.add_argument("--config", "-c", help="YAML config file or preset name from configs/")
+    g.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    _add_overrides(g)
+
+    e = sub.add_parser("export", help="extract and write the mesh of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--format", "-f", choices=["glb", "obj", "ply"], action="append",
+                   help="mesh format (repeatable; default glb)")
+    e.add_argument("--resolution", type=int, help="marching-cubes grid size (default export.mesh_resolution)")
+    e.add_argument("--threshold", type=float, help="density iso level (default from the representation config)")
+    e.add_argument("--output", help="output file (default RUN_DIR/model.<format>)")
+
+    r = sub.add_parser("render", help="render a run's turntable video")
+    r.add_argument("run_dir")
+    r.add_argument("--frames", type=int)
+    r.add_argument("--resolution", type=int)
+    r.add_argument("--fps", type=int)
+    r.add_argument("--output", help="output file (default RUN_DIR/turntable.mp4)")
+
+    b = sub.add_parser("batch", help="run every prompt of a text file (one per line), resumably")
+    b.add_argument("prompts_file")
+    b.add_argument("--config", "-c", help="YAML config file or preset name from configs/")
+    b.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
+    _add_overrides(b)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from threedistill.config import load_config
+    from threedistill.distill import Distiller
+
+    if args.resume:
+        if args.prompt:
+            raise UserError("give either a prompt or --resume RUN_DIR, not both")
+        run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: run folder '{run_dir}' does not exist")
+        d = Distiller.resume(run_dir, overrides=args.overrides)
+    else:
+        if args.prompt is not None and re.match(r"^[A-Za-z_][\w.]*=", args.prompt):
+            raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
+                            "put the prompt first, e.g. threedistill generate \"a red cube\" run.steps=500")
+        base = {"run": {"prompt": args.prompt or ""}}
+        if args.out:
+            base["run"]["out_dir"] = args.out
+        cfg = load_config(args.config, args.overrides, base=base)
+        d = Distiller(cfg)
+    result = d.run()
+    print(f"{result.status}: {result.run_dir}")
+    for kind, path in result.outputs.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from threedistill.distill import load_trained_representation
+    from threedistill.export import extract_mesh, save_mesh
+
+    run_dir = Path(args.run_dir)
+    cfg, rep, step = load_trained_representation(run_dir)
+    formats = args.format or ["glb"]
+    if args.output and len(formats) > 1:
+        raise UserError("--output takes one --format")
+    mesh = extract_mesh(rep, resolution=args.resolution or cfg.export.mesh_resolution,
+                        threshold=args.threshold, min_component_ratio=cfg.export.min_component_ratio)
+    for fmt in formats:
+        out = Path(args.output) if args.output else run_dir / f"model.{fmt}"
+        if args.output and out.suffix.lstrip(".").lower() != fmt and args.format:
+            raise UserError(f"--output '{out}' does not end in .{fmt}")
+        save_mesh(mesh, out, fmt)
+        print(f"{fmt}: {out} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces, step {step})")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from threedistill.distill import load_trained_representation
+    from threedistill.export import render_turntable
+
+    run_dir = Path(args.run_dir)
+    cfg, rep, _ = load_trained_representation(run_dir)
+    e, c = cfg.export, cfg.camera
+    for name in ("frames", "resolution", "fps"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name} must be > 0, got {v}")
+    out = Path(args.output) if args.output else run_dir / "turntable.mp4"
+    render_turntable(rep, out, frames=args.frames or e.turntable_frames, fps=args.fps or e.turntable_fps,
+                     resolution=args.resolution or e.turntable_resolution, elevation=e.turntable_elevation,
+                     distance=c.eval_distance, fovy=c.eval_fovy, progress=cfg.run.progress)
+    print(f"turntable: {out}")
+    return 0
+
+
+def read_prompts(path: Path) -> List[str]:
+    if not path.is_file():
+        raise UserError(f"prompts file '{path}' not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file '{path}' is not UTF-8 text") from None
+    prompts = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file '{path}' has no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+def cmd_batch(args) -> int:
+    from threedistill.config import load_config
+    from threedistill.distill import Distiller, read_run_status, slugify
+    from threedistill.priors import load_prior
+    from threedistill.distill import resolve_device
+
+    prompts = read_prompts(Path(args.prompts_file))
+    base = {"run": {"prompt": prompts[0]}}
+    if args.out:
+        base["run"]["out_dir"] = args.out
+    cfg0 = load_config(args.config, args.overrides, base=base)  # validate once, before any work
+    prior = load_prior(cfg0.prior, resolve_device(cfg0.run.device))
+    failed = 0
+    for i, prompt in enumerate(prompts):
+        run_dir = Path(cfg0.run.out_dir) / f"{i:03d}-{slugify(prompt)}"
+        status = read_run_status(run_dir).get("status")
+        label = f"[{i + 1}/{len(prompts)}] {prompt}"
+        if status == "finished":
+            print(f"{label}: already finished, skipping ({run_dir})")
+            continue
+        try:
+            if (run_dir / "config.yaml").is_file():
+                print(f"{label}: resuming {run_dir}")
+                d = Distiller.resume(run_dir, prior=prior)
+            else:
+                print(f"{label}: starting {run_dir}")
+                cfg = load_config(args.config, args.overrides, base={"run": {"prompt": prompt, "out_dir": cfg0.run.out_dir}})
+                d = Distiller(cfg, run_dir=run_dir, prior=prior)
+            result = d.run()
+            print(f"{label}: {result.status}")
+        except UserError as e:
+            failed += 1
+            print(f"{label}: error: {e}", file=sys.stderr)
+    print(f"batch: {len(prompts) - failed} of {len(prompts)} prompts done")
+    return 0 if failed == 0 else 1
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Library chatter (diffusers/transformers) is noise on a CLI.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    handlers = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "batch": cmd_batch}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; continue with `threedistill generate --resume RUN_DIR`",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory; lower run.resolution, camera.batch_size or representation.nerf.num_samples",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # CUDA OOM is a RuntimeError subclass only when torch has CUDA
+        if type(e).__name__ == "OutOfMemoryError":
+            print("error: GPU out of memory; lower run.resolution, camera.batch_size or "
+                  "representation.nerf.num_samples, or use run.device=cpu", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Structured configuration: dataclasses, YAML presets, ``key=value`` overrides, validation.
+
+Every front end (CLI, web app, batch) builds a :class:`Config` with :func:`load_config` and hands
+it to :class:`threedistill.distill.Distiller`. Top-level groups are the ones named in the design:
+``prior``, ``guidance``, ``representation``, ``camera``, ``optim``, ``run``, ``export``.
+
+Scheduled scalars
+-----------------
+Scalars that papers anneal (guidance scale, timestep range, loss weights, learning rates) accept
+either a number or a linear schedule ``[start_value, end_value, start_step, end_step]``: the value
+is ``start_value`` up to ``start_step``, ``end_value`` from ``end_step`` on, linear in between.
+Example: ``guidance.t_max=[0.98,0.5,0,5000]``. :func:`scheduled` evaluates one at a step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from threedistill.errors import UserError
+
+# A scheduled scalar: a float, or [start_value, end_value, start_step, end_step].
+Scheduled = Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PriorConfig:
+    # A built-in name, a local diffusers pipeline folder, or a Hugging Face hub id that is
+    # already in the local cache (nothing is ever downloaded at run time).
+    name: str = "stabilityai/stable-diffusion-2-1-base"
+    revision: Optional[str] = None
+    # "auto": fp16 on CUDA, fp32 on CPU.
+    dtype: str = "auto"
+    # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
+    view_dependent: bool = True
+    negative_prompt: str = ""
+    # Hugging Face cache folder to search; None means the default (HF_HOME / HF_HUB_CACHE).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class GuidanceConfig:
+    name: str = "sds"
+    # Classifier-free guidance scale in the diffusers form eps_u + s * (eps_c - eps_u).
+    # DreamFusion's 100 (threestudio form) is 101 here; 100 is the usual default.
+    guidance_scale: Scheduled = 100.0
+    # Timestep range as fractions of num_train_timesteps.
+    t_min: Scheduled = 0.02
+    t_max: Scheduled = 0.98
+    # w(t): "sds" = 1 - alphas_cumprod[t], "uniform" = 1, "fantasia3d" = sqrt(abar) * (1 - abar).
+    weighting: str = "sds"
+    # Clamp the injected gradient elementwise to +-grad_clip (None or 0 disables).
+    grad_clip: Scheduled = None
+    weight: Scheduled = 1.0
+
+
+@dataclass
+class NerfConfig:
+    # Scene bounds: the axis-aligned cube [-radius, radius]^3.
+    radius: float = 1.0
+    encoding: str = "hashgrid"
+    n_levels: int = 12
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 16
+    base_resolution: int = 16
+    max_resolution: int = 512
+    hidden_dim: int = 64
+    n_hidden_layers: int = 1
+    # Magic3D density blob added to the raw density at initialization.
+    blob_density: float = 10.0
+    blob_radius: float = 0.5
+    # Fixed stratified samples per ray (CPU path; also the cap on CUDA).
+    num_samples: int = 64
+    # CUDA path: nerfacc occupancy grid.
+    occupancy_grid_resolution: int = 32
+    occupancy_threshold: float = 0.01
+    render_step_size: float = 0.01
+    # Shading: albedo only before this step, then random among diffuse / textureless / albedo.
+    ambient_only_steps: int = 1000
+    albedo_prob: float = 0.2
+    textureless_prob: float = 0.2
+    ambient_light: float = 0.1
+    # Background: "mlp" (learned, view-direction dependent), "white", "black", "random".
+    background: str = "mlp"
+    random_background_prob: float = 0.5
+    # Regularizer weights.
+    lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])
+    lambda_sparsity: Scheduled = 1.0
+    lambda_opaque: Scheduled = 0.0
+    # Marching-cubes iso level on density (export).
+    isosurface_threshold: float = 10.0
+
+
+@dataclass
+class RepresentationConfig:
+    name: str = "nerf"
+    nerf: NerfConfig = field(default_factory=NerfConfig)
+
+
+@dataclass
+class CameraConfig:
+    batch_size: int = 1
+    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
+    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
+    distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])
+    # Point light sampled around the camera direction at this distance from the origin.
+    light_distance_range: List[float] = field(default_factory=lambda: [0.8, 1.5])
+    light_position_perturb: float = 1.0
+    # View labels (degrees): |azimuth| < front => front, |azimuth| > 180 - back => back,
+    # elevation > overhead => overhead, otherwise side.
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    # Evaluation / preview / turntable cameras.
+    eval_distance: float = 1.75
+    eval_fovy: float = 55.0
+    eval_elevation: float = 15.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: Scheduled = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    # Learning-rate multipliers per parameter group (relative to lr).
+    lr_scale_background: float = 0.1
+    lr_scale_mlp: float = 0.1
+    lr_scale_guidance: float = 0.01
+
+
+@dataclass
+class RunConfig:
+    prompt: str = ""
+    steps: int = 2000
+    seed: int = 0
+    resolution: int = 64
+    # "auto": CUDA if available, else CPU.
+    device: str = "auto"
+    out_dir: str = "outputs"
+    name: Optional[str] = None
+    preview_every: int = 100
+    checkpoint_every: int = 250
+    # Progress bar on stderr (tqdm); off for quiet batch logs.
+    progress: bool = True
+
+
+@dataclass
+class ExportConfig:
+    # Mesh formats written at the end of a run: any of glb, obj, ply.
+    formats: List[str] = field(default_factory=lambda: ["glb"])
+    mesh_resolution: int = 128
+    # Keep connected components with at least this fraction of the largest one's faces.
+    min_component_ratio: float = 0.05
+    turntable: bool = True
+    turntable_frames: int = 60
+    turntable_fps: int = 24
+    turntable_resolution: int = 128
+    turntable_elevation: float = 15.0
+
+
+@dataclass
+class Config:
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, float, int, int]]:
+    """Normalize a scheduled scalar to ``(start, end, start_step, end_step)`` (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (ListConfig, list, tuple)):
+        items = list(value)
+        if len(items) != 4:
+            raise UserError(
+                f"config key '{key}': a schedule is [start_value, end_value, start_step, end_step], "
+                f"got {items}"
+            )
+        try:
+            start, end = float(items[0]), float(items[1])
+            s0, s1 = int(items[2]), int(items[3])
+        except (TypeError, ValueError):
+            raise UserError(f"config key '{key}': schedule entries must be numbers, got {items}") from None
+        if s1 < s0:
+            raise UserError(f"config key '{key}': schedule end_step {s1} is before start_step {s0}")
+        return (start, end, s0, s1)
+    if isinstance(value, bool):
+        raise UserError(f"config key '{key}': expected a number or a schedule, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{key}': expected a number or a schedule, got {value!r}") from None
+    if math.isnan(v):
+        raise UserError(f"config key '{key}': NaN is not a valid value")
+    return (v, v, 0, 0)
+
+
+def scheduled(value: Any, step: int, key: str = "value") -> Optional[float]:
+    """Evaluate a scheduled scalar at ``step`` (see module docstring)."""
+    sched = parse_schedule(value, key)
+    if sched is None:
+        return None
+    start, end, s0, s1 = sched
+    if step <= s0:
+        return start
+    if step >= s1:
+        return end
+    return start + (end - start) * (step - s0) / (s1 - s0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+_SCHEDULED_KEYS = [
+    "guidance.guidance_scale",
+    "guidance.t_min",
+    "guidance.t_max",
+    "guidance.grad_clip",
+    "guidance.weight",
+    "representation.nerf.lambda_orient",
+    "representation.nerf.lambda_sparsity",
+    "representation.nerf.lambda_opaque",
+    "optim.lr",
+]
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(err).__name__:
+        m = re.search(r"Key '([^']+)'", msg)
+        name = key or (m.group(1) if m else "?")
+        return f"unknown config key '{name}' (see configs/ or `threedistill generate --help`)"
+    if key:
+        return f"bad value for config key '{key}': {msg}"
+    return f"bad config: {msg}"
+
+
+def resolve_config_path(path_or_name: str) -> Path:
+    """A YAML path, or a preset name from ``configs/`` (``sds-nerf`` -> ``configs/sds-nerf.yaml``)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / path_or_name, CONFIG_DIR / f"{path_or_name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"config file '{path_or_name}' not found (give a YAML path or a preset in {CONFIG_DIR})")
+
+
+def load_config(
+    config_file: Optional[str | Path] = None,
+    overrides: Sequence[str] = (),
+    base: Optional[DictConfig | dict] = None,
+) -> Config:
+    """Defaults <- ``base`` (a dict/DictConfig) <- ``config_file`` <- ``key=value`` overrides.
+
+    Returns a validated structured config (an OmegaConf object typed as :class:`Config`).
+    Raises :class:`UserError` with one line naming the key on any problem.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if base is not None:
+            merged = OmegaConf.merge(merged, base)
+        if config_file is not None:
+            path = resolve_config_path(str(config_file))
+            try:
+                loaded = OmegaConf.load(path)
+            except Exception as e:  # yaml errors
+                raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            if loaded is None:
+                loaded = OmegaConf.create({})
+            merged = OmegaConf.merge(merged, loaded)
+        if overrides:
+            for ov in overrides:
+                if "=" not in ov:
+                    raise UserError(f"override '{ov}' is not of the form key=value")
+                key = ov.split("=", 1)[0].strip()
+                if not key or " " in key:
+                    raise UserError(f"override '{ov}' is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise UserError(_format_omegaconf_error(e)) from None
+    validate(merged)
+    return merged  # type: ignore[return-value]
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express; one line naming the key on failure."""
+    for key in _SCHEDULED_KEYS:
+        parse_schedule(OmegaConf.select(cfg, key), key)
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        v = OmegaConf.select(cfg, key)
+        if v is None or v < 0 or (v == 0 and not allow_zero):
+            raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+    for key in ("run.steps", "run.resolution", "camera.batch_size", "representation.nerf.num_samples",
+                "representation.nerf.radius", "export.mesh_resolution", "export.turntable_frames",
+                "export.turntable_fps", "export.turntable_resolution", "run.preview_every",
+                "run.checkpoint_every"):
+        positive(key)
+    positive("run.seed", allow_zero=True)
+
+    def range_key(key: str, lo: float, hi: float) -> None:
+        r = list(OmegaConf.select(cfg, key))
+        if len(r) != 2 or r[0] > r[1]:
+            raise UserError(f"config key '{key}' must be [min, max] with min <= max, got {r}")
+        if r[0] < lo or r[1] > hi:
+            raise UserError(f"config key '{key}' must lie within [{lo}, {hi}], got {r}")
+
+    range_key("camera.elevation_range", -90.0, 90.0)
+    range_key("camera.azimuth_range", -360.0, 360.0)
+    range_key("camera.distance_range", 1e-3, 1e3)
+    range_key("camera.fovy_range", 1.0, 179.0)
+    range_key("camera.light_distance_range", 0.0, 1e3)
+
+    for key in ("guidance.t_min", "guidance.t_max"):
+        start, end, _, _ = parse_schedule(OmegaConf.select(cfg, key), key)  # type: ignore[misc]
+        for v in (start, end):
+            if not 0.0 <= v <= 1.0:
+                raise UserError(f"config key '{key}' is a fraction of the diffusion steps in [0, 1], got {v}")
+    if cfg.guidance.weighting not in ("sds", "uniform", "fantasia3d"):
+        raise UserError(f"config key 'guidance.weighting' must be sds, uniform or fantasia3d, got '{cfg.guidance.weighting}'")
+    if cfg.representation.nerf.background not in ("mlp", "white", "black", "random"):
+        raise UserError(
+            f"config key 'representation.nerf.background' must be mlp, white, black or random, "
+            f"got '{cfg.representation.nerf.background}'"
+        )
+    if cfg.representation.nerf.encoding not in ("hashgrid",):
+        raise UserError(f"config key 'representation.nerf.encoding' must be hashgrid, got '{cfg.representation.nerf.encoding}'")
+    for fmt in cfg.export.formats:
+        if fmt not in ("glb", "obj", "ply"):
+            raise UserError(f"config key 'export.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")
+    if cfg.run.device not in ("auto", "cpu", "cuda") and not str(cfg.run.device).startswith("cuda:"):
+        raise UserError(f"config key 'run.device' must be auto, cpu, cuda or cuda:N, got '{cfg.run.device}'")
+    if cfg.prior.dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise UserError(f"config key 'prior.dtype' must be auto, fp32, fp16 or bf16, got '{cfg.prior.dtype}'")
+    if cfg.optim.name not in ("adam", "adamw"):
+        raise UserError(f"config key 'optim.name' must be adam or adamw, got '{cfg.optim.name}'")
+    # Registered names are checked where they are looked up (guidance / representation registries).
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_container(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+__all__ = [
+    "Config",
+    "PriorConfig",
+    "GuidanceConfig",
+    "RepresentationConfig",
+    "NerfConfig",
+    "CameraConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ExportConfig",
+    "load_config",
+    "validate",
+    "scheduled",
+    "parse_schedule",
+    "to_yaml",
+    "to_container",
+]

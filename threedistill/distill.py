@@ -1,0 +1,408 @@
+"""The optimization loop: build everything from a config, distill, checkpoint, export.
+
+Front ends (CLI, web app, batch) construct a :class:`Distiller` and call :meth:`Distiller.run`;
+none re-implements a step. Observers hook in through :class:`Callback`.
+
+Run folder (``<run.out_dir>/<run.name>``)::
+
+    config.yaml        the resolved config
+    run.json           status (running / finished), prompt, step, timings, outputs
+    metrics.jsonl      one JSON object per step
+    previews/          step_XXXXXX.png (front | side | back | overhead)
+    checkpoints/       step_XXXXXX.safetensors + .json
+    model.glb          (and .obj / .ply as configured)
+    turntable.mp4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from threedistill.atomic import atomic_write_text
+from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
+                                  step_generator)
+from threedistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from threedistill.config import Config, load_config, scheduled, to_yaml
+from threedistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Callbacks
+# ----------------------------------------------------------------------------------------------
+class Callback:
+    """Override what you need. ``distiller.request_stop()`` ends the run after the current step
+    (a checkpoint is written, the run stays resumable)."""
+
+    def on_start(self, distiller: "Distiller") -> None: ...
+
+    def on_step(self, distiller: "Distiller", step: int, stats: Dict[str, float]) -> None: ...
+
+    def on_preview(self, distiller: "Distiller", step: int, path: Path) -> None: ...
+
+    def on_checkpoint(self, distiller: "Distiller", step: int, path: Path) -> None: ...
+
+    def on_end(self, distiller: "Distiller", result: "RunResult") -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "finished" or "stopped"
+    step: int
+    outputs: Dict[str, str] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"run.device={name} but no CUDA GPU is available; use run.device=cpu or auto")
+    return dev
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].strip("-") or "run"
+
+
+def check_prompt(prompt: str) -> str:
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise UserError("the prompt is empty: give a text prompt, e.g. threedistill generate \"a red cube\"")
+    if "\n" in prompt or "\r" in prompt:
+        raise UserError("the prompt must be a single line")
+    return prompt
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".threedistill-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder '{path}' is not writable ({e.strerror or e}); choose another with --out") from None
+    return path
+
+
+def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"'{run_dir}' is not a threedistill run folder (no config.yaml)")
+    return load_config(cfg_path, overrides)
+
+
+def read_run_status(run_dir: Path) -> Dict[str, Any]:
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return {}
+
+
+class _Timer:
+    """Wall-clock sections; synchronizes CUDA so GPU time lands in the right section."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.times: Dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+# ----------------------------------------------------------------------------------------------
+# The distiller
+# ----------------------------------------------------------------------------------------------
+class Distiller:
+    """Owns one run: ``Distiller(cfg).run()``; ``Distiller.resume(run_dir).run()`` continues one.
+
+    ``prior`` may be passed in to share one loaded prior across runs (batch, web app).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Optional[Path] = None, callbacks: Sequence[Callback] = (),
+                 prior=None, resume: bool = False):
+        self.cfg = cfg
+        self.callbacks: List[Callback] = list(callbacks)
+        self.cfg.run.prompt = check_prompt(cfg.run.prompt)
+        self.device = resolve_device(cfg.run.device)
+        if run_dir is None:
+            name = cfg.run.name or f"{slugify(cfg.run.prompt)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(cfg.run.out_dir) / name
+        self.run_dir = Path(run_dir)
+        self.resuming = resume
+        self._prior = prior
+        self._stop = False
+        self.step = 0
+        self._built = False
+
+    @classmethod
+    def resume(cls, run_dir: Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
+               prior=None) -> "Distiller":
+        """Continue a run from its folder (its config.yaml, overridable, e.g. ``run.steps=...``)."""
+        cfg = read_run_config(Path(run_dir), overrides)
+        return cls(cfg, run_dir=Path(run_dir), callbacks=callbacks, prior=prior, resume=True)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    # -- building ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Prior, guidance, representation, camera sampler, optimizer (in that order)."""
+        if self._built:
+            return
+        from threedistill.guidance import build_guidance
+        from threedistill.priors import load_prior
+        from threedistill.representations import build_representation
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        if self._prior is None:
+            self._prior = load_prior(cfg.prior, self.device)
+        self.prior = self._prior
+        self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
+        self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
+        torch.manual_seed(cfg.run.seed)
+        self.representation = build_representation(cfg, self.device)
+        self.sampler = CameraSampler(cfg.camera, cfg.run.resolution)
+        groups = self.representation.param_groups(cfg.optim) + self.guidance.param_groups(cfg.optim)
+        lr0 = scheduled(cfg.optim.lr, 0, "optim.lr")
+        for g in groups:
+            g["lr"] = lr0 * g["lr_scale"]
+        opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(groups, lr=lr0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay)
+        self._built = True
+
+    def set_learning_rates(self, step: int) -> None:
+        lr = scheduled(self.cfg.optim.lr, step, "optim.lr")
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self, step: int, timer: Optional[_Timer] = None) -> Dict[str, float]:
+        """One distillation step at ``step`` (0-based); returns scalar stats."""
+        timer = timer or _Timer(self.device)
+        cfg = self.cfg
+        self.set_learning_rates(step)
+        timer.start()
+        cameras = self.sampler.sample(step_generator(cfg.run.seed, step, STREAM_CAMERAS)).to(self.device)
+        out = self.representation.render(cameras, step=step, generator=step_generator(cfg.run.seed, step, STREAM_RENDER),
+                                         training=True)
+        timer.lap("render")
+        g = self.guidance(out.rgb, cameras, step, generator=step_generator(cfg.run.seed, step, STREAM_GUIDANCE))
+        timer.lap("guidance")
+        regs = self.representation.regularizers(out, step)
+        loss = g.loss + sum(regs.values()) if regs else g.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        timer.lap("backward")
+        param_norm = math.sqrt(sum(float(p.grad.detach().pow(2).sum()) for grp in self.optimizer.param_groups
+                                   for p in grp["params"] if p.grad is not None))
+        self.optimizer.step()
+        self.representation.update(step)
+        guidance_stats = self.guidance.update(out.rgb.detach(), cameras, step,
+                                              generator=step_generator(cfg.run.seed, step, STREAM_GUIDANCE + 10))
+        timer.lap("optimizer")
+        stats: Dict[str, float] = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "loss_guidance": float(g.loss.detach()),
+            "param_grad_norm": param_norm,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        for k, v in regs.items():
+            stats[f"loss_{k}"] = float(v.detach())
+        stats.update(g.stats)
+        stats.update(guidance_stats)
+        if not math.isfinite(stats["loss"]):
+            raise UserError(f"loss became {stats['loss']} at step {step + 1}; lower optim.lr or guidance.guidance_scale")
+        return stats
+
+    # -- outputs ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def save_preview(self, step: int) -> Path:
+        from threedistill.export import image_grid, save_image
+
+        c = self.cfg.camera
+        cams = preview_cameras(self.cfg.run.resolution, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
+        out = self.representation.render(cams, step=step, training=False)
+        path = self.run_dir / "previews" / f"step_{step:06d}.png"
+        save_image(image_grid(out.rgb.clamp(0, 1).cpu(), nrow=4), path)
+        return path
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = save_checkpoint(self.run_dir / "checkpoints", step, self.representation, self.guidance, self.optimizer,
+                               extra={"prompt": self.cfg.run.prompt, "seed": self.cfg.run.seed})
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, step, path)
+        return path
+
+    def _write_status(self, status: str, **extra) -> None:
+        info = read_run_status(self.run_dir)
+        info.update({"status": status, "prompt": self.cfg.run.prompt, "step": self.step,
+                     "steps": self.cfg.run.steps, "updated": datetime.now().isoformat(timespec="seconds")})
+        info.update(extra)
+        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=1))
+
+    def export(self) -> Dict[str, str]:
+        """Meshes (export.formats) and the turntable video into the run folder."""
+        from threedistill.export import export_run_meshes, render_turntable
+
+        outputs: Dict[str, str] = {}
+        e, c = self.cfg.export, self.cfg.camera
+        self.representation.eval()
+        if e.formats:
+            for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
+                outputs[p.suffix.lstrip(".")] = str(p)
+        if e.turntable:
+            p = render_turntable(self.representation, self.run_dir / "turntable.mp4", frames=e.turntable_frames,
+                                 fps=e.turntable_fps, resolution=e.turntable_resolution,
+                                 elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
+                                 progress=self.cfg.run.progress)
+            outputs["turntable"] = str(p)
+        return outputs
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        if not self.resuming and (self.run_dir / "config.yaml").exists():
+            raise UserError(f"run folder '{self.run_dir}' already holds a run; resume it with --resume or pick another run.name")
+        # Check the output location before the (slow) build, create the run folder only after it,
+        # so a bad prior or config leaves nothing behind.
+        ensure_writable_dir(self.run_dir if self.run_dir.exists() else self.run_dir.parent)
+        self.build()
+        ensure_writable_dir(self.run_dir)
+        start = 0
+        if self.resuming:
+            last = latest_checkpoint(self.run_dir / "checkpoints")
+            if last is not None:
+                load_checkpoint(self.run_dir / "checkpoints", last, self.representation, self.guidance,
+                                self.optimizer, self.device)
+                start = last
+        self.step = start
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        self._truncate_metrics(start)
+        (self.run_dir / "previews").mkdir(exist_ok=True)
+        self._write_status("running")
+        for cb in self.callbacks:
+            cb.on_start(self)
+
+        totals: Dict[str, float] = {}
+        t_begin = time.perf_counter()
+        bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.run.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+        status = "finished"
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+                for step in range(start, cfg.run.steps):
+                    timer = _Timer(self.device)
+                    t0 = time.perf_counter()
+                    stats = self.train_step(step, timer)
+                    stats.update({f"time_{k}": v for k, v in timer.times.items()})
+                    stats["time_step"] = time.perf_counter() - t0
+                    for k, v in timer.times.items():
+                        totals[k] = totals.get(k, 0.0) + v
+                    self.step = step + 1
+                    metrics.write(json.dumps(stats) + "\n")
+                    metrics.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]))
+                    for cb in self.callbacks:
+                        cb.on_step(self, self.step, stats)
+                    if self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps:
+                        p = self.save_preview(self.step)
+                        for cb in self.callbacks:
+                            cb.on_preview(self, self.step, p)
+                    if self.step % cfg.run.checkpoint_every == 0 and self.step != cfg.run.steps:
+                        self.save_checkpoint(self.step)
+                    if self._stop:
+                        status = "stopped"
+                        break
+        except KeyboardInterrupt:
+            if self.step > start:
+                self.save_checkpoint(self.step)
+            self._write_status("interrupted")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save_checkpoint(self.step)
+        timings = {f"{k}_s": round(v, 3) for k, v in totals.items()}
+        timings["train_s"] = round(time.perf_counter() - t_begin, 3)
+        outputs: Dict[str, str] = {}
+        if status == "finished":
+            t_exp = time.perf_counter()
+            self._write_status("exporting", timings=timings)
+            outputs = self.export()
+            timings["export_s"] = round(time.perf_counter() - t_exp, 3)
+        self._write_status(status, timings=timings, outputs=outputs)
+        result = RunResult(run_dir=self.run_dir, status=status, step=self.step, outputs=outputs, timings=timings)
+        for cb in self.callbacks:
+            cb.on_end(self, result)
+        return result
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past ``step`` (left by a killed run) so the log matches the checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+
+def load_trained_representation(run_dir: Path, overrides: Sequence[str] = (), device: Optional[str] = None):
+    """Rebuild a run's representation from its newest checkpoint (no prior needed): for export/render."""
+    from threedistill.representations import build_representation
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir, overrides)
+    dev = resolve_device(device or cfg.run.device)
+    step = latest_checkpoint(run_dir / "checkpoints")
+    if step is None:
+        raise UserError(f"run folder '{run_dir}' has no checkpoint yet; nothing to export")
+    torch.manual_seed(cfg.run.seed)
+    rep = build_representation(cfg, dev)
+    load_checkpoint(run_dir / "checkpoints", step, rep, None, None, dev)
+    rep.eval()
+    return cfg, rep, step

@@ -1,0 +1,6 @@
+"""Guidance losses over one shared core (see ``base.py``); each loss registers itself by name."""
+
+from threedistill.guidance.base import Guidance, GuidanceContext, GuidanceOutput, build_guidance, guidance_names, register
+from threedistill.guidance import sds  # noqa: F401  (registers "sds")
+
+__all__ = ["Guidance", "GuidanceContext", "GuidanceOutput", "build_guidance", "guidance_names", "register"]

@@ -1,0 +1,214 @@
+"""The shared core of every score-distillation loss.
+
+A loss file subclasses :class:`Guidance` and writes only its update rule in :meth:`Guidance.gradient`
+(the direction ``g`` in model space); the core does the rest:
+
+* render -> model space (``prior.encode_images``), differentiable;
+* the timestep draw in ``[t_min, t_max]`` (both schedulable), or a caller's ``t=``;
+* the noise draw, or a caller's ``noise=``;
+* classifier-free guidance in the diffusers form ``eps_u + s * (eps_c - eps_u)`` with one batched
+  UNet call (:meth:`Guidance.predict_cfg`);
+* the weighting ``w(t)``;
+* ``nan_to_num`` and optional elementwise clipping of ``g``;
+* gradient injection through the reparameterized MSE
+  ``loss = 0.5 * ||z - sg(z - g)||^2 / B``, whose gradient w.r.t. the model-space ``z`` is ``g / B``.
+  The logged loss therefore tracks ``||g||^2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from threedistill.cameras import CameraBatch
+from threedistill.config import scheduled
+from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor  # scalar to backpropagate
+    grad: torch.Tensor  # injected gradient g in model space [B,C,h,w] (before the 1/B of the loss)
+    t: torch.Tensor  # integer timesteps [B]
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GuidanceContext:
+    """What a loss's update rule sees at one step."""
+
+    z: torch.Tensor  # clean model-space renders [B,C,h,w] (detached)
+    x_t: torch.Tensor  # noised [B,C,h,w]
+    t: torch.Tensor  # [B]
+    noise: torch.Tensor  # [B,C,h,w]
+    cond: torch.Tensor  # view-dependent prompt embeddings [B,L,D]
+    uncond: torch.Tensor  # negative-prompt embeddings [B,L,D]
+    cameras: CameraBatch
+    step: int
+    guidance_scale: float
+    generator: Optional[torch.Generator]
+
+
+class Guidance(torch.nn.Module):
+    """Base class: subclasses implement :meth:`gradient`. Trainable state (LoRA etc.) lives in
+    submodules of the subclass and is returned by :meth:`param_groups`; the prior is never a
+    submodule (it is stored outside the module tree, so it is never checkpointed)."""
+
+    name = "base"
+
+    def __init__(self, cfg, prior: DiffusionPrior):
+        super().__init__()
+        self.cfg = cfg  # the guidance group
+        object.__setattr__(self, "prior", prior)  # not a submodule: frozen, never saved
+        self._embeddings: Optional[PromptEmbeddings] = None
+        self._camera_cfg = None
+
+    # -- prompt -----------------------------------------------------------------------------------
+    def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
+                   camera_cfg=None) -> None:
+        self._embeddings = self.prior.prompt_embeddings(prompt, negative_prompt, view_dependent)
+        self._camera_cfg = camera_cfg
+
+    @property
+    def embeddings(self) -> PromptEmbeddings:
+        if self._embeddings is None:
+            raise RuntimeError("call set_prompt() before using the guidance")
+        return self._embeddings
+
+    def view_labels(self, cameras: CameraBatch) -> List[str]:
+        c = self._camera_cfg
+        if c is None:
+            return cameras.view_labels()
+        return cameras.view_labels(c.front_threshold, c.back_threshold, c.overhead_threshold)
+
+    # -- shared pieces ----------------------------------------------------------------------------
+    def timestep_range(self, step: int) -> tuple[int, int]:
+        T = self.prior.num_train_timesteps
+        lo = scheduled(self.cfg.t_min, step, "guidance.t_min")
+        hi = scheduled(self.cfg.t_max, step, "guidance.t_max")
+        t_lo = int(round(lo * T))
+        t_hi = int(round(hi * T))
+        t_lo = min(max(t_lo, 0), T - 1)
+        t_hi = min(max(t_hi, t_lo), T - 1)
+        return t_lo, t_hi
+
+    def sample_timesteps(self, batch_size: int, step: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Integer t ~ U{t_min*T, ..., t_max*T} per batch item."""
+        lo, hi = self.timestep_range(step)
+        return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.long)
+
+    def weighting(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) ``[B,1,1,1]``."""
+        abar = self.prior.alphas_cumprod.to(t.device)[t].float()
+        kind = self.cfg.weighting
+        if kind == "sds":
+            w = 1 - abar
+        elif kind == "uniform":
+            w = torch.ones_like(abar)
+        elif kind == "fantasia3d":
+            w = abar.sqrt() * (1 - abar)
+        else:  # validated in config
+            raise ValueError(f"unknown weighting {kind!r}")
+        return w.view(-1, 1, 1, 1)
+
+    def predict_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched UNet call; returns ``(eps_cfg, eps_uncond, eps_cond)``."""
+        eps = self.prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + scale * (eps_c - eps_u), eps_u, eps_c
+
+    def gradient(self, ctx: GuidanceContext) -> tuple[torch.Tensor, Dict[str, float]]:
+        """The loss's update direction ``g`` in model space (without w(t)), and extra stats."""
+        raise NotImplementedError
+
+    def weight_for(self, ctx: GuidanceContext) -> torch.Tensor:
+        """w(t) for this loss; a loss with its own weighting overrides this."""
+        return self.weighting(ctx.t)
+
+    # -- the call -----------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, cameras: CameraBatch, step: int,
+                t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> GuidanceOutput:
+        """Score the renders ``images [B,3,H,W]`` in [0,1]. ``t`` ([B] ints) and ``noise``
+        (model-space shaped) override the random draws so a result can be reproduced exactly."""
+        prior = self.prior
+        B = images.shape[0]
+        device = prior.device
+        z = prior.encode_images(images.to(device))
+        if t is None:
+            t = self.sample_timesteps(B, step, generator)
+        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).to(device)
+        if noise is None:
+            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
+        noise = noise.to(device=device, dtype=z.dtype)
+        labels = self.view_labels(cameras) if self._view_dependent() else None
+        cond, uncond = self.embeddings.for_views(labels, B)
+        scale = float(scheduled(self.cfg.guidance_scale, step, "guidance.guidance_scale"))
+        with torch.no_grad():
+            z_detached = z.detach()
+            x_t = prior.add_noise(z_detached, noise, t)
+            ctx = GuidanceContext(z=z_detached, x_t=x_t, t=t, noise=noise, cond=cond, uncond=uncond,
+                                  cameras=cameras, step=step, guidance_scale=scale, generator=generator)
+            direction, extra = self.gradient(ctx)
+            g = self.weight_for(ctx) * direction
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            clip = scheduled(self.cfg.grad_clip, step, "guidance.grad_clip")
+            if clip is not None and clip > 0:
+                g = g.clamp(-clip, clip)
+        weight = float(scheduled(self.cfg.weight, step, "guidance.weight"))
+        target = (z - g).detach()
+        loss = weight * 0.5 * F.mse_loss(z, target, reduction="sum") / B
+        stats = {
+            "t": float(t.float().mean()),
+            "guidance_scale": scale,
+            "grad_norm": float(g.flatten(1).norm(dim=1).mean()),
+        }
+        stats.update(extra)
+        return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
+
+    def _view_dependent(self) -> bool:
+        emb = self.embeddings
+        return emb.cond.get("front") is not emb.cond.get("none")
+
+    # -- trainable state ------------------------------------------------------------------------
+    def param_groups(self, optim_cfg) -> List[dict]:
+        """Optimizer groups for trainable guidance state (none for SDS)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return []
+        return [{"params": params, "name": "guidance", "lr_scale": optim_cfg.lr_scale_guidance}]
+
+    def update(self, images: torch.Tensor, cameras: CameraBatch, step: int,
+               generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+        """Train guidance state after the representation's step (VSD/ESD LoRA); no-op here."""
+        return {}
+
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"guidance {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def guidance_names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def build_guidance(cfg_guidance, prior: DiffusionPrior) -> Guidance:
+    from threedistill.errors import UserError
+
+    name = cfg_guidance.name
+    if name not in _REGISTRY:
+        raise UserError(f"unknown guidance.name '{name}' (available: {', '.join(guidance_names())})")
+    return _REGISTRY[name](cfg_guidance, prior)

@@ -1,0 +1,161 @@
+"""The ``DiffusionPrior`` interface every guidance loss talks to.
+
+A prior is frozen: eval mode, ``requires_grad=False`` on all weights, never saved in checkpoints.
+Gradients flow *through* :meth:`encode_images` (render -> model space) but never into weights.
+
+Model space: latents (VAE, scaled by ``scaling_factor``) for latent priors, pixels in [-1, 1] for
+pixel-space priors. Noise predictions are always returned in **epsilon** form: v-prediction and
+learned-variance outputs are converted inside :meth:`predict_noise`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from threedistill.cameras import VIEW_LABELS
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text embeddings for one prompt: ``cond[view]`` per view label (or ``cond["none"]`` for the
+    view-independent prompt) and ``uncond`` (the negative prompt, "" by default), each ``[1,L,D]``
+    (plus optional attention masks ``[1,L]``)."""
+
+    cond: Dict[str, torch.Tensor]
+    uncond: torch.Tensor
+    cond_mask: Optional[Dict[str, torch.Tensor]] = None
+    uncond_mask: Optional[torch.Tensor] = None
+    null: Optional[torch.Tensor] = None  # literal "" embedding (differs from uncond when a negative prompt is set)
+
+    def for_views(self, labels: Optional[Sequence[str]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond [B,L,D], uncond [B,L,D])``; view-independent ``cond["none"]`` when labels is None."""
+        if labels is None:
+            cond = self.cond["none"].expand(batch_size, -1, -1)
+        else:
+            cond = torch.cat([self.cond[lab] for lab in labels], dim=0)
+        return cond, self.uncond.expand(batch_size, -1, -1)
+
+
+def view_prompt(prompt: str, label: str) -> str:
+    """The view-dependent prompt exactly as the prior encodes it: ``"<prompt>, <label> view"``."""
+    if label == "none":
+        return prompt
+    if label not in VIEW_LABELS:
+        raise ValueError(f"unknown view label {label!r}")
+    return f"{prompt}, {label} view"
+
+
+class DiffusionPrior(ABC, torch.nn.Module):
+    """Frozen 2D diffusion model, in epsilon form, with its noise schedule and text encoder."""
+
+    #: ``[T]`` float32 cumulative products of alphas, on the prior's device.
+    alphas_cumprod: torch.Tensor
+    num_train_timesteps: int
+    #: True when model space is a VAE latent space.
+    is_latent: bool
+    #: Side length (pixels) of images the model was trained on, e.g. 512 for SD, 64 for IF stage I.
+    image_resolution: int
+    #: Name for logs / run metadata.
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # -- text ---------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_text(self, prompts: List[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Embeddings ``[N,L,D]`` (model dtype) and optional attention mask ``[N,L]``; cached."""
+
+    def prompt_embeddings(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True) -> PromptEmbeddings:
+        labels = list(VIEW_LABELS) if view_dependent else []
+        texts = [view_prompt(prompt, lab) for lab in labels] + [prompt, negative_prompt, ""]
+        emb, mask = self.encode_text(texts)
+        cond = {lab: emb[i : i + 1] for i, lab in enumerate(labels)}
+        cond["none"] = emb[len(labels) : len(labels) + 1]
+        if not view_dependent:
+            # Every view maps to the plain prompt.
+            for lab in VIEW_LABELS:
+                cond[lab] = cond["none"]
+        cond_mask = None
+        uncond_mask = None
+        if mask is not None:
+            cond_mask = {lab: mask[i : i + 1] for i, lab in enumerate(labels)}
+            cond_mask["none"] = mask[len(labels) : len(labels) + 1]
+            uncond_mask = mask[len(labels) + 1 : len(labels) + 2]
+        return PromptEmbeddings(
+            cond=cond, uncond=emb[len(labels) + 1 : len(labels) + 2], cond_mask=cond_mask,
+            uncond_mask=uncond_mask, null=emb[len(labels) + 2 : len(labels) + 3],
+        )
+
+    # -- images <-> model space ---------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` in [0,1] -> model space ``[B,C,h,w]``; differentiable w.r.t. images."""
+
+    @abstractmethod
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images ``[B,3,H,W]`` in [0,1] (no gradient needed)."""
+
+    # -- noise prediction -------------------------------------------------------------------------
+    @abstractmethod
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                      text_mask: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
+        """Epsilon prediction ``[B,C,h,w]`` (float32) for noisy ``x_t`` at integer timesteps ``t [B]``."""
+
+    # -- schedule helpers (shared by every prior) -----------------------------------------------
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(like.device)[t.long()].to(like.dtype)
+        return a.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        a = self._abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self._abar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) move from ``t`` to ``t_next`` (either direction; ``t_next``
+        may be -1 for the clean image). Used for sampling (t_next < t) and inversion (t_next > t)."""
+        x0 = self.predict_x0(x_t, eps, t)
+        t_next = t_next.long()
+        a_next = torch.where(
+            t_next >= 0,
+            self.alphas_cumprod.to(x_t.device)[t_next.clamp_min(0)],
+            torch.ones((), device=x_t.device),
+        ).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+    def eps_from_v(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v-prediction to epsilon: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``."""
+        a = self._abar(t, x_t)
+        return a.sqrt() * v + (1 - a).sqrt() * x_t
+
+    @torch.no_grad()
+    def sample(self, prompt: str, n: int = 1, steps: int = 50, guidance_scale: float = 7.5,
+               negative_prompt: str = "", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """DDIM samples ``[n,3,H,W]`` in [0,1] from the prior itself (for checks and evaluation)."""
+        emb = self.prompt_embeddings(prompt, negative_prompt, view_dependent=False)
+        cond, uncond = emb.for_views(None, n)
+        shape = self.model_space_shape(n)
+        x = torch.randn(shape, generator=generator).to(self.device)
+        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long().to(self.device)
+        for i, t in enumerate(ts):
+            tt = t.expand(n)
+            e = self.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
+            eu, ec = e.chunk(2)
+            eps = eu + guidance_scale * (ec - eu)
+            t_next = ts[i + 1].expand(n) if i + 1 < len(ts) else torch.full_like(tt, -1)
+            x = self.ddim_step(x, eps, tt, t_next)
+        return self.decode(x)
+
+    @abstractmethod
+    def model_space_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of model-space tensors for a batch, e.g. ``(B,4,64,64)`` for SD at 512."""
