@@ -196,7 +196,14 @@ def cmd_batch(args) -> int:
 # ----------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`generate "p" --out d run.steps=5`): argparse
+    # binds the positional list at its first chunk, so later key=value words arrive as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all(re.match(r"^[A-Za-z_][\w.]*=", w) for w in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # Library chatter (diffusers/transformers) is noise on a CLI.

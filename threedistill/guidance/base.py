@@ -50,6 +50,8 @@ class GuidanceContext:
     step: int
     guidance_scale: float
     generator: Optional[torch.Generator]
+    cond_mask: Optional[torch.Tensor] = None  # [B,L] for T5-style text encoders, else None
+    uncond_mask: Optional[torch.Tensor] = None
 
 
 class Guidance(torch.nn.Module):
@@ -115,9 +117,14 @@ class Guidance(torch.nn.Module):
         return w.view(-1, 1, 1, 1)
 
     def predict_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scale: float, cond_mask: Optional[torch.Tensor] = None,
+                    uncond_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One batched UNet call; returns ``(eps_cfg, eps_uncond, eps_cond)``."""
-        eps = self.prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        mask = None
+        if cond_mask is not None and uncond_mask is not None:
+            mask = torch.cat([uncond_mask, cond_mask])
+        eps = self.prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]),
+                                       text_mask=mask)
         eps_u, eps_c = eps.chunk(2)
         return eps_u + scale * (eps_c - eps_u), eps_u, eps_c
 
@@ -147,12 +154,15 @@ class Guidance(torch.nn.Module):
         noise = noise.to(device=device, dtype=z.dtype)
         labels = self.view_labels(cameras) if self._view_dependent() else None
         cond, uncond = self.embeddings.for_views(labels, B)
+        masks = self.embeddings.masks_for_views(labels, B)
+        cond_mask, uncond_mask = masks if masks is not None else (None, None)
         scale = float(scheduled(self.cfg.guidance_scale, step, "guidance.guidance_scale"))
         with torch.no_grad():
             z_detached = z.detach()
             x_t = prior.add_noise(z_detached, noise, t)
             ctx = GuidanceContext(z=z_detached, x_t=x_t, t=t, noise=noise, cond=cond, uncond=uncond,
-                                  cameras=cameras, step=step, guidance_scale=scale, generator=generator)
+                                  cameras=cameras, step=step, guidance_scale=scale, generator=generator,
+                                  cond_mask=cond_mask, uncond_mask=uncond_mask)
             direction, extra = self.gradient(ctx)
             g = self.weight_for(ctx) * direction
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)

@@ -39,6 +39,16 @@ class PromptEmbeddings:
             cond = torch.cat([self.cond[lab] for lab in labels], dim=0)
         return cond, self.uncond.expand(batch_size, -1, -1)
 
+    def masks_for_views(self, labels: Optional[Sequence[str]], batch_size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Attention masks matching :meth:`for_views` (T5-style encoders), or None."""
+        if self.cond_mask is None or self.uncond_mask is None:
+            return None
+        if labels is None:
+            cond = self.cond_mask["none"].expand(batch_size, -1)
+        else:
+            cond = torch.cat([self.cond_mask.get(lab, self.cond_mask["none"]) for lab in labels], dim=0)
+        return cond, self.uncond_mask.expand(batch_size, -1)
+
 
 def view_prompt(prompt: str, label: str) -> str:
     """The view-dependent prompt exactly as the prior encodes it: ``"<prompt>, <label> view"``."""

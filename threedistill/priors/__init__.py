@@ -1,0 +1,64 @@
+"""Frozen 2D diffusion priors: the interface, the diffusers loader, and name resolution.
+
+``prior.name`` is looked up in this order: a built-in prior (:data:`BUILTIN_PRIORS`), a local
+diffusers pipeline folder, a Hugging Face hub id already in the local cache. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import torch
+
+from threedistill.priors.base import DiffusionPrior, PromptEmbeddings, view_prompt
+from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, resolve_pipeline_path
+
+#: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
+#: path or hub lookup.
+BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {}
+
+
+def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionPrior:
+    """Load the frozen prior described by the ``prior`` config group (``name``, ``revision``,
+    ``dtype``, ``cache_dir``) onto ``device`` ("auto" picks CUDA when available).
+
+    Raises :class:`~threedistill.errors.MissingWeightsError` / :class:`~threedistill.errors.UserError`
+    with a one-line message when the weights cannot be found or are not a usable pipeline.
+    """
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    name = str(cfg_prior.name)
+    factory = BUILTIN_PRIORS.get(name)
+    if factory is not None:
+        return factory(cfg_prior, device)
+    return DiffusersPrior.from_pretrained(
+        name,
+        device=device,
+        dtype=getattr(cfg_prior, "dtype", "auto"),
+        revision=getattr(cfg_prior, "revision", None),
+        cache_dir=getattr(cfg_prior, "cache_dir", None),
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # ``write_tiny_pipeline`` is imported lazily so that ``python -m threedistill.priors.tiny`` does
+    # not find its own module already imported by this package (runpy warns about that).
+    if name == "write_tiny_pipeline":
+        from threedistill.priors.tiny import write_tiny_pipeline
+
+        return write_tiny_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BUILTIN_PRIORS",
+    "DiffusionPrior",
+    "DiffusersPrior",
+    "PromptEmbeddings",
+    "load_prior",
+    "resolve_dtype",
+    "resolve_pipeline_path",
+    "view_prompt",
+    "write_tiny_pipeline",
+]
