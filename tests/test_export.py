@@ -1,0 +1,341 @@
+"""Export: marching cubes, mesh files (GLB/OBJ/PLY, Y-up), turntable video, images, atomic writes.
+
+An analytic sphere stands in for a trained representation: its surface, volume, centre and
+colours are known exactly, and its centre has distinct x, y, z so an axis mix-up shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from threedistill.atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text
+from threedistill.cameras import CameraBatch
+from threedistill.errors import UserError
+from threedistill.export import (export_run_meshes, extract_mesh, image_grid, render_turntable, save_image,
+                                 save_mesh, to_y_up)
+from threedistill.export.mesh import linear_to_srgb
+from threedistill.representations.base import Representation, RenderOutput
+
+CENTRE = (0.2, -0.1, 0.15)
+RADIUS = 0.4
+RES = 64
+
+
+class Spheres(Representation):
+    """Density ``50 * sigmoid((r - |p - c|) * 40)`` (max over spheres): the surface at density
+    25 is exactly the sphere. Albedo: reddish where x > cx, bluish elsewhere, green = (z+1)/2."""
+
+    def __init__(self, spheres=((CENTRE, RADIUS),), threshold: float = 25.0, bounds: float = 1.0):
+        super().__init__()
+        self.centres = torch.tensor([c for c, _ in spheres], dtype=torch.float32)
+        self.radii = torch.tensor([r for _, r in spheres], dtype=torch.float32)
+        self._threshold = threshold
+        self._bounds = bounds
+
+    @property
+    def isosurface_threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def bounds(self) -> float:
+        return self._bounds
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        dist = (points[:, None, :] - self.centres[None]).norm(dim=-1)  # [N,S]
+        return (50.0 * torch.sigmoid((self.radii[None] - dist) * 40.0)).amax(dim=1)
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        right = (points[:, 0] > CENTRE[0]).float()
+        green = ((points[:, 2] + 1.0) / 2.0).clamp(0, 1)
+        return torch.stack([0.1 + 0.8 * right, green, 0.9 - 0.8 * right], dim=-1)
+
+    def render(self, cameras: CameraBatch, step: int = 0, generator=None, training: bool = True) -> RenderOutput:
+        """Ray / first-sphere intersection: albedo where hit, white elsewhere (no volume rendering)."""
+        o, d = cameras.rays()  # [B,H,W,3]
+        oc = o - self.centres[0]
+        b = (oc * d).sum(-1)
+        disc = b * b - ((oc * oc).sum(-1) - self.radii[0] ** 2)
+        t = -b - disc.clamp_min(0).sqrt()
+        hit = (disc > 0) & (t > 0)
+        p = o + t[..., None] * d
+        col = self.albedo(p.reshape(-1, 3)).reshape(p.shape)
+        alpha = hit.float()[..., None]
+        rgb = alpha * col + (1 - alpha)
+        depth = torch.where(hit, t / 4.0, torch.ones_like(t)).clamp(0, 1)
+        return RenderOutput(rgb=rgb.permute(0, 3, 1, 2), alpha=alpha.permute(0, 3, 1, 2), depth=depth[:, None])
+
+    def regularizers(self, out, step):
+        return {}
+
+    def param_groups(self, optim_cfg):
+        return []
+
+
+def world_from_y_up(v: np.ndarray) -> np.ndarray:
+    """Inverse of the documented file rotation (x, y, z) -> (y, z, x)."""
+    return np.stack([v[:, 2], v[:, 0], v[:, 1]], axis=-1)
+
+
+def expected_rgb_uint8(world_points: np.ndarray) -> np.ndarray:
+    alb = Spheres().albedo(torch.as_tensor(world_points, dtype=torch.float32)).numpy()
+    return np.rint(alb * 255).astype(int)
+
+
+@pytest.fixture(scope="module")
+def sphere_mesh() -> trimesh.Trimesh:
+    return extract_mesh(Spheres(), resolution=RES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------
+def test_extracted_sphere_geometry(sphere_mesh):
+    m = sphere_mesh
+    assert m.is_watertight and m.is_winding_consistent
+    exact = 4.0 / 3.0 * math.pi * RADIUS**3
+    assert m.volume == pytest.approx(exact, rel=0.03)  # positive volume: outward winding
+    np.testing.assert_allclose(m.center_mass, CENTRE, atol=5e-3)  # catches axis permutations
+    np.testing.assert_allclose(m.bounds[0], np.array(CENTRE) - RADIUS, atol=0.02)  # catches scaling
+    np.testing.assert_allclose(m.bounds[1], np.array(CENTRE) + RADIUS, atol=0.02)
+    radial = np.linalg.norm(m.vertices - np.array(CENTRE), axis=1)
+    assert np.abs(radial - RADIUS).max() < 0.01
+    outward = np.einsum("ij,ij->i", m.face_normals, m.triangles_center - np.array(CENTRE))
+    assert (outward > 0).mean() > 0.99
+
+
+def test_extracted_vertex_colours_follow_albedo(sphere_mesh):
+    colors = np.asarray(sphere_mesh.visual.vertex_colors)
+    assert colors.dtype == np.uint8 and colors.shape == (len(sphere_mesh.vertices), 4)
+    assert (colors[:, 3] == 255).all()
+    np.testing.assert_allclose(colors[:, :3].astype(int), expected_rgb_uint8(sphere_mesh.vertices), atol=1)
+    right = sphere_mesh.vertices[:, 0] > CENTRE[0]
+    assert right.any() and (~right).any()
+    assert (colors[right, 0] > colors[right, 2]).all() and (colors[~right, 2] > colors[~right, 0]).all()
+
+
+def test_small_floaters_are_removed():
+    floater = ((-0.7, 0.7, -0.7), 0.07)
+    rep = Spheres(spheres=((CENTRE, RADIUS), floater))
+    everything = extract_mesh(rep, resolution=RES, min_component_ratio=0.0)
+    assert len(everything.split(only_watertight=False)) == 2
+    cleaned = extract_mesh(rep, resolution=RES, min_component_ratio=0.05)
+    assert len(cleaned.split(only_watertight=False)) == 1
+    assert cleaned.is_watertight
+    np.testing.assert_allclose(cleaned.center_mass, CENTRE, atol=5e-3)
+    assert len(cleaned.visual.vertex_colors) == len(cleaned.vertices)
+
+
+def test_surface_touching_the_bounds_is_closed():
+    # A sphere poking out of the [-0.5, 0.5]^3 bounds: capped on the cube, still watertight.
+    rep = Spheres(spheres=(((0.3, 0.0, 0.0), 0.4),), bounds=0.5)
+    m = extract_mesh(rep, resolution=32)
+    assert m.is_watertight and m.volume > 0
+    assert m.vertices.max() <= 0.5 + 1e-9 and m.vertices[:, 0].max() == pytest.approx(0.5)
+
+
+def test_no_surface_is_a_one_line_user_error():
+    with pytest.raises(UserError) as err:
+        extract_mesh(Spheres(threshold=100.0), resolution=16)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("no surface found: density never exceeds isosurface threshold 100")
+    assert "max density 50" in msg and "representation.nerf.isosurface_threshold" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+def test_y_up_rotation_puts_front_at_plus_z_and_up_at_plus_y():
+    m = trimesh.Trimesh(vertices=[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], faces=[[0, 1, 2]], process=False)
+    y = to_y_up(m)
+    np.testing.assert_allclose(y.vertices, [[0, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]], atol=1e-12)
+    np.testing.assert_allclose(m.vertices[0], [1, 0, 0])  # the input is not modified
+
+
+def _reload_colors(path: Path, fmt: str, loaded: trimesh.Trimesh) -> np.ndarray:
+    """sRGB uint8 vertex colours as written (GLB stores them linear, in the geometry's
+    ``vertex_attributes`` because of its material; ``force="mesh"`` drops them)."""
+    if fmt != "glb":
+        return np.asarray(loaded.visual.vertex_colors)[:, :3].astype(int)
+    scene = trimesh.load(path)
+    (geom,) = scene.geometry.values()
+    lin = np.asarray(geom.visual.vertex_attributes["color"])[:, :3] / 255.0
+    assert len(lin) == len(loaded.vertices)
+    return np.rint(linear_to_srgb(lin) * 255).astype(int)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "ply"])
+def test_save_and_reload(tmp_path, sphere_mesh, fmt):
+    path = save_mesh(sphere_mesh, tmp_path / f"model.{fmt}")
+    assert path == tmp_path / f"model.{fmt}" and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"model.{fmt}"]  # no temp files left
+    loaded = trimesh.load(path, force="mesh")
+    assert len(loaded.vertices) == len(sphere_mesh.vertices)
+    assert len(loaded.faces) == len(sphere_mesh.faces)
+    assert loaded.is_watertight and loaded.volume > 0  # a proper rotation keeps the winding
+    cx, cy, cz = CENTRE
+    np.testing.assert_allclose(loaded.center_mass, (cy, cz, cx), atol=5e-3)  # documented Y-up position
+    colors = _reload_colors(path, fmt, loaded)
+    expected = expected_rgb_uint8(world_from_y_up(np.asarray(loaded.vertices)))
+    # GLB: 8-bit linear storage loses a little precision in the darks.
+    np.testing.assert_allclose(colors, expected, atol=6 if fmt == "glb" else 1)
+
+
+def test_glb_has_colors_and_a_non_metallic_material(tmp_path, sphere_mesh):
+    data = save_mesh(sphere_mesh, tmp_path / "m.glb").read_bytes()
+    assert data[:4] == b"glTF" and struct.unpack("<I", data[8:12])[0] == len(data)
+    tree = json.loads(data[20:20 + struct.unpack("<I", data[12:16])[0]])
+    prim = tree["meshes"][0]["primitives"][0]
+    assert {"POSITION", "NORMAL", "COLOR_0"} <= set(prim["attributes"])
+    acc = tree["accessors"][prim["attributes"]["COLOR_0"]]
+    assert acc["componentType"] == 5121 and acc["normalized"] is True and acc["type"] in ("VEC3", "VEC4")
+    pbr = tree["materials"][prim["material"]]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 0.0
+
+
+def test_obj_has_vertex_color_lines(tmp_path, sphere_mesh):
+    text = save_mesh(sphere_mesh, tmp_path / "m.obj").read_text()
+    v_line = next(line for line in text.splitlines() if line.startswith("v "))
+    assert len(v_line.split()) == 7  # v x y z r g b
+
+
+def test_ply_is_binary_with_colors(tmp_path, sphere_mesh):
+    head = save_mesh(sphere_mesh, tmp_path / "m.ply").read_bytes()[:400]
+    assert b"format binary_little_endian" in head and b"property uchar red" in head
+
+
+def test_save_mesh_rejects_unknown_format(tmp_path, sphere_mesh):
+    with pytest.raises(UserError, match="unknown mesh format 'stl'"):
+        save_mesh(sphere_mesh, tmp_path / "m.stl")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_run_meshes_writes_each_format(tmp_path):
+    cfg = SimpleNamespace(mesh_resolution=32, min_component_ratio=0.05)
+    paths = export_run_meshes(Spheres(), tmp_path / "run", ["glb", "ply", "glb"], cfg)
+    assert [p.name for p in paths] == ["model.glb", "model.ply"]
+    assert all(p.is_file() for p in paths)
+    assert export_run_meshes(Spheres(threshold=1e9), tmp_path / "none", [], cfg) == []
+    with pytest.raises(UserError):
+        export_run_meshes(Spheres(), tmp_path / "run", ["fbx"], cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video and images
+# ----------------------------------------------------------------------------------------------
+def test_turntable_mp4(tmp_path):
+    import imageio.v2 as iio
+
+    path = render_turntable(Spheres(), tmp_path / "turntable.mp4", frames=8, fps=12, resolution=48, progress=False)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["turntable.mp4"]
+    reader = iio.get_reader(path, format="FFMPEG")
+    try:
+        meta = reader.get_meta_data()
+        frames = [np.asarray(f) for f in reader]
+    finally:
+        reader.close()
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
+    assert len(frames) == 8
+    assert all(f.shape == (48, 48, 3) for f in frames)
+    # Frame 0 looks at the front (camera on +X): the reddish x > cx half faces it.
+    centre = frames[0][20:28, 20:28].reshape(-1, 3).mean(0)
+    assert centre[0] > centre[2] + 60
+    # Frame 4 (azimuth 180) sees the back: bluish.
+    centre = frames[4][20:28, 20:28].reshape(-1, 3).mean(0)
+    assert centre[2] > centre[0] + 60
+
+
+def test_turntable_odd_resolution_is_padded_to_even(tmp_path):
+    import imageio.v2 as iio
+
+    path = render_turntable(Spheres(), tmp_path / "odd.mp4", frames=2, resolution=33, progress=False)
+    reader = iio.get_reader(path, format="FFMPEG")
+    try:
+        frames = [np.asarray(f) for f in reader]  # list(reader) trips over its len() of inf
+    finally:
+        reader.close()
+    assert len(frames) == 2 and frames[0].shape == (34, 34, 3)
+
+
+def test_image_grid_and_save_image(tmp_path):
+    from PIL import Image
+
+    imgs = torch.zeros(4, 3, 8, 6)
+    for b in range(4):
+        imgs[b, b % 3] = 1.0
+    grid = image_grid(imgs, nrow=2)
+    assert grid.shape == (3, 16, 12)
+    torch.testing.assert_close(grid[:, 8:, 6:], imgs[3])  # row-major tiling
+    assert image_grid(imgs, nrow=2, padding=1).shape == (3, 17, 13)
+
+    p = save_image(imgs, tmp_path / "row.png")
+    assert np.asarray(Image.open(p)).shape == (8, 24, 3)  # a batch defaults to one row
+    p = save_image(imgs[1], tmp_path / "one.png")
+    arr = np.asarray(Image.open(p))
+    assert arr.shape == (8, 6, 3) and (arr[..., 1] == 255).all() and (arr[..., 0] == 0).all()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["one.png", "row.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+class Boom(RuntimeError):
+    pass
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(Boom):
+        with atomic_write(target) as f:
+            f.write(b"half")
+            raise Boom()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_failure_keeps_existing_file(tmp_path):
+    target = tmp_path / "config.yaml"
+    atomic_write_text(target, "old: 1\n")
+    with pytest.raises(Boom):
+        with atomic_write(target, "w") as f:
+            f.write("new: 2\n")
+            raise Boom()
+    assert target.read_text() == "old: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_atomic_write_success_and_permissions(tmp_path):
+    target = tmp_path / "sub" / "data.bin"
+    atomic_write_bytes(target, b"abc")
+    atomic_write_bytes(target, b"xyz")
+    assert target.read_bytes() == b"xyz"
+    assert [p.name for p in target.parent.iterdir()] == ["data.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)  # not mkstemp's 0600
+
+
+def test_atomic_path(tmp_path):
+    target = tmp_path / "video.mp4"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".mp4" and not tmp.exists()
+        tmp.write_bytes(b"v1")
+    assert target.read_bytes() == b"v1"
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise Boom()
+    assert target.read_bytes() == b"v1"
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(target):
+            pass  # the library wrote nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
