@@ -80,7 +80,8 @@ class NerfConfig:
     # Magic3D density blob added to the raw density at initialization.
     blob_density: float = 10.0
     blob_radius: float = 0.5
-    # Fixed stratified samples per ray (CPU path; also the cap on CUDA).
+    # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
+    # render_step_size instead.
     num_samples: int = 64
     # CUDA path: nerfacc occupancy grid.
     occupancy_grid_resolution: int = 32
@@ -98,8 +99,9 @@ class NerfConfig:
     lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])
     lambda_sparsity: Scheduled = 1.0
     lambda_opaque: Scheduled = 0.0
-    # Marching-cubes iso level on density (export).
-    isosurface_threshold: float = 10.0
+    # Marching-cubes iso level on density (export). 5 puts the surface of the initial blob at
+    # radius 0.25; trained objects are far denser than that at their surface.
+    isosurface_threshold: float = 5.0
 
 
 @dataclass

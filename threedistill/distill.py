@@ -270,6 +270,7 @@ class Distiller:
 
     def _write_status(self, status: str, **extra) -> None:
         info = read_run_status(self.run_dir)
+        info.pop("export_error", None)
         info.update({"status": status, "prompt": self.cfg.run.prompt, "step": self.step,
                      "steps": self.cfg.run.steps, "updated": datetime.now().isoformat(timespec="seconds")})
         info.update(extra)
@@ -282,15 +283,19 @@ class Distiller:
         outputs: Dict[str, str] = {}
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
-        if e.formats:
-            for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
-                outputs[p.suffix.lstrip(".")] = str(p)
+        # The video first: it cannot fail on a missing surface, the mesh can.
         if e.turntable:
             p = render_turntable(self.representation, self.run_dir / "turntable.mp4", frames=e.turntable_frames,
                                  fps=e.turntable_fps, resolution=e.turntable_resolution,
                                  elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
                                  progress=self.cfg.run.progress)
             outputs["turntable"] = str(p)
+        if e.formats:
+            try:
+                for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
+                    outputs[p.suffix.lstrip(".")] = str(p)
+            except UserError as err:
+                self._export_error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"
         return outputs
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -365,15 +370,19 @@ class Distiller:
         timings = {f"{k}_s": round(v, 3) for k, v in totals.items()}
         timings["train_s"] = round(time.perf_counter() - t_begin, 3)
         outputs: Dict[str, str] = {}
+        self._export_error: Optional[str] = None
         if status == "finished":
             t_exp = time.perf_counter()
             self._write_status("exporting", timings=timings)
             outputs = self.export()
             timings["export_s"] = round(time.perf_counter() - t_exp, 3)
-        self._write_status(status, timings=timings, outputs=outputs)
+        extra = {"export_error": self._export_error} if self._export_error else {}
+        self._write_status(status, timings=timings, outputs=outputs, **extra)
         result = RunResult(run_dir=self.run_dir, status=status, step=self.step, outputs=outputs, timings=timings)
         for cb in self.callbacks:
             cb.on_end(self, result)
+        if self._export_error:
+            raise UserError(self._export_error)
         return result
 
     def _truncate_metrics(self, step: int) -> None:

@@ -1,0 +1,16 @@
+"""3D representations behind one interface (:class:`Representation`).
+
+Importing this package registers the built-in representations by name, so
+:func:`build_representation` can find ``cfg.representation.name``.
+"""
+
+from threedistill.representations.base import (
+    RenderOutput,
+    Representation,
+    build_representation,
+    register,
+    representation_names,
+)
+from threedistill.representations import nerf  # noqa: F401  (registers "nerf")
+
+__all__ = ["Representation", "RenderOutput", "build_representation", "register", "representation_names"]
