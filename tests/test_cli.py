@@ -45,9 +45,14 @@ def test_generate_writes_every_output(tmp_path, tiny_sd_path, capsys):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "finished" and status["step"] == 50
     # The mesh reloads in trimesh with vertex colours, in every format.
-    for fmt in ("glb", "obj", "ply"):
+    for fmt in ("obj", "ply"):
         mesh = trimesh.load(run / f"model.{fmt}", force="mesh")
         assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+        n_vertices = len(mesh.vertices)
+    scene = trimesh.load(run / "model.glb")  # COLOR_0 sits beside a material: read it from the geometry
+    (geom,) = scene.geometry.values()
+    assert len(geom.faces) > 0 and len(geom.vertices) == n_vertices
+    assert len(geom.visual.vertex_attributes["color"]) == n_vertices
     # The turntable has the configured number of frames.
     import imageio.v3 as iio
 

@@ -81,6 +81,10 @@ def cmd_generate(args) -> int:
     from threedistill.config import load_config
     from threedistill.distill import Distiller
 
+    looks_like_override = args.prompt is not None and re.match(r"^[A-Za-z_][\w.]*=", args.prompt)
+    if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
+        args.overrides = [args.prompt, *args.overrides]
+        args.prompt = None
     if args.resume:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
@@ -89,7 +93,7 @@ def cmd_generate(args) -> int:
             raise UserError(f"--resume: run folder '{run_dir}' does not exist")
         d = Distiller.resume(run_dir, overrides=args.overrides)
     else:
-        if args.prompt is not None and re.match(r"^[A-Za-z_][\w.]*=", args.prompt):
+        if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
                             "put the prompt first, e.g. threedistill generate \"a red cube\" run.steps=500")
         base = {"run": {"prompt": args.prompt or ""}}
