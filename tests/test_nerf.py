@@ -75,6 +75,7 @@ def test_render_shapes_ranges_and_gradients():
 
 def test_eval_render_chunked_matches_single_pass():
     model = small_nerf()
+    model.skip_grid_resolution = 0  # compare chunking alone (skipping is tested below)
     cams = cameras(res=12)
     ref = model.render(cams, training=False)  # autograd on: one pass
     model.chunk_points = 32 * 7  # 7 rays per chunk
@@ -491,3 +492,33 @@ def test_cuda_occupancy_grid_matches_fixed_samples():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_empty_space_skipping_matches_full_evaluation():
+    """No-grad renders skip empty cells; the image must match evaluating every sample."""
+    import torch
+    from threedistill.cameras import orbit_cameras
+    from threedistill.config import load_config
+    from threedistill.representations import build_representation
+
+    cfg = load_config(overrides=["representation.nerf.n_levels=6", "representation.nerf.log2_hashmap_size=12",
+                                 "representation.nerf.num_samples=48"])
+    torch.manual_seed(0)
+    rep = build_representation(cfg, torch.device("cpu"))
+    with torch.no_grad():  # a lumpier field than the bare blob: perturb the hash table
+        rep.encoding.embeddings.normal_(0, 0.5)
+    cams = orbit_cameras(2, 24, elevation=20)
+    with torch.no_grad():
+        fast = rep.render(cams, training=False)
+        grid = rep.skip_grid()
+        assert 0 < grid.float().mean() < 0.5  # it does skip something, and keeps the object
+        rep.skip_grid_resolution = 0
+        full = rep.render(cams, training=False)
+    for a, b in ((fast.rgb, full.rgb), (fast.alpha, full.alpha), (fast.depth, full.depth)):
+        assert (a - b).abs().max() < 1e-3
+    # The cache follows parameter updates.
+    rep.skip_grid_resolution = 64
+    g1 = rep.skip_grid()
+    with torch.no_grad():
+        rep.mlp[-1].bias[0] += 5.0  # denser everywhere
+    assert rep.skip_grid().sum() > g1.sum()

@@ -345,8 +345,8 @@ class Distiller:
                     metrics.write(json.dumps(stats) + "\n")
                     metrics.flush()
                     if bar is not None:
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]), refresh=False)
                         bar.update(1)
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]))
                     for cb in self.callbacks:
                         cb.on_step(self, self.step, stats)
                     if self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps:

@@ -128,6 +128,11 @@ class NeRF(Representation):
 
     # Fixed-sample path: normals (and their double backward) only where w_i > this.
     normal_weight_threshold: float = 1e-4
+    # Fixed-sample path without autograd (previews, turntables, evaluation): samples in cells of a
+    # skip_grid_resolution^3 grid whose density, dilated by one cell, stays below
+    # skip_density_threshold are not evaluated (density 0). 0 disables the skipping.
+    skip_grid_resolution: int = 64
+    skip_density_threshold: float = 0.001
     # Samples per chunk when rendering without autograd (evaluation renders of any size).
     chunk_points: int = 1 << 18
 
@@ -176,6 +181,7 @@ class NeRF(Representation):
         device = torch.device(device)
         self.use_occupancy_grid = device.type == "cuda"
         self.render_normals = False
+        self._skip_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.to(device)
 
     # ------------------------------------------------------------------------------------------
@@ -204,6 +210,24 @@ class NeRF(Representation):
         if not create_graph:
             sigma, albedo, normal = sigma.detach(), albedo.detach(), normal.detach()
         return sigma, albedo, normal
+
+    @torch.no_grad()
+    def skip_grid(self) -> torch.Tensor:
+        """Boolean ``[G,G,G]`` grid (indexed x, y, z) of cells that may hold density above
+        ``skip_density_threshold``: the density at cell centres, thresholded and dilated by one
+        cell. Cached until any parameter changes (optimizer steps and checkpoint loads bump the
+        parameters' version counters)."""
+        key = (self.skip_grid_resolution, self.skip_density_threshold) + tuple(p._version for p in self.parameters())
+        if self._skip_cache is not None and self._skip_cache[0] == key:
+            return self._skip_cache[1]
+        G, r = self.skip_grid_resolution, self.radius
+        dev = self.encoding.embeddings.device
+        c = (torch.arange(G, device=dev, dtype=torch.float32) + 0.5) / G * (2 * r) - r
+        pts = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), dim=-1).reshape(-1, 3)
+        dense = (self.density(pts) > self.skip_density_threshold).float().view(1, 1, G, G, G)
+        grid = F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0
+        self._skip_cache = (key, grid)
+        return grid
 
     def _chunked(self, fn, points: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or points.shape[0] <= self.chunk_points:
@@ -347,7 +371,16 @@ class NeRF(Representation):
         t = t_starts + (t_ends - t_starts) * jitter  # [R, S] sample positions
         x = (rays_o[:, None, :] + rays_d[:, None, :] * t[..., None]).reshape(R * S, 3)
 
-        sigma, albedo = self._field(x)
+        if torch.is_grad_enabled() or self.skip_grid_resolution <= 0:
+            sigma, albedo = self._field(x)
+        else:  # empty-space skipping for renders without autograd
+            grid = self.skip_grid()
+            G = grid.shape[0]
+            cell = ((x + self.radius) / (2 * self.radius) * G).long().clamp(0, G - 1)
+            keep = grid[cell[:, 0], cell[:, 1], cell[:, 2]].nonzero().squeeze(1)
+            sigma_k, albedo_k = self._field(x[keep])
+            sigma = x.new_zeros(R * S).index_put((keep,), sigma_k)
+            albedo = x.new_zeros(R * S, 3).index_put((keep,), albedo_k)
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma.view(R, S))
 
         res: Dict[str, torch.Tensor] = {}
