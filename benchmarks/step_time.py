@@ -89,8 +89,10 @@ def bench(prior_path: Path, device: str, resolution: int, steps: int, warmup: in
     for step in range(steps + warmup):
         timer = _Timer(d.device)
         t = time.perf_counter()
-        d.train_step(step, timer)
+        stats = d.train_step(step, timer)
         timer.times["step"] = time.perf_counter() - t
+        timer.times["encode"] = stats["time_encode"]
+        timer.times["unet"] = timer.times["guidance"] - stats["time_encode"]
         if step >= warmup:
             rows.append(timer.times)
     out = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
@@ -126,7 +128,7 @@ def main() -> None:
         else:
             sys.exit(f"unknown prior {name!r}")
 
-    cols = ["render", "guidance", "backward", "optimizer", "step"]
+    cols = ["render", "encode", "unet", "backward", "optimizer", "step"]
     has_mem = any("peak_mem_gib" in r for r in results.values())
     print("| prior | " + " | ".join(f"{c} (s)" for c in cols) + " | build (s) |" + (" peak GPU mem (GiB) |" if has_mem else ""))
     print("|---" * (len(cols) + 2 + has_mem) + "|")
@@ -135,8 +137,9 @@ def main() -> None:
         if has_mem:
             line += f" {r.get('peak_mem_gib', float('nan')):.2f} |"
         print(line)
-    print("\nguidance = render -> model space (VAE encode for latent priors) + one batched cond/uncond UNet forward; "
-          "backward = through the encoder and the renderer.")
+    print("\nrender = NeRF forward; encode = render -> model space (resize + VAE encode for latent priors); "
+          "unet = one batched cond/uncond UNet forward (prior forward = encode + unet); "
+          "backward = through the encoder and the renderer; optimizer = Adam step.")
 
 
 if __name__ == "__main__":

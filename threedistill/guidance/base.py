@@ -17,6 +17,7 @@ A loss file subclasses :class:`Guidance` and writes only its update rule in :met
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -145,7 +146,9 @@ class Guidance(torch.nn.Module):
         prior = self.prior
         B = images.shape[0]
         device = prior.device
+        t_start = _now(device)
         z = prior.encode_images(images.to(device))
+        time_encode = _now(device) - t_start
         if t is None:
             t = self.sample_timesteps(B, step, generator)
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).to(device)
@@ -176,6 +179,7 @@ class Guidance(torch.nn.Module):
             "t": float(t.float().mean()),
             "guidance_scale": scale,
             "grad_norm": float(g.flatten(1).norm(dim=1).mean()),
+            "time_encode": time_encode,
         }
         stats.update(extra)
         return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
@@ -196,6 +200,13 @@ class Guidance(torch.nn.Module):
                generator: Optional[torch.Generator] = None) -> Dict[str, float]:
         """Train guidance state after the representation's step (VSD/ESD LoRA); no-op here."""
         return {}
+
+
+def _now(device: torch.device) -> float:
+    """Wall clock after the device's queued work (for the encode/UNet time split in metrics)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 _REGISTRY: Dict[str, type] = {}
