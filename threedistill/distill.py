@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,17 @@ def ensure_writable_dir(path: Path) -> Path:
     except OSError as e:
         raise UserError(f"output folder '{path}' is not writable ({e.strerror or e}); choose another with --out") from None
     return path
+
+
+def check_writable_location(path: Path) -> None:
+    """Fail early, creating nothing, if ``path`` could not be created or written."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output folder '{path}' is not writable ('{probe}' is a file); choose another with --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output folder '{path}' is not writable (no permission on '{probe}'); choose another with --out")
 
 
 def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -305,7 +317,7 @@ class Distiller:
             raise UserError(f"run folder '{self.run_dir}' already holds a run; resume it with --resume or pick another run.name")
         # Check the output location before the (slow) build, create the run folder only after it,
         # so a bad prior or config leaves nothing behind.
-        ensure_writable_dir(self.run_dir if self.run_dir.exists() else self.run_dir.parent)
+        check_writable_location(self.run_dir)
         self.build()
         ensure_writable_dir(self.run_dir)
         start = 0
