@@ -83,6 +83,13 @@ class NerfConfig:
     # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
     # render_step_size instead.
     num_samples: int = 64
+    # CPU (fixed-sample) path: samples in cells of a skip_grid_resolution^3 grid whose density,
+    # dilated by one cell, is below skip_density_threshold are not evaluated. Training renders use
+    # a grid refreshed every skip_refresh_every steps (checkpointed); renders without autograd use
+    # a grid of the current weights. 0 disables skipping.
+    skip_grid_resolution: int = 64
+    skip_density_threshold: float = 0.001
+    skip_refresh_every: int = 16
     # CUDA path: nerfacc occupancy grid.
     occupancy_grid_resolution: int = 32
     occupancy_threshold: float = 0.01

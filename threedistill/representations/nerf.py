@@ -36,7 +36,13 @@ Ray marching (two back ends, same math)
   composited with ``nerfacc.render_weight_from_density`` / ``nerfacc.accumulate_along_rays`` on
   ``[rays, samples]`` tensors. Rays that miss the cube get zero-length bins, hence alpha 0. Normals
   are taken only at samples whose weight exceeds ``normal_weight_threshold`` (the others add less
-  than that to any pixel); this skips most of the expensive double backward.
+  than that to any pixel); this skips most of the expensive double backward. Empty space is
+  skipped as on CUDA, but on the fixed ``[rays, samples]`` layout: samples in cells of a
+  ``skip_grid_resolution^3`` grid whose density (at cell centres, dilated by one cell) is below
+  ``skip_density_threshold`` get density 0 without evaluating the field. Training renders use
+  the buffer ``train_skip_grid``, refreshed by :meth:`NeRF.update` every ``skip_refresh_every``
+  steps and checkpointed (so resume stays exact); renders without autograd use a grid of the
+  current weights (:meth:`NeRF.skip_grid`).
 * **Occupancy grid** (CUDA, the default there; not runnable on CPU): ``nerfacc.OccGridEstimator``
   marching with ``render_step_size`` and ``nerfacc.rendering``; :meth:`NeRF.update` refreshes the
   grid every 16 steps. nerfacc draws its stratified jitter and grid-refresh samples from torch's
@@ -128,11 +134,6 @@ class NeRF(Representation):
 
     # Fixed-sample path: normals (and their double backward) only where w_i > this.
     normal_weight_threshold: float = 1e-4
-    # Fixed-sample path without autograd (previews, turntables, evaluation): samples in cells of a
-    # skip_grid_resolution^3 grid whose density, dilated by one cell, stays below
-    # skip_density_threshold are not evaluated (density 0). 0 disables the skipping.
-    skip_grid_resolution: int = 64
-    skip_density_threshold: float = 0.001
     # Samples per chunk when rendering without autograd (evaluation renders of any size).
     chunk_points: int = 1 << 18
 
@@ -181,6 +182,14 @@ class NeRF(Representation):
         device = torch.device(device)
         self.use_occupancy_grid = device.type == "cuda"
         self.render_normals = False
+        # Empty-space skipping on the fixed-sample path (see skip_grid / update).
+        self.skip_grid_resolution = int(c.skip_grid_resolution)
+        self.skip_density_threshold = float(c.skip_density_threshold)
+        self.skip_refresh_every = int(c.skip_refresh_every)
+        G = max(self.skip_grid_resolution, 1)
+        # The grid training renders use; refreshed in update(), saved in checkpoints so a resumed
+        # run skips exactly what the uninterrupted one did. All True = nothing skipped yet.
+        self.register_buffer("train_skip_grid", torch.ones(G, G, G, dtype=torch.bool))
         self._skip_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.to(device)
 
@@ -220,14 +229,18 @@ class NeRF(Representation):
         key = (self.skip_grid_resolution, self.skip_density_threshold) + tuple(p._version for p in self.parameters())
         if self._skip_cache is not None and self._skip_cache[0] == key:
             return self._skip_cache[1]
+        grid = self._compute_skip_grid()
+        self._skip_cache = (key, grid)
+        return grid
+
+    @torch.no_grad()
+    def _compute_skip_grid(self) -> torch.Tensor:
         G, r = self.skip_grid_resolution, self.radius
         dev = self.encoding.embeddings.device
         c = (torch.arange(G, device=dev, dtype=torch.float32) + 0.5) / G * (2 * r) - r
         pts = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), dim=-1).reshape(-1, 3)
         dense = (self.density(pts) > self.skip_density_threshold).float().view(1, 1, G, G, G)
-        grid = F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0
-        self._skip_cache = (key, grid)
-        return grid
+        return F.max_pool3d(dense, kernel_size=3, stride=1, padding=1)[0, 0] > 0
 
     def _chunked(self, fn, points: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or points.shape[0] <= self.chunk_points:
@@ -371,10 +384,10 @@ class NeRF(Representation):
         t = t_starts + (t_ends - t_starts) * jitter  # [R, S] sample positions
         x = (rays_o[:, None, :] + rays_d[:, None, :] * t[..., None]).reshape(R * S, 3)
 
-        if torch.is_grad_enabled() or self.skip_grid_resolution <= 0:
+        if self.skip_grid_resolution <= 0:
             sigma, albedo = self._field(x)
-        else:  # empty-space skipping for renders without autograd
-            grid = self.skip_grid()
+        else:  # empty-space skipping: the refreshed training grid, or a fresh one without autograd
+            grid = self.train_skip_grid if torch.is_grad_enabled() else self.skip_grid()
             G = grid.shape[0]
             cell = ((x + self.radius) / (2 * self.radius) * G).long().clamp(0, G - 1)
             keep = grid[cell[:, 0], cell[:, 1], cell[:, 2]].nonzero().squeeze(1)
@@ -445,8 +458,12 @@ class NeRF(Representation):
         return res
 
     def update(self, step: int) -> None:
-        """Refresh the occupancy grid (CUDA back end; every 16 steps, EMA of density * step)."""
+        """After the optimizer step: refresh the fixed-sample path's skip grid every
+        ``skip_refresh_every`` steps, or the occupancy grid on the CUDA back end (every 16
+        steps, EMA of density * step)."""
         if not self.use_occupancy_grid:
+            if self.skip_grid_resolution > 0 and step % max(self.skip_refresh_every, 1) == 0:
+                self.train_skip_grid.copy_(self._compute_skip_grid())
             return
         self.estimator.train()  # nerfacc refuses to update an estimator in eval mode
         self.estimator.update_every_n_steps(
