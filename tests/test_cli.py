@@ -72,7 +72,9 @@ def test_generate_writes_every_output(tmp_path, tiny_sd_path, capsys):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_sd_path):
-    steps = ["run.checkpoint_every=6", "export.formats=[]", "export.turntable=false", "run.preview_every=100"]
+    # The skip grid refreshes at steps 0, 4, 8: the resumed run must restore the step-4 grid.
+    steps = ["run.checkpoint_every=6", "export.formats=[]", "export.turntable=false", "run.preview_every=100",
+             "representation.nerf.skip_refresh_every=4"]
     code, full = _generate(tmp_path, tiny_sd_path, "run.steps=12", *steps, name="full")
     assert code == 0
     # A run killed after step 6: simulate by running 6 steps, then resume it to 12.
