@@ -23,6 +23,8 @@ from threedistill.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# A command-line word that is a config override (`run.steps=500`), not a prompt.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -81,7 +83,7 @@ def cmd_generate(args) -> int:
     from threedistill.config import load_config
     from threedistill.distill import Distiller
 
-    looks_like_override = args.prompt is not None and re.match(r"^[A-Za-z_][\w.]*=", args.prompt)
+    looks_like_override = args.prompt is not None and _OVERRIDE.match(args.prompt)
     if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
         args.overrides = [args.prompt, *args.overrides]
         args.prompt = None
@@ -162,9 +164,8 @@ def read_prompts(path: Path) -> List[str]:
 
 def cmd_batch(args) -> int:
     from threedistill.config import load_config
-    from threedistill.distill import Distiller, read_run_status, slugify
+    from threedistill.distill import Distiller, read_run_status, resolve_device, slugify
     from threedistill.priors import load_prior
-    from threedistill.distill import resolve_device
 
     prompts = read_prompts(Path(args.prompts_file))
     base = {"run": {"prompt": prompts[0]}}
@@ -204,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # binds the positional list at its first chunk, so later key=value words arrive as extras.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if hasattr(args, "overrides") and all(re.match(r"^[A-Za-z_][\w.]*=", w) for w in extra):
+        if hasattr(args, "overrides") and all(_OVERRIDE.match(w) for w in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -93,17 +93,6 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def ensure_writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".threedistill-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder '{path}' is not writable ({e.strerror or e}); choose another with --out") from None
-    return path
-
-
 def check_writable_location(path: Path) -> None:
     """Fail early, creating nothing, if ``path`` could not be created or written."""
     probe = Path(path).absolute()
@@ -319,7 +308,10 @@ class Distiller:
         # so a bad prior or config leaves nothing behind.
         check_writable_location(self.run_dir)
         self.build()
-        ensure_writable_dir(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"output folder '{self.run_dir}' is not writable ({e.strerror or e}); choose another with --out") from None
         start = 0
         if self.resuming:
             last = latest_checkpoint(self.run_dir / "checkpoints")
