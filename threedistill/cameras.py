@@ -224,9 +224,6 @@ class CameraSampler:
         light_positions = light_dir * uniform(c.light_distance_range)[:, None]
         return make_cameras(elevation, azimuth, distance, fovy, self.resolution, light_positions=light_positions)
 
-    def labels(self, cameras: CameraBatch) -> List[str]:
-        return cameras.view_labels(self.cfg.front_threshold, self.cfg.back_threshold, self.cfg.overhead_threshold)
-
 
 def orbit_cameras(
     n: int,

@@ -277,11 +277,13 @@ class Distiller:
         info.update(extra)
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=1))
 
-    def export(self) -> Dict[str, str]:
-        """Meshes (export.formats) and the turntable video into the run folder."""
+    def export(self) -> tuple[Dict[str, str], Optional[str]]:
+        """The turntable video and meshes (export.formats) into the run folder: the written
+        outputs, and the one-line reason the mesh could not be extracted (else None)."""
         from threedistill.export import export_run_meshes, render_turntable
 
         outputs: Dict[str, str] = {}
+        error: Optional[str] = None
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
         # The video first: it cannot fail on a missing surface, the mesh can.
@@ -296,8 +298,8 @@ class Distiller:
                 for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
                     outputs[p.suffix.lstrip(".")] = str(p)
             except UserError as err:
-                self._export_error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"
-        return outputs
+                error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"
+        return outputs, error
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -374,19 +376,19 @@ class Distiller:
         timings = {f"{k}_s": round(v, 3) for k, v in totals.items()}
         timings["train_s"] = round(time.perf_counter() - t_begin, 3)
         outputs: Dict[str, str] = {}
-        self._export_error: Optional[str] = None
+        export_error: Optional[str] = None
         if status == "finished":
             t_exp = time.perf_counter()
             self._write_status("exporting", timings=timings)
-            outputs = self.export()
+            outputs, export_error = self.export()
             timings["export_s"] = round(time.perf_counter() - t_exp, 3)
-        extra = {"export_error": self._export_error} if self._export_error else {}
+        extra = {"export_error": export_error} if export_error else {}
         self._write_status(status, timings=timings, outputs=outputs, **extra)
         result = RunResult(run_dir=self.run_dir, status=status, step=self.step, outputs=outputs, timings=timings)
         for cb in self.callbacks:
             cb.on_end(self, result)
-        if self._export_error:
-            raise UserError(self._export_error)
+        if export_error:
+            raise UserError(export_error)
         return result
 
     def _truncate_metrics(self, step: int) -> None:

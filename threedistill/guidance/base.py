@@ -67,12 +67,14 @@ class Guidance(torch.nn.Module):
         self.cfg = cfg  # the guidance group
         object.__setattr__(self, "prior", prior)  # not a submodule: frozen, never saved
         self._embeddings: Optional[PromptEmbeddings] = None
+        self._view_dependent = True
         self._camera_cfg = None
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
                    camera_cfg=None) -> None:
         self._embeddings = self.prior.prompt_embeddings(prompt, negative_prompt, view_dependent)
+        self._view_dependent = view_dependent
         self._camera_cfg = camera_cfg
 
     @property
@@ -155,7 +157,7 @@ class Guidance(torch.nn.Module):
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
         noise = noise.to(device=device, dtype=z.dtype)
-        labels = self.view_labels(cameras) if self._view_dependent() else None
+        labels = self.view_labels(cameras) if self._view_dependent else None
         cond, uncond = self.embeddings.for_views(labels, B)
         masks = self.embeddings.masks_for_views(labels, B)
         cond_mask, uncond_mask = masks if masks is not None else (None, None)
@@ -183,10 +185,6 @@ class Guidance(torch.nn.Module):
         }
         stats.update(extra)
         return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
-
-    def _view_dependent(self) -> bool:
-        emb = self.embeddings
-        return emb.cond.get("front") is not emb.cond.get("none")
 
     # -- trainable state ------------------------------------------------------------------------
     def param_groups(self, optim_cfg) -> List[dict]:

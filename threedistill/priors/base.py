@@ -33,21 +33,22 @@ class PromptEmbeddings:
 
     def for_views(self, labels: Optional[Sequence[str]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cond [B,L,D], uncond [B,L,D])``; view-independent ``cond["none"]`` when labels is None."""
-        if labels is None:
-            cond = self.cond["none"].expand(batch_size, -1, -1)
-        else:
-            cond = torch.cat([self.cond[lab] for lab in labels], dim=0)
-        return cond, self.uncond.expand(batch_size, -1, -1)
+        return _pick(self.cond, labels, batch_size), self.uncond.expand(batch_size, *self.uncond.shape[1:])
 
     def masks_for_views(self, labels: Optional[Sequence[str]], batch_size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Attention masks matching :meth:`for_views` (T5-style encoders), or None."""
+        """Attention masks ``[B,L]`` matching :meth:`for_views` (T5-style encoders), or None."""
         if self.cond_mask is None or self.uncond_mask is None:
             return None
-        if labels is None:
-            cond = self.cond_mask["none"].expand(batch_size, -1)
-        else:
-            cond = torch.cat([self.cond_mask.get(lab, self.cond_mask["none"]) for lab in labels], dim=0)
-        return cond, self.uncond_mask.expand(batch_size, -1)
+        return _pick(self.cond_mask, labels, batch_size), self.uncond_mask.expand(batch_size, -1)
+
+
+def _pick(table: Dict[str, torch.Tensor], labels: Optional[Sequence[str]], batch_size: int) -> torch.Tensor:
+    """Rows ``[1,...]`` of ``table`` per view label, batched; ``table["none"]`` for every row when
+    labels is None."""
+    if labels is None:
+        row = table["none"]
+        return row.expand(batch_size, *row.shape[1:])
+    return torch.cat([table[lab] for lab in labels], dim=0)
 
 
 def view_prompt(prompt: str, label: str) -> str:
@@ -87,16 +88,18 @@ class DiffusionPrior(ABC, torch.nn.Module):
         emb, mask = self.encode_text(texts)
         cond = {lab: emb[i : i + 1] for i, lab in enumerate(labels)}
         cond["none"] = emb[len(labels) : len(labels) + 1]
-        if not view_dependent:
-            # Every view maps to the plain prompt.
-            for lab in VIEW_LABELS:
-                cond[lab] = cond["none"]
         cond_mask = None
         uncond_mask = None
         if mask is not None:
             cond_mask = {lab: mask[i : i + 1] for i, lab in enumerate(labels)}
             cond_mask["none"] = mask[len(labels) : len(labels) + 1]
             uncond_mask = mask[len(labels) + 1 : len(labels) + 2]
+        if not view_dependent:
+            # Every view maps to the plain prompt (embedding and mask alike).
+            for lab in VIEW_LABELS:
+                cond[lab] = cond["none"]
+                if cond_mask is not None:
+                    cond_mask[lab] = cond_mask["none"]
         return PromptEmbeddings(
             cond=cond, uncond=emb[len(labels) + 1 : len(labels) + 2], cond_mask=cond_mask,
             uncond_mask=uncond_mask, null=emb[len(labels) + 2 : len(labels) + 3],
