@@ -4,6 +4,8 @@
     threedistill export RUN_DIR [--format glb|obj|ply] [--resolution N] [--threshold X]
     threedistill render RUN_DIR [--frames N] [--resolution N]
     threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
+    threedistill eval RUN_DIR [RUN_DIR ...] [--json]
+    threedistill prior train OUT_DIR [--steps N] | prior eval [--prior NAME] | prior train-classifier OUT.safetensors
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2; an interrupted
 run exits 130 after writing a checkpoint it can be resumed from.
@@ -75,6 +77,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", "-c", help="YAML config file or preset name from configs/")
     b.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     _add_overrides(b)
+
+    ev = sub.add_parser("eval", help="score runs of shapes-world prompts against the ground truth")
+    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    pr = sub.add_parser("prior", help="train or check the built-in shapes prior")
+    prs = pr.add_subparsers(dest="prior_command", metavar="PRIOR_COMMAND")
+    pt = prs.add_parser("train", help="train the shapes-world prior (resumable: run again to continue)")
+    pt.add_argument("out_dir", help="training folder (dataset, checkpoints, pipeline/)")
+    pt.add_argument("--steps", type=int, help="total steps (default 6000; may be raised on resume)")
+    pt.add_argument("--batch-size", type=int)
+    pt.add_argument("--lr", type=float)
+    pt.add_argument("--images-per-prompt", type=int)
+    pt.add_argument("--checkpoint-every", type=int)
+    pt.add_argument("--seed", type=int)
+    pt.add_argument("--init-from", metavar="PIPELINE", help="start a new training folder from these weights "
+                    "(e.g. assets/shapes-prior, to train the shipped prior further)")
+    pe = prs.add_parser("eval", help="classify the prior's own samples for every shapes-world prompt")
+    pe.add_argument("--prior", default="shapes", help="prior name or pipeline folder (default: shapes)")
+    pe.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
+    pe.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    pe.add_argument("--guidance-scale", type=float, default=7.5)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--grid", help="write a PNG grid of the samples (one row per prompt) here")
+    pe.add_argument("--json", help="write the per-prompt table as JSON here")
+    pc = prs.add_parser("train-classifier", help="train the shapes-world shape/colour classifier used by eval")
+    pc.add_argument("out_file", help="output .safetensors file (metadata goes next to it as .json)")
+    pc.add_argument("--steps", type=int, default=1500)
+    pc.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -198,6 +229,99 @@ def cmd_batch(args) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_prior(args) -> int:
+    if args.prior_command == "train":
+        from dataclasses import replace
+
+        from threedistill.shapes.prior import PriorTrainConfig, PriorTrainer
+
+        cfg = PriorTrainConfig()
+        for name in ("steps", "batch_size", "lr", "images_per_prompt", "checkpoint_every", "seed"):
+            v = getattr(args, name)
+            if v is not None:
+                if v <= 0 and name != "seed":
+                    raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+                cfg = replace(cfg, **{name: v})
+        out = PriorTrainer(args.out_dir, cfg, init_from=args.init_from).train()
+        print(f"pipeline: {out}")
+        return 0
+    if args.prior_command == "eval":
+        return _prior_eval(args)
+    if args.prior_command == "train-classifier":
+        from threedistill.shapes.classifier import train_classifier
+
+        if args.steps <= 0:
+            raise UserError(f"--steps must be > 0, got {args.steps}")
+        acc = train_classifier(args.out_file, steps=args.steps, seed=args.seed)
+        print(f"classifier: {args.out_file} (fresh ground truth: shape {acc['shape']:.3f}, colour {acc['colour']:.3f}, "
+              f"both {acc['both']:.3f} of {acc['images']} images)")
+        return 0
+    raise UserError("give a prior command: train or train-classifier (see `threedistill prior --help`)")
+
+
+def _prior_eval(args) -> int:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from threedistill.atomic import atomic_write_text
+    from threedistill.config import PriorConfig
+    from threedistill.priors import load_prior
+    from threedistill.shapes.evaluate import evaluate_prior_samples
+    from threedistill.shapes.world import all_prompts
+
+    for name in ("samples", "steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    prior = load_prior(PriorConfig(name=args.prior), "auto")
+    prompts = all_prompts()
+    with tqdm(total=len(prompts), desc="sampling the prior", unit="prompt") as bar:
+        rows = evaluate_prior_samples(prior, prompts, n_per_prompt=args.samples, steps=args.steps,
+                                      guidance_scale=args.guidance_scale, seed=args.seed, progress=bar.update)
+    print(f"{'prompt':<24} {'held out':<9} {'shape':>6} {'colour':>7} {'both':>6}")
+    for r in rows:
+        print(f"{r['prompt']:<24} {'yes' if r['held_out'] else '':<9} {r['shape_acc']:>6.2f} {r['colour_acc']:>7.2f} {r['acc']:>6.2f}")
+    summary = {}
+    for split, held in (("held_in", False), ("held_out", True)):
+        part = [r for r in rows if r["held_out"] == held]
+        summary[split] = {k: sum(r[k] for r in part) / len(part) for k in ("shape_acc", "colour_acc", "acc")}
+        summary[split]["prompts"] = len(part)
+        s = summary[split]
+        print(f"{split}: {s['prompts']} prompts x {args.samples} samples: shape {s['shape_acc']:.3f}, "
+              f"colour {s['colour_acc']:.3f}, both {s['acc']:.3f}")
+    if args.grid:
+        from threedistill.export.video import save_image
+
+        save_image(torch.cat([r["images"] for r in rows]), args.grid, nrow=args.samples)
+        print(f"grid: {args.grid}")
+    if args.json:
+        table = [{k: v for k, v in r.items() if k != "images"} for r in rows]
+        settings = {k: getattr(args, k) for k in ("prior", "samples", "steps", "guidance_scale", "seed")}
+        atomic_write_text(args.json, json.dumps({"settings": settings, "summary": summary, "prompts": table}, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from threedistill.shapes.classifier import load_classifier
+    from threedistill.shapes.evaluate import evaluate_run
+
+    classifier = load_classifier()
+    results = [evaluate_run(d, classifier=classifier) for d in args.run_dirs]
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for d, r in zip(args.run_dirs, results):
+        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f}, colour error {r['colour_error']:.3f}, "
+                f"classified as '{r['predicted']}' ({'correct' if r['prompt_correct'] else 'wrong'})")
+        if "view_consistency" in r:
+            line += f", view consistency {r['view_consistency']:.2f}"
+        print(line)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
@@ -217,7 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    handlers = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "batch": cmd_batch}
+    handlers = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
+                "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except UserError as e:

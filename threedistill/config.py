@@ -36,9 +36,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PriorConfig:
-    # A built-in name, a local diffusers pipeline folder, or a Hugging Face hub id that is
-    # already in the local cache (nothing is ever downloaded at run time).
-    name: str = "stabilityai/stable-diffusion-2-1-base"
+    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
+    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
+    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sds-nerf.yaml
+    # holds the Stable Diffusion settings.
+    name: str = "shapes"
     revision: Optional[str] = None
     # "auto": fp16 on CUDA, fp32 on CPU.
     dtype: str = "auto"
@@ -95,12 +97,15 @@ class NerfConfig:
     occupancy_threshold: float = 0.01
     render_step_size: float = 0.01
     # Shading: albedo only before this step, then random among diffuse / textureless / albedo.
-    ambient_only_steps: int = 1000
-    albedo_prob: float = 0.2
-    textureless_prob: float = 0.2
+    # (Defaults suit the shapes prior, which never saw untextured objects; configs/sds-nerf.yaml
+    # has DreamFusion's 1000 / 0.2 / 0.2 for Stable Diffusion.)
+    ambient_only_steps: int = 100
+    albedo_prob: float = 0.25
+    textureless_prob: float = 0.0
     ambient_light: float = 0.1
     # Background: "mlp" (learned, view-direction dependent), "white", "black", "random".
-    background: str = "mlp"
+    # White is the shapes world's background (the default prior's).
+    background: str = "white"
     random_background_prob: float = 0.5
     # Regularizer weights.
     lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])

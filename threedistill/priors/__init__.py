@@ -15,7 +15,20 @@ from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, r
 
 #: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
 #: path or hub lookup.
-BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {}
+def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
+    """The shipped shapes-world prior: an ordinary pipeline folder, loaded by the generic loader."""
+    from threedistill.errors import MissingWeightsError
+    from threedistill.shapes.prior import SHIPPED_PRIOR
+
+    if not (SHIPPED_PRIOR / "model_index.json").is_file():
+        raise MissingWeightsError(
+            f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it ships with the repository: use an "
+            f"editable install of a full clone, `pip install -e .`, or train one with `threedistill prior train DIR` "
+            f"and set prior.name=DIR/pipeline)")
+    return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"))
+
+
+BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"shapes": _shapes_prior}
 
 
 def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionPrior:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -59,34 +59,58 @@ def _bytes_to_unicode() -> Dict[int, str]:
     return {b: chr(c) for b, c in zip(byte_values, code_points)}
 
 
-def _clip_vocab_and_merges() -> tuple[Dict[str, int], List[tuple[str, str]]]:
-    """CLIP-style vocabulary: 256 byte chars, their ``</w>`` forms, merged tokens, special tokens."""
+def _word_merges(word: str) -> List[str]:
+    """BPE merges that join ``word`` left to right into the single token ``word</w>``."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    merges = []
+    current = pieces[0]
+    for piece in pieces[1:]:
+        merges.append(f"{current} {piece}")
+        current += piece
+    return merges
+
+
+def _clip_vocab_and_merges(words: Sequence[str] = ()) -> tuple[Dict[str, int], List[tuple[str, str]]]:
+    """CLIP-style vocabulary: 256 byte chars, their ``</w>`` forms, merged tokens, special tokens.
+    Each of ``words`` (lower-case ASCII) also gets merges that make it one token."""
     alphabet = sorted(_bytes_to_unicode().values(), key=lambda ch: ord(ch))
     tokens = alphabet + [ch + "</w>" for ch in alphabet]
     merges: List[tuple[str, str]] = []
-    for merge in _CLIP_MERGES:
+    seen = set(tokens)
+    # With whole words the generic merges are left out: they would split the words' merge chains.
+    merge_list = [m for w in sorted(set(words), key=lambda w: (-len(w), w)) if len(w) > 1 for m in _word_merges(w)] if words else list(_CLIP_MERGES)
+    for merge in merge_list:
         left, right = merge.split(" ")
+        if (left, right) in merges:
+            continue
         merges.append((left, right))
-        tokens.append(left + right)
+        if left + right not in seen:
+            seen.add(left + right)
+            tokens.append(left + right)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def build_tiny_clip_tokenizer():
-    """A download-free ``CLIPTokenizer`` (byte-level BPE; ``model_max_length`` 77)."""
+def build_clip_tokenizer(words: Sequence[str] = (), model_max_length: int = TINY_MAX_TOKENS):
+    """A download-free ``CLIPTokenizer`` (byte-level BPE) in which each of ``words`` is one token."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_vocab_and_merges()
+    vocab, merges = _clip_vocab_and_merges(words)
     # transformers 5: the vocabulary goes in as ``vocab=`` (dict) / ``merges=`` (list of pairs; plain
     # "a b" strings are rejected by the tokenizers backend); a ``vocab_file=`` keyword is silently
     # ignored (the tokenizer would then know only the 3 special tokens).
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_MAX_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _write_clip_vocab_files(folder: Path) -> None:
+def build_tiny_clip_tokenizer():
+    """The tiny pipelines' ``CLIPTokenizer`` (``model_max_length`` 77)."""
+    return build_clip_tokenizer()
+
+
+def write_clip_vocab_files(folder: Path, words: Sequence[str] = ()) -> None:
     """Also write ``vocab.json`` / ``merges.txt`` (transformers 5 saves only ``tokenizer.json``;
     the slow ``CLIPTokenizer`` of transformers 4.x needs these two files)."""
-    vocab, merges = _clip_vocab_and_merges()
+    vocab, merges = _clip_vocab_and_merges(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -250,7 +274,7 @@ def write_tiny_pipeline(path: str | Path, kind: str = "sd", prediction_type: str
             library = "diffusers" if type(component).__module__.startswith("diffusers") else "transformers"
             index[name] = [library, type(component).__name__]
     if text_encoder == "clip":
-        _write_clip_vocab_files(out / "tokenizer")
+        write_clip_vocab_files(out / "tokenizer")
     if kind == "sd":
         # What diffusers writes for a pipeline saved without its optional safety checker.
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)

@@ -1,0 +1,154 @@
+"""Evaluation against the shapes world's ground truth.
+
+From fixed evaluation cameras (8 azimuths x 2 elevations at the config's evaluation distance and
+field of view; the light at the camera, as in every evaluation render) a representation is
+compared with the exact render of the object its prompt names:
+
+* ``iou``: silhouette IoU of ``alpha > 0.5`` against the ground-truth mask, pooled over views.
+* ``colour_error``: mean absolute RGB error (0..1) over the ground-truth foreground pixels, both
+  images shaded identically (diffuse, headlight, the representation's ambient term) on the
+  shapes-world background; a missing part of the object counts as background there.
+* ``prompt_correct``: the shipped classifier's shape and colour, pooled over views, both match the
+  prompt (the analogue of CLIP R-precision); ``shape_correct`` / ``colour_correct`` separately.
+* ``view_consistency`` (mug only): the fraction of views whose handle is on the correct side:
+  the ground-truth handle region is more than half covered and the mirrored mug's handle region
+  (where a Janus or mirrored result puts it) less than half. 1 for the ground truth, 0 for a
+  mirrored or two-handled mug.
+
+Ground truth scores 1 / 0 / correct / 1 by construction (tests check that, and that wrong shapes
+and colours score clearly worse).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from threedistill.cameras import CameraBatch, make_cameras
+from threedistill.errors import UserError
+from threedistill.shapes.render import render_mesh, render_shape
+from threedistill.shapes.world import FRONTED_SHAPE, ShapePrompt, mirrored_mug, parse_prompt, shape_mesh
+
+EVAL_AZIMUTHS = tuple(float(a) for a in range(0, 360, 45))
+EVAL_ELEVATIONS = (5.0, 30.0)
+EVAL_RESOLUTION = 64
+METRICS = ("iou", "colour_error", "prompt_correct", "shape_correct", "colour_correct", "view_consistency")
+
+
+def eval_cameras(resolution: int = EVAL_RESOLUTION, distance: float = 1.75, fovy: float = 55.0) -> CameraBatch:
+    elev = torch.tensor([e for e in EVAL_ELEVATIONS for _ in EVAL_AZIMUTHS])
+    azim = torch.tensor([a for _ in EVAL_ELEVATIONS for a in EVAL_AZIMUTHS])
+    azim = (azim + 180.0) % 360.0 - 180.0
+    n = len(elev)
+    return make_cameras(elev, azim, torch.full((n,), distance), torch.full((n,), fovy), resolution)
+
+
+def score_images(prompt: ShapePrompt, rgb: torch.Tensor, alpha: torch.Tensor, cameras: CameraBatch,
+                 ambient: float = 0.1, classifier=None) -> Dict[str, Any]:
+    """Metrics of renders ``rgb [V,3,H,W]`` / ``alpha [V,1,H,W]`` taken from ``cameras`` against the
+    ground truth of ``prompt`` (see the module docstring)."""
+    rgb, alpha = rgb.detach().float().cpu(), alpha.detach().float().cpu()
+    cameras = cameras.to("cpu")
+    gt = render_shape(prompt.shape, prompt.colour, cameras, shading="diffuse", ambient=ambient)
+    pred = alpha > 0.5
+    truth = gt.mask > 0.5
+    union = (pred | truth).sum().item()
+    iou = (pred & truth).sum().item() / union if union else 1.0
+    diff = (rgb - gt.rgb).abs().mean(dim=1, keepdim=True)
+    colour_error = diff[truth].mean().item()
+    out: Dict[str, Any] = {"prompt": prompt.text, "iou": iou, "colour_error": colour_error}
+    if classifier is not None:
+        pred_cls = classifier.predict(rgb)
+        out["predicted"] = f"a {pred_cls['colour']} {pred_cls['shape']}"
+        out["shape_correct"] = float(pred_cls["shape"] == prompt.shape)
+        out["colour_correct"] = float(pred_cls["colour"] == prompt.colour)
+        out["prompt_correct"] = float(out["shape_correct"] and out["colour_correct"])
+    if prompt.shape == FRONTED_SHAPE:
+        out["view_consistency"] = view_consistency(pred, cameras)
+    return out
+
+
+def view_consistency(pred_mask: torch.Tensor, cameras: CameraBatch, min_pixels: int = 4) -> float:
+    """Fraction of views (those where a handle region is visible) with the mug's handle on the
+    correct side only."""
+    right = render_mesh(shape_mesh(FRONTED_SHAPE), (1, 1, 1), cameras, shading="albedo").mask > 0.5
+    mirror = render_mesh(mirrored_mug(), (1, 1, 1), cameras, shading="albedo").mask > 0.5
+    handle, wrong = right & ~mirror, mirror & ~right
+    scores: List[float] = []
+    for v in range(pred_mask.shape[0]):
+        n_h, n_w = handle[v].sum().item(), wrong[v].sum().item()
+        if n_h < min_pixels or n_w < min_pixels:
+            continue  # handle hidden or seen end-on: this view cannot tell the sides apart
+        cov_h = (pred_mask[v] & handle[v]).sum().item() / n_h
+        cov_w = (pred_mask[v] & wrong[v]).sum().item() / n_w
+        scores.append(float(cov_h > 0.5 and cov_w < 0.5))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+@torch.no_grad()
+def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, ambient: Optional[float] = None,
+                            classifier=None, resolution: int = EVAL_RESOLUTION) -> Dict[str, Any]:
+    """Render ``rep`` from the evaluation cameras (deterministic evaluation renders) and score it."""
+    if isinstance(prompt, str):
+        parsed = parse_prompt(prompt)
+        if parsed is None:
+            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <colour> <shape>'); "
+                            "evaluation needs a known ground-truth object")
+        prompt = parsed
+    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
+    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
+    cams = eval_cameras(resolution, dist, fovy)
+    dev = next((p.device for p in rep.parameters()), torch.device("cpu"))
+    out = rep.render(cams.to(dev), training=False)
+    if ambient is None:
+        ambient = float(getattr(rep, "ambient_light", 0.1))
+    if classifier is None:
+        from threedistill.shapes.classifier import load_classifier
+
+        classifier = load_classifier()
+    return score_images(prompt, out.rgb, out.alpha, cams, ambient=ambient, classifier=classifier)
+
+
+def evaluate_run(run_dir: str | Path, classifier=None, write: bool = True) -> Dict[str, Any]:
+    """Evaluate a run folder's newest checkpoint; writes ``RUN_DIR/eval.json`` (atomically)."""
+    from threedistill.atomic import atomic_write_text
+    from threedistill.distill import load_trained_representation
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder '{run_dir}' does not exist")
+    cfg, rep, step = load_trained_representation(run_dir)
+    result = evaluate_representation(rep, str(cfg.run.prompt), camera_cfg=cfg.camera, classifier=classifier)
+    result["step"] = step
+    if write:
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@torch.no_grad()
+def evaluate_prior_samples(prior, prompts: List[ShapePrompt], n_per_prompt: int = 8, steps: int = 50,
+                           guidance_scale: float = 7.5, seed: int = 0, classifier=None,
+                           progress=None) -> List[Dict[str, Any]]:
+    """Sample ``n_per_prompt`` images per prompt from a 2D prior and classify each one: per prompt,
+    the fraction of samples whose shape, colour and both are those of the prompt."""
+    if classifier is None:
+        from threedistill.shapes.classifier import load_classifier
+
+        classifier = load_classifier()
+    rows = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        images = prior.sample(p.text, n=n_per_prompt, steps=steps, guidance_scale=guidance_scale, generator=g).cpu()
+        pred = classifier.predict(images)
+        s_ok = [s == p.shape for s in pred["shapes"]]
+        c_ok = [c == p.colour for c in pred["colours"]]
+        rows.append({"prompt": p.text, "held_out": p.held_out, "samples": n_per_prompt,
+                     "shape_acc": sum(s_ok) / n_per_prompt, "colour_acc": sum(c_ok) / n_per_prompt,
+                     "acc": sum(a and b for a, b in zip(s_ok, c_ok)) / n_per_prompt,
+                     "images": images})
+        if progress is not None:
+            progress(1)
+    return rows
