@@ -46,7 +46,8 @@ def cameras(res: int = 16, elevation=(15.0,), azimuth=(30.0,), distance=1.75, fo
 # Rendering contract
 # ----------------------------------------------------------------------------------------------
 def test_render_shapes_ranges_and_gradients():
-    model = small_nerf("representation.nerf.ambient_only_steps=0", "representation.nerf.albedo_prob=0",
+    model = small_nerf("representation.nerf.background=mlp", "representation.nerf.ambient_only_steps=0",
+                       "representation.nerf.albedo_prob=0",
                        "representation.nerf.textureless_prob=0", "representation.nerf.random_background_prob=0",
                        "representation.nerf.lambda_opaque=1.0")
     cams = cameras(res=16, elevation=(10.0, 30.0), azimuth=(0.0, 120.0))
@@ -366,7 +367,7 @@ def test_backgrounds(background):
 
 
 def test_param_groups():
-    cfg = load_config(overrides=SMALL)
+    cfg = load_config(overrides=SMALL + ["representation.nerf.background=mlp"])
     model = build_representation(cfg, torch.device("cpu"))
     groups = model.param_groups(cfg.optim)
     assert [g["name"] for g in groups] == ["encoding", "mlp", "background"]

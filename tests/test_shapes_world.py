@@ -328,10 +328,9 @@ def _extent_right_left(mask, W):
 
 
 def test_mug_handle_points_to_plus_y():
-    # Mesh: the only geometry beyond the body (|y| > 0.31) is the handle, all of it on +Y.
+    # Mesh: the geometry reaches further out on +Y (the handle) than on -Y (the body wall).
     v = shape_mesh("mug").vertices
-    far = np.abs(v[:, 1]) > 0.31
-    assert far.any() and (v[far, 1] > 0).all()
+    assert v[:, 1].max() > -v[:, 1].min() + 0.03
     W = 48
     cams = _cams([0.0, 0.0, 15.0, 15.0], [0.0, 180.0, 0.0, 180.0], W)
     mug = render_shape("mug", "red", cams, shading="albedo").mask[:, 0] > 0.5

@@ -256,7 +256,7 @@ def cmd_prior(args) -> int:
         print(f"classifier: {args.out_file} (fresh ground truth: shape {acc['shape']:.3f}, colour {acc['colour']:.3f}, "
               f"both {acc['both']:.3f} of {acc['images']} images)")
         return 0
-    raise UserError("give a prior command: train or train-classifier (see `threedistill prior --help`)")
+    raise UserError("give a prior command: train, eval or train-classifier (see `threedistill prior --help`)")
 
 
 def _prior_eval(args) -> int:
@@ -308,6 +308,9 @@ def cmd_eval(args) -> int:
     from threedistill.shapes.classifier import load_classifier
     from threedistill.shapes.evaluate import evaluate_run
 
+    for d in args.run_dirs:
+        if not Path(d).is_dir():
+            raise UserError(f"run folder '{d}' does not exist")
     classifier = load_classifier()
     results = [evaluate_run(d, classifier=classifier) for d in args.run_dirs]
     if args.json:

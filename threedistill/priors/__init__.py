@@ -25,7 +25,7 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
             f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it ships with the repository: use an "
             f"editable install of a full clone, `pip install -e .`, or train one with `threedistill prior train DIR` "
             f"and set prior.name=DIR/pipeline)")
-    return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"))
+    return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes")
 
 
 BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"shapes": _shapes_prior}

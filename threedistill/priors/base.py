@@ -134,10 +134,18 @@ class DiffusionPrior(ABC, torch.nn.Module):
         a = self._abar(t, x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
-    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                  clip_x0: bool = False) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) move from ``t`` to ``t_next`` (either direction; ``t_next``
-        may be -1 for the clean image). Used for sampling (t_next < t) and inversion (t_next > t)."""
+        may be -1 for the clean image). Used for sampling (t_next < t) and inversion (t_next > t).
+        ``clip_x0`` clamps the predicted clean image to [-1, 1] (pixel-space priors) and re-derives
+        epsilon from it, as guided-diffusion does: near t = T, where abar ~ 0, an unclamped x0
+        prediction is dominated by epsilon's error and sampling diverges."""
         x0 = self.predict_x0(x_t, eps, t)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            a = self._abar(t, x_t)
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt().clamp_min(1e-8)
         t_next = t_next.long()
         a_next = torch.where(
             t_next >= 0,
@@ -166,7 +174,7 @@ class DiffusionPrior(ABC, torch.nn.Module):
             eu, ec = e.chunk(2)
             eps = eu + guidance_scale * (ec - eu)
             t_next = ts[i + 1].expand(n) if i + 1 < len(ts) else torch.full_like(tt, -1)
-            x = self.ddim_step(x, eps, tt, t_next)
+            x = self.ddim_step(x, eps, tt, t_next, clip_x0=not self.is_latent)
         return self.decode(x)
 
     @abstractmethod

@@ -1,7 +1,8 @@
 """The built-in shapes prior: a small pixel-space text-to-image diffusion model of the shapes world.
 
 It is an ordinary diffusers pipeline folder (``UNet2DConditionModel`` on 3x64x64 pixels, a CLIP text
-encoder, a CLIP tokenizer whose shapes-world words are single tokens, a ``DDPMScheduler``), so it
+encoder, a CLIP tokenizer in which the shapes-world words are single tokens (all but "torus", which
+BPE splits into 4; the tokenizer is saved with the weights, so it stays as trained), a ``DDPMScheduler``), so it
 loads through the same :class:`~threedistill.priors.DiffusersPrior` as Stable Diffusion; the name
 ``shapes`` points at the copy shipped in ``assets/shapes-prior``.
 

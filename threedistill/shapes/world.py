@@ -124,20 +124,21 @@ def shape_mesh(shape: str):
     elif shape == "cube":
         mesh = trimesh.creation.box(extents=(0.56, 0.56, 0.56))
     elif shape == "cylinder":
-        mesh = trimesh.creation.cylinder(radius=0.3, height=0.64, sections=48)
+        # Tall and narrow, so that it differs from the squat mug even where the handle is hidden.
+        mesh = trimesh.creation.cylinder(radius=0.24, height=0.84, sections=48)
     elif shape == "cone":
         mesh = trimesh.creation.cone(radius=0.36, height=0.72, sections=48)
         mesh.apply_translation((0.0, 0.0, -0.32))  # base at z=-0.32, apex at z=+0.40
     elif shape == "torus":
         mesh = trimesh.creation.torus(major_radius=0.3, minor_radius=0.13, major_sections=40, minor_sections=12)
     elif shape == "mug":
-        body = trimesh.creation.cylinder(radius=0.24, height=0.56, sections=48)
+        body = trimesh.creation.cylinder(radius=0.28, height=0.46, sections=48)
         body.apply_translation((0.0, -0.06, 0.0))
-        handle = trimesh.creation.torus(major_radius=0.15, minor_radius=0.045, major_sections=24, minor_sections=8)
+        handle = trimesh.creation.torus(major_radius=0.13, minor_radius=0.045, major_sections=24, minor_sections=8)
         # Ring in the YZ plane (its axis along X), centred on the body's +Y wall.
         handle.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (1.0, 0.0, 0.0)))
         handle.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (0.0, 0.0, 1.0)))
-        handle.apply_translation((0.0, 0.18, 0.0))
+        handle.apply_translation((0.0, 0.22, 0.0))
         mesh = trimesh.util.concatenate([body, handle])
     else:
         raise ValueError(f"unknown shape '{shape}' (shapes: {', '.join(SHAPES)})")
