@@ -2,6 +2,7 @@
 optimizer, for two priors:
 
 * ``tiny``: the tiny random SD-like pipeline the tests use (64x64 images, 4x32x32 latents);
+* ``shapes``: the built-in shapes-world prior (pixel space, 3x64x64, no encoder);
 * ``sd21``: the real Stable Diffusion 2.1-base architecture (UNet 866M, VAE, OpenCLIP-H text
   encoder) from ``../shared/reference-configs/sd21-base`` with **random** weights: compute time
   and memory do not depend on the weights. Renders are upsampled to 512x512 and VAE-encoded, as
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (tiny); sd21 uses --sd21-steps")
     ap.add_argument("--sd21-steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shapes-path", help="a shapes-prior pipeline folder to time instead of the shipped one")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. representation.nerf.num_samples=32")
     args = ap.parse_args()
 
@@ -122,6 +124,9 @@ def main() -> None:
         if name == "tiny":
             path = write_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", kind="sd")
             results[name] = bench(path, args.device, args.resolution, args.steps, args.warmup, args.overrides)
+        elif name == "shapes":  # the built-in prior (or a checkpoint folder given with --shapes-path)
+            results[name] = bench(args.shapes_path or "shapes", args.device, args.resolution, args.steps, args.warmup,
+                                  args.overrides)
         elif name == "sd21":
             path = write_random_sd21(Path(os.path.expanduser("~/.cache/threedistill/bench-sd21-random")))
             results[name] = bench(path, args.device, args.resolution, args.sd21_steps, 1, args.overrides)

@@ -27,7 +27,7 @@ from threedistill.shapes import prior as prior_mod
 from threedistill.shapes.evaluate import (EVAL_AZIMUTHS, EVAL_ELEVATIONS, eval_cameras, evaluate_representation,
                                           score_images, view_consistency)
 from threedistill.shapes.prior import (ASSETS_DIR, SHIPPED_PRIOR, PriorTrainConfig, PriorTrainer, build_models,
-                                       caption_table, render_views, save_pipeline)
+                                       caption_table, min_snr_weights, render_views, save_pipeline)
 from threedistill.shapes.render import render_mesh, render_shape
 from threedistill.shapes.world import (BACKGROUND, COLOUR_NAMES, COLOURS, SHAPES, ShapePrompt, all_prompts,
                                        mirrored_mug, parse_prompt)
@@ -70,7 +70,7 @@ def test_saved_pipeline_loads_as_pixel_prior_and_predicts_like_the_raw_unet(shap
     assert prior.is_latent is False and prior.vae is None
     assert prior.image_resolution == 64
     assert prior.learned_variance is False
-    assert prior.prediction_type == "epsilon"
+    assert prior.prediction_type == "v_prediction"
     assert prior.model_space_shape(1) == (1, 3, 64, 64)
     assert prior.dtype == torch.float32 and prior.device == CPU
     # DiffusersPrior(path) directly gives the same kind of prior.
@@ -92,7 +92,13 @@ def test_saved_pipeline_loads_as_pixel_prior_and_predicts_like_the_raw_unet(shap
     t = torch.tensor([417])
     with torch.no_grad():
         text_ref = text_encoder(ids)[0]
-        eps_ref = unet(x_t, t, encoder_hidden_states=text_ref).sample
+        v = unet(x_t, t, encoder_hidden_states=text_ref).sample
+    # The UNet predicts v = sqrt(abar) eps - sqrt(1 - abar) x0; with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    # that gives eps = sqrt(abar) v + sqrt(1 - abar) x_t (abar read from the saved scheduler).
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler.from_pretrained(shapes_pipeline / "scheduler").alphas_cumprod[417]
+    eps_ref = abar.sqrt() * v + (1 - abar).sqrt() * x_t
     torch.testing.assert_close(emb[0:1], text_ref, rtol=0, atol=1e-6)
     with torch.no_grad():
         eps = prior.predict_noise(x_t, t, emb[0:1])
@@ -224,6 +230,17 @@ def test_trainer_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         dominant = COLOURS[p.colour].index(max(COLOURS[p.colour]))  # red -> R, blue -> B
         mean = img[:, fg].float().mean(1)
         assert mean.argmax().item() == dominant, (p.text, mean)
+
+
+def test_min_snr_weights_closed_form():
+    # SNR = abar / (1 - abar): abar 0.5 -> SNR 1 (weight 1), abar 0.9 -> SNR 9 (weight 5/9 at gamma 5),
+    # abar 5/6 -> SNR exactly 5 (weight 1); gamma 0 switches the weighting off.
+    abar = torch.tensor([0.5, 0.9, 5.0 / 6.0, 0.01])
+    assert torch.allclose(min_snr_weights(abar, 5.0), torch.tensor([1.0, 5.0 / 9.0, 1.0, 1.0]), atol=1e-6)
+    assert torch.equal(min_snr_weights(abar, 0.0), torch.ones(4))
+    # v-prediction divides by SNR + 1: abar 0.5 -> 1/2, abar 0.9 -> 5/10, abar 0.01 -> SNR/(SNR+1) = 0.01.
+    assert torch.allclose(min_snr_weights(abar, 5.0, v_prediction=True),
+                          torch.tensor([0.5, 0.5, 5.0 / 6.0, 0.01]), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +66,15 @@ class PriorTrainConfig:
     albedo_prob: float = 0.25
     checkpoint_every: int = 250
     seed: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023), for epsilon prediction min(SNR, gamma) / SNR:
+    # the nearly-clean timesteps, whose noise is hard to predict and matters little for the image
+    # (or for score distillation), stop dominating the loss; converges ~3x faster. 0 = plain MSE.
+    min_snr_gamma: float = 5.0
+    # "v_prediction" (default) or "epsilon". The cosine schedule's terminal SNR is ~2e-9, where an
+    # epsilon model cannot tell x0 from x_T: its first sampling steps guess the image's colours at
+    # random (samples came out on random tinted backgrounds after 1000 steps). v = sqrt(abar) eps -
+    # sqrt(1 - abar) x0 stays well posed there (Salimans & Ho 2022; Lin et al. 2023).
+    prediction_type: str = "v_prediction"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +86,7 @@ def build_tokenizer():
     return build_clip_tokenizer(vocabulary(), model_max_length=MAX_TOKENS)
 
 
-def build_models(seed: int = 0):
+def build_models(seed: int = 0, prediction_type: str = "v_prediction"):
     """(unet, text_encoder, tokenizer, scheduler), freshly initialized."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -107,7 +118,7 @@ def build_models(seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     ))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="epsilon", clip_sample=True)
+                              prediction_type=prediction_type, clip_sample=True)
     return unet, text_encoder, tokenizer, scheduler
 
 
@@ -197,6 +208,20 @@ def caption_table(prompts: List[str]) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
+    """Per-item loss weights under Min-SNR-gamma, with ``SNR = abar / (1 - abar)``: the x0-space
+    weight ``min(SNR, gamma)`` divided by what the prediction's MSE already carries, ``SNR`` for
+    epsilon and ``SNR + 1`` for v. All ones when ``gamma <= 0``."""
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod_t)
+    snr = alphas_cumprod_t / (1.0 - alphas_cumprod_t)
+    return snr.clamp(max=gamma) / (snr + 1.0 if v_prediction else snr)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class PriorTrainer:
     """Resumable training of the shapes prior in the folder ``out``.
 
@@ -244,7 +269,9 @@ class PriorTrainer:
         atomic_write_text(self.out / "train_config.json", json.dumps(asdict(c), indent=2) + "\n")
         torch.manual_seed(c.seed)
         data = self._dataset(log)
-        unet, text_encoder, tokenizer, scheduler = build_models(c.seed)
+        if c.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', got '{c.prediction_type}'")
+        unet, text_encoder, tokenizer, scheduler = build_models(c.seed, c.prediction_type)
         if self.init_from is not None and not self.state_path.is_file():
             self._load_pipeline_weights(unet, text_encoder)
             log(f"initialized from {self.init_from}")
@@ -287,6 +314,10 @@ class PriorTrainer:
         text_encoder.train()
         bar = tqdm(total=c.steps, initial=step, desc="training shapes prior", unit="step")
         log_file = (self.out / "log.jsonl").open("a", encoding="utf-8")
+        # `kill` (SIGTERM) saves a checkpoint like Ctrl-C does, so a background run stops cleanly.
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             while step < c.steps:
                 t_start = time.time()
@@ -304,7 +335,10 @@ class PriorTrainer:
                 x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 text = text_encoder(token_ids[cap])[0]
                 pred = unet(x_t, t, encoder_hidden_states=text).sample
-                loss = F.mse_loss(pred, noise)
+                v = c.prediction_type == "v_prediction"
+                target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
+                per_item = (pred - target).square().mean(dim=(1, 2, 3))
+                loss = (per_item * min_snr_weights(alphas[t], c.min_snr_gamma, v)).mean()
                 lr = c.lr * min(1.0, (step + 1) / max(1, c.warmup_steps))
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -332,6 +366,8 @@ class PriorTrainer:
         finally:
             bar.close()
             log_file.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         return checkpoint()
 
     def _load_pipeline_weights(self, unet, text_encoder) -> None:
