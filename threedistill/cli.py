@@ -352,8 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with `threedistill generate --resume RUN_DIR`",
-              file=sys.stderr)
+        if args.command == "prior":
+            again = "run the same `threedistill prior train OUT_DIR` again"
+        elif args.command == "batch":
+            again = "run the same `threedistill batch` command again"
+        else:
+            again = "continue with `threedistill generate --resume RUN_DIR`"
+        print(f"interrupted: the last checkpoint is kept; {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
         print("error: out of memory; lower run.resolution, camera.batch_size or representation.nerf.num_samples",
