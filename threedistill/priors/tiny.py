@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from threedistill.atomic import atomic_write_text
 from threedistill.priors.diffusers_prior import quiet_transformers_progress
 
 TINY_IMAGE_RESOLUTION = 64
@@ -243,8 +244,6 @@ def write_tiny_pipeline(path: str | Path, kind: str = "sd", prediction_type: str
     variance). ``prediction_type``: "epsilon" or "v_prediction". ``text_encoder``: "clip" or "t5"
     (T5 returns an attention mask, as DeepFloyd IF's does). Same arguments give the same weights.
     """
-    from diffusers import __version__ as diffusers_version
-
     if kind not in ("sd", "if"):
         raise ValueError(f"kind must be 'sd' or 'if', got {kind!r}")
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -264,24 +263,32 @@ def write_tiny_pipeline(path: str | Path, kind: str = "sd", prediction_type: str
     if kind == "sd":
         components["vae"] = _tiny_vae(seed)
 
-    index: Dict[str, object] = {
-        "_class_name": "StableDiffusionPipeline" if kind == "sd" else "IFPipeline",
-        "_diffusers_version": diffusers_version,
-    }
+    # What diffusers writes for a pipeline saved without its optional safety checker.
+    extra: Dict[str, object] = dict(safety_checker=[None, None], feature_extractor=[None, None],
+                                    requires_safety_checker=False)
+    if kind == "if":
+        extra["watermarker"] = [None, None]
+    save_pipeline_folder(out, components, "StableDiffusionPipeline" if kind == "sd" else "IFPipeline", extra)
+    if text_encoder == "clip":
+        write_clip_vocab_files(out / "tokenizer")
+    return out
+
+
+def save_pipeline_folder(out: Path, components: Dict[str, object], class_name: str,
+                         extra_index: Optional[Dict[str, object]] = None) -> Path:
+    """Save each component with ``save_pretrained`` into ``out/<name>`` and write the
+    ``model_index.json`` that names its library and class (plus ``extra_index`` entries)."""
+    from diffusers import __version__ as diffusers_version
+
+    out.mkdir(parents=True, exist_ok=True)
+    index: Dict[str, object] = {"_class_name": class_name, "_diffusers_version": diffusers_version}
     with quiet_transformers_progress():
         for name, component in components.items():
             component.save_pretrained(out / name)
             library = "diffusers" if type(component).__module__.startswith("diffusers") else "transformers"
             index[name] = [library, type(component).__name__]
-    if text_encoder == "clip":
-        write_clip_vocab_files(out / "tokenizer")
-    if kind == "sd":
-        # What diffusers writes for a pipeline saved without its optional safety checker.
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], watermarker=[None, None],
-                     requires_safety_checker=False)
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    index.update(extra_index or {})
+    atomic_write_text(out / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -122,31 +122,13 @@ def build_models(seed: int = 0, prediction_type: str = "v_prediction"):
     return unet, text_encoder, tokenizer, scheduler
 
 
-def save_pipeline(out: Path, unet, text_encoder, tokenizer, scheduler, card: Optional[str] = None) -> Path:
+def save_pipeline(out: Path, unet, text_encoder, tokenizer, scheduler) -> Path:
     """Write a diffusers pipeline folder (``model_index.json`` + components) at ``out``."""
-    from diffusers import __version__ as diffusers_version
+    from threedistill.priors.tiny import save_pipeline_folder, write_clip_vocab_files
 
-    from threedistill.priors.diffusers_prior import quiet_transformers_progress
-    from threedistill.priors.tiny import write_clip_vocab_files
-
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers_progress():
-        unet.save_pretrained(out / "unet")
-        text_encoder.save_pretrained(out / "text_encoder")
-        tokenizer.save_pretrained(out / "tokenizer")
-        scheduler.save_pretrained(out / "scheduler")
+    components = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    save_pipeline_folder(out, components, "DiffusionPipeline")
     write_clip_vocab_files(out / "tokenizer", vocabulary())
-    index = {
-        "_class_name": "DiffusionPipeline",
-        "_diffusers_version": diffusers_version,
-        "unet": ["diffusers", type(unet).__name__],
-        "text_encoder": ["transformers", type(text_encoder).__name__],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-    }
-    atomic_write_text(out / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if card is not None:
-        atomic_write_text(out / "README.md", card)
     return out
 
 
@@ -299,6 +281,7 @@ class PriorTrainer:
             return self.export(ema, unet, text_encoder, tokenizer, scheduler, step, elapsed)
 
         alphas = scheduler.alphas_cumprod.float()
+        v_prediction = c.prediction_type == "v_prediction"
         n_images = len(data["images"])
         n_views = len(VIEW_LABELS)
 
@@ -335,10 +318,9 @@ class PriorTrainer:
                 x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 text = text_encoder(token_ids[cap])[0]
                 pred = unet(x_t, t, encoder_hidden_states=text).sample
-                v = c.prediction_type == "v_prediction"
-                target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
+                target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
                 per_item = (pred - target).square().mean(dim=(1, 2, 3))
-                loss = (per_item * min_snr_weights(alphas[t], c.min_snr_gamma, v)).mean()
+                loss = (per_item * min_snr_weights(alphas[t], c.min_snr_gamma, v_prediction)).mean()
                 lr = c.lr * min(1.0, (step + 1) / max(1, c.warmup_steps))
                 for group in opt.param_groups:
                     group["lr"] = lr
