@@ -3,10 +3,11 @@
 Runs one guidance loss with one representation over a fixed prompt set (held-in and held-out
 (shape, colour) pairs of the built-in prior) and several seeds, evaluates each run with
 :mod:`threedistill.shapes.evaluate`, and writes a markdown table and a JSON file of silhouette IoU,
-colour error, prompt accuracy (the shipped classifier), view consistency (mug), steps and wall time.
+colour error, prompt accuracy (the shipped classifier), view consistency (mug), diversity across
+seeds (1 - pairwise silhouette IoU; pairwise RGB difference), steps and wall time.
 
-    python benchmarks/shapes_quality.py --out bench-out/sds-nerf [--guidance sds] [--representation nerf]
-        [--seeds 0 1] [--prompts "a red cube" ...] [--config FILE] [key=value ...]
+    python benchmarks/shapes_quality.py --out bench-out/vsd-nerf --config vsd-nerf
+        [--guidance NAME] [--representation nerf] [--seeds 0 1] [--prompts "a red cube" ...] [key=value ...]
 
 Runs already finished in ``--out`` are evaluated again but not re-run, so an interrupted benchmark
 continues where it stopped.
@@ -30,11 +31,11 @@ DEFAULT_PROMPTS = [
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out/shapes-quality", help="folder for the runs, table and JSON")
-    ap.add_argument("--guidance", default="sds")
-    ap.add_argument("--representation", default="nerf")
+    ap.add_argument("--guidance", help="guidance.name (default: the config's)")
+    ap.add_argument("--representation", help="representation.name (default: the config's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
-    ap.add_argument("--config", help="YAML config or preset (default: the built-in defaults)")
+    ap.add_argument("--config", action="append", help="YAML config or preset, repeatable (default: the built-in defaults)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     from threedistill.distill import Distiller, read_run_status, resolve_device, slugify
     from threedistill.priors import load_prior
     from threedistill.shapes.classifier import load_classifier
-    from threedistill.shapes.evaluate import evaluate_run
+    from threedistill.distill import load_trained_representation
+    from threedistill.shapes.evaluate import eval_renders, evaluate_run, seed_diversity
     from threedistill.shapes.world import parse_prompt
 
     for p in args.prompts:
@@ -53,13 +55,17 @@ def main(argv=None) -> int:
             ap.error(f"'{p}' is not a shapes-world prompt")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"guidance.name={args.guidance}", f"representation.name={args.representation}",
+    overrides = [*([f"guidance.name={args.guidance}"] if args.guidance else []),
+                 *([f"representation.name={args.representation}"] if args.representation else []),
                  f"run.device={args.device}", "export.turntable=false", "run.progress=false", *args.overrides]
     cfg0 = load_config(args.config, overrides, base={"run": {"prompt": args.prompts[0]}})
+    guidance_name, rep_name = cfg0.guidance.name, cfg0.representation.name
     prior = load_prior(cfg0.prior, resolve_device(cfg0.run.device))
     classifier = load_classifier()
     rows = []
+    diversity = {}
     for prompt in args.prompts:
+        renders = []
         for seed in args.seeds:
             run_dir = out / f"{slugify(prompt)}-seed{seed}"
             status = read_run_status(run_dir).get("status")
@@ -80,6 +86,12 @@ def main(argv=None) -> int:
             rows.append({"prompt": prompt, "seed": seed, "held_out": held_out, **{k: v for k, v in m.items() if k != "prompt"},
                          "wall_s": timing.get("wall_s"), "steps": m["step"]})
             print(f"  IoU {m['iou']:.3f} colour err {m['colour_error']:.3f} -> '{m['predicted']}'", file=sys.stderr)
+            run_cfg, rep, _ = load_trained_representation(run_dir)
+            renders.append(eval_renders(rep, run_cfg.camera)[:2])
+        diversity[prompt] = seed_diversity(renders)
+        for r in rows:
+            if r["prompt"] == prompt:
+                r.update(diversity[prompt])
 
     def mean(key, part):
         vals = [r[key] for r in part if r.get(key) is not None and r[key] == r[key]]
@@ -90,12 +102,14 @@ def main(argv=None) -> int:
                        ("all", rows)):
         if sel:
             summary[split] = {k: mean(k, sel) for k in ("iou", "colour_error", "prompt_correct", "shape_correct",
-                                                         "colour_correct", "view_consistency", "wall_s", "steps")}
+                                                         "colour_correct", "view_consistency", "silhouette_diversity",
+                                                         "appearance_diversity", "wall_s", "steps")}
             summary[split]["runs"] = len(sel)
     device = str(resolve_device(cfg0.run.device))
-    lines = [f"# Shapes-world quality: {args.guidance} + {args.representation}", "",
-             f"prior `{cfg0.prior.name}`, {len(args.prompts)} prompts x seeds {args.seeds}, device {device}, "
-             f"torch threads {torch.get_num_threads()}, overrides: `{' '.join(args.overrides) or 'none'}`", "",
+    lines = [f"# Shapes-world quality: {guidance_name} + {rep_name}", "",
+             f"prior `{cfg0.prior.name}`, config `{' + '.join(args.config or ['defaults'])}`, {len(args.prompts)} prompts "
+             f"x seeds {args.seeds}, device {device}, torch threads {torch.get_num_threads()}, "
+             f"overrides: `{' '.join(args.overrides) or 'none'}`", "",
              "| prompt | seed | held out | IoU | colour err | classified as | correct | view cons. | steps | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -104,11 +118,13 @@ def main(argv=None) -> int:
         lines.append(f"| {r['prompt']} | {r['seed']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | "
                      f"{r['colour_error']:.3f} | {r['predicted']} | {'yes' if r['prompt_correct'] else 'no'} | {vc} | "
                      f"{r['steps']} | {wall} |")
-    lines += ["", "| split | runs | mean IoU | mean colour err | prompt acc | shape acc | colour acc | view cons. | mean wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| split | runs | mean IoU | mean colour err | prompt acc | shape acc | colour acc | view cons. | "
+                  "seed div. (silhouette) | seed div. (RGB) | mean wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for split, s in summary.items():
         lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['colour_error']:.3f} | {s['prompt_correct']:.2f} | "
-                     f"{s['shape_correct']:.2f} | {s['colour_correct']:.2f} | {s['view_consistency']:.2f} | {s['wall_s']:.0f} |")
+                     f"{s['shape_correct']:.2f} | {s['colour_correct']:.2f} | {s['view_consistency']:.2f} | "
+                     f"{s['silhouette_diversity']:.3f} | {s['appearance_diversity']:.3f} | {s['wall_s']:.0f} |")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "summary": summary, "runs": rows}, indent=2) + "\n")

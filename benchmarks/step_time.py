@@ -1,5 +1,6 @@
-"""Per-step time of SDS + NeRF, split into render / guidance (encode + prior forward) / backward /
-optimizer, for two priors:
+"""Per-step time of each guidance loss with NeRF, split into render / guidance (encode + prior
+forwards, including VSD/ESD's LoRA forward) / backward / optimizer, and the UNet calls per step
+(batched forward passes), for these priors:
 
 * ``tiny``: the tiny random SD-like pipeline the tests use (64x64 images, 4x32x32 latents);
 * ``shapes``: the built-in shapes-world prior (pixel space, 3x64x64, no encoder);
@@ -11,8 +12,9 @@ optimizer, for two priors:
 
 Usage::
 
-    python benchmarks/step_time.py                     # both priors, 64x64 renders
+    python benchmarks/step_time.py                     # SDS, tiny and sd21 priors, 64x64 renders
     python benchmarks/step_time.py --priors tiny --steps 20 --resolution 64
+    python benchmarks/step_time.py --priors shapes --losses sds,vsd,esd,ism,csd,nfsd --resolution 32
     python benchmarks/step_time.py --device cuda
 
 Prints a markdown table (mean seconds per step after warm-up) and the peak CUDA memory on GPU.
@@ -84,18 +86,23 @@ def bench(prior_path: Path, device: str, resolution: int, steps: int, warmup: in
     t0 = time.perf_counter()
     d.build()
     build_s = time.perf_counter() - t0
+    calls = [0]
+    hook = d.prior.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rows = []
     for step in range(steps + warmup):
         timer = _Timer(d.device)
+        calls[0] = 0
         t = time.perf_counter()
         stats = d.train_step(step, timer)
         timer.times["step"] = time.perf_counter() - t
+        timer.times["unet_calls"] = calls[0]
         timer.times["encode"] = stats["time_encode"]
         timer.times["unet"] = timer.times["guidance"] - stats["time_encode"]
         if step >= warmup:
             rows.append(timer.times)
+    hook.remove()
     out = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
     out["build"] = build_s
     if d.device.type == "cuda":
@@ -106,6 +113,7 @@ def bench(prior_path: Path, device: str, resolution: int, steps: int, warmup: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--priors", default="tiny,sd21")
+    ap.add_argument("--losses", default="sds", help="comma-separated guidance names (nfsd gets a negative prompt)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (tiny); sd21 uses --sd21-steps")
@@ -120,31 +128,37 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"renders {args.resolution}x{args.resolution}, overrides {args.overrides or '-'}\n")
     results = {}
-    for name in args.priors.split(","):
-        if name == "tiny":
-            path = write_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", kind="sd")
-            results[name] = bench(path, args.device, args.resolution, args.steps, args.warmup, args.overrides)
-        elif name == "shapes":  # the built-in prior (or a checkpoint folder given with --shapes-path)
-            results[name] = bench(args.shapes_path or "shapes", args.device, args.resolution, args.steps, args.warmup,
-                                  args.overrides)
-        elif name == "sd21":
-            path = write_random_sd21(Path(os.path.expanduser("~/.cache/threedistill/bench-sd21-random")))
-            results[name] = bench(path, args.device, args.resolution, args.sd21_steps, 1, args.overrides)
-        else:
-            sys.exit(f"unknown prior {name!r}")
+    for loss in args.losses.split(","):
+        extra = [f"guidance.name={loss}", *(["prior.negative_prompt=unrealistic, blurry"] if loss == "nfsd" else []),
+                 *args.overrides]
+        for name in args.priors.split(","):
+            if name == "tiny":
+                path = write_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", kind="sd")
+                r = bench(path, args.device, args.resolution, args.steps, args.warmup, extra)
+            elif name == "shapes":  # the built-in prior (or a checkpoint folder given with --shapes-path)
+                r = bench(args.shapes_path or "shapes", args.device, args.resolution, args.steps, args.warmup, extra)
+            elif name == "sd21":
+                path = write_random_sd21(Path(os.path.expanduser("~/.cache/threedistill/bench-sd21-random")))
+                r = bench(path, args.device, args.resolution, args.sd21_steps, 1, extra)
+            else:
+                sys.exit(f"unknown prior {name!r}")
+            results[(loss, name)] = r
 
     cols = ["render", "encode", "unet", "backward", "optimizer", "step"]
     has_mem = any("peak_mem_gib" in r for r in results.values())
-    print("| prior | " + " | ".join(f"{c} (s)" for c in cols) + " | build (s) |" + (" peak GPU mem (GiB) |" if has_mem else ""))
-    print("|---" * (len(cols) + 2 + has_mem) + "|")
-    for name, r in results.items():
-        line = f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {r['build']:.1f} |"
+    print("| loss | prior | UNet calls / step | " + " | ".join(f"{c} (s)" for c in cols) + " | build (s) |"
+          + (" peak GPU mem (GiB) |" if has_mem else ""))
+    print("|---" * (len(cols) + 4 + has_mem) + "|")
+    for (loss, name), r in results.items():
+        line = f"| {loss} | {name} | {r['unet_calls']:.1f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {r['build']:.1f} |"
         if has_mem:
             line += f" {r.get('peak_mem_gib', float('nan')):.2f} |"
         print(line)
     print("\nrender = NeRF forward; encode = render -> model space (resize + VAE encode for latent priors); "
-          "unet = one batched cond/uncond UNet forward (prior forward = encode + unet); "
-          "backward = through the encoder and the renderer; optimizer = Adam step.")
+          "unet = the loss's UNet forwards (one batched guided call for SDS; plus the LoRA's prediction and "
+          "training forward for VSD/ESD; plus the DDIM inversion steps for ISM); backward = through the "
+          "encoder, the renderer and (VSD/ESD) the LoRA; optimizer = Adam step. UNet calls are batched "
+          "forward passes (ISM's count varies with t).")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ def test_presets_load():
         load_config(p)
 
 
+@pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
+def test_loss_presets_compose_with_the_sd_overlay(loss):
+    own = load_config(f"{loss}-nerf")
+    assert own.guidance.name == loss and own.prior.name == "shapes"
+    both = load_config([f"{loss}-nerf", "sd"], ["guidance.lora_rank=8"])
+    assert both.guidance.name == loss  # the overlay keeps the loss and its settings ...
+    assert both.guidance.guidance_scale == own.guidance.guidance_scale
+    assert both.prior.name == "stabilityai/stable-diffusion-2-1-base"  # ... and sets the prior's scale
+    assert both.representation.nerf.max_resolution == 512 and both.run.steps == 10000
+    assert both.guidance.lora_rank == 8  # overrides still come last
+
+
 def test_schedule_semantics():
     s = [1.0, 3.0, 10, 20]
     assert scheduled(s, 0) == 1.0

@@ -518,3 +518,23 @@ def test_cli_prior_eval_rejects_zero_samples(capsys, monkeypatch):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--samples" in lines[0], err
+
+
+def test_seed_diversity(cams64, gt64):
+    from threedistill.shapes.evaluate import seed_diversity
+
+    cube, sphere, blue = gt64("cube", "red"), gt64("sphere", "red"), gt64("cube", "blue")
+    same = seed_diversity([(cube.rgb, cube.mask), (cube.rgb.clone(), cube.mask.clone())])
+    assert same == {"silhouette_diversity": 0.0, "appearance_diversity": 0.0}
+    # Independent: 1 - IoU of the two ground-truth masks; RGB difference over their union.
+    a, b = cube.mask > 0.5, sphere.mask > 0.5
+    d = seed_diversity([(cube.rgb, cube.mask), (sphere.rgb, sphere.mask)])
+    assert d["silhouette_diversity"] == pytest.approx(1 - ((a & b).sum() / (a | b).sum()).item())
+    assert d["silhouette_diversity"] > 0.05
+    recolour = seed_diversity([(cube.rgb, cube.mask), (blue.rgb, blue.mask)])
+    assert recolour["silhouette_diversity"] == 0.0
+    assert recolour["appearance_diversity"] == pytest.approx((cube.rgb - blue.rgb).abs().mean(1)[a[:, 0]].mean().item())
+    # Three results: the mean over the three pairs.
+    three = seed_diversity([(cube.rgb, cube.mask), (cube.rgb, cube.mask), (sphere.rgb, sphere.mask)])
+    assert three["silhouette_diversity"] == pytest.approx(2 / 3 * d["silhouette_diversity"])
+    assert seed_diversity([(cube.rgb, cube.mask)])["silhouette_diversity"] != seed_diversity([(cube.rgb, cube.mask)])["silhouette_diversity"]  # NaN

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="distill one prompt into a 3D asset (a run folder)")
     g.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
-    g.add_argument("--config", "-c", help="YAML config file or preset name from configs/")
+    g.add_argument("--config", "-c", action="append",
+                   help="YAML config file or preset name from configs/ (repeatable, merged in order: "
+                        "e.g. -c vsd-nerf -c sd)")
     g.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     _add_overrides(g)
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="run every prompt of a text file (one per line), resumably")
     b.add_argument("prompts_file")
-    b.add_argument("--config", "-c", help="YAML config file or preset name from configs/")
+    b.add_argument("--config", "-c", action="append",
+                   help="YAML config file or preset name from configs/ (repeatable, merged in order)")
     b.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     _add_overrides(b)
 

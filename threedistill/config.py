@@ -63,11 +63,27 @@ class GuidanceConfig:
     # over the default 800 steps (shape first, then detail).
     t_min: Scheduled = 0.02
     t_max: Scheduled = field(default_factory=lambda: [0.98, 0.5, 0, 800])
-    # w(t): "sds" = 1 - alphas_cumprod[t], "uniform" = 1, "fantasia3d" = sqrt(abar) * (1 - abar).
-    weighting: str = "sds"
+    # w(t): "auto" = the loss's own (sqrt((1 - abar) / abar) for ism, "sds" for the others);
+    # "sds" = 1 - alphas_cumprod[t], "uniform" = 1, "fantasia3d" = sqrt(abar) * (1 - abar), "ism".
+    weighting: str = "auto"
     # Clamp the injected gradient elementwise to +-grad_clip (None or 0 disables).
     grad_clip: Scheduled = None
     weight: Scheduled = 1.0
+    # -- trainable guidance state (vsd, esd): a LoRA on the prior's UNet plus a camera embedding --
+    lora_rank: int = 4
+    # Learning rate of the LoRA and camera embedding (fixed; ProlificDreamer's 1e-4).
+    state_lr: float = 1.0e-4
+    # Fraction of LoRA training samples whose camera condition is dropped (zeroed).
+    camera_dropout: float = 0.1
+    # esd: weight of the camera-free LoRA prediction (0 is VSD).
+    esd_lambda: float = 0.5
+    # -- ism: x_s = DDIM inversion of x with the empty prompt, s = t - delta_t ----------------------
+    delta_t: Scheduled = field(default_factory=lambda: [100, 50, 0, 800])
+    # Inversion to s in at most xs_inv_steps steps of stride xs_delta_t (integer timesteps).
+    xs_delta_t: int = 200
+    xs_inv_steps: int = 5
+    # -- csd: weight of the negative-prompt term, annealed 0 -> 1 (no effect without a negative prompt)
+    negative_weight: Scheduled = field(default_factory=lambda: [0.0, 1.0, 0, 400])
 
 
 @dataclass
@@ -160,7 +176,6 @@ class OptimConfig:
     # Learning-rate multipliers per parameter group (relative to lr).
     lr_scale_background: float = 0.1
     lr_scale_mlp: float = 0.1
-    lr_scale_guidance: float = 0.01
 
 
 @dataclass
@@ -261,6 +276,8 @@ _SCHEDULED_KEYS = [
     "guidance.t_max",
     "guidance.grad_clip",
     "guidance.weight",
+    "guidance.delta_t",
+    "guidance.negative_weight",
     "representation.nerf.lambda_orient",
     "representation.nerf.lambda_sparsity",
     "representation.nerf.lambda_opaque",
@@ -292,11 +309,12 @@ def resolve_config_path(path_or_name: str) -> Path:
 
 
 def load_config(
-    config_file: Optional[str | Path] = None,
+    config_file: Optional[str | Path | Sequence[str | Path]] = None,
     overrides: Sequence[str] = (),
     base: Optional[DictConfig | dict] = None,
 ) -> Config:
-    """Defaults <- ``base`` (a dict/DictConfig) <- ``config_file`` <- ``key=value`` overrides.
+    """Defaults <- ``base`` (a dict/DictConfig) <- ``config_file`` (one, or several merged in order,
+    e.g. a loss preset then the ``sd`` prior overlay) <- ``key=value`` overrides.
 
     Returns a validated structured config (an OmegaConf object typed as :class:`Config`).
     Raises :class:`UserError` with one line naming the key on any problem.
@@ -306,8 +324,14 @@ def load_config(
         merged = schema
         if base is not None:
             merged = OmegaConf.merge(merged, base)
-        if config_file is not None:
-            path = resolve_config_path(str(config_file))
+        if config_file is None:
+            files: Sequence[str | Path] = []
+        elif isinstance(config_file, (str, Path)):
+            files = [config_file]
+        else:
+            files = list(config_file)
+        for one in files:
+            path = resolve_config_path(str(one))
             try:
                 loaded = OmegaConf.load(path)
             except Exception as e:  # yaml errors
@@ -364,8 +388,18 @@ def validate(cfg: Config) -> None:
         for v in (start, end):
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"config key '{key}' is a fraction of the diffusion steps in [0, 1], got {v}")
-    if cfg.guidance.weighting not in ("sds", "uniform", "fantasia3d"):
-        raise UserError(f"config key 'guidance.weighting' must be sds, uniform or fantasia3d, got '{cfg.guidance.weighting}'")
+    if cfg.guidance.weighting not in ("auto", "sds", "uniform", "fantasia3d", "ism"):
+        raise UserError(f"config key 'guidance.weighting' must be auto, sds, uniform, fantasia3d or ism, "
+                        f"got '{cfg.guidance.weighting}'")
+    for key in ("guidance.lora_rank", "guidance.xs_delta_t", "guidance.xs_inv_steps", "guidance.state_lr"):
+        positive(key)
+    for key in ("guidance.camera_dropout", "guidance.esd_lambda"):
+        v = OmegaConf.select(cfg, key)
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"config key '{key}' must lie within [0, 1], got {v}")
+    start, end, _, _ = parse_schedule(cfg.guidance.delta_t, "guidance.delta_t")  # type: ignore[misc]
+    if min(start, end) < 0:
+        raise UserError(f"config key 'guidance.delta_t' must be >= 0 (integer timesteps), got {cfg.guidance.delta_t}")
     if cfg.representation.nerf.background not in ("mlp", "white", "black", "random"):
         raise UserError(
             f"config key 'representation.nerf.background' must be mlp, white, black or random, "

@@ -199,7 +199,7 @@ class Distiller:
         groups = self.representation.param_groups(cfg.optim) + self.guidance.param_groups(cfg.optim)
         lr0 = scheduled(cfg.optim.lr, 0, "optim.lr")
         for g in groups:
-            g["lr"] = lr0 * g["lr_scale"]
+            g["lr"] = g["lr_fixed"] if "lr_fixed" in g else lr0 * g["lr_scale"]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(groups, lr=lr0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                  weight_decay=cfg.optim.weight_decay)
@@ -208,7 +208,7 @@ class Distiller:
     def set_learning_rates(self, step: int) -> None:
         lr = scheduled(self.cfg.optim.lr, step, "optim.lr")
         for g in self.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = g["lr_fixed"] if "lr_fixed" in g else lr * g["lr_scale"]
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, step: int, timer: Optional[_Timer] = None) -> Dict[str, float]:
@@ -232,8 +232,6 @@ class Distiller:
                                    for p in grp["params"] if p.grad is not None))
         self.optimizer.step()
         self.representation.update(step)
-        guidance_stats = self.guidance.update(out.rgb.detach(), cameras, step,
-                                              generator=step_generator(cfg.run.seed, step, STREAM_GUIDANCE + 10))
         timer.lap("optimizer")
         stats: Dict[str, float] = {
             "step": step + 1,
@@ -245,7 +243,6 @@ class Distiller:
         for k, v in regs.items():
             stats[f"loss_{k}"] = float(v.detach())
         stats.update(g.stats)
-        stats.update(guidance_stats)
         if not math.isfinite(stats["loss"]):
             raise UserError(f"loss became {stats['loss']} at step {step + 1}; lower optim.lr or guidance.guidance_scale")
         return stats

@@ -12,7 +12,11 @@ A loss file subclasses :class:`Guidance` and writes only its update rule in :met
 * ``nan_to_num`` and optional elementwise clipping of ``g``;
 * gradient injection through the reparameterized MSE
   ``loss = 0.5 * ||z - sg(z - g)||^2 / B``, whose gradient w.r.t. the model-space ``z`` is ``g / B``.
-  The logged loss therefore tracks ``||g||^2``.
+  The logged loss therefore tracks ``||g||^2``;
+* trainable guidance state (VSD/ESD's LoRA): a loss returns its own training loss from
+  :meth:`Guidance.state_loss`, computed on the detached render; it is added to ``loss`` so the
+  distiller's one backward pass and one optimizer step train the representation and the state
+  together (the state's parameters form their own optimizer group with a fixed learning rate).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
 @dataclass
 class GuidanceOutput:
-    loss: torch.Tensor  # scalar to backpropagate
+    loss: torch.Tensor  # scalar to backpropagate: the injection loss plus any state loss
     grad: torch.Tensor  # injected gradient g in model space [B,C,h,w] (before the 1/B of the loss)
     t: torch.Tensor  # integer timesteps [B]
     stats: Dict[str, float] = field(default_factory=dict)
@@ -61,6 +65,10 @@ class Guidance(torch.nn.Module):
     submodule (it is stored outside the module tree, so it is never checkpointed)."""
 
     name = "base"
+    #: w(t) when ``guidance.weighting`` is "auto".
+    default_weighting = "sds"
+    #: Whether the loss needs a negative prompt (NFSD).
+    needs_negative_prompt = False
 
     def __init__(self, cfg, prior: DiffusionPrior):
         super().__init__()
@@ -69,13 +77,21 @@ class Guidance(torch.nn.Module):
         self._embeddings: Optional[PromptEmbeddings] = None
         self._view_dependent = True
         self._camera_cfg = None
+        self.has_negative_prompt = False
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
                    camera_cfg=None) -> None:
+        from threedistill.errors import UserError
+
+        negative_prompt = negative_prompt or ""
+        if self.needs_negative_prompt and not negative_prompt.strip():
+            raise UserError(f"guidance '{self.name}' needs a negative prompt: set prior.negative_prompt "
+                            f"(e.g. prior.negative_prompt=\"unrealistic, blurry, low quality\")")
         self._embeddings = self.prior.prompt_embeddings(prompt, negative_prompt, view_dependent)
         self._view_dependent = view_dependent
         self._camera_cfg = camera_cfg
+        self.has_negative_prompt = bool(negative_prompt.strip())
 
     @property
     def embeddings(self) -> PromptEmbeddings:
@@ -109,12 +125,16 @@ class Guidance(torch.nn.Module):
         """w(t) ``[B,1,1,1]``."""
         abar = self.prior.alphas_cumprod.to(t.device)[t].float()
         kind = self.cfg.weighting
+        if kind == "auto":
+            kind = self.default_weighting
         if kind == "sds":
             w = 1 - abar
         elif kind == "uniform":
             w = torch.ones_like(abar)
         elif kind == "fantasia3d":
             w = abar.sqrt() * (1 - abar)
+        elif kind == "ism":  # LucidDreamer: sqrt((1 - abar) / abar)
+            w = ((1 - abar) / abar).sqrt()
         else:  # validated in config
             raise ValueError(f"unknown weighting {kind!r}")
         return w.view(-1, 1, 1, 1)
@@ -123,21 +143,36 @@ class Guidance(torch.nn.Module):
                     scale: float, cond_mask: Optional[torch.Tensor] = None,
                     uncond_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One batched UNet call; returns ``(eps_cfg, eps_uncond, eps_cond)``."""
-        mask = None
-        if cond_mask is not None and uncond_mask is not None:
-            mask = torch.cat([uncond_mask, cond_mask])
-        eps = self.prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]),
-                                       text_mask=mask)
-        eps_u, eps_c = eps.chunk(2)
+        eps_u, eps_c = self.predict_batch(x_t, t, [uncond, cond], [uncond_mask, cond_mask])
         return eps_u + scale * (eps_c - eps_u), eps_u, eps_c
+
+    def predict_batch(self, x_t: torch.Tensor, t: torch.Tensor, texts: List[torch.Tensor],
+                      masks: Optional[List[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+        """Epsilon for the same ``x_t``, ``t`` under each text embedding ``[B,L,D]`` of ``texts``, in
+        one batched UNet call (the cost of one guided batch for two texts)."""
+        k = len(texts)
+        mask = None
+        if masks is not None and all(m is not None for m in masks):
+            mask = torch.cat(list(masks))
+        eps = self.prior.predict_noise(torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(texts), text_mask=mask)
+        return list(eps.chunk(k))
+
+    def null_embeddings(self, batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The empty prompt's embedding (the "unconditional" of CSD, NFSD and ISM's inversion)."""
+        return self.embeddings.null_for(batch_size)
 
     def gradient(self, ctx: GuidanceContext) -> tuple[torch.Tensor, Dict[str, float]]:
         """The loss's update direction ``g`` in model space (without w(t)), and extra stats."""
         raise NotImplementedError
 
     def weight_for(self, ctx: GuidanceContext) -> torch.Tensor:
-        """w(t) for this loss; a loss with its own weighting overrides this."""
+        """w(t) for this loss."""
         return self.weighting(ctx.t)
+
+    def state_loss(self, ctx: GuidanceContext) -> Optional[torch.Tensor]:
+        """Training loss of the loss's own trainable state on this step's detached renders (VSD/ESD
+        LoRA), or None. Runs with autograd enabled; its gradient reaches only the state."""
+        return None
 
     # -- the call -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, cameras: CameraBatch, step: int,
@@ -184,20 +219,20 @@ class Guidance(torch.nn.Module):
             "time_encode": time_encode,
         }
         stats.update(extra)
+        state_loss = self.state_loss(ctx)
+        if state_loss is not None:
+            stats[f"loss_{self.name}_state"] = float(state_loss.detach())
+            loss = loss + state_loss
         return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
 
     # -- trainable state ------------------------------------------------------------------------
     def param_groups(self, optim_cfg) -> List[dict]:
-        """Optimizer groups for trainable guidance state (none for SDS)."""
+        """Optimizer groups for trainable guidance state (none for SDS): one group at the fixed
+        learning rate ``guidance.state_lr`` (``lr_fixed``: not scaled by ``optim.lr``'s schedule)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return []
-        return [{"params": params, "name": "guidance", "lr_scale": optim_cfg.lr_scale_guidance}]
-
-    def update(self, images: torch.Tensor, cameras: CameraBatch, step: int,
-               generator: Optional[torch.Generator] = None) -> Dict[str, float]:
-        """Train guidance state after the representation's step (VSD/ESD LoRA); no-op here."""
-        return {}
+        return [{"params": params, "name": "guidance", "lr_scale": 1.0, "lr_fixed": float(self.cfg.state_lr)}]
 
 
 def _now(device: torch.device) -> float:

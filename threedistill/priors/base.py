@@ -30,6 +30,14 @@ class PromptEmbeddings:
     cond_mask: Optional[Dict[str, torch.Tensor]] = None
     uncond_mask: Optional[torch.Tensor] = None
     null: Optional[torch.Tensor] = None  # literal "" embedding (differs from uncond when a negative prompt is set)
+    null_mask: Optional[torch.Tensor] = None
+
+    def null_for(self, batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The empty-prompt embedding ``[B,L,D]`` and its mask ``[B,L]`` (None for CLIP-style encoders)."""
+        if self.null is None:
+            raise RuntimeError("these prompt embeddings were built without the empty prompt")
+        mask = None if self.null_mask is None else self.null_mask.expand(batch_size, -1)
+        return self.null.expand(batch_size, *self.null.shape[1:]), mask
 
     def for_views(self, labels: Optional[Sequence[str]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cond [B,L,D], uncond [B,L,D])``; view-independent ``cond["none"]`` when labels is None."""
@@ -90,10 +98,12 @@ class DiffusionPrior(ABC, torch.nn.Module):
         cond["none"] = emb[len(labels) : len(labels) + 1]
         cond_mask = None
         uncond_mask = None
+        null_mask = None
         if mask is not None:
             cond_mask = {lab: mask[i : i + 1] for i, lab in enumerate(labels)}
             cond_mask["none"] = mask[len(labels) : len(labels) + 1]
             uncond_mask = mask[len(labels) + 1 : len(labels) + 2]
+            null_mask = mask[len(labels) + 2 : len(labels) + 3]
         if not view_dependent:
             # Every view maps to the plain prompt (embedding and mask alike).
             for lab in VIEW_LABELS:
@@ -102,7 +112,7 @@ class DiffusionPrior(ABC, torch.nn.Module):
                     cond_mask[lab] = cond_mask["none"]
         return PromptEmbeddings(
             cond=cond, uncond=emb[len(labels) + 1 : len(labels) + 2], cond_mask=cond_mask,
-            uncond_mask=uncond_mask, null=emb[len(labels) + 2 : len(labels) + 3],
+            uncond_mask=uncond_mask, null=emb[len(labels) + 2 : len(labels) + 3], null_mask=null_mask,
         )
 
     # -- images <-> model space ---------------------------------------------------------------
@@ -158,6 +168,15 @@ class DiffusionPrior(ABC, torch.nn.Module):
         """v-prediction to epsilon: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``."""
         a = self._abar(t, x_t)
         return a.sqrt() * v + (1 - a).sqrt() * x_t
+
+    def denoising_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                       text_mask: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
+        """The ordinary diffusion training loss (mean squared error of the noise prediction) at ``t``,
+        differentiable w.r.t. whatever trainable state the UNet call uses (a LoRA). Priors whose
+        network predicts something else than epsilon override this to use their own target."""
+        x_t = self.add_noise(x0, noise, t)
+        eps = self.predict_noise(x_t, t, text, text_mask, **unet_kwargs)
+        return (eps - noise).pow(2).mean()
 
     @torch.no_grad()
     def sample(self, prompt: str, n: int = 1, steps: int = 50, guidance_scale: float = 7.5,

@@ -406,15 +406,9 @@ class DiffusersPrior(DiffusionPrior):
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- noise prediction -------------------------------------------------------------------------
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                      text_mask: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
-        """Epsilon ``[B,C,s,s]`` (float32) for ``x_t [B,C,s,s]`` at integer timesteps ``t [B]`` (or a
-        scalar) with text embeddings ``text [B,L,D]``.
-
-        ``text_mask [B,L]`` is passed to the UNet (as ``encoder_attention_mask``) only for encoders
-        that use one (T5); extra keyword arguments (``cross_attention_kwargs``, ``added_cond_kwargs``,
-        ...) go to the UNet unchanged. v-prediction and x0 ("sample") outputs are converted to
-        epsilon; learned-variance outputs keep their first ``C`` channels."""
+    def _unet(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor],
+              unet_kwargs: Dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's raw output (float32, variance channels dropped) and ``t`` as a ``[B]`` tensor."""
         x_t = x_t.to(self.device)
         t = torch.as_tensor(t, device=self.device)
         if t.dim() == 0:
@@ -425,13 +419,44 @@ class DiffusersPrior(DiffusionPrior):
                         return_dict=False, **unet_kwargs)[0].float()
         if self.learned_variance:
             out = out[:, : self.model_channels]
-        x_t = x_t.float()
+        return out, t
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                      text_mask: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
+        """Epsilon ``[B,C,s,s]`` (float32) for ``x_t [B,C,s,s]`` at integer timesteps ``t [B]`` (or a
+        scalar) with text embeddings ``text [B,L,D]``.
+
+        ``text_mask [B,L]`` is passed to the UNet (as ``encoder_attention_mask``) only for encoders
+        that use one (T5); extra keyword arguments (``cross_attention_kwargs``, ``added_cond_kwargs``,
+        ...) go to the UNet unchanged. v-prediction and x0 ("sample") outputs are converted to
+        epsilon; learned-variance outputs keep their first ``C`` channels."""
+        out, t = self._unet(x_t, t, text, text_mask, unet_kwargs)
+        x_t = x_t.to(self.device).float()
         if self.prediction_type == "v_prediction":
             return self.eps_from_v(out, x_t, t)
         if self.prediction_type == "sample":
             a = self._abar(t, x_t)
             return (x_t - a.sqrt() * out) / (1 - a).sqrt()
         return out
+
+    def denoising_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                       text_mask: Optional[torch.Tensor] = None, **unet_kwargs) -> torch.Tensor:
+        """Mean squared error of the UNet's raw output against its own target (epsilon, v or x0),
+        as the model was trained: for a v-prediction model an epsilon-space loss would weight step
+        ``t`` by ``abar_t`` and all but ignore the high-noise steps."""
+        x0 = x0.to(self.device).float()
+        noise = noise.to(self.device).float()
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(x0.shape[0])
+        x_t = self.add_noise(x0, noise, t)
+        out, t = self._unet(x_t, t, text, text_mask, unet_kwargs)
+        if self.prediction_type == "v_prediction":
+            a = self._abar(t, x0)
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        elif self.prediction_type == "sample":
+            target = x0
+        else:
+            target = noise
+        return (out - target).pow(2).mean()
 
 
 __all__ = ["DiffusersPrior", "resolve_pipeline_path", "resolve_dtype"]

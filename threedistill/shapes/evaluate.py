@@ -17,6 +17,10 @@ compared with the exact render of the object its prompt names:
 
 Ground truth scores 1 / 0 / correct / 1 by construction (tests check that, and that wrong shapes
 and colours score clearly worse).
+
+Across seeds of one prompt, :func:`seed_diversity` measures how different the results are (mode
+collapse vs. variety): one minus the mean pairwise silhouette IoU, and the mean pairwise RGB
+difference over the union of the foregrounds.
 """
 
 from __future__ import annotations
@@ -98,18 +102,45 @@ def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, amb
             raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <colour> <shape>'); "
                             "evaluation needs a known ground-truth object")
         prompt = parsed
-    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
-    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
-    cams = eval_cameras(resolution, dist, fovy)
-    dev = next((p.device for p in rep.parameters()), torch.device("cpu"))
-    out = rep.render(cams.to(dev), training=False)
+    rgb, alpha, cams = eval_renders(rep, camera_cfg, resolution)
     if ambient is None:
         ambient = float(getattr(rep, "ambient_light", 0.1))
     if classifier is None:
         from threedistill.shapes.classifier import load_classifier
 
         classifier = load_classifier()
-    return score_images(prompt, out.rgb, out.alpha, cams, ambient=ambient, classifier=classifier)
+    return score_images(prompt, rgb, alpha, cams, ambient=ambient, classifier=classifier)
+
+
+@torch.no_grad()
+def eval_renders(rep, camera_cfg=None, resolution: int = EVAL_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor, CameraBatch]:
+    """``rgb [V,3,H,W]``, ``alpha [V,1,H,W]`` (CPU) of ``rep`` from the evaluation cameras, and the cameras."""
+    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
+    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
+    cams = eval_cameras(resolution, dist, fovy)
+    dev = next((p.device for p in rep.parameters()), torch.device("cpu"))
+    out = rep.render(cams.to(dev), training=False)
+    return out.rgb.float().cpu(), out.alpha.float().cpu(), cams
+
+
+def seed_diversity(renders: List[tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, float]:
+    """Diversity of several results for one prompt, each given as ``(rgb [V,3,H,W], alpha [V,1,H,W])``
+    from the same cameras: ``silhouette_diversity`` = 1 - mean pairwise IoU of ``alpha > 0.5`` (0 for
+    identical shapes, 1 for disjoint ones) and ``appearance_diversity`` = mean pairwise mean absolute
+    RGB difference over the union of the two foregrounds (0..1). NaN with fewer than two results."""
+    if len(renders) < 2:
+        return {"silhouette_diversity": float("nan"), "appearance_diversity": float("nan")}
+    ious, diffs = [], []
+    for i in range(len(renders)):
+        for j in range(i + 1, len(renders)):
+            (rgb_a, alpha_a), (rgb_b, alpha_b) = renders[i], renders[j]
+            a, b = alpha_a > 0.5, alpha_b > 0.5
+            union = a | b
+            n = union.sum().item()
+            ious.append((a & b).sum().item() / n if n else 1.0)
+            d = (rgb_a - rgb_b).abs().mean(dim=1, keepdim=True)
+            diffs.append(d[union].mean().item() if n else 0.0)
+    return {"silhouette_diversity": 1.0 - sum(ious) / len(ious), "appearance_diversity": sum(diffs) / len(diffs)}
 
 
 def evaluate_run(run_dir: str | Path, classifier=None, write: bool = True) -> Dict[str, Any]:
