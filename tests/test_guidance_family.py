@@ -67,6 +67,12 @@ def _eps(prior, x, t, text):
     return prior.predict_noise(x, t.reshape(1), _emb(prior, text))
 
 
+def _three_eps(prior, x_t, t, i):
+    """Sample i's epsilon with its view prompt, the empty prompt and the negative prompt."""
+    x, ti = x_t[i:i + 1], t[i]
+    return (_eps(prior, x, ti, f"{PROMPT}, {VIEWS[i]} view"), _eps(prior, x, ti, ""), _eps(prior, x, ti, NEGATIVE))
+
+
 # ---------------------------------------------------------------------------------------------
 # CSD, NFSD
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +92,8 @@ def test_csd_negative_weight_is_annealed(prior):
     out = g(images, _cams(), 5, t=t, noise=noise)  # w_neg = 0.5 at step 5
     with torch.no_grad():
         rows = []
-        for i, v in enumerate(VIEWS):
-            e_y = _eps(prior, x_t[i:i + 1], t[i], f"{PROMPT}, {v} view")
-            e_0 = _eps(prior, x_t[i:i + 1], t[i], "")
-            e_n = _eps(prior, x_t[i:i + 1], t[i], NEGATIVE)
+        for i in range(2):
+            e_y, e_0, e_n = _three_eps(prior, x_t, t, i)
             rows.append((1 - abar[i]) * ((e_y - e_0) - 0.5 * (e_n - e_0)))
     assert torch.allclose(out.grad, torch.cat(rows), atol=1e-5, rtol=1e-4)
     assert out.stats["negative_weight"] == pytest.approx(0.5)
@@ -101,10 +105,8 @@ def test_nfsd_matches_formula_on_both_sides_of_t200(prior):
     out = _guidance(prior, "nfsd", f"guidance.guidance_scale={s}", negative=NEGATIVE)(images, _cams(), 0, t=t, noise=noise)
     with torch.no_grad():
         rows = []
-        for i, v in enumerate(VIEWS):
-            e_y = _eps(prior, x_t[i:i + 1], t[i], f"{PROMPT}, {v} view")
-            e_0 = _eps(prior, x_t[i:i + 1], t[i], "")
-            e_n = _eps(prior, x_t[i:i + 1], t[i], NEGATIVE)
+        for i in range(2):
+            e_y, e_0, e_n = _three_eps(prior, x_t, t, i)
             delta_d = e_0 if t[i] < 200 else e_0 - e_n
             rows.append((1 - abar[i]) * (delta_d + s * (e_y - e_0)))
     assert torch.allclose(out.grad, torch.cat(rows), atol=1e-5, rtol=1e-4)

@@ -308,6 +308,27 @@ def resolve_config_path(path_or_name: str) -> Path:
     raise UserError(f"config file '{path_or_name}' not found (give a YAML path or a preset in {CONFIG_DIR})")
 
 
+#: Keys that older versions wrote into run folders and that no longer exist: ignored when a saved
+#: run's config.yaml is read, so old runs still resume, export and evaluate.
+RETIRED_KEYS = ("optim.lr_scale_guidance",)
+
+
+def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
+    """A run folder's saved ``config.yaml`` (minus :data:`RETIRED_KEYS`) with ``overrides``."""
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(saved, DictConfig):
+        raise UserError(f"config file '{path}' does not hold a config mapping")
+    for key in RETIRED_KEYS:
+        group, name = key.rsplit(".", 1)
+        node = OmegaConf.select(saved, group)
+        if isinstance(node, DictConfig) and name in node:
+            del node[name]
+    return load_config(None, overrides, base=saved)
+
+
 def load_config(
     config_file: Optional[str | Path | Sequence[str | Path]] = None,
     overrides: Sequence[str] = (),

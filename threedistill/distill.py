@@ -105,10 +105,12 @@ def check_writable_location(path: Path) -> None:
 
 
 def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    from threedistill.config import load_run_config_file
+
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
         raise UserError(f"'{run_dir}' is not a threedistill run folder (no config.yaml)")
-    return load_config(cfg_path, overrides)
+    return load_run_config_file(cfg_path, overrides)
 
 
 def read_run_status(run_dir: Path) -> Dict[str, Any]:
