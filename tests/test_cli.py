@@ -121,6 +121,20 @@ def test_every_loss_runs_and_resumes_exactly(tmp_path, tiny_sd_path, loss):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
+def test_every_loss_runs_with_gaussians(tmp_path, tiny_sd_path, loss):
+    code, run = _generate(tmp_path, tiny_sd_path, f"guidance.name={loss}", "prior.negative_prompt=blurry",
+                          "representation.name=gaussians", "representation.gaussians.num_points=300",
+                          "run.steps=3", "export.formats=[]", "export.turntable=false", "run.preview_every=100")
+    assert code == 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(l["loss"]) for l in lines)
+    tensors = load_file(str(run / "checkpoints" / "step_000003.safetensors"))
+    assert any(k.startswith("representation.") for k in tensors)
+    assert any(k.startswith("guidance.") for k in tensors) == (loss in ("vsd", "esd"))
+
+
+@pytest.mark.slow
 def test_batch_skips_finished_and_resumes_unfinished(tmp_path, tiny_sd_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red cube\n\na blue sphere\n")

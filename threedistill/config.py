@@ -140,9 +140,40 @@ class NerfConfig:
 
 
 @dataclass
+class GaussiansConfig:
+    # Number of Gaussians (fixed: no densification yet). A "file:" init uses the file's points
+    # (randomly subsampled to num_points when it has more).
+    num_points: int = 4096
+    # "sphere": uniform in a ball of init_radius; "shape": on the shapes-world mesh named by the
+    # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh.
+    init: str = "sphere"
+    init_radius: float = 0.5
+    init_opacity: float = 0.1
+    # Scene radius: depth is normalized by |camera| + radius * sqrt(3), as for the NeRF.
+    radius: float = 1.0
+    # Background: "white", "black" or "random" (random solid colour per training image, white at
+    # evaluation). While training, white/black are replaced by a random colour with probability
+    # random_background_prob per image. White is the shapes world's background.
+    background: str = "white"
+    random_background_prob: float = 0.0
+    # Fixed learning rates per group (DreamGaussian-style), independent of optim.lr.
+    lr_means: float = 1.0e-3
+    lr_scales: float = 5.0e-3
+    lr_quats: float = 1.0e-3
+    lr_opacities: float = 5.0e-2
+    lr_colors: float = 1.0e-2
+    # Regularizer weights: mean opacity, mean linear scale (0 disables).
+    lambda_opacity: Scheduled = 0.0
+    lambda_scale: Scheduled = 0.0
+    # Marching-cubes level on the summed Gaussian density (export).
+    isosurface_threshold: float = 0.5
+
+
+@dataclass
 class RepresentationConfig:
     name: str = "nerf"
     nerf: NerfConfig = field(default_factory=NerfConfig)
+    gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
 
 
 @dataclass
@@ -281,6 +312,8 @@ _SCHEDULED_KEYS = [
     "representation.nerf.lambda_orient",
     "representation.nerf.lambda_sparsity",
     "representation.nerf.lambda_opaque",
+    "representation.gaussians.lambda_opacity",
+    "representation.gaussians.lambda_scale",
     "optim.lr",
 ]
 
@@ -426,6 +459,20 @@ def validate(cfg: Config) -> None:
             f"config key 'representation.nerf.background' must be mlp, white, black or random, "
             f"got '{cfg.representation.nerf.background}'"
         )
+    g = cfg.representation.gaussians
+    for key in ("representation.gaussians.num_points", "representation.gaussians.init_radius",
+                "representation.gaussians.radius"):
+        positive(key)
+    if not 0.0 < g.init_opacity < 1.0:
+        raise UserError(f"config key 'representation.gaussians.init_opacity' must lie within (0, 1), got {g.init_opacity}")
+    if not 0.0 <= g.random_background_prob <= 1.0:
+        raise UserError(f"config key 'representation.gaussians.random_background_prob' must lie within [0, 1], "
+                        f"got {g.random_background_prob}")
+    if g.background not in ("white", "black", "random"):
+        raise UserError(f"config key 'representation.gaussians.background' must be white, black or random, "
+                        f"got '{g.background}'")
+    if g.init not in ("sphere", "shape") and not (str(g.init).startswith("file:") and len(str(g.init)) > 5):
+        raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{g.init}'")
     if cfg.representation.nerf.encoding not in ("hashgrid",):
         raise UserError(f"config key 'representation.nerf.encoding' must be hashgrid, got '{cfg.representation.nerf.encoding}'")
     for fmt in cfg.export.formats:
@@ -454,6 +501,7 @@ __all__ = [
     "GuidanceConfig",
     "RepresentationConfig",
     "NerfConfig",
+    "GaussiansConfig",
     "CameraConfig",
     "OptimConfig",
     "RunConfig",

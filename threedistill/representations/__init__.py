@@ -12,5 +12,6 @@ from threedistill.representations.base import (
     representation_names,
 )
 from threedistill.representations import nerf  # noqa: F401  (registers "nerf")
+from threedistill.representations import gaussians  # noqa: F401  (registers "gaussians")
 
 __all__ = ["Representation", "RenderOutput", "build_representation", "register", "representation_names"]

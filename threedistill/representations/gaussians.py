@@ -1,0 +1,491 @@
+"""3D Gaussian Splatting as a score-distillation representation (DreamGaussian / GaussianDreamer
+style, colours only: no spherical harmonics, no lighting).
+
+Parameters (all ``nn.Parameter``, N fixed for now: no densification or pruning yet)
+-----------------------------------------------------------------------------------
+``means [N,3]`` (world), ``log_scales [N,3]``, ``quats [N,4]`` (w, x, y, z; normalized when
+used), ``opacity_logits [N]`` (opacity = sigmoid), ``color_logits [N,3]`` (RGB = sigmoid, in
+[0, 1]). All of them are in ``state_dict()``, so checkpoints load as they are.
+
+Initialization (``representation.gaussians.init``; random draws from torch's global RNG)
+-----------------------------------------------------------------------------------------
+* ``sphere``: ``num_points`` points uniform in the ball of radius ``init_radius``.
+* ``shape``: points sampled uniformly on the surface of the shapes-world mesh that
+  ``run.prompt`` names (``"a red cube"``); any other prompt falls back to ``sphere`` with a
+  logged warning.
+* ``file:PATH``: the vertices of a point cloud (or points sampled on a mesh) read with trimesh,
+  randomly subsampled to ``num_points`` if there are more; their vertex colours when present.
+
+Scales start at the mean distance to the 3 nearest neighbours (isotropic), rotations at the
+identity, opacities at ``init_opacity``, colours grey-ish (``0.5 +- 0.05``) unless read from a file.
+
+Rendering
+---------
+CPU: :func:`threedistill.representations.gaussian_raster.rasterize` (pure torch, exact);
+CUDA: ``gsplat.rasterization`` (same math). Outputs follow the :class:`RenderOutput` contract:
+
+* ``rgb``: composited over the background (``white``/``black``/``random``, see the config);
+  ``alpha = 1 - T_final``.
+* ``depth``: ``(sum_i w_i t_i + (1 - alpha) * far) / far`` clamped to [0, 1], the NeRF's
+  contract: ``t_i`` is the distance along the pixel's ray (camera-space z times the length of the
+  pixel's ``(x/z, y/z, 1)`` direction) and ``far = |camera| + radius * sqrt(3)``.
+* ``normal``: from the depth image: world points ``o + t d`` at the expected distance, normals
+  ``cross`` of their finite differences (oriented towards the camera), composited as
+  ``(alpha * n + 1) / 2`` over a 0.5 background. Computed without autograd (no loss uses them).
+* ``extras["means2d"] [B,N,2]`` (the graph's projected means; ``retain_grad()`` them before the
+  backward pass for densification) and ``extras["radii"] [B,N]`` (int32 pixels, 0 = culled).
+
+Export
+------
+``density(x) = sum_i opacity_i exp(-0.5 d_i^T Sigma_i^-1 d_i)`` (``d_i = x - mu_i``), evaluated
+by brute force, a chunk of points at a time, over the Gaussians within 5 standard deviations of
+the chunk's bounding box (the rest add < 4e-6 x opacity), as one matrix product per chunk (the
+quadratic form expanded into monomials of ``x``); ``albedo(x)`` is the mean colour weighted by
+the same terms. :meth:`save_splat_ply` / :meth:`load_splat_ply` read and write the standard 3DGS
+PLY layout (SH degree 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import ListConfig
+from torch import nn
+
+from threedistill.cameras import CameraBatch
+from threedistill.config import scheduled
+from threedistill.errors import UserError
+from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.representations.gaussian_raster import quat_to_rotmat, rasterize
+
+log = logging.getLogger(__name__)
+
+#: Zeroth-order spherical-harmonic constant: ``rgb = 0.5 + SH_C0 * f_dc``.
+SH_C0 = 0.28209479177387814
+
+#: The 3DGS PLY vertex properties we write, in order (all float32).
+SPLAT_PLY_PROPERTIES: Tuple[str, ...] = (
+    "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+    "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
+)
+
+_PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
+              "char": "i1", "int8": "i1", "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2",
+              "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4"}
+
+
+def _plain(value):
+    """A scheduled scalar as plain Python (a float or a list), detached from OmegaConf."""
+    return list(value) if isinstance(value, (list, tuple, ListConfig)) else value
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1.0 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """Mean distance from each of ``points [N,3]`` to its ``k`` nearest other points -> ``[N]``
+    (brute force in chunks; fewer neighbours when N <= k; 0.01 for a lone point)."""
+    n = points.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return torch.full((n,), 0.01, dtype=points.dtype, device=points.device)
+    out = []
+    for s in range(0, n, chunk):
+        d = torch.cdist(points[s:s + chunk], points)  # [c, N]
+        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = math.inf  # not itself
+        out.append(d.topk(k, dim=1, largest=False).values.mean(dim=1))
+    return torch.cat(out)
+
+
+def _ball_points(n: int, radius: float) -> torch.Tensor:
+    direction = F.normalize(torch.randn(n, 3), dim=-1)
+    return direction * radius * torch.rand(n, 1).pow(1.0 / 3.0)
+
+
+def _numpy_seed() -> int:
+    """A seed for numpy-based samplers (trimesh) drawn from torch's global RNG."""
+    return int(torch.randint(0, 2**31 - 1, (1,)))
+
+
+def _load_init_file(path_str: str, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Points ``[M,3]`` (M <= n) and colours ``[M,3]`` in [0,1] (or None) from a trimesh-readable file."""
+    import trimesh
+
+    path = Path(path_str).expanduser()
+    key = "representation.gaussians.init"
+    if not path.is_file():
+        raise UserError(f"{key}: point-cloud file '{path}' not found (give file:PATH to an existing .ply/.obj/.glb)")
+    try:
+        loaded = trimesh.load(str(path))
+        if isinstance(loaded, trimesh.Scene):
+            geoms = list(loaded.geometry.values())
+            if not geoms:
+                raise ValueError("empty scene")
+            loaded = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
+    except Exception as e:  # trimesh raises many kinds of errors on bad files
+        raise UserError(f"{key}: cannot read '{path}' as a point cloud or mesh ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    colours = None
+    if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces) > 0:
+        pts, face_idx = trimesh.sample.sample_surface(loaded, n, seed=_numpy_seed())
+        if loaded.visual.kind == "vertex":
+            vc = np.asarray(loaded.visual.vertex_colors)[:, :3].astype(np.float32) / 255.0
+            colours = vc[loaded.faces[face_idx]].mean(axis=1)
+    elif hasattr(loaded, "vertices") and len(loaded.vertices) > 0:
+        pts = np.asarray(loaded.vertices)
+        raw = getattr(loaded, "colors", None)
+        if raw is not None and len(raw) == len(pts):
+            colours = np.asarray(raw)[:, :3].astype(np.float32) / 255.0
+        if len(pts) > n:
+            keep = torch.randperm(len(pts))[:n].numpy()
+            pts = pts[keep]
+            colours = colours[keep] if colours is not None else None
+    else:
+        raise UserError(f"{key}: '{path}' holds no points")
+    pts_t = torch.as_tensor(np.asarray(pts, dtype=np.float32))
+    if not torch.isfinite(pts_t).all():
+        raise UserError(f"{key}: '{path}' has non-finite point coordinates")
+    return pts_t, (torch.as_tensor(np.asarray(colours, dtype=np.float32)) if colours is not None else None)
+
+
+def read_splat_ply(path: Union[str, Path]) -> Dict[str, np.ndarray]:
+    """The vertex properties of a binary little-endian 3DGS PLY as float32 arrays by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"splat PLY '{path}' not found")
+    data = path.read_bytes()
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply\n") or end < 0:
+        raise UserError(f"'{path}' is not a PLY file")
+    header = data[:end].decode("ascii", errors="replace").splitlines()
+    if "format binary_little_endian 1.0" not in header:
+        raise UserError(f"'{path}': only binary little-endian splat PLY files are supported")
+    count, props, in_vertex = 0, [], False
+    for line in header:
+        parts = line.split()
+        if parts[:1] == ["element"]:
+            in_vertex = parts[1] == "vertex"
+            if in_vertex:
+                count = int(parts[2])
+            elif count:
+                break  # other elements after the vertices are ignored
+        elif parts[:1] == ["property"] and in_vertex:
+            if parts[1] == "list" or parts[1] not in _PLY_TYPES:
+                raise UserError(f"'{path}': unsupported vertex property '{line}'")
+            props.append((parts[2], "<" + _PLY_TYPES[parts[1]]))
+    missing = [p for p in SPLAT_PLY_PROPERTIES if p not in dict(props) and p not in ("nx", "ny", "nz")]
+    if missing:
+        raise UserError(f"'{path}' is not a 3DGS splat PLY (missing {', '.join(missing)})")
+    arr = np.frombuffer(data, dtype=np.dtype(props), count=count, offset=end + len(b"end_header\n"))
+    return {name: arr[name].astype(np.float32) for name, _ in props}
+
+
+@register("gaussians")
+class Gaussians(Representation):
+    """3D Gaussians (see the module docstring). Built as ``Gaussians(cfg, device)`` from the whole
+    :class:`~threedistill.config.Config`; reads ``cfg.representation.gaussians`` and ``cfg.run.prompt``.
+
+    ``use_gsplat`` (default: device is CUDA) picks the CUDA rasterizer; ``chunk_points`` and
+    ``cutoff_sigmas`` set the chunking and culling of :meth:`density` / :meth:`albedo`.
+    """
+
+    chunk_points: int = 2048
+    cutoff_sigmas: float = 5.0
+
+    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        c = cfg.representation.gaussians
+        self.radius = float(c.radius)
+        self.background_mode = str(c.background)
+        self.random_background_prob = float(c.random_background_prob)
+        self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
+                     "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
+        self._lambda_opacity = _plain(c.lambda_opacity)
+        self._lambda_scale = _plain(c.lambda_scale)
+        self._isosurface_threshold = float(c.isosurface_threshold)
+        if self.background_mode not in ("white", "black", "random"):
+            raise ValueError(f"unknown background '{self.background_mode}'")
+
+        means, colours = self._initial_points(cfg)
+        n = means.shape[0]
+        if colours is None:
+            colours = 0.5 + 0.1 * (torch.rand(n, 3) - 0.5)
+        scales = knn_mean_distance(means).clamp_min(1e-4)
+        self.means = nn.Parameter(means.float())
+        self.log_scales = nn.Parameter(torch.log(scales)[:, None].repeat(1, 3).float())
+        self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
+        self.opacity_logits = nn.Parameter(_logit(torch.full((n,), float(c.init_opacity))))
+        self.color_logits = nn.Parameter(_logit(colours.float()))
+
+        device = torch.device(device)
+        self.use_gsplat = device.type == "cuda"
+        self.to(device)
+
+    # ------------------------------------------------------------------------------------------
+    # Initialization
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _initial_points(cfg) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        c = cfg.representation.gaussians
+        n, init = int(c.num_points), str(c.init)
+        if init.startswith("file:"):
+            return _load_init_file(init[len("file:"):], n)
+        if init == "shape":
+            from threedistill.shapes.world import parse_prompt, shape_mesh
+
+            parsed = parse_prompt(str(cfg.run.prompt))
+            if parsed is not None:
+                import trimesh
+
+                pts, _ = trimesh.sample.sample_surface(shape_mesh(parsed.shape), n, seed=_numpy_seed())
+                return torch.as_tensor(np.asarray(pts, dtype=np.float32)), None
+            log.warning("representation.gaussians.init=shape: prompt %r names no shapes-world shape; "
+                        "initializing in a sphere instead", str(cfg.run.prompt))
+        elif init != "sphere":
+            raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{init}'")
+        return _ball_points(n, float(c.init_radius)), None
+
+    # ------------------------------------------------------------------------------------------
+    # Activated parameters
+    # ------------------------------------------------------------------------------------------
+    @property
+    def num_gaussians(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return torch.exp(self.log_scales)
+
+    @property
+    def opacities(self) -> torch.Tensor:
+        return torch.sigmoid(self.opacity_logits)
+
+    @property
+    def colors(self) -> torch.Tensor:
+        return torch.sigmoid(self.color_logits)
+
+    # ------------------------------------------------------------------------------------------
+    # Rendering
+    # ------------------------------------------------------------------------------------------
+    def _background(self, n_images: int, training: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Background colour per image ``[B,3]`` (random draws from ``generator`` only while training)."""
+        dev = self.means.device
+        if self.background_mode == "random":
+            if not training:
+                return torch.ones(n_images, 3, device=dev)
+            return torch.rand(n_images, 3, generator=generator).to(dev)
+        bg = torch.full((n_images, 3), 1.0 if self.background_mode == "white" else 0.0, device=dev)
+        if training and self.random_background_prob > 0:
+            replace = (torch.rand(n_images, generator=generator) < self.random_background_prob).to(dev)
+            colours = torch.rand(n_images, 3, generator=generator).to(dev)
+            bg = torch.where(replace[:, None], colours, bg)
+        return bg
+
+    def _rasterize(self, cameras: CameraBatch, bg: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """rgb ``[B,3,H,W]``, alpha ``[B,1,H,W]``, z-depth sum ``[B,1,H,W]``, means2d, radii ``[B,N]``."""
+        means, quats, scales = self.means, self.quats, self.scales
+        opac, cols = self.opacities, self.colors
+        if not self.use_gsplat:
+            r = rasterize(means, quats, scales, opac, cols, cameras, bg)
+            return {"rgb": r.rgb, "alpha": r.alpha, "zsum": r.depth, "means2d": r.means2d, "radii": r.radii}
+        import gsplat  # CUDA only; imported lazily so nothing CUDA-only runs at import time
+
+        colors, alphas, meta = gsplat.rasterization(
+            means, quats, scales, opac, cols,
+            viewmats=cameras.w2c_opencv().float(), Ks=cameras.intrinsics().float(),
+            width=cameras.width, height=cameras.height, backgrounds=bg,
+            render_mode="RGB+ED", packed=False)
+        # colors [B,H,W,4] (RGB + expected z = sum w z / alpha), alphas [B,H,W,1]
+        colors, alphas = colors.permute(0, 3, 1, 2), alphas.permute(0, 3, 1, 2)
+        radii = meta["radii"]
+        if radii.dim() == 3:  # gsplat >= 1.5: per-axis radii [B,N,2]
+            radii = radii.amax(dim=-1)
+        return {"rgb": colors[:, :3], "alpha": alphas, "zsum": colors[:, 3:4] * alphas,
+                "means2d": meta["means2d"], "radii": radii.int()}
+
+    def render(self, cameras: CameraBatch, step: int = 0, generator: Optional[torch.Generator] = None,
+               training: bool = True) -> RenderOutput:
+        """Render ``cameras`` (see the module docstring for the outputs); the only random draw is
+        the training background, from ``generator``."""
+        dev = self.means.device
+        cameras = cameras.to(dev)
+        B, H, W = len(cameras), cameras.height, cameras.width
+        bg = self._background(B, training, generator)
+        r = self._rasterize(cameras, bg)
+        alpha = r["alpha"].clamp(0.0, 1.0)
+
+        # camera-space z -> distance along the pixel's ray: times |(x/z, y/z, 1)| of the pixel.
+        K = cameras.intrinsics().to(dev)
+        ys = torch.arange(H, device=dev, dtype=torch.float32) + 0.5
+        xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
+        u = (xs[None, None, :] - K[:, 0, 2, None, None]) / K[:, 0, 0, None, None]  # [B,1,W]
+        v = (ys[None, :, None] - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]  # [B,H,1]
+        ray_len = torch.sqrt(u * u + v * v + 1.0)[:, None]  # [B,1,H,W]
+        dist_sum = r["zsum"] * ray_len
+        far = (cameras.positions.norm(dim=-1) + self.radius * math.sqrt(3.0))[:, None, None, None]
+        depth = ((dist_sum + (1.0 - alpha) * far) / far).clamp(0.0, 1.0)
+
+        out = RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=alpha, depth=depth,
+                           normal=self._normals_from_depth(cameras, dist_sum, alpha))
+        out.extras["means2d"] = r["means2d"]
+        out.extras["radii"] = r["radii"]
+        return out
+
+    @torch.no_grad()
+    def _normals_from_depth(self, cameras: CameraBatch, dist_sum: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """World normals from the expected-distance image, mapped to [0,1] over a 0.5 background."""
+        rays_o, rays_d = cameras.rays()  # [B,H,W,3]
+        t = (dist_sum / alpha.clamp_min(1e-6)).permute(0, 2, 3, 1)  # [B,H,W,1]
+        pts = rays_o + rays_d * t
+        # central differences inside, one-sided at the borders
+        pad = F.pad(pts.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
+        dx = pad[:, 1:-1, 2:] - pad[:, 1:-1, :-2]
+        dy = pad[:, 2:, 1:-1] - pad[:, :-2, 1:-1]
+        n = F.normalize(torch.cross(dx, dy, dim=-1), dim=-1, eps=1e-12)
+        n = torch.where((n * rays_d).sum(-1, keepdim=True) > 0, -n, n)  # face the camera
+        n = n.permute(0, 3, 1, 2)
+        return ((alpha * n + 1.0) * 0.5).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------------------
+    # Losses and optimizer groups
+    # ------------------------------------------------------------------------------------------
+    def regularizers(self, out: RenderOutput, step: int) -> Dict[str, torch.Tensor]:
+        """``opacity``: ``lambda_opacity * mean opacity``; ``scale``: ``lambda_scale * mean scale``
+        (zero weights, the default, are left out)."""
+        terms: Dict[str, torch.Tensor] = {}
+        w = float(scheduled(self._lambda_opacity, step, "lambda_opacity") or 0.0)
+        if w != 0.0:
+            terms["opacity"] = w * self.opacities.mean()
+        w = float(scheduled(self._lambda_scale, step, "lambda_scale") or 0.0)
+        if w != 0.0:
+            terms["scale"] = w * self.scales.mean()
+        return terms
+
+    def param_groups(self, optim_cfg) -> List[dict]:
+        """One group per attribute with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
+        params = {"means": self.means, "scales": self.log_scales, "quats": self.quats,
+                  "opacities": self.opacity_logits, "colors": self.color_logits}
+        return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
+                for name, p in params.items()]
+
+    # ------------------------------------------------------------------------------------------
+    # Export: density / albedo fields
+    # ------------------------------------------------------------------------------------------
+    def _quadratic_coeffs(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``d^T A d`` with ``d = x - mu`` written as ``[x monomials] @ coeffs + const``:
+        returns ``(A6 [6,N], b [3,N], c [N])`` in float64 so that
+        ``q(x) = m(x) @ A6 - 2 x @ b + c`` with ``m = (xx, yy, zz, 2xy, 2xz, 2yz)``."""
+        R = quat_to_rotmat(self.quats.detach().double())  # [N,3,3]
+        inv_s2 = torch.exp(-2.0 * self.log_scales.detach().double())  # [N,3]
+        A = (R * inv_s2[:, None, :]) @ R.transpose(-1, -2)  # Sigma^-1 = R diag(1/s^2) R^T
+        A6 = torch.stack([A[:, 0, 0], A[:, 1, 1], A[:, 2, 2], A[:, 0, 1], A[:, 0, 2], A[:, 1, 2]])
+        mu = self.means.detach().double()
+        b = (A @ mu[:, :, None])[:, :, 0]  # [N,3]
+        c = (mu * b).sum(-1)
+        return A6, b.T.contiguous(), c
+
+    def _kernel_fields(self, points: torch.Tensor, want_colour: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``sum_i w_i`` ``[P]`` and ``sum_i w_i c_i`` ``[P,3]`` with ``w_i = o_i exp(-q_i(x)/2)``.
+
+        Points go ``chunk_points`` at a time; per chunk, Gaussians whose ``cutoff_sigmas`` x
+        (largest standard deviation) sphere misses the chunk's bounding box are skipped (their
+        terms are below ``exp(-cutoff_sigmas^2 / 2)`` times their opacity). Export grids hand in
+        points in grid order, so chunks are compact and most Gaussians are skipped."""
+        A6, b, c = self._quadratic_coeffs()
+        opac = self.opacities.detach().double()
+        cols = self.colors.detach().double()
+        mu = self.means.detach().double()
+        reach = self.cutoff_sigmas * self.scales.detach().double().amax(dim=-1)  # [N]
+        dens, rgb = [], []
+        for x in points.detach().double().split(self.chunk_points):
+            lo, hi = x.amin(dim=0), x.amax(dim=0)
+            gap = (lo - mu).clamp_min(0) + (mu - hi).clamp_min(0)  # distance to the box per axis
+            near = (gap.square().sum(-1) <= reach.square()).nonzero().squeeze(1)
+            if near.numel() == 0:
+                dens.append(x.new_zeros(x.shape[0]))
+                rgb.append(x.new_zeros(x.shape[0], 3))
+                continue
+            mono = torch.stack([x[:, 0] ** 2, x[:, 1] ** 2, x[:, 2] ** 2,
+                                2 * x[:, 0] * x[:, 1], 2 * x[:, 0] * x[:, 2], 2 * x[:, 1] * x[:, 2]], dim=-1)
+            q = (mono @ A6[:, near] - 2.0 * (x @ b[:, near]) + c[near]).clamp_min(0.0)  # [P,n]
+            w = torch.exp(-0.5 * q) * opac[near]
+            dens.append(w.sum(-1))
+            if want_colour:
+                rgb.append(w @ cols[near])
+        d = torch.cat(dens).to(points.dtype) if dens else points.new_zeros(0)
+        return d, (torch.cat(rgb).to(points.dtype) if want_colour and rgb else
+                   (points.new_zeros(0, 3) if want_colour else None))
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        """``sum_i opacity_i exp(-0.5 d_i^T Sigma_i^-1 d_i)`` at world points ``[P,3]`` -> ``[P]``
+        (no autograd; chunked)."""
+        return self._kernel_fields(points, want_colour=False)[0]
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        """Mean Gaussian colour weighted by each Gaussian's density term at ``points [P,3]`` ->
+        ``[P,3]`` in [0,1] (grey 0.5 where no Gaussian reaches)."""
+        d, rgb = self._kernel_fields(points, want_colour=True)
+        assert rgb is not None
+        grey = torch.full_like(rgb, 0.5)
+        return torch.where(d[:, None] > 1e-12, rgb / d.clamp_min(1e-12)[:, None], grey).clamp(0.0, 1.0)
+
+    @property
+    def isosurface_threshold(self) -> float:
+        return self._isosurface_threshold
+
+    @property
+    def bounds(self) -> float:
+        """Half side of a cube holding every mean plus 3 of its largest standard deviations
+        (capped at 4x the largest mean coordinate, so a stray huge Gaussian cannot blow up the grid)."""
+        with torch.no_grad():
+            extent = self.means.abs().amax(dim=-1)
+            reach = float((extent + 3.0 * self.scales.amax(dim=-1)).amax())
+            return max(min(reach, 4.0 * float(extent.amax()) + 1e-3), 1e-3)
+
+    # ------------------------------------------------------------------------------------------
+    # 3DGS PLY
+    # ------------------------------------------------------------------------------------------
+    def save_splat_ply(self, path: Union[str, Path]) -> Path:
+        """Write the standard 3DGS PLY (binary little endian, SH degree 0) atomically:
+        ``x y z nx ny nz f_dc_0..2 opacity scale_0..2 rot_0..3`` with ``f_dc = (rgb - 0.5) / SH_C0``,
+        ``opacity`` the logit, ``scale`` the log and ``rot`` the quaternion (w, x, y, z)."""
+        from threedistill.atomic import atomic_write_bytes
+
+        with torch.no_grad():
+            n = self.num_gaussians
+            cols = [self.means, torch.zeros(n, 3, device=self.means.device), (self.colors - 0.5) / SH_C0,
+                    self.opacity_logits[:, None], self.log_scales, self.quats]
+            table = torch.cat([c.float() for c in cols], dim=1).cpu().numpy()
+        rec = np.empty(n, dtype=[(p, "<f4") for p in SPLAT_PLY_PROPERTIES])
+        for i, p in enumerate(SPLAT_PLY_PROPERTIES):
+            rec[p] = table[:, i]
+        header = "\n".join(["ply", "format binary_little_endian 1.0", f"element vertex {n}",
+                            *[f"property float {p}" for p in SPLAT_PLY_PROPERTIES], "end_header"]) + "\n"
+        return atomic_write_bytes(path, header.encode("ascii") + rec.tobytes())
+
+    def load_splat_ply(self, path: Union[str, Path]) -> None:
+        """Replace every parameter with a splat PLY's (N may change: rebuild the optimizer after).
+        Means, log-scales, quaternions and opacity logits are restored exactly; colours up to the
+        float32 rounding of ``logit(0.5 + SH_C0 f_dc)``."""
+        a = read_splat_ply(path)
+        dev = self.means.device
+
+        def col(*names: str) -> torch.Tensor:
+            return torch.as_tensor(np.stack([a[k] for k in names], axis=1), device=dev)
+
+        rgb = col("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5
+        self.means = nn.Parameter(col("x", "y", "z"))
+        self.log_scales = nn.Parameter(col("scale_0", "scale_1", "scale_2"))
+        self.quats = nn.Parameter(col("rot_0", "rot_1", "rot_2", "rot_3"))
+        self.opacity_logits = nn.Parameter(col("opacity")[:, 0].contiguous())
+        self.color_logits = nn.Parameter(_logit(rgb))
+
+
+__all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "knn_mean_distance", "read_splat_ply"]
