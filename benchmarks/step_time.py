@@ -127,22 +127,24 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"renders {args.resolution}x{args.resolution}, overrides {args.overrides or '-'}\n")
+    # Each prior's path and timed steps, resolved (and written, for tiny / sd21) once for all losses.
+    priors = {}
+    for name in args.priors.split(","):
+        if name == "tiny":
+            priors[name] = (write_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", kind="sd"), args.steps, args.warmup)
+        elif name == "shapes":  # the built-in prior (or a checkpoint folder given with --shapes-path)
+            priors[name] = (args.shapes_path or "shapes", args.steps, args.warmup)
+        elif name == "sd21":
+            priors[name] = (write_random_sd21(Path(os.path.expanduser("~/.cache/threedistill/bench-sd21-random"))),
+                            args.sd21_steps, 1)
+        else:
+            sys.exit(f"unknown prior {name!r}")
     results = {}
     for loss in args.losses.split(","):
         extra = [f"guidance.name={loss}", *(["prior.negative_prompt=unrealistic, blurry"] if loss == "nfsd" else []),
                  *args.overrides]
-        for name in args.priors.split(","):
-            if name == "tiny":
-                path = write_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", kind="sd")
-                r = bench(path, args.device, args.resolution, args.steps, args.warmup, extra)
-            elif name == "shapes":  # the built-in prior (or a checkpoint folder given with --shapes-path)
-                r = bench(args.shapes_path or "shapes", args.device, args.resolution, args.steps, args.warmup, extra)
-            elif name == "sd21":
-                path = write_random_sd21(Path(os.path.expanduser("~/.cache/threedistill/bench-sd21-random")))
-                r = bench(path, args.device, args.resolution, args.sd21_steps, 1, extra)
-            else:
-                sys.exit(f"unknown prior {name!r}")
-            results[(loss, name)] = r
+        for name, (path, steps, warmup) in priors.items():
+            results[(loss, name)] = bench(path, args.device, args.resolution, steps, warmup, extra)
 
     cols = ["render", "encode", "unet", "backward", "optimizer", "step"]
     has_mem = any("peak_mem_gib" in r for r in results.values())

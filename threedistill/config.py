@@ -285,6 +285,14 @@ def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, floa
     return (v, v, 0, 0)
 
 
+def plain_schedule(value: Any) -> Any:
+    """A scheduled scalar as plain Python (a number or a list), detached from OmegaConf, so a
+    representation can keep it without holding the config."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return list(value)
+    return value
+
+
 def scheduled(value: Any, step: int, key: str = "value") -> Optional[float]:
     """Evaluate a scheduled scalar at ``step`` (see module docstring)."""
     sched = parse_schedule(value, key)
@@ -509,6 +517,7 @@ __all__ = [
     "load_config",
     "validate",
     "scheduled",
+    "plain_schedule",
     "parse_schedule",
     "to_yaml",
     "to_container",

@@ -34,7 +34,7 @@ from threedistill.atomic import atomic_write_text
 from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
                                   step_generator)
 from threedistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from threedistill.config import Config, load_config, scheduled, to_yaml
+from threedistill.config import Config, load_run_config_file, scheduled, to_yaml
 from threedistill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,6 @@ def check_writable_location(path: Path) -> None:
 
 
 def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    from threedistill.config import load_run_config_file
-
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
         raise UserError(f"'{run_dir}' is not a threedistill run folder (no config.yaml)")
@@ -199,12 +197,10 @@ class Distiller:
         self.representation = build_representation(cfg, self.device)
         self.sampler = CameraSampler(cfg.camera, cfg.run.resolution)
         groups = self.representation.param_groups(cfg.optim) + self.guidance.param_groups(cfg.optim)
-        lr0 = scheduled(cfg.optim.lr, 0, "optim.lr")
-        for g in groups:
-            g["lr"] = g["lr_fixed"] if "lr_fixed" in g else lr0 * g["lr_scale"]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(groups, lr=lr0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                 weight_decay=cfg.optim.weight_decay)
+        self.optimizer = opt_cls(groups, lr=scheduled(cfg.optim.lr, 0, "optim.lr"), betas=tuple(cfg.optim.betas),
+                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.set_learning_rates(0)  # per-group rates (lr_scale, or a group's own lr_fixed)
         self._built = True
 
     def set_learning_rates(self, step: int) -> None:

@@ -20,9 +20,9 @@ from threedistill.guidance.vsd import VSD
 class ESD(VSD):
     def particle_score(self, ctx: GuidanceContext) -> torch.Tensor:
         lam = float(self.cfg.esd_lambda)
-        with_camera = self.lora.camera_condition(ctx.cameras.c2w)
         if lam == 0.0:
             return super().particle_score(ctx)
+        with_camera = self.lora.camera_condition(ctx.cameras.c2w)
         no_camera = torch.zeros_like(with_camera)
         mask = None if ctx.cond_mask is None else torch.cat([ctx.cond_mask, ctx.cond_mask])
         eps = self.lora.predict(torch.cat([ctx.x_t, ctx.x_t]), torch.cat([ctx.t, ctx.t]),

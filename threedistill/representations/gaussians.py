@@ -55,11 +55,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import ListConfig
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.config import scheduled
+from threedistill.config import plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
 from threedistill.representations.gaussian_raster import quat_to_rotmat, rasterize
@@ -78,11 +77,6 @@ SPLAT_PLY_PROPERTIES: Tuple[str, ...] = (
 _PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
               "char": "i1", "int8": "i1", "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2",
               "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4"}
-
-
-def _plain(value):
-    """A scheduled scalar as plain Python (a float or a list), detached from OmegaConf."""
-    return list(value) if isinstance(value, (list, tuple, ListConfig)) else value
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -207,8 +201,8 @@ class Gaussians(Representation):
         self.random_background_prob = float(c.random_background_prob)
         self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
                      "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
-        self._lambda_opacity = _plain(c.lambda_opacity)
-        self._lambda_scale = _plain(c.lambda_scale)
+        self._lambda_opacity = plain_schedule(c.lambda_opacity)
+        self._lambda_scale = plain_schedule(c.lambda_scale)
         self._isosurface_threshold = float(c.isosurface_threshold)
         if self.background_mode not in ("white", "black", "random"):
             raise ValueError(f"unknown background '{self.background_mode}'")

@@ -76,11 +76,10 @@ from typing import Dict, List, Optional, Tuple
 import nerfacc
 import torch
 import torch.nn.functional as F
-from omegaconf import ListConfig
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.config import scheduled
+from threedistill.config import plain_schedule, scheduled
 from threedistill.representations.base import RenderOutput, Representation, register
 from threedistill.representations.encodings import FrequencyEncoding, HashGridEncoding
 
@@ -103,13 +102,6 @@ def ray_box_intersect(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float
     hit = far > near
     zero = torch.zeros_like(near)
     return torch.where(hit, near, zero), torch.where(hit, far, zero), hit
-
-
-def _plain(value):
-    """A scheduled scalar as plain Python (a float or a list), detached from OmegaConf."""
-    if isinstance(value, (list, tuple, ListConfig)):
-        return [v for v in value]
-    return value
 
 
 def _mlp(in_dim: int, hidden_dim: int, n_hidden_layers: int, out_dim: int) -> nn.Sequential:
@@ -152,9 +144,9 @@ class NeRF(Representation):
         self.ambient_light = float(c.ambient_light)
         self.background_mode = str(c.background)
         self.random_background_prob = float(c.random_background_prob)
-        self._lambda_orient = _plain(c.lambda_orient)
-        self._lambda_sparsity = _plain(c.lambda_sparsity)
-        self._lambda_opaque = _plain(c.lambda_opaque)
+        self._lambda_orient = plain_schedule(c.lambda_orient)
+        self._lambda_sparsity = plain_schedule(c.lambda_sparsity)
+        self._lambda_opaque = plain_schedule(c.lambda_opaque)
         self._isosurface_threshold = float(c.isosurface_threshold)
         if self.background_mode not in ("mlp", "white", "black", "random"):
             raise ValueError(f"unknown background '{self.background_mode}'")
