@@ -156,7 +156,7 @@ def main() -> None:
         if has_mem:
             line += f" {r.get('peak_mem_gib', float('nan')):.2f} |"
         print(line)
-    print("\nrender = NeRF forward; encode = render -> model space (resize + VAE encode for latent priors); "
+    print("\nrender = the representation's forward (NeRF or Gaussians); encode = render -> model space (resize + VAE encode for latent priors); "
           "unet = the loss's UNet forwards (one batched guided call for SDS; plus the LoRA's prediction and "
           "training forward for VSD/ESD; plus the DDIM inversion steps for ISM); backward = through the "
           "encoder, the renderer and (VSD/ESD) the LoRA; optimizer = Adam step. UNet calls are batched "

@@ -85,6 +85,34 @@ def test_loss_presets_compose_with_the_sd_overlay(loss):
     assert both.guidance.lora_rank == 8  # overrides still come last
 
 
+@pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
+def test_gaussian_presets_are_the_nerf_preset_plus_the_overlay(loss):
+    g = load_config(f"{loss}-gaussians")
+    n = load_config(f"{loss}-nerf")
+    assert g.representation.name == "gaussians" and n.representation.name == "nerf"
+    assert g.guidance == n.guidance and g.run == n.run  # the loss's own settings, untouched
+    with_sd = load_config([f"{loss}-gaussians", "sd"])
+    assert with_sd.prior.name == "stabilityai/stable-diffusion-2-1-base"
+    assert with_sd.representation.name == "gaussians"  # the SD overlay keeps the representation
+
+
+def test_extends_loads_parents_first_and_rejects_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  steps: 7\n  resolution: 24\n")
+    (tmp_path / "child.yaml").write_text("extends: [sds-nerf, base]\nrun:\n  resolution: 48\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.run.steps == 7 and cfg.run.resolution == 48  # base over sds-nerf, the file over both
+    assert cfg.guidance.guidance_scale == 15.0  # from the shipped preset, found by name
+    (tmp_path / "single.yaml").write_text("extends: base.yaml\n")
+    assert load_config(tmp_path / "single.yaml").run.steps == 7
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: [a]\n")
+    with pytest.raises(UserError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: nothing-like-this\n")
+    with pytest.raises(UserError, match="nothing-like-this"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_schedule_semantics():
     s = [1.0, 3.0, 10, 20]
     assert scheduled(s, 0) == 1.0

@@ -144,12 +144,14 @@ def test_surface_touching_the_bounds_is_closed():
 
 
 def test_no_surface_is_a_one_line_user_error():
+    rep = Spheres(threshold=100.0)
+    rep.config_key = "representation.spheres"  # the error names the representation's own key
     with pytest.raises(UserError) as err:
-        extract_mesh(Spheres(threshold=100.0), resolution=16)
+        extract_mesh(rep, resolution=16)
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("no surface found: density never exceeds isosurface threshold 100")
-    assert "max density 50" in msg and "representation.nerf.isosurface_threshold" in msg
+    assert "max density 50" in msg and "representation.spheres.isosurface_threshold" in msg
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Pure-torch Gaussian splatting rasterizer: the fast path against the dense reference, the
 projection against the pinhole model of cameras.py (and gsplat's torch reference when installed),
-analytic images, depth order, finite differences. CPU, small scenes."""
+analytic images, depth order, finite differences. CPU, small scenes; one CUDA test against
+gsplat's rasterizer."""
 
 from __future__ import annotations
 
@@ -243,3 +244,87 @@ def test_alpha_is_clamped_below_one():
     out = rasterize(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.5),
                     torch.tensor([1.0]), torch.ones(1, 3), cams, torch.zeros(3))
     assert out.alpha.max() == pytest.approx(ALPHA_MAX)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: against gsplat's rasterizer
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rasterize_matches_gsplat_on_cuda():
+    """The pure-torch rasterizer (on the CPU) against ``gsplat.rasterization`` (CUDA, the back end
+    gaussians.py uses there): images, z-sum depth, radii and the gradients of a random-weighted loss.
+
+    Opacities <= 0.6 and few layers keep every pixel's final T above 1e-3, so gsplat's early stop
+    (before T would reach 1e-4) never triggers and the two agree up to float rounding, except
+    where a pair sits at the 1/255 alpha cut-off and float differences flip it (at most 1/255)."""
+    gsplat = pytest.importorskip("gsplat")
+    height, width = 40, 48
+    cams = make_cameras([10.0, 35.0], [20.0, -110.0], [2.0, 2.4], [50.0, 62.0], height, width)
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    means = (torch.rand(n, 3, generator=g) - 0.5) * 1.2
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.exp(torch.empty(n, 3).uniform_(-3.6, -2.0, generator=g))
+    opacities = 0.05 + 0.55 * torch.rand(n, generator=g)
+    colors = torch.rand(n, 3, generator=g)
+    means[0] = cams.positions[0] * 1.3  # behind camera 0 (in front of camera 1)
+    opacities[1] = 0.003  # below 1/255: never drawn
+    params = [means, quats, scales, opacities, colors]
+    bg = torch.tensor([[0.2, 0.5, 0.9], [1.0, 0.0, 0.3]])
+    weights = [torch.randn(2, c, height, width, generator=g) for c in (3, 1, 1)]
+
+    def loss_of(rgb, alpha, depth, ws):
+        return (rgb * ws[0]).sum() + (alpha * ws[1]).sum() + (depth * ws[2]).sum()
+
+    ours_in = [p.clone().requires_grad_() for p in params]
+    ours = rasterize(*ours_in, cams, bg)
+    g_ours = torch.autograd.grad(loss_of(ours.rgb, ours.alpha, ours.depth, weights), ours_in)
+
+    dev = torch.device("cuda")
+    gs_in = [p.to(dev).requires_grad_() for p in params]
+    cams_d = cams.to(dev)
+    colors_gs, alphas_gs, meta = gsplat.rasterization(
+        *gs_in, viewmats=cams_d.w2c_opencv().float(), Ks=cams_d.intrinsics().float(), width=width,
+        height=height, backgrounds=bg.to(dev), render_mode="RGB+ED", packed=False)
+    colors_gs, alpha_gs = colors_gs.permute(0, 3, 1, 2), alphas_gs.permute(0, 3, 1, 2)
+    rgb_gs, depth_gs = colors_gs[:, :3], colors_gs[:, 3:4] * alpha_gs  # expected depth -> z-sum
+    g_gs = torch.autograd.grad(loss_of(rgb_gs, alpha_gs, depth_gs, [w.to(dev) for w in weights]), gs_in)
+
+    # A scene with empty, partly and densely covered pixels, none near saturation.
+    assert ours.alpha.max() < 0.999 and (ours.alpha > 0.9).any() and (ours.alpha == 0).any()
+    with torch.no_grad():
+        proj = project_gaussians(*params[:3], cams)
+    z_max = float(proj.depth[ours.radii > 0].max())  # depth = sum z alpha T <= z_max
+    for name, a, b, scale in (("rgb", ours.rgb, rgb_gs, 1.0), ("alpha", ours.alpha, alpha_gs, 1.0),
+                              ("depth", ours.depth, depth_gs, z_max)):
+        diff = (a - b.detach().cpu()).abs() / scale
+        assert diff.max() < 1.0 / 255 + 1e-3, name  # at most a flipped pair at the cut-off
+        assert (diff > 2e-3).float().mean() < 2e-3, name  # and only in a few pixels
+
+    # Radii: gsplat 1.5 gives the per-axis half sizes ceil(k sqrt(cov2d_xx)), ceil(k sqrt(cov2d_yy))
+    # of the alpha >= 1/255 ellipse (k = sqrt(2 ln(255 o))), ours is the enclosing circle's
+    # ceil(k sqrt(lambda_max(cov2d))) >= both.
+    radii_gs = meta["radii"].cpu().long()
+    if radii_gs.dim() == 2:  # gsplat < 1.5: one radius per Gaussian
+        radii_gs = radii_gs[..., None].expand(-1, -1, 2)
+    assert radii_gs.shape == (2, n, 2)
+    radii = ours.radii.long()
+    with torch.no_grad():
+        k = torch.sqrt(2 * torch.log(255 * opacities.double()).clamp_min(0))  # [N]
+        axis = torch.ceil(k[:, None] * torch.diagonal(proj.cov2d.double(), dim1=-2, dim2=-1).sqrt()).long()
+    shown = radii_gs.amax(-1) > 0
+    assert shown.sum() > 0.9 * 2 * n and not shown[0, 0] and not shown[:, 1].any()
+    assert (radii[shown] > 0).all()  # gsplat keeps a subset of ours
+    assert ((radii_gs - axis).abs()[shown] <= 1).all()
+    assert (radii >= radii_gs.amax(-1) - 1).all()
+    # Ours keeps some that gsplat culls only where the tighter per-axis box misses the image.
+    culled = (radii > 0) & ~shown
+    mx, my = proj.means2d.unbind(-1)
+    rx, ry = (axis - 1).unbind(-1)
+    assert not ((mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height))[culled].any()
+
+    for name, a, b in zip(("means", "quats", "scales", "opacities", "colors"), g_ours, g_gs):
+        b = b.cpu()
+        assert b.norm() > 0, name
+        assert (a - b).norm() <= 1e-2 * b.norm(), (name, float((a - b).norm() / b.norm()))

@@ -1,5 +1,7 @@
 """The 3D Gaussians representation: initialization, rendering, export fields, splat PLY, CLI."""
 
+import copy
+import json
 import math
 
 import numpy as np
@@ -143,6 +145,182 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
+
+
+# ----------------------------------------------------------------------------------------------
+# Densification and pruning
+# ----------------------------------------------------------------------------------------------
+def _six_gaussians(*overrides):
+    """0: small, high gradient (clone); 1: large, high gradient (split); 2: transparent (prune);
+    3: huge (prune, even with a high gradient); 4: small, low gradient (kept); 5: large, never
+    visible (kept)."""
+    rep = _rep("representation.gaussians.densify_grad_threshold=0.01",
+               "representation.gaussians.densify_scale_threshold=0.05",  # x radius 1
+               "representation.gaussians.prune_opacity=0.01", "representation.gaussians.prune_scale=0.5",
+               *overrides, n=6)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        rep.means.copy_(torch.randn(6, 3, generator=g) * 0.2)
+        rep.log_scales.copy_(torch.log(torch.tensor([0.02, 0.2, 0.02, 0.8, 0.02, 0.2]))[:, None]
+                             + torch.tensor([0.0, 0.3, -0.2]))
+        rep.quats.copy_(torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1))
+        rep.opacity_logits.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.005, 0.5, 0.5, 0.5])))
+        rep.color_logits.copy_(torch.randn(6, 3, generator=g))
+        rep.grad2d_sum.copy_(torch.tensor([0.05, 0.09, 0.5, 0.5, 0.001, 0.0]))
+        rep.grad2d_count.copy_(torch.tensor([2.0, 3.0, 1.0, 1.0, 1.0, 0.0]))
+    return rep
+
+
+def _adam_with_state(rep):
+    opt = torch.optim.Adam(rep.param_groups(load_config().optim), lr=1e-3)
+    for g in opt.param_groups:
+        g["lr"] = g["lr_fixed"]
+    out = rep.render(_cams(res=16, batch=1), generator=torch.Generator().manual_seed(0))
+    (out.rgb * torch.rand(out.rgb.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    for p in rep.parameters():  # every Gaussian gets a distinct, nonzero gradient
+        p.grad = p.grad + torch.arange(1, p.numel() + 1, dtype=p.dtype).reshape(p.shape) * 1e-3
+    opt.step()
+    return opt
+
+
+def test_densify_clones_splits_and_prunes_as_specified():
+    rep = _six_gaussians()
+    opt = _adam_with_state(rep)
+    old = {k: p.detach().clone() for k, p in rep._parameters_by_name().items()}
+    old_state = {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in rep._parameters_by_name().items()}
+    ids = [id(p) for p in rep.parameters()]
+    stats = rep.densify_and_prune(opt, torch.Generator().manual_seed(7))
+    assert stats == {"cloned": 1, "split": 1, "pruned": 2, "total": 6 - 2 - 1 + 1 + 2}
+    assert [id(p) for p in rep.parameters()] == ids  # the optimizer's groups still hold them
+    # order: kept (0, 4, 5), then the clone of 0, then the two children of 1
+    new = rep._parameters_by_name()
+    for k, p in new.items():
+        assert p.shape[0] == 6
+        assert torch.equal(p[:3], old[k][[0, 4, 5]]), k
+        assert torch.equal(p[3], old[k][0]), k
+        if k not in ("means", "scales"):
+            assert torch.equal(p[4], old[k][1]) and torch.equal(p[5], old[k][1]), k
+    assert torch.allclose(new["scales"][4:], (old["scales"][1] - math.log(1.6)).expand(2, 3))
+    # children drawn from the parent's Gaussian: mu + R diag(s) z, z from the generator
+    z = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(7))[:, 0]
+    w, x, y, zq = torch.nn.functional.normalize(old["quats"][1], dim=0)
+    R = torch.tensor([[1 - 2 * (y * y + zq * zq), 2 * (x * y - w * zq), 2 * (x * zq + w * y)],
+                      [2 * (x * y + w * zq), 1 - 2 * (x * x + zq * zq), 2 * (y * zq - w * x)],
+                      [2 * (x * zq - w * y), 2 * (y * zq + w * x), 1 - 2 * (x * x + y * y)]])
+    expected = old["means"][1] + (z * old["scales"][1].exp()) @ R.T
+    assert torch.allclose(new["means"][4:], expected, atol=1e-6)
+    # Adam moments follow their Gaussians; new ones start at zero; the step count is kept
+    for k, p in new.items():
+        st = opt.state[p]
+        for s in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[s][:3], old_state[k][s][[0, 4, 5]]), (k, s)
+            assert not st[s][3:].any(), (k, s)
+        assert torch.equal(st["step"], old_state[k]["step"])
+    assert rep.grad2d_sum.shape == (6,) and not rep.grad2d_sum.any() and not rep.grad2d_count.any()
+    # the optimizer and the renderer work on the new count
+    out = rep.render(_cams(res=16, batch=1), generator=torch.Generator().manual_seed(0))
+    out.rgb.sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in rep.parameters())
+
+
+def test_densify_respects_max_gaussians_highest_gradient_first():
+    rep = _six_gaussians("representation.gaussians.max_gaussians=5")
+    opt = _adam_with_state(rep)
+    stats = rep.densify_and_prune(opt, torch.Generator().manual_seed(7))
+    # 4 survive pruning: budget 1, given to the split candidate (gradient 0.03 > 0.025)
+    assert stats == {"cloned": 0, "split": 1, "pruned": 2, "total": 5}
+    rep = _six_gaussians("representation.gaussians.max_gaussians=3")
+    stats = rep.densify_and_prune(_adam_with_state(rep), torch.Generator().manual_seed(7))
+    assert stats == {"cloned": 0, "split": 0, "pruned": 2, "total": 4}  # never prunes to fit
+
+
+def test_opacity_reset_clamps_and_zeroes_moments():
+    rep = _six_gaussians()
+    opt = _adam_with_state(rep)
+    before = rep.opacities.detach().clone()
+    rep.reset_opacity(opt)
+    assert torch.allclose(rep.opacities, before.clamp(max=0.02), atol=1e-7)
+    assert not opt.state[rep.opacity_logits]["exp_avg"].any()
+    assert opt.state[rep.means]["exp_avg"].any()
+
+
+def test_after_backward_accumulates_ndc_gradient_of_visible_gaussians():
+    rep = _rep("representation.gaussians.init=shape", n=50)
+    with torch.no_grad():  # some invisible: off to the side, or too transparent to draw
+        rep.means[:4] += 50.0
+        rep.opacity_logits[4:6] = -8.0
+    cams = _cams(res=16, batch=2)
+    weights = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    # the reference gradient from a separate render of a copy (autograd.grad would also fire retain_grad)
+    ref = copy.deepcopy(rep).render(cams, generator=torch.Generator().manual_seed(0))
+    (g2d,) = torch.autograd.grad((ref.rgb * weights).sum(), ref.extras["means2d"])
+    out = rep.render(cams, generator=torch.Generator().manual_seed(0))
+    (out.rgb * weights).sum().backward()
+    rep.after_backward(out, 0)
+    visible = out.extras["radii"] > 0
+    assert visible.any() and not visible.all()
+    # independent: per camera, |(gx W/2 B, gy H/2 B)| summed over the cameras that see it
+    expected = torch.zeros(50)
+    count = torch.zeros(50)
+    for b in range(2):
+        for i in range(50):
+            if visible[b, i]:
+                expected[i] += math.hypot(float(g2d[b, i, 0]) * 8 * 2, float(g2d[b, i, 1]) * 8 * 2)
+                count[i] += 1
+    assert torch.allclose(rep.grad2d_sum, expected, rtol=1e-5, atol=1e-9)
+    assert torch.equal(rep.grad2d_count, count)
+
+
+def test_update_follows_the_schedule():
+    rep = _rep("representation.gaussians.densify_from=2", "representation.gaussians.densify_every=2",
+               "representation.gaussians.densify_until=6", "representation.gaussians.opacity_reset_every=4",
+               "representation.gaussians.densify_grad_threshold=0", "representation.gaussians.max_gaussians=10000",
+               "representation.gaussians.prune_opacity=1e-4", "representation.gaussians.prune_scale=10", n=20)
+    opt = _adam_with_state(rep)
+    counts = []
+    for step in range(10):  # update(step) runs after step+1 steps are done
+        rep.grad2d_sum.fill_(1.0)
+        rep.grad2d_count.fill_(1.0)
+        rep.update(step, opt)
+        counts.append(rep.num_gaussians)
+    # densify after steps 4 and 6 (from=2 is exclusive), each doubling; none after until=6
+    assert counts == [20, 20, 20, 40, 40, 80, 80, 80, 80, 80]
+    assert float(rep.opacities.detach().max()) <= 2e-4 * (1 + 1e-4)  # reset after step 4 (not after 8: past until)
+    off = _rep("representation.gaussians.densify_every=0", n=20)
+    off.grad2d_sum.fill_(1.0)
+    off.grad2d_count.fill_(1.0)
+    off.update(199, _adam_with_state(off))
+    assert off.num_gaussians == 20
+
+
+def test_densified_run_resumes_exactly_through_the_cli(tmp_path, tiny_sd_path):
+    from safetensors.torch import load_file
+
+    from threedistill.cli import main
+
+    def gen(name, steps):
+        return main(["generate", "a red cube", "--out", str(tmp_path), f"prior.name={tiny_sd_path}", f"run.name={name}",
+                     "representation.name=gaussians", "representation.gaussians.num_points=200",
+                     "representation.gaussians.init=shape", "representation.gaussians.densify_from=0",
+                     "representation.gaussians.densify_every=2", "representation.gaussians.densify_until=6",
+                     "representation.gaussians.densify_grad_threshold=1e-9",
+                     "representation.gaussians.max_gaussians=260", "representation.gaussians.opacity_reset_every=4",
+                     f"run.steps={steps}", "run.resolution=16", "run.progress=false", "run.preview_every=100",
+                     "run.checkpoint_every=3", "export.formats=[]", "export.turntable=false"])
+
+    assert gen("full", 6) == 0
+    assert gen("part", 3) == 0
+    assert main(["generate", "--resume", str(tmp_path / "part"), "run.steps=6"]) == 0
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000006.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "step_000006.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    counts = [json.loads(l)["num_gaussians"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert counts[0] == 200 and counts[1] > 200 and counts[-1] <= 260  # grew at step 2, capped
+    assert (tmp_path / "full" / "splat.ply").is_file()
+    assert len(read_splat_ply(tmp_path / "full" / "splat.ply")["x"]) == counts[-1]
 
 
 # ----------------------------------------------------------------------------------------------

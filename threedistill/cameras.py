@@ -256,4 +256,4 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return g
 
 
-STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER = 0, 1, 2
+STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, STREAM_DENSIFY = 0, 1, 2, 3

@@ -1,7 +1,7 @@
 """The ``threedistill`` command.
 
     threedistill generate "PROMPT" [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]
-    threedistill export RUN_DIR [--format glb|obj|ply] [--resolution N] [--threshold X]
+    threedistill export RUN_DIR [--format glb|obj|ply|splat] [--resolution N] [--threshold X]
     threedistill render RUN_DIR [--frames N] [--resolution N]
     threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="extract and write the mesh of a run")
     e.add_argument("run_dir")
-    e.add_argument("--format", "-f", choices=["glb", "obj", "ply"], action="append",
-                   help="mesh format (repeatable; default glb)")
+    e.add_argument("--format", "-f", choices=["glb", "obj", "ply", "splat"], action="append",
+                   help="mesh format, or splat for a Gaussians run's 3DGS splat.ply (repeatable; default glb)")
     e.add_argument("--resolution", type=int, help="marching-cubes grid size (default export.mesh_resolution)")
     e.add_argument("--threshold", type=float, help="density iso level (default from the representation config)")
     e.add_argument("--output", help="output file (default RUN_DIR/model.<format>)")
@@ -153,6 +153,15 @@ def cmd_export(args) -> int:
     formats = args.format or ["glb"]
     if args.output and len(formats) > 1:
         raise UserError("--output takes one --format")
+    if "splat" in formats:
+        if not hasattr(rep, "save_splat_ply"):
+            raise UserError(f"--format splat needs a Gaussians run; '{run_dir}' is a {cfg.representation.name} run")
+        out = Path(args.output) if args.output else run_dir / "splat.ply"
+        rep.save_splat_ply(out)
+        print(f"splat: {out} ({rep.num_gaussians} Gaussians, step {step})")
+        formats = [f for f in formats if f != "splat"]
+        if not formats:
+            return 0
     mesh = extract_mesh(rep, resolution=args.resolution or cfg.export.mesh_resolution,
                         threshold=args.threshold, min_component_ratio=cfg.export.min_component_ratio)
     for fmt in formats:

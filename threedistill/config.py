@@ -141,8 +141,8 @@ class NerfConfig:
 
 @dataclass
 class GaussiansConfig:
-    # Number of Gaussians (fixed: no densification yet). A "file:" init uses the file's points
-    # (randomly subsampled to num_points when it has more).
+    # Initial number of Gaussians (densification changes it). A "file:" init uses the file's
+    # points (randomly subsampled to num_points when it has more).
     num_points: int = 4096
     # "sphere": uniform in a ball of init_radius; "shape": on the shapes-world mesh named by the
     # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh.
@@ -167,6 +167,26 @@ class GaussiansConfig:
     lambda_scale: Scheduled = 0.0
     # Marching-cubes level on the summed Gaussian density (export).
     isosurface_threshold: float = 0.5
+    # Adaptive density control (3D Gaussian Splatting, Kerbl et al. 2023), on both back ends.
+    # Every densify_every steps from densify_from to densify_until (null: half of run.steps),
+    # Gaussians whose view-space positional gradient, averaged over the steps they were visible,
+    # exceeds densify_grad_threshold (in NDC units, as gsplat; guidance losses have far larger
+    # gradients than 3DGS's photometric loss, whose threshold is 2e-4: 1.0 keeps roughly the top
+    # 10% of SDS with the shapes prior) are cloned (largest scale <=
+    # densify_scale_threshold x radius) or split in two (larger ones; scales / 1.6); at the same
+    # time Gaussians with opacity < prune_opacity or largest scale > prune_scale x radius are
+    # removed. Opacities are clamped to 2 x prune_opacity every opacity_reset_every steps
+    # (0: never) up to densify_until. The count never exceeds max_gaussians (the
+    # highest-gradient candidates win). densify_every = 0 turns all of this off.
+    densify_from: int = 100
+    densify_until: Optional[int] = None
+    densify_every: int = 100
+    densify_grad_threshold: float = 1.0
+    densify_scale_threshold: float = 0.01
+    prune_opacity: float = 0.005
+    prune_scale: float = 0.1
+    opacity_reset_every: int = 0
+    max_gaussians: int = 20000
 
 
 @dataclass
@@ -231,6 +251,8 @@ class RunConfig:
 class ExportConfig:
     # Mesh formats written at the end of a run: any of glb, obj, ply.
     formats: List[str] = field(default_factory=lambda: ["glb"])
+    # Gaussians only: also write splat.ply (the standard 3DGS layout splat viewers read).
+    splat: bool = True
     mesh_resolution: int = 128
     # Keep connected components with at least this fraction of the largest one's faces.
     min_component_ratio: float = 0.05
@@ -370,6 +392,33 @@ def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
     return load_config(None, overrides, base=saved)
 
 
+def _load_config_file(path: Path, chain: tuple = ()) -> DictConfig:
+    """One YAML config file; its optional top-level ``extends: [name or path, ...]`` is loaded
+    first (recursively, in order; names resolve like ``--config``, relative paths against the
+    file's folder), then the file's own keys on top."""
+    if path.resolve() in chain:
+        raise UserError(f"config file '{path}' extends itself (through {' -> '.join(p.name for p in chain)})")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        loaded = OmegaConf.create({})
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"config file '{path}' does not hold a config mapping")
+    parents = loaded.pop("extends", None)
+    if parents is None:
+        return loaded
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create({})
+    for parent in parents:
+        beside = [c for c in (path.parent / str(parent), path.parent / f"{parent}.yaml") if c.is_file()]
+        target = beside[0] if beside else resolve_config_path(str(parent))
+        merged = OmegaConf.merge(merged, _load_config_file(target, chain + (path.resolve(),)))
+    return OmegaConf.merge(merged, loaded)
+
+
 def load_config(
     config_file: Optional[str | Path | Sequence[str | Path]] = None,
     overrides: Sequence[str] = (),
@@ -393,14 +442,7 @@ def load_config(
         else:
             files = list(config_file)
         for one in files:
-            path = resolve_config_path(str(one))
-            try:
-                loaded = OmegaConf.load(path)
-            except Exception as e:  # yaml errors
-                raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-            if loaded is None:
-                loaded = OmegaConf.create({})
-            merged = OmegaConf.merge(merged, loaded)
+            merged = OmegaConf.merge(merged, _load_config_file(resolve_config_path(str(one))))
         if overrides:
             for ov in overrides:
                 if "=" not in ov:
@@ -471,6 +513,12 @@ def validate(cfg: Config) -> None:
     for key in ("representation.gaussians.num_points", "representation.gaussians.init_radius",
                 "representation.gaussians.radius"):
         positive(key)
+    for key in ("densify_from", "densify_every", "densify_grad_threshold", "densify_scale_threshold",
+                "prune_opacity", "prune_scale", "opacity_reset_every"):
+        positive(f"representation.gaussians.{key}", allow_zero=True)
+    positive("representation.gaussians.max_gaussians")
+    if g.densify_until is not None and g.densify_until < 0:
+        raise UserError(f"config key 'representation.gaussians.densify_until' must be >= 0 or null, got {g.densify_until}")
     if not 0.0 < g.init_opacity < 1.0:
         raise UserError(f"config key 'representation.gaussians.init_opacity' must lie within (0, 1), got {g.init_opacity}")
     if not 0.0 <= g.random_background_prob <= 1.0:

@@ -11,6 +11,7 @@ Run folder (``<run.out_dir>/<run.name>``)::
     previews/          step_XXXXXX.png (front | side | back | overhead)
     checkpoints/       step_XXXXXX.safetensors + .json
     model.glb          (and .obj / .ply as configured)
+    splat.ply          (Gaussians: the 3DGS splat file)
     turntable.mp4
 """
 
@@ -225,11 +226,12 @@ class Distiller:
         loss = g.loss + sum(regs.values()) if regs else g.loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.representation.after_backward(out, step)
         timer.lap("backward")
         param_norm = math.sqrt(sum(float(p.grad.detach().pow(2).sum()) for grp in self.optimizer.param_groups
                                    for p in grp["params"] if p.grad is not None))
         self.optimizer.step()
-        self.representation.update(step)
+        self.representation.update(step, self.optimizer)
         timer.lap("optimizer")
         stats: Dict[str, float] = {
             "step": step + 1,
@@ -241,6 +243,7 @@ class Distiller:
         for k, v in regs.items():
             stats[f"loss_{k}"] = float(v.detach())
         stats.update(g.stats)
+        stats.update(self.representation.log_stats())
         if not math.isfinite(stats["loss"]):
             raise UserError(f"loss became {stats['loss']} at step {step + 1}; lower optim.lr or guidance.guidance_scale")
         return stats
@@ -273,7 +276,7 @@ class Distiller:
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=1))
 
     def export(self) -> tuple[Dict[str, str], Optional[str]]:
-        """The turntable video and meshes (export.formats) into the run folder: the written
+        """The splat PLY (Gaussians), turntable video and meshes (export.formats) into the run folder: the written
         outputs, and the one-line reason the mesh could not be extracted (else None)."""
         from threedistill.export import export_run_meshes, render_turntable
 
@@ -281,7 +284,9 @@ class Distiller:
         error: Optional[str] = None
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
-        # The video first: it cannot fail on a missing surface, the mesh can.
+        # The splat PLY and the video first: they cannot fail on a missing surface, the mesh can.
+        if e.splat and hasattr(self.representation, "save_splat_ply"):
+            outputs["splat"] = str(self.representation.save_splat_ply(self.run_dir / "splat.ply"))
         if e.turntable:
             p = render_turntable(self.representation, self.run_dir / "turntable.mp4", frames=e.turntable_frames,
                                  fps=e.turntable_fps, resolution=e.turntable_resolution,
@@ -346,7 +351,8 @@ class Distiller:
                     metrics.write(json.dumps(stats) + "\n")
                     metrics.flush()
                     if bar is not None:
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]), refresh=False)
+                        extra = {"gaussians": int(stats["num_gaussians"])} if "num_gaussians" in stats else {}
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]), **extra, refresh=False)
                         bar.update(1)
                     for cb in self.callbacks:
                         cb.on_step(self, self.step, stats)

@@ -128,6 +128,7 @@ def extract_mesh(
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
     name = type(rep).__name__
+    threshold_key = f"{getattr(rep, 'config_key', 'representation.<name>')}.isosurface_threshold"
     try:
         iso = float(rep.isosurface_threshold if threshold is None else threshold)
     except NotImplementedError:
@@ -148,8 +149,7 @@ def extract_mesh(
             max_density = float(finite.max()) if finite.size else float("nan")
             raise UserError(
                 f"no surface found: density never exceeds isosurface threshold {iso:g} "
-                f"(max density {max_density:.4g}); train longer or lower "
-                f"representation.nerf.isosurface_threshold"
+                f"(max density {max_density:.4g}); train longer or lower {threshold_key}"
             )
         outside = min(float(finite.min()) if finite.size else iso, iso) - 1.0
         volume = np.nan_to_num(volume, nan=outside, posinf=np.finfo(np.float32).max, neginf=outside)
@@ -158,7 +158,7 @@ def extract_mesh(
         faces = np.asarray(faces, dtype=np.int64)
         if len(faces) == 0:  # pragma: no cover - cannot happen once a voxel exceeds iso
             raise UserError(f"no surface found at isosurface threshold {iso:g}; train longer or lower "
-                            f"representation.nerf.isosurface_threshold")
+                            f"{threshold_key}")
         if _outward_sign(verts, faces, padded) > 0:
             faces = faces[:, ::-1].copy()
         # index space of the padded grid -> world: index 1 is -bound, index R is +bound.

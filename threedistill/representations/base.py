@@ -46,8 +46,18 @@ class Representation(ABC, torch.nn.Module):
     def param_groups(self, optim_cfg) -> List[dict]:
         """Optimizer parameter groups: dicts with ``params``, ``name`` and ``lr_scale``."""
 
-    def update(self, step: int) -> None:
-        """Per-step housekeeping after the optimizer step (e.g. occupancy-grid refresh)."""
+    def after_backward(self, out: RenderOutput, step: int) -> None:
+        """After the backward pass of ``step``, before the optimizer step: read gradients the
+        parameters' ``.grad`` does not hold (e.g. the Gaussians' view-space gradient)."""
+
+    def update(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Per-step housekeeping after the optimizer step (e.g. occupancy-grid refresh,
+        densification). A representation that changes its parameters' shapes must keep
+        ``optimizer``'s per-parameter state consistent."""
+
+    def log_stats(self) -> Dict[str, float]:
+        """Scalars added to each step's metrics (e.g. the number of Gaussians)."""
+        return {}
 
     # -- for export (implicit representations) --------------------------------------------------
     def density(self, points: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Two functions share one projection and one compositing rule and differ only in w
 
 * :func:`rasterize` pairs each Gaussian only with the pixels of its footprint, sorts the pairs by
   (camera, pixel, depth) and composites them with a segmented exclusive cumulative product in log
-  space. Fast enough to train a few thousand Gaussians on CPU (see ``python -m`` this module).
+  space. Fast enough to train a few thousand Gaussians on CPU (timings: ``benchmarks/gaussian_raster.py``).
 * :func:`rasterize_dense` pairs every Gaussian with every pixel (the reference; slow).
 
 Both are torch autograd graphs: gradients reach ``means, quats, scales, opacities, colors`` and
@@ -36,15 +36,17 @@ For a pixel centre p and Gaussian i, with d = p - mean2d_i::
     alpha = 1 - T_final;   depth = sum_i z_i alpha_i T_i  (expected camera-space z, not normalized)
 
 Invalid Gaussians (behind the near plane, degenerate covariance) contribute nothing.
-**No early termination**: gsplat stops a pixel once T would drop below 1e-4; neither function here
-does (so results differ from gsplat by at most ~1e-4 times a colour in such pixels, and gradients
-are smooth there). Colours are composited as given (any real values).
+**No early termination**: gsplat drops the Gaussian that would take a pixel's T below 1e-4, and
+everything behind it; neither function here does. In such (near-opaque) pixels the results differ
+from gsplat by up to the dropped remainder of T, about 1e-4 / (1 - alpha_i) times a colour; our
+gradients stay smooth there. Colours are composited as given (any real values).
 
 Footprint and radii
 -------------------
 ``alpha_i >= 1/255`` exactly where ``d^T conic d <= k_i^2 = 2 ln(255 opacity_i)``: an ellipse inside
 the circle of radius ``k_i sqrt(lambda_max(cov2d))``. ``RasterOutput.radii`` is that radius rounded
-up (integer pixels, like gsplat's radii); it is 0 for invalid Gaussians, for opacity <= 1/255 and
+up (integer pixels; gsplat 1.5 reports per-axis radii from the diagonal of cov2d instead, which
+are never larger: both only serve as visibility tests here); it is 0 for invalid Gaussians, for opacity <= 1/255 and
 for Gaussians whose square of that radius misses the image (gsplat's ``inside`` test).
 
 How :func:`rasterize` finds and composites the pairs
@@ -470,65 +472,3 @@ def rasterize_dense(
         radii=radii,
         means2d=proj.means2d,
     )
-
-
-def _benchmark_scene(n: int, trained: bool, seed: int = 0):
-    """A DreamGaussian-style initial cloud (``trained=False``): n points in a ball of radius 0.5,
-    isotropic scales sqrt(mean squared distance to the 3 nearest neighbours), opacity 0.1; or a
-    mid-training-like one (``trained=True``): the same cloud with anisotropic scales (x e^{N(0, 0.5)})
-    and opacities uniform in (0.05, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(n, 3, generator=g)
-    means = 0.5 * d / d.norm(dim=-1, keepdim=True) * torch.rand(n, 1, generator=g) ** (1 / 3)
-    dist = torch.cdist(means, means)
-    dist.fill_diagonal_(float("inf"))
-    knn = dist.topk(3, dim=1, largest=False).values
-    scales = (knn * knn).mean(dim=1, keepdim=True).sqrt().expand(n, 3).clone()
-    quats = torch.randn(n, 4, generator=g)
-    opacities = torch.full((n,), 0.1)
-    if trained:
-        scales = scales * torch.exp(0.5 * torch.randn(n, 3, generator=g))
-        opacities = 0.05 + 0.95 * torch.rand(n, generator=g)
-    colors = torch.rand(n, 3, generator=g)
-    return means, quats, scales, opacities, colors
-
-
-if __name__ == "__main__":  # timing: OMP_NUM_THREADS=1 python -m threedistill.representations.gaussian_raster
-    import time
-
-    from threedistill.cameras import make_cameras
-
-    def timed(fn, clock):
-        t0 = clock()
-        out = fn()
-        return out, clock() - t0
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); times in ms as "
-          "wall (CPU time of this process), best / median of 7")
-    for res in (64, 128):
-        for trained in (False, True):
-            params = [t.requires_grad_() for t in _benchmark_scene(5000, trained)]
-            cams = make_cameras([15.0], [30.0], [1.75], [55.0], res)
-            bg = torch.ones(3)
-            with torch.no_grad():
-                proj = project_gaussians(*params[:3], cams)
-                spans = _footprint_spans(proj, params[3], footprint_radii(proj, params[3], res, res), res, res)
-                n_pix = int((spans.x_hi - spans.x_lo + 1).sum())
-                n_strip = _sorted_strip_pairs(spans, 1, res, res, STRIP_WIDTH).key.numel()
-            times = {k: [] for k in ("fwd", "fwd_cpu", "bwd", "bwd_cpu")}
-            for _ in range(7):
-                w0, c0 = time.perf_counter(), time.process_time()
-                out = rasterize(*params, cams, bg)
-                w1, c1 = time.perf_counter(), time.process_time()
-                loss = (out.rgb * torch.randn_like(out.rgb)).sum() + out.depth.mean() + out.alpha.sum()
-                w2, c2 = time.perf_counter(), time.process_time()
-                loss.backward()
-                w3, c3 = time.perf_counter(), time.process_time()
-                for k, v in (("fwd", w1 - w0), ("fwd_cpu", c1 - c0), ("bwd", w3 - w2), ("bwd_cpu", c3 - c2)):
-                    times[k].append(v * 1e3)
-            best = {k: f"{min(v):.0f}" for k, v in times.items()}
-            med = {k: f"{sorted(v)[3]:.0f}" for k, v in times.items()}
-            print(f"5000 Gaussians, {'mid-training' if trained else 'initial'} scene, {res}x{res}: "
-                  f"{n_pix:,} pixel pairs in {n_strip:,} strip pairs; "
-                  f"forward {best['fwd']} ({best['fwd_cpu']}) / {med['fwd']} ({med['fwd_cpu']}), "
-                  f"backward {best['bwd']} ({best['bwd_cpu']}) / {med['bwd']} ({med['bwd_cpu']})")

@@ -1,8 +1,8 @@
 """3D Gaussian Splatting as a score-distillation representation (DreamGaussian / GaussianDreamer
 style, colours only: no spherical harmonics, no lighting).
 
-Parameters (all ``nn.Parameter``, N fixed for now: no densification or pruning yet)
------------------------------------------------------------------------------------
+Parameters (all ``nn.Parameter``; N changes with densification)
+---------------------------------------------------------------
 ``means [N,3]`` (world), ``log_scales [N,3]``, ``quats [N,4]`` (w, x, y, z; normalized when
 used), ``opacity_logits [N]`` (opacity = sigmoid), ``color_logits [N,3]`` (RGB = sigmoid, in
 [0, 1]). All of them are in ``state_dict()``, so checkpoints load as they are.
@@ -35,6 +35,29 @@ CUDA: ``gsplat.rasterization`` (same math). Outputs follow the :class:`RenderOut
 * ``extras["means2d"] [B,N,2]`` (the graph's projected means; ``retain_grad()`` them before the
   backward pass for densification) and ``extras["radii"] [B,N]`` (int32 pixels, 0 = culled).
 
+Densification and pruning (3DGS adaptive density control)
+---------------------------------------------------------
+Every training render retains the gradient of ``means2d``; :meth:`after_backward` accumulates,
+per Gaussian and per camera where it is visible (``radii > 0``), the norm of that gradient in NDC
+units (pixels x ``W/2``, ``H/2``, times the number of cameras in the batch, as gsplat's default
+strategy does). :meth:`update` then, every ``densify_every`` steps within
+``[densify_from, densify_until]``:
+
+* candidates: mean accumulated gradient > ``densify_grad_threshold``, not being pruned;
+* **clone** the candidates whose largest scale is <= ``densify_scale_threshold x radius`` (an
+  exact copy), **split** the others into two Gaussians drawn from the parent's own distribution
+  (means ``mu + R diag(s) z``, ``z ~ N(0, I)``) with scales ``s / 1.6`` (the parent goes);
+* **prune** opacity < ``prune_opacity`` or largest scale > ``prune_scale x radius``;
+* keep at most ``max_gaussians`` (only the highest-gradient candidates grow when the budget is short).
+
+Parameters are resized in place (``param.data`` is replaced, the ``nn.Parameter`` objects stay,
+so optimizer groups keep pointing at them) and the optimizer's per-parameter state (Adam moments)
+is gathered with the same indices, with zeros for new Gaussians. Every ``opacity_reset_every``
+steps, opacities are clamped to ``2 x prune_opacity`` and their Adam moments zeroed. The
+accumulators are buffers, so checkpoints carry them; :meth:`_load_from_state_dict` resizes the
+module to a checkpoint's count before loading, so resume is exact. Split draws come from
+``step_generator(run.seed, step, STREAM_DENSIFY)``.
+
 Export
 ------
 ``density(x) = sum_i opacity_i exp(-0.5 d_i^T Sigma_i^-1 d_i)`` (``d_i = x - mu_i``), evaluated
@@ -57,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threedistill.cameras import CameraBatch
+from threedistill.cameras import STREAM_DENSIFY, CameraBatch, step_generator
 from threedistill.config import plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
@@ -190,6 +213,8 @@ class Gaussians(Representation):
     ``cutoff_sigmas`` set the chunking and culling of :meth:`density` / :meth:`albedo`.
     """
 
+    config_key = "representation.gaussians"  # where its settings live (named in error messages)
+
     chunk_points: int = 2048
     cutoff_sigmas: float = 5.0
 
@@ -206,6 +231,13 @@ class Gaussians(Representation):
         self._isosurface_threshold = float(c.isosurface_threshold)
         if self.background_mode not in ("white", "black", "random"):
             raise ValueError(f"unknown background '{self.background_mode}'")
+        self._seed = int(cfg.run.seed)
+        until = c.densify_until if c.densify_until is not None else int(cfg.run.steps) // 2
+        self.densify = {"from": int(c.densify_from), "until": int(until), "every": int(c.densify_every),
+                        "grad": float(c.densify_grad_threshold),
+                        "clone_scale": float(c.densify_scale_threshold) * self.radius,
+                        "prune_opacity": float(c.prune_opacity), "prune_scale": float(c.prune_scale) * self.radius,
+                        "reset_every": int(c.opacity_reset_every), "max": int(c.max_gaussians)}
 
         means, colours = self._initial_points(cfg)
         n = means.shape[0]
@@ -217,6 +249,9 @@ class Gaussians(Representation):
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
         self.opacity_logits = nn.Parameter(_logit(torch.full((n,), float(c.init_opacity))))
         self.color_logits = nn.Parameter(_logit(colours.float()))
+        # Densification statistics (see the module docstring); buffers, so checkpoints hold them.
+        self.register_buffer("grad2d_sum", torch.zeros(n))
+        self.register_buffer("grad2d_count", torch.zeros(n))
 
         device = torch.device(device)
         self.use_gsplat = device.type == "cuda"
@@ -328,6 +363,8 @@ class Gaussians(Representation):
 
         out = RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=alpha, depth=depth,
                            normal=self._normals_from_depth(cameras, dist_sum, alpha))
+        if training and r["means2d"].requires_grad:
+            r["means2d"].retain_grad()  # for after_backward's densification statistics
         out.extras["means2d"] = r["means2d"]
         out.extras["radii"] = r["radii"]
         return out
@@ -346,6 +383,125 @@ class Gaussians(Representation):
         n = torch.where((n * rays_d).sum(-1, keepdim=True) > 0, -n, n)  # face the camera
         n = n.permute(0, 3, 1, 2)
         return ((alpha * n + 1.0) * 0.5).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------------------
+    # Densification and pruning
+    # ------------------------------------------------------------------------------------------
+    def _parameters_by_name(self) -> Dict[str, nn.Parameter]:
+        return {"means": self.means, "scales": self.log_scales, "quats": self.quats,
+                "opacities": self.opacity_logits, "colors": self.color_logits}
+
+    def _densifying(self, step_done: int) -> bool:
+        d = self.densify
+        return d["every"] > 0 and d["from"] < step_done <= d["until"]
+
+    @torch.no_grad()
+    def after_backward(self, out: RenderOutput, step: int) -> None:
+        """Accumulate the view-space positional gradient of this step's render (before the
+        optimizer step; only while densification can still happen)."""
+        if self.densify["every"] <= 0 or step + 1 > self.densify["until"]:
+            return
+        means2d = out.extras.get("means2d")
+        if means2d is None or means2d.grad is None:
+            return
+        g = means2d.grad.detach()  # [B,N,2] pixels
+        B, H, W = g.shape[0], out.rgb.shape[-2], out.rgb.shape[-1]
+        g = g * torch.tensor([W / 2.0 * B, H / 2.0 * B], device=g.device, dtype=g.dtype)
+        visible = out.extras["radii"] > 0  # [B,N]
+        self.grad2d_sum += torch.where(visible, g.norm(dim=-1), torch.zeros((), device=g.device)).sum(0)
+        self.grad2d_count += visible.sum(0).to(self.grad2d_count.dtype)
+
+    def update(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """After the optimizer step of ``step`` (0-based): densify + prune, and reset opacities,
+        on their schedules (see the module docstring)."""
+        done, d = step + 1, self.densify
+        if optimizer is None or d["every"] <= 0:
+            return
+        if self._densifying(done) and done % d["every"] == 0:
+            self.densify_and_prune(optimizer, step_generator(self._seed, step, STREAM_DENSIFY))
+        if d["reset_every"] > 0 and done <= d["until"] and done % d["reset_every"] == 0:
+            self.reset_opacity(optimizer)
+
+    @torch.no_grad()
+    def densify_and_prune(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> Dict[str, int]:
+        """One round of clone / split / prune; returns the counts (``cloned``, ``split``,
+        ``pruned``, ``total``) and resets the gradient statistics."""
+        d = self.densify
+        n = self.num_gaussians
+        avg = self.grad2d_sum / self.grad2d_count.clamp_min(1.0)
+        max_scale = self.scales.amax(dim=-1)
+        prune = (self.opacities < d["prune_opacity"]) | (max_scale > d["prune_scale"])
+        grow = (avg > d["grad"]) & ~prune
+        budget = max(d["max"] - (n - int(prune.sum())), 0)  # every grown Gaussian adds one
+        if int(grow.sum()) > budget:
+            order = torch.argsort(torch.where(grow, avg, torch.full_like(avg, -1.0)), descending=True, stable=True)
+            grow = torch.zeros_like(grow)
+            grow[order[:budget]] = True
+        clone = grow & (max_scale <= d["clone_scale"])
+        split = grow & ~clone
+
+        params = {k: p.detach() for k, p in self._parameters_by_name().items()}
+        new: Dict[str, List[torch.Tensor]] = {k: [p[clone]] for k, p in params.items()}
+        si = split.nonzero().squeeze(1)
+        if si.numel():
+            rot = quat_to_rotmat(params["quats"][si])  # [S,3,3]
+            s = self.scales[si]
+            z = torch.randn(2, si.numel(), 3, generator=generator).to(s.device)
+            offsets = (rot[None] @ (z * s[None])[..., None])[..., 0]  # [2,S,3]
+            new["means"].append((params["means"][si][None] + offsets).reshape(-1, 3))
+            new["scales"].append((params["scales"][si] - math.log(1.6)).repeat(2, 1))
+            for k in ("quats", "opacities", "colors"):
+                new[k].append(params[k][si].repeat(2, *([1] * (params[k].dim() - 1))))
+        keep = (~prune & ~split).nonzero().squeeze(1)
+        added = int(clone.sum()) + 2 * si.numel()
+        self._resize(optimizer, keep, {k: torch.cat(v) for k, v in new.items()})
+        self.grad2d_sum = torch.zeros(self.num_gaussians, device=self.means.device)
+        self.grad2d_count = torch.zeros(self.num_gaussians, device=self.means.device)
+        stats = {"cloned": int(clone.sum()), "split": si.numel(), "pruned": int(prune.sum()), "total": self.num_gaussians}
+        assert stats["total"] == keep.numel() + added
+        log.debug("densify: %s", stats)
+        return stats
+
+    def _resize(self, optimizer: Optional[torch.optim.Optimizer], keep: torch.Tensor, new_rows: Dict[str, torch.Tensor]) -> None:
+        """Each parameter becomes ``cat(param[keep], new_rows[name])`` in place (same Parameter
+        objects); the optimizer's per-parameter tensors of matching leading size likewise, with
+        zeros for the new rows."""
+        state = optimizer.state if optimizer is not None else {}
+        old_n = self.num_gaussians
+        for name, p in self._parameters_by_name().items():
+            rows = new_rows[name].to(p.dtype)
+            p.data = torch.cat([p.data[keep], rows])
+            p.grad = None
+            st = state.get(p, {})
+            for k, v in st.items():  # Adam's exp_avg / exp_avg_sq; its scalar "step" stays
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old_n:
+                    st[k] = torch.cat([v[keep], v.new_zeros((rows.shape[0],) + tuple(v.shape[1:]))])
+
+    @torch.no_grad()
+    def reset_opacity(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Clamp opacities to ``2 x prune_opacity`` and zero their optimizer moments."""
+        self.opacity_logits.data = torch.minimum(
+            self.opacity_logits.data, _logit(torch.tensor(2.0 * self.densify["prune_opacity"])).to(self.means.device))
+        st = optimizer.state.get(self.opacity_logits) if optimizer is not None else None
+        for k, v in (st or {}).items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                v.zero_()
+
+    def log_stats(self) -> Dict[str, float]:
+        return {"num_gaussians": float(self.num_gaussians)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Resize to the checkpoint's Gaussian count first (densification changes it)."""
+        saved = state_dict.get(prefix + "means")
+        if saved is not None and saved.shape[0] != self.num_gaussians:
+            with torch.no_grad():
+                for name in ("means", "log_scales", "quats", "opacity_logits", "color_logits",
+                             "grad2d_sum", "grad2d_count"):
+                    t = getattr(self, name)
+                    src = state_dict.get(prefix + name)
+                    shape = tuple(src.shape) if src is not None else (saved.shape[0],) + tuple(t.shape[1:])
+                    t.data = t.data.new_zeros(shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # Losses and optimizer groups
@@ -465,7 +621,7 @@ class Gaussians(Representation):
         return atomic_write_bytes(path, header.encode("ascii") + rec.tobytes())
 
     def load_splat_ply(self, path: Union[str, Path]) -> None:
-        """Replace every parameter with a splat PLY's (N may change: rebuild the optimizer after).
+        """Replace every parameter with a splat PLY's in place (N may change: build the optimizer after).
         Means, log-scales, quaternions and opacity logits are restored exactly; colours up to the
         float32 rounding of ``logit(0.5 + SH_C0 f_dc)``."""
         a = read_splat_ply(path)
@@ -475,11 +631,16 @@ class Gaussians(Representation):
             return torch.as_tensor(np.stack([a[k] for k in names], axis=1), device=dev)
 
         rgb = col("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5
-        self.means = nn.Parameter(col("x", "y", "z"))
-        self.log_scales = nn.Parameter(col("scale_0", "scale_1", "scale_2"))
-        self.quats = nn.Parameter(col("rot_0", "rot_1", "rot_2", "rot_3"))
-        self.opacity_logits = nn.Parameter(col("opacity")[:, 0].contiguous())
-        self.color_logits = nn.Parameter(_logit(rgb))
+        with torch.no_grad():
+            for p, value in ((self.means, col("x", "y", "z")),
+                             (self.log_scales, col("scale_0", "scale_1", "scale_2")),
+                             (self.quats, col("rot_0", "rot_1", "rot_2", "rot_3")),
+                             (self.opacity_logits, col("opacity")[:, 0].contiguous()),
+                             (self.color_logits, _logit(rgb))):
+                p.data = value
+                p.grad = None
+            self.grad2d_sum = torch.zeros(self.num_gaussians, device=dev)
+            self.grad2d_count = torch.zeros(self.num_gaussians, device=dev)
 
 
 __all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "knn_mean_distance", "read_splat_ply"]

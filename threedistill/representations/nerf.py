@@ -124,6 +124,8 @@ class NeRF(Representation):
     ``chunk_points`` (samples per chunk for no-grad renders), ``normal_weight_threshold``.
     """
 
+    config_key = "representation.nerf"  # where its settings live (named in error messages)
+
     # Fixed-sample path: normals (and their double backward) only where w_i > this.
     normal_weight_threshold: float = 1e-4
     # Samples per chunk when rendering without autograd (evaluation renders of any size).
@@ -449,7 +451,7 @@ class NeRF(Representation):
                 weights.detach(), cos.square()[:, None], ray_indices, n_rays)[:, 0]
         return res
 
-    def update(self, step: int) -> None:
+    def update(self, step: int, optimizer=None) -> None:
         """After the optimizer step: refresh the fixed-sample path's skip grid every
         ``skip_refresh_every`` steps, or the occupancy grid on the CUDA back end (every 16
         steps, EMA of density * step)."""
