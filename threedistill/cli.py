@@ -5,6 +5,7 @@
     threedistill render RUN_DIR [--frames N] [--resolution N]
     threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
+    threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
     threedistill prior train OUT_DIR [--steps N] | prior eval [--prior NAME] | prior train-classifier OUT.safetensors
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2; an interrupted
@@ -109,10 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("out_file", help="output .safetensors file (metadata goes next to it as .json)")
     pc.add_argument("--steps", type=int, default=1500)
     pc.add_argument("--seed", type=int, default=0)
+    ap = sub.add_parser("app", help="serve the web app (Gradio) on this machine")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ap.add_argument("--out", "-o", "--outputs", dest="out", default="outputs",
+                    help="outputs folder: runs are written and read here only (default outputs)")
     return parser
 
 
 # ----------------------------------------------------------------------------------------------
+def cmd_app(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        from threedistill.app.ui import launch
+    except ImportError as e:
+        raise UserError(f"the web app needs gradio ({e}); install it with `pip install gradio`") from None
+    launch(args.host, args.port, args.out)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from threedistill.config import load_config
     from threedistill.distill import Distiller
@@ -357,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "app": cmd_app}
     try:
         return handlers[args.command](args)
     except UserError as e:

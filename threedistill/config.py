@@ -501,6 +501,9 @@ def validate(cfg: Config) -> None:
         v = OmegaConf.select(cfg, key)
         if not 0.0 <= v <= 1.0:
             raise UserError(f"config key '{key}' must lie within [0, 1], got {v}")
+    start, end, _, _ = parse_schedule(cfg.guidance.guidance_scale, "guidance.guidance_scale")  # type: ignore[misc]
+    if min(start, end) < 0:
+        raise UserError(f"config key 'guidance.guidance_scale' must be >= 0, got {cfg.guidance.guidance_scale}")
     start, end, _, _ = parse_schedule(cfg.guidance.delta_t, "guidance.delta_t")  # type: ignore[misc]
     if min(start, end) < 0:
         raise UserError(f"config key 'guidance.delta_t' must be >= 0 (integer timesteps), got {cfg.guidance.delta_t}")

@@ -1,0 +1,550 @@
+"""Server-side jobs for the web app: validation, a FIFO queue and one worker thread per device.
+
+Independent of Gradio: the UI (and the tests) call :class:`JobManager` directly. Jobs belong to
+the manager, not to a browser page, so a reloaded page finds them again. Runs go through the same
+:class:`~threedistill.distill.Distiller` as the CLI; nothing here re-implements a step.
+
+Every file the app serves goes through :meth:`JobManager.safe_path`, which only returns paths
+inside the outputs folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Sequence
+
+from threedistill.errors import UserError
+
+#: Job states. ``cancelled``: removed from the queue before it started.
+QUEUED, RUNNING, FINISHED, STOPPED, FAILED, CANCELLED = "queued", "running", "finished", "stopped", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+
+#: The fields of the submit form; a validation error names one of them.
+FIELDS = ("prompt", "negative_prompt", "preset", "prior", "seed", "steps", "guidance_scale", "resolution", "overrides")
+
+#: Folder under the outputs root for generated zips (not a run folder: it has no run.json).
+DOWNLOADS_DIR = ".downloads"
+
+
+def list_presets() -> List[str]:
+    """Loss x representation presets in configs/ (``<loss>-<representation>``)."""
+    from threedistill.config import CONFIG_DIR
+
+    return sorted(p.stem for p in Path(CONFIG_DIR).glob("*-*.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and validation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class JobSettings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    preset: str = "sds-nerf"
+    prior: str = "shapes"
+    seed: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    resolution: Optional[int] = None
+    # YAML mapping (``run: {preview_every: 50}``) or ``key=value`` lines, applied last.
+    overrides: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "JobSettings":
+        unknown = set(d) - set(FIELDS)
+        if unknown:
+            raise ValidationError("overrides", f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class ValidationError(UserError):
+    """A bad input, tied to the form field it came from."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def _number(name: str, v: Any, kind: type, positive: bool) -> Optional[Any]:
+    if _blank(v):
+        return None
+    try:
+        f = float(v)
+        if kind is int and f != int(f):
+            raise ValueError
+        out = kind(int(f)) if kind is int else float(f)
+    except (TypeError, ValueError):
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be {'a whole number' if kind is int else 'a number'}, got '{v}'") from None
+    if positive and out <= 0:
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be > 0, got {v}")
+    if not positive and out < 0:
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be >= 0, got {v}")
+    return out
+
+
+def parse_overrides(text: str) -> List[str]:
+    """The advanced panel's text as ``key=value`` overrides: either ``key=value`` lines or a YAML
+    mapping (nested groups are flattened to dotted keys). Blank lines and ``#`` comments are skipped."""
+    import yaml
+
+    lines = [l.strip() for l in (text or "").splitlines() if l.strip() and not l.strip().startswith("#")]
+    if not lines:
+        return []
+    if all("=" in l and ":" not in l.split("=", 1)[0] for l in lines):
+        return lines
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise ValidationError("overrides", f"advanced settings: not valid YAML or key=value lines ({first})") from None
+    if not isinstance(data, dict):
+        raise ValidationError("overrides", "advanced settings: give a YAML mapping (e.g. `run: {preview_every: 50}`) "
+                                           "or key=value lines (e.g. `run.preview_every=50`)")
+    out: List[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out.append(f"{prefix}={json.dumps(node)}")
+
+    walk("", data)
+    return out
+
+
+def _field_for_message(message: str) -> str:
+    """Which form field a config error message is about (the rest go to the advanced panel)."""
+    m = message.lower()
+    for key, name in (("run.steps", "steps"), ("run.seed", "seed"), ("run.resolution", "resolution"),
+                      ("guidance.guidance_scale", "guidance_scale"), ("negative_prompt", "negative_prompt"),
+                      ("prompt", "prompt"), ("prior", "prior"), ("preset", "preset")):
+        if key in m:
+            return name
+    return "overrides"
+
+
+def build_config(s: JobSettings, outputs: Path):
+    """The validated run config for ``s`` (raises :class:`ValidationError` naming the field).
+
+    ``run.out_dir`` is always the app's outputs folder; ``run.name`` may only be a plain slug, so
+    no user text ever places a run outside it.
+    """
+    from threedistill.config import load_config
+    from threedistill.distill import check_prompt, slugify
+    from threedistill.priors import BUILTIN_PRIORS, resolve_pipeline_path
+
+    try:
+        prompt = check_prompt(s.prompt)
+    except UserError as e:
+        raise ValidationError("prompt", str(e).replace('threedistill generate "a red cube"', '"a red cube"')) from None
+    if "\n" in (s.negative_prompt or "") or "\r" in (s.negative_prompt or ""):
+        raise ValidationError("negative_prompt", "the negative prompt must be a single line")
+    presets = list_presets()
+    if s.preset not in presets:
+        raise ValidationError("preset", f"unknown preset '{s.preset}'; choose one of {', '.join(presets)}")
+    seed = _number("seed", s.seed, int, positive=False)
+    steps = _number("steps", s.steps, int, positive=True)
+    scale = _number("guidance_scale", s.guidance_scale, float, positive=True)
+    resolution = _number("resolution", s.resolution, int, positive=True)
+    prior = (s.prior or "").strip() or "shapes"
+
+    overrides = parse_overrides(s.overrides)
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        if key == "run.out_dir":
+            raise ValidationError("overrides", "run.out_dir is set by the app (its --outputs folder); remove it")
+        if key == "run.prompt":
+            raise ValidationError("overrides", "set the prompt in the prompt field, not run.prompt")
+    form = [f"prior.name={json.dumps(prior)}", f"prior.negative_prompt={json.dumps(s.negative_prompt or '')}"]
+    if seed is not None:
+        form.append(f"run.seed={seed}")
+    if steps is not None:
+        form.append(f"run.steps={steps}")
+    if scale is not None:
+        form.append(f"guidance.guidance_scale={scale}")
+    if resolution is not None:
+        form.append(f"run.resolution={resolution}")
+    base = {"run": {"prompt": prompt, "out_dir": str(outputs), "progress": False}}
+    try:
+        cfg = load_config([s.preset], form + overrides, base=base)
+    except UserError as e:
+        raise ValidationError(_field_for_message(str(e)), str(e)) from None
+    cfg.run.out_dir = str(outputs)
+    if cfg.run.name is not None and (slugify(str(cfg.run.name)) != str(cfg.run.name)):
+        raise ValidationError("overrides", f"run.name '{cfg.run.name}' must be a plain name of a-z, 0-9 and '-' "
+                                           f"(e.g. '{slugify(str(cfg.run.name))}')")
+    if cfg.run.name is not None and (outputs / str(cfg.run.name)).exists():
+        raise ValidationError("overrides", f"run.name '{cfg.run.name}' is already used in the outputs folder; pick another")
+    # The prior: a built-in name, else check the folder / cache entry now (cheap; no weights loaded).
+    if str(cfg.prior.name) not in BUILTIN_PRIORS:
+        try:
+            resolve_pipeline_path(str(cfg.prior.name), cfg.prior.revision, cfg.prior.cache_dir)
+        except UserError as e:
+            raise ValidationError("prior", str(e)) from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    id: str
+    settings: Dict[str, Any]
+    device: str
+    status: str = QUEUED
+    position: int = 0  # 1-based place among the jobs waiting for this device; 0 when not queued
+    step: int = 0
+    steps: int = 0
+    loss: Optional[float] = None
+    eta_s: Optional[float] = None
+    phase: str = "queued"  # queued, loading prior, distilling, exporting, done
+    preview: Optional[str] = None
+    outputs: Dict[str, str] = field(default_factory=dict)
+    error: Optional[str] = None
+    run_dir: Optional[str] = None
+    run_name: Optional[str] = None
+    created: float = field(default_factory=time.time)
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    step_time_total: float = 0.0
+    step_count: int = 0
+    cfg: Any = field(default=None, repr=False)
+    distiller: Any = field(default=None, repr=False)
+    cancel_requested: bool = False
+
+    def public(self) -> Dict[str, Any]:
+        hidden = ("cfg", "distiller", "step_time_total", "step_count", "cancel_requested")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        d["settings"], d["outputs"] = dict(self.settings), dict(self.outputs)
+        return d
+
+
+class _JobCallback:
+    """Feeds a Distiller's progress into its :class:`Job` (duck-typed Callback)."""
+
+    def __init__(self, manager: "JobManager", job: Job):
+        self.manager, self.job = manager, job
+
+    def on_start(self, distiller) -> None:
+        with self.manager._lock:
+            self.job.phase = "distilling"
+            self.job.step = distiller.step
+            if self.job.cancel_requested:
+                distiller.request_stop()
+
+    def on_step(self, distiller, step: int, stats: Dict[str, float]) -> None:
+        with self.manager._lock:
+            j = self.job
+            j.step = step
+            j.loss = float(stats.get("loss", float("nan")))
+            j.step_time_total += float(stats.get("time_step", 0.0))
+            j.step_count += 1
+            j.eta_s = (j.step_time_total / j.step_count) * max(j.steps - step, 0)
+            if step >= j.steps:
+                j.phase = "exporting"
+
+    def on_preview(self, distiller, step: int, path: Path) -> None:
+        with self.manager._lock:
+            self.job.preview = str(path)
+
+    def on_checkpoint(self, distiller, step: int, path: Path) -> None: ...
+
+    def on_end(self, distiller, result) -> None: ...
+
+
+class JobManager:
+    """Validates submissions and runs them one at a time per device, in submission order."""
+
+    def __init__(self, outputs: str | Path = "outputs"):
+        self.outputs = Path(outputs).expanduser().resolve()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._jobs: Dict[str, Job] = {}
+        self._queues: Dict[str, Deque[str]] = {}
+        self._workers: Dict[str, threading.Thread] = {}
+        self._running: Dict[str, Optional[str]] = {}
+        self._priors: Dict[tuple, Any] = {}
+        self._prior_lock = threading.Lock()
+        self._closed = False
+
+    # -- submitting ---------------------------------------------------------------------------
+    def validate(self, settings: JobSettings | Dict[str, Any]):
+        s = settings if isinstance(settings, JobSettings) else JobSettings.from_dict(settings)
+        return s, build_config(s, self.outputs)
+
+    def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
+        """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
+        from threedistill.distill import resolve_device
+
+        s, cfg = self.validate(settings)
+        try:
+            device = str(resolve_device(cfg.run.device))
+        except UserError as e:
+            raise ValidationError("overrides", str(e)) from None
+        job = Job(id=uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps), cfg=cfg)
+        with self._lock:
+            if self._closed:
+                raise UserError("the job manager is shut down")
+            self._jobs[job.id] = job
+            self._queues.setdefault(device, deque()).append(job.id)
+            self._renumber(device)
+            if device not in self._workers:
+                t = threading.Thread(target=self._worker, args=(device,), name=f"threedistill-jobs-{device}", daemon=True)
+                self._workers[device] = t
+                self._running[device] = None
+                t.start()
+            self._wake.notify_all()
+        return job.id
+
+    def cancel(self, job_id: str) -> str:
+        """Remove a queued job, or stop a running one after its current step (its files are kept).
+        Returns the job's status afterwards."""
+        with self._lock:
+            job = self._get(job_id)
+            if job.status == QUEUED:
+                q = self._queues.get(job.device, deque())
+                if job.id in q:
+                    q.remove(job.id)
+                job.status, job.phase, job.position, job.ended = CANCELLED, "done", 0, time.time()
+                self._renumber(job.device)
+            elif job.status == RUNNING:
+                job.cancel_requested = True
+                if job.distiller is not None:
+                    job.distiller.request_stop()
+            return job.status
+
+    # -- reading --------------------------------------------------------------------------------
+    def _get(self, job_id: str) -> Job:
+        job = self._jobs.get(str(job_id))
+        if job is None:
+            raise UserError(f"no job '{job_id}'")
+        return job
+
+    def status(self, job_id: str) -> Dict[str, Any]:
+        with self._lock:
+            return self._get(job_id).public()
+
+    def jobs(self) -> List[Dict[str, Any]]:
+        """All jobs of this server, newest first."""
+        with self._lock:
+            return [j.public() for j in sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)]
+
+    def active_job(self) -> Optional[Dict[str, Any]]:
+        """The running job (else the first queued one, else the newest job): what a fresh page shows."""
+        with self._lock:
+            for want in (RUNNING, QUEUED):
+                cands = [j for j in self._jobs.values() if j.status == want]
+                if cands:
+                    return min(cands, key=lambda j: j.created).public()
+            if self._jobs:
+                return max(self._jobs.values(), key=lambda j: j.created).public()
+        return None
+
+    def wait(self, job_id: str, timeout: float = 600.0) -> Dict[str, Any]:
+        """Block until the job is no longer queued or running (for tests and scripts)."""
+        end = time.time() + timeout
+        with self._lock:
+            while self._get(job_id).status in ACTIVE:
+                left = end - time.time()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} still {self._get(job_id).status} after {timeout} s")
+                self._wake.wait(min(left, 0.5))
+            return self._get(job_id).public()
+
+    def history(self) -> List[Dict[str, Any]]:
+        """Run folders in the outputs folder (those with a run.json), newest first."""
+        from threedistill.distill import read_run_status
+
+        runs = []
+        for d in self.outputs.iterdir():
+            if not d.is_dir() or d.name.startswith(".") or not (d / "run.json").is_file():
+                continue
+            info = read_run_status(d)
+            previews = sorted((d / "previews").glob("step_*.png")) if (d / "previews").is_dir() else []
+            runs.append({"name": d.name, "run_dir": str(d), "status": info.get("status", "unknown"),
+                         "prompt": info.get("prompt", ""), "step": info.get("step", 0), "steps": info.get("steps", 0),
+                         "updated": info.get("updated", ""), "preview": str(previews[-1]) if previews else None,
+                         "mtime": (d / "run.json").stat().st_mtime})
+        runs.sort(key=lambda r: r["mtime"], reverse=True)
+        return runs
+
+    # -- files ------------------------------------------------------------------------------------
+    def safe_path(self, path: str | Path) -> Path:
+        """``path`` (absolute, or relative to the outputs folder) resolved, if it lies inside the
+        outputs folder; else :class:`UserError`. Symlinks are resolved before the check."""
+        if path is None or str(path).strip() == "" or "\x00" in str(path):
+            raise UserError("empty or invalid path")
+        p = Path(path)
+        p = (p if p.is_absolute() else self.outputs / p).resolve()
+        if p != self.outputs and self.outputs not in p.parents:
+            raise UserError(f"'{path}' is outside the outputs folder")
+        return p
+
+    def run_dir(self, name_or_job_id: str) -> Path:
+        """A run folder by job id or by folder name (a single path component inside outputs)."""
+        with self._lock:
+            job = self._jobs.get(str(name_or_job_id))
+            if job is not None:
+                if job.run_dir is None:
+                    raise UserError(f"job '{name_or_job_id}' has not started yet")
+                return self.safe_path(job.run_dir)
+        name = str(name_or_job_id)
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise UserError(f"'{name}' is not a run name")
+        d = self.safe_path(name)
+        if not (d / "run.json").is_file():
+            raise UserError(f"no run '{name}' in the outputs folder")
+        return d
+
+    def run_outputs(self, name_or_job_id: str) -> Dict[str, Optional[str]]:
+        """The files of a run for the results panel: glb, obj (a zip of obj + mtl + textures when there
+        are several), ply, splat, turntable, config, preview, zip (the whole folder). Missing ones are None."""
+        d = self.run_dir(name_or_job_id)
+
+        def f(name: str) -> Optional[str]:
+            p = self.safe_path(d / name)
+            return str(p) if p.is_file() else None
+
+        out: Dict[str, Optional[str]] = {"run_dir": str(d), "glb": f("model.glb"), "ply": f("model.ply"),
+                                         "splat": f("splat.ply"), "turntable": f("turntable.mp4"),
+                                         "config": f("config.yaml"), "obj": None, "preview": None}
+        if f("model.obj"):
+            extra = [p for p in sorted(d.iterdir()) if p.is_file() and p.name != "model.obj"
+                     and (p.suffix.lower() == ".mtl" or (p.name.startswith(("model", "material")) and p.suffix.lower() in (".png", ".jpg")))]
+            out["obj"] = str(self._zip(d, [d / "model.obj", *extra], f"{d.name}-obj.zip")) if extra else f("model.obj")
+        previews = sorted((d / "previews").glob("step_*.png")) if (d / "previews").is_dir() else []
+        if previews:
+            out["preview"] = str(self.safe_path(previews[-1]))
+        out["zip"] = str(self.zip_run(d))
+        return out
+
+    def zip_run(self, run_dir: Path) -> Path:
+        """A zip of the whole run folder (rebuilt when run.json is newer)."""
+        d = self.safe_path(run_dir)
+        files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()]
+        return self._zip(d, files, f"{d.name}.zip")
+
+    def _zip(self, root: Path, files: Sequence[Path], name: str) -> Path:
+        dest_dir = self.outputs / DOWNLOADS_DIR
+        dest_dir.mkdir(exist_ok=True)
+        dest = dest_dir / name
+        newest = max((p.stat().st_mtime for p in files), default=0.0)
+        if dest.is_file() and dest.stat().st_mtime >= newest:
+            return dest
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".zip.tmp")
+        os.close(fd)
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in files:
+                    p = self.safe_path(p)
+                    z.write(p, f"{root.name}/{p.relative_to(root)}")
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _renumber(self, device: str) -> None:
+        for i, jid in enumerate(self._queues.get(device, ())):
+            self._jobs[jid].position = i + 1
+
+    def _prior(self, cfg):
+        from threedistill.distill import resolve_device
+        from threedistill.priors import load_prior
+
+        key = (str(cfg.prior.name), str(cfg.prior.dtype), str(cfg.prior.revision), str(resolve_device(cfg.run.device)))
+        with self._prior_lock:
+            if key not in self._priors:
+                self._priors[key] = load_prior(cfg.prior, resolve_device(cfg.run.device))
+            return self._priors[key]
+
+    def _new_run_dir(self, cfg) -> Path:
+        from threedistill.distill import slugify
+
+        if cfg.run.name:
+            return self.outputs / str(cfg.run.name)
+        base = f"{slugify(cfg.run.prompt)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        d, i = self.outputs / base, 2
+        while d.exists():
+            d, i = self.outputs / f"{base}-{i}", i + 1
+        return d
+
+    def _worker(self, device: str) -> None:
+        while True:
+            with self._lock:
+                q = self._queues[device]
+                while not q and not self._closed:
+                    self._wake.wait(1.0)
+                if self._closed:
+                    return
+                job = self._jobs[q.popleft()]
+                self._renumber(device)
+                job.status, job.position, job.phase, job.started = RUNNING, 0, "loading prior", time.time()
+                self._running[device] = job.id
+            self._run(job)
+            with self._lock:
+                self._running[device] = None
+                job.ended = time.time()
+                job.phase = "done"
+                job.cfg = None
+                job.distiller = None
+                self._wake.notify_all()
+
+    def _run(self, job: Job) -> None:
+        from threedistill.distill import Distiller
+
+        try:
+            prior = self._prior(job.cfg)
+            run_dir = self._new_run_dir(job.cfg)
+            d = Distiller(job.cfg, run_dir=run_dir, callbacks=[_JobCallback(self, job)], prior=prior)
+            with self._lock:
+                job.distiller = d
+                job.run_dir, job.run_name = str(run_dir), run_dir.name
+                if job.cancel_requested:
+                    d.request_stop()
+            result = d.run()
+            with self._lock:
+                job.status = FINISHED if result.status == "finished" else STOPPED
+                job.outputs = dict(result.outputs)
+                job.step = result.step
+                job.eta_s = 0.0 if job.status == FINISHED else None
+        except UserError as e:
+            with self._lock:
+                job.status, job.error = FAILED, str(e)
+        except Exception as e:  # an unexpected error must not kill the worker thread
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+                msg = "out of memory; lower run.resolution, camera.batch_size or representation.nerf.num_samples"
+            with self._lock:
+                job.status, job.error = FAILED, f"{type(e).__name__}: {msg}"
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the running jobs (after their current step) and the workers."""
+        with self._lock:
+            for jid in list(self._jobs):
+                if self._jobs[jid].status in ACTIVE:
+                    self.cancel(jid)
+            self._closed = True
+            self._wake.notify_all()
+            workers = list(self._workers.values())
+        for t in workers:
+            t.join(timeout)

@@ -1,0 +1,321 @@
+"""The Gradio page over :class:`~threedistill.app.jobs.JobManager`, and its launcher.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--outputs outputs]
+    threedistill app [--host ...] [--port ...] [--out ...]
+
+The page polls the manager every two seconds (a ``gr.Timer``), so a reloaded or reopened page
+shows the running job. Named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/outputs``,
+``/history``) let ``gradio_client`` drive the same manager.
+"""
+
+import argparse
+import html
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from threedistill.app.jobs import (ACTIVE, FIELDS, JobManager, ValidationError,
+                                   list_presets)
+from threedistill.errors import UserError
+
+POLL_SECONDS = 2.0
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+OVERRIDES_HELP = ("# YAML or key=value lines, applied after the preset and the fields above, e.g.\n"
+                  "# run.preview_every=50\n# export.formats=[glb,obj,ply]\n")
+
+
+def list_prior_choices(cache_dir: Optional[str] = None) -> List[str]:
+    """``shapes`` plus the diffusers pipelines (repos with a model_index.json) in the local HF cache."""
+    from threedistill.priors import BUILTIN_PRIORS
+
+    names = list(BUILTIN_PRIORS)
+    try:
+        from huggingface_hub import constants
+
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        for repo in sorted(cache.glob("models--*")):
+            if any(repo.glob("snapshots/*/model_index.json")):
+                names.append(repo.name[len("models--"):].replace("--", "/"))
+    except Exception:  # a missing or unreadable cache just means no extra choices
+        pass
+    return names
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _progress_html(job: Optional[Dict[str, Any]]) -> str:
+    if job is None:
+        return "<p>No job yet: enter a prompt and press Generate.</p>"
+    st = job["status"]
+    head = f"<b>{html.escape(job['settings']['prompt'])}</b> &mdash; {st}"
+    if st == "queued":
+        return f"<p>{head}: position {job['position']} in the queue</p>"
+    if st == "running":
+        loss = f"{job['loss']:.4g}" if job["loss"] is not None else "?"
+        phase = job["phase"]
+        eta = _fmt_time(job["eta_s"]) if job["eta_s"] is not None else "?"
+        return (f"<p>{head} ({phase})</p><progress value='{job['step']}' max='{max(job['steps'], 1)}' "
+                f"style='width:100%'></progress><p>step {job['step']} / {job['steps']} &middot; loss {loss} "
+                f"&middot; time left {eta}</p>")
+    if st == "failed":
+        return f"<p>{head}: <span style='color:#c00'>{html.escape(job['error'] or '')}</span></p>"
+    run = f" &middot; {html.escape(job['run_name'])}" if job.get("run_name") else ""
+    return f"<p>{head} at step {job['step']} / {job['steps']}{run}</p>"
+
+
+def _jobs_table(manager: JobManager) -> List[List[Any]]:
+    rows = []
+    for j in manager.jobs():
+        where = f"#{j['position']} in queue" if j["status"] == "queued" else f"{j['step']}/{j['steps']}"
+        rows.append([j["id"], j["settings"]["prompt"], j["settings"]["preset"], j["status"], where])
+    return rows
+
+
+def build_ui(manager: JobManager):
+    import gradio as gr
+
+    presets = list_presets()
+    with gr.Blocks(title="threedistill", analytics_enabled=False) as demo:
+        gr.Markdown("# threedistill\nText to 3D by score distillation. Jobs run on the server, one per device at a "
+                    f"time; outputs go to `{manager.outputs}`.")
+        job_id = gr.State(None)      # the job this page follows
+        shown = gr.State(None)       # the run whose results are displayed (to avoid reloading the viewer)
+        errors: Dict[str, Any] = {}
+
+        def err_box(name: str):
+            errors[name] = gr.Markdown(visible=False, elem_classes=["field-error"])
+
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", placeholder="a red cube", lines=1)
+                err_box("prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                err_box("negative_prompt")
+                with gr.Row():
+                    preset = gr.Dropdown(presets, value="sds-nerf" if "sds-nerf" in presets else presets[0],
+                                         label="Preset (loss - representation)")
+                    prior = gr.Dropdown(list_prior_choices(), value="shapes", allow_custom_value=True,
+                                        label="Prior (built-in, cached pipeline, or a typed path / hub id)")
+                err_box("preset")
+                err_box("prior")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    steps = gr.Number(value=None, precision=0, label="Steps (blank: preset)")
+                    scale = gr.Number(value=None, label="Guidance scale (blank: preset)")
+                    resolution = gr.Number(value=None, precision=0, label="Render resolution (blank: preset)")
+                for name in ("seed", "steps", "guidance_scale", "resolution"):
+                    err_box(name)
+                with gr.Accordion("Advanced (config overrides)", open=False):
+                    overrides = gr.Code(value=OVERRIDES_HELP, language="yaml", label="YAML or key=value lines")
+                    err_box("overrides")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary")
+                    cancel = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=1):
+                progress = gr.HTML(_progress_html(None))
+                preview = gr.Image(label="Latest preview", type="filepath", interactive=False)
+                jobs = gr.Dataframe(headers=["job", "prompt", "preset", "status", "progress"], label="Jobs on this server",
+                                    interactive=False, value=_jobs_table(manager))
+        gr.Markdown("## Result")
+        result_title = gr.Markdown("")
+        with gr.Row():
+            model = gr.Model3D(label="Mesh (GLB)", height=360)
+            splat = gr.Model3D(label="Gaussians (splat PLY)", height=360, visible=False)
+            video = gr.Video(label="Turntable", height=360)
+        downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+        with gr.Accordion("Config used", open=False):
+            config_used = gr.Code(language="yaml", interactive=False)
+        gr.Markdown("## History")
+        with gr.Row():
+            history_pick = gr.Dropdown(choices=[], label="Past runs (outputs folder)", allow_custom_value=False, scale=3)
+            refresh = gr.Button("Refresh", scale=1)
+        gallery = gr.Gallery(label="History", columns=6, height=220, allow_preview=False)
+        run_ref = gr.Textbox(visible=False)  # a job id or run name: the /outputs endpoint's input
+
+        # -- handlers ---------------------------------------------------------------------------
+        def results(ref: Optional[str]):
+            """(title, glb, splat, video, downloads, config) of a run, by job id or run name."""
+            if not ref:
+                return "", None, gr.update(value=None, visible=False), None, None, ""
+            try:
+                o = manager.run_outputs(ref)
+            except UserError as e:
+                return f"*{e}*", None, gr.update(value=None, visible=False), None, None, ""
+            files = [o[k] for k in ("glb", "obj", "ply", "splat", "config", "zip") if o.get(k)]
+            cfg_text = Path(o["config"]).read_text(encoding="utf-8") if o.get("config") else ""
+            return (f"`{Path(o['run_dir']).name}`", o["glb"], gr.update(value=o["splat"], visible=bool(o["splat"])),
+                    o["turntable"], files, cfg_text)
+
+        result_outputs = [result_title, model, splat, video, downloads, config_used]
+
+        def history_update():
+            runs = manager.history()
+            items = [(r["preview"], f"{r['prompt']} ({r['status']})") for r in runs if r["preview"]]
+            choices = [(f"{r['name']} — {r['status']}", r["name"]) for r in runs]
+            return gr.update(value=items), gr.update(choices=choices)
+
+        def on_submit(*values):
+            settings = dict(zip(FIELDS, values))
+            if isinstance(settings.get("overrides"), str) and settings["overrides"].strip() == OVERRIDES_HELP.strip():
+                settings["overrides"] = ""
+            hidden = {name: gr.update(value="", visible=False) for name in FIELDS}
+            try:
+                jid = manager.submit(settings)
+            except ValidationError as e:
+                hidden[e.field] = gr.update(value=f"<span style='color:#c00'>⚠ {html.escape(e.message)}</span>",
+                                            visible=True)
+                return [gr.skip(), gr.skip()] + [hidden[n] for n in FIELDS]
+            except UserError as e:
+                hidden["overrides"] = gr.update(value=f"⚠ {e}", visible=True)
+                return [gr.skip(), gr.skip()] + [hidden[n] for n in FIELDS]
+            return [jid, _progress_html(manager.status(jid))] + [hidden[n] for n in FIELDS]
+
+        generate.click(on_submit, inputs=[prompt, negative, preset, prior, seed, steps, scale, resolution, overrides],
+                       outputs=[job_id, progress] + [errors[n] for n in FIELDS], api_visibility="private")
+
+        def on_cancel(jid):
+            if jid:
+                try:
+                    manager.cancel(jid)
+                except UserError:
+                    pass
+            return _progress_html(manager.status(jid)) if jid else _progress_html(None)
+
+        cancel.click(on_cancel, inputs=[job_id], outputs=[progress], api_visibility="private")
+
+        def tick(jid, shown_ref):
+            job = None
+            if jid:
+                try:
+                    job = manager.status(jid)
+                except UserError:
+                    job = None
+            if job is None:
+                job = manager.active_job()
+            jid = job["id"] if job else None
+            prev = job["preview"] if job and job["preview"] else None
+            out = [jid, _progress_html(job), prev if prev else gr.skip(), _jobs_table(manager)]
+            ref = job["run_name"] if job and job["status"] not in ACTIVE and job.get("run_name") else None
+            if ref and ref != shown_ref:
+                return out + [ref] + list(results(ref))
+            return out + [shown_ref] + [gr.skip()] * len(result_outputs)
+
+        timer = gr.Timer(POLL_SECONDS)
+        tick_outputs = [job_id, progress, preview, jobs, shown] + result_outputs
+        timer.tick(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private", show_progress="hidden")
+        demo.load(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private")
+        demo.load(history_update, outputs=[gallery, history_pick], api_visibility="private")
+        refresh.click(history_update, outputs=[gallery, history_pick], api_visibility="private")
+
+        def pick(name):
+            return [name] + list(results(name))
+
+        history_pick.input(pick, inputs=[history_pick], outputs=[shown] + result_outputs, api_visibility="private")
+
+        def gallery_select(evt: gr.SelectData):
+            runs = [r for r in manager.history() if r["preview"]]
+            name = runs[evt.index]["name"] if evt.index is not None and evt.index < len(runs) else None
+            return [name] + list(results(name))
+
+        gallery.select(gallery_select, outputs=[shown] + result_outputs, api_visibility="private")
+
+        # -- named API endpoints (gradio_client) -----------------------------------------------------
+        run_ref.submit(results, inputs=[run_ref], outputs=result_outputs, api_name="outputs")
+
+        def submit(prompt: str, negative_prompt: str = "", preset: str = "sds-nerf", prior: str = "shapes",
+                   seed: Optional[float] = None, steps: Optional[float] = None, guidance_scale: Optional[float] = None,
+                   resolution: Optional[float] = None, overrides: str = "") -> dict:
+            """Queue a job. Returns {"ok": true, "job_id": ...} or {"ok": false, "field": ..., "error": ...}."""
+            try:
+                jid = manager.submit(dict(zip(FIELDS, (prompt, negative_prompt, preset, prior, seed, steps,
+                                                       guidance_scale, resolution, overrides))))
+            except ValidationError as e:
+                return {"ok": False, "field": e.field, "error": e.message}
+            except UserError as e:
+                return {"ok": False, "field": None, "error": str(e)}
+            return {"ok": True, "job_id": jid}
+
+        def status(job_id: str) -> dict:
+            """A job's state: status, position, step, steps, loss, eta_s, preview, outputs, error, run_name."""
+            try:
+                j = manager.status(job_id)
+            except UserError as e:
+                return {"ok": False, "error": str(e)}
+            j.pop("settings", None)
+            return {"ok": True, **j}
+
+        def cancel_job(job_id: str) -> dict:
+            """Remove a queued job or stop a running one after its current step."""
+            try:
+                return {"ok": True, "status": manager.cancel(job_id)}
+            except UserError as e:
+                return {"ok": False, "error": str(e)}
+
+        def history() -> list:
+            """Run folders in the outputs folder, newest first."""
+            return [{k: r[k] for k in ("name", "status", "prompt", "step", "steps", "updated")} for r in manager.history()]
+
+        gr.api(submit, api_name="submit")
+        gr.api(status, api_name="status")
+        gr.api(cancel_job, api_name="cancel")
+        gr.api(history, api_name="history")
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, outputs: str | Path = "outputs",
+           prevent_thread_lock: bool = False, quiet: bool = False, manager: Optional[JobManager] = None):
+    """Build the page and serve it; returns ``(demo, manager, url)``. Blocks unless ``prevent_thread_lock``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    manager = manager or JobManager(outputs)
+    if not is_loopback(host):
+        print(f"WARNING: serving on {host}:{port}, reachable from other machines. The app has no login: anyone who "
+              f"can reach it can start jobs and read every file in {manager.outputs}. Use --host 127.0.0.1 unless "
+              f"you mean this.", file=sys.stderr, flush=True)
+    demo = build_ui(manager)
+    demo.queue(default_concurrency_limit=4)
+    _, url, _ = demo.launch(server_name=host, server_port=port, allowed_paths=[str(manager.outputs)],
+                            prevent_thread_lock=prevent_thread_lock, quiet=quiet, share=False, show_error=True,
+                            ssr_mode=False)
+    return demo, manager, url
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--outputs", "--out", "-o", dest="outputs", default="outputs",
+                   help="outputs folder: runs are written and read here, and nowhere else (default outputs)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="app.py", description="threedistill web app")
+    add_launch_args(p)
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        print(f"error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    launch(args.host, args.port, args.outputs)
+    return 0
