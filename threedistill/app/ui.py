@@ -88,11 +88,13 @@ def build_ui(manager: JobManager):
         gr.Markdown("# threedistill\nText to 3D by score distillation. Jobs run on the server, one per device at a "
                     f"time; outputs go to `{manager.outputs}`.")
         job_id = gr.State(None)      # the job this page follows
-        shown = gr.State(None)       # the run whose results are displayed (to avoid reloading the viewer)
+        # the finished run the page last showed on its own (so the viewer is loaded once, and a run picked
+        # in History is not replaced by it at the next poll: picking does not change this)
+        shown = gr.State(None)
         errors: Dict[str, Any] = {}
 
         def err_box(name: str):
-            errors[name] = gr.Markdown(visible=False, elem_classes=["field-error"])
+            errors[name] = gr.Markdown(visible=False, elem_classes=["field-error"], elem_id=f"error-{name}")
 
         with gr.Row():
             with gr.Column(scale=1):
@@ -109,9 +111,12 @@ def build_ui(manager: JobManager):
                 err_box("prior")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                    steps = gr.Number(value=None, precision=0, label="Steps (blank: preset)")
-                    scale = gr.Number(value=None, label="Guidance scale (blank: preset)")
-                    resolution = gr.Number(value=None, precision=0, label="Render resolution (blank: preset)")
+                    # Textboxes, not gr.Number: a Number box shows and sends 0 for "no value", which the
+                    # server rightly rejects ("steps must be > 0"), so "blank: preset" could not be left blank.
+                    steps = gr.Textbox(value="", placeholder="preset", label="Steps (blank: preset)", lines=1)
+                    scale = gr.Textbox(value="", placeholder="preset", label="Guidance scale (blank: preset)", lines=1)
+                    resolution = gr.Textbox(value="", placeholder="preset", label="Render resolution (blank: preset)",
+                                            lines=1)
                 for name in ("seed", "steps", "guidance_scale", "resolution"):
                     err_box(name)
                 with gr.Accordion("Advanced (config overrides)", open=False):
@@ -121,17 +126,18 @@ def build_ui(manager: JobManager):
                     generate = gr.Button("Generate", variant="primary")
                     cancel = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=1):
-                progress = gr.HTML(_progress_html(None))
-                preview = gr.Image(label="Latest preview", type="filepath", interactive=False)
+                progress = gr.HTML(_progress_html(None), elem_id="progress")
+                preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="preview",
+                                   height=280)
                 jobs = gr.Dataframe(headers=["job", "prompt", "preset", "status", "progress"], label="Jobs on this server",
                                     interactive=False, value=_jobs_table(manager))
         gr.Markdown("## Result")
-        result_title = gr.Markdown("")
+        result_title = gr.Markdown("", elem_id="result-title")
         with gr.Row():
-            model = gr.Model3D(label="Mesh (GLB)", height=360)
+            model = gr.Model3D(label="Mesh (GLB)", height=360, elem_id="result-glb")
             splat = gr.Model3D(label="Gaussians (splat PLY)", height=360, visible=False)
-            video = gr.Video(label="Turntable", height=360)
-        downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+            video = gr.Video(label="Turntable", height=360, elem_id="result-video")
+        downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("Config used", open=False):
             config_used = gr.Code(language="yaml", interactive=False)
         gr.Markdown("## History")
@@ -205,28 +211,28 @@ def build_ui(manager: JobManager):
             prev = job["preview"] if job and job["preview"] else None
             out = [jid, _progress_html(job), prev if prev else gr.skip(), _jobs_table(manager)]
             ref = job["run_name"] if job and job["status"] not in ACTIVE and job.get("run_name") else None
-            if ref and ref != shown_ref:
-                return out + [ref] + list(results(ref))
-            return out + [shown_ref] + [gr.skip()] * len(result_outputs)
+            if ref and ref != shown_ref:  # a run just ended (or a fresh page): show it, and list it in History
+                return out + [ref] + list(results(ref)) + list(history_update())
+            return out + [shown_ref] + [gr.skip()] * (len(result_outputs) + 2)
 
         timer = gr.Timer(POLL_SECONDS)
-        tick_outputs = [job_id, progress, preview, jobs, shown] + result_outputs
+        tick_outputs = [job_id, progress, preview, jobs, shown] + result_outputs + [gallery, history_pick]
         timer.tick(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private", show_progress="hidden")
         demo.load(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private")
         demo.load(history_update, outputs=[gallery, history_pick], api_visibility="private")
         refresh.click(history_update, outputs=[gallery, history_pick], api_visibility="private")
 
         def pick(name):
-            return [name] + list(results(name))
+            return list(results(name))
 
-        history_pick.input(pick, inputs=[history_pick], outputs=[shown] + result_outputs, api_visibility="private")
+        history_pick.input(pick, inputs=[history_pick], outputs=result_outputs, api_visibility="private")
 
         def gallery_select(evt: gr.SelectData):
             runs = [r for r in manager.history() if r["preview"]]
             name = runs[evt.index]["name"] if evt.index is not None and evt.index < len(runs) else None
-            return [name] + list(results(name))
+            return list(results(name))
 
-        gallery.select(gallery_select, outputs=[shown] + result_outputs, api_visibility="private")
+        gallery.select(gallery_select, outputs=result_outputs, api_visibility="private")
 
         # -- named API endpoints (gradio_client) -----------------------------------------------------
         run_ref.submit(results, inputs=[run_ref], outputs=result_outputs, api_name="outputs")
