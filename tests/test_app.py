@@ -81,6 +81,9 @@ def test_short_job_finishes_with_a_glb(manager):
     mesh = trimesh.load(out["glb"], force="mesh")
     assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
     assert Path(out["turntable"]).is_file() and Path(out["zip"]).is_file()
+    # every mesh download is offered: the app writes GLB, OBJ and PLY by default
+    assert len(trimesh.load(out["ply"], force="mesh").faces) == len(mesh.faces)
+    assert Path(out["obj"]).is_file()
     assert "guidance_scale: 10.0" in Path(out["config"]).read_text() and "seed: 3" in Path(out["config"]).read_text()
     names = [r["name"] for r in manager.history()]
     assert job["run_name"] in names

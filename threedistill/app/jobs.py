@@ -180,7 +180,10 @@ def build_config(s: JobSettings, outputs: Path):
         form.append(f"guidance.guidance_scale={scale}")
     if resolution is not None:
         form.append(f"run.resolution={resolution}")
-    base = {"run": {"prompt": prompt, "out_dir": str(outputs), "progress": False}}
+    # The page offers every mesh download (GLB, OBJ zip, PLY), so all three are written unless the
+    # preset or the Advanced box says otherwise.
+    base = {"run": {"prompt": prompt, "out_dir": str(outputs), "progress": False},
+            "export": {"formats": ["glb", "obj", "ply"]}}
     try:
         cfg = load_config([s.preset], form + overrides, base=base)
     except UserError as e:
