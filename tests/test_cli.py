@@ -45,15 +45,14 @@ def test_generate_writes_every_output(tmp_path, tiny_sd_path, capsys):
     assert all(20 <= l["t"] <= 980 for l in lines)
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "finished" and status["step"] == 50
-    # The mesh reloads in trimesh with vertex colours, in every format.
-    for fmt in ("obj", "ply"):
-        mesh = trimesh.load(run / f"model.{fmt}", force="mesh")
-        assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
-        n_vertices = len(mesh.vertices)
-    scene = trimesh.load(run / "model.glb")  # COLOR_0 sits beside a material: read it from the geometry
-    (geom,) = scene.geometry.values()
-    assert len(geom.faces) > 0 and len(geom.vertices) == n_vertices
-    assert len(geom.visual.vertex_attributes["color"]) == n_vertices
+    # The mesh reloads in trimesh: PLY with vertex colours, GLB and OBJ (+ MTL + PNG) with the baked texture.
+    ply = trimesh.load(run / "model.ply", force="mesh")
+    assert len(ply.faces) > 0 and ply.visual.kind == "vertex"
+    assert (run / "model.mtl").is_file() and (run / "model.png").is_file()
+    obj = trimesh.load(run / "model.obj", force="mesh")
+    assert len(obj.faces) == len(ply.faces) and obj.visual.kind == "texture"
+    (geom,) = trimesh.load(run / "model.glb").geometry.values()
+    assert len(geom.faces) == len(ply.faces) and geom.visual.material.baseColorTexture.size == (1024, 1024)
     # The turntable has the configured number of frames.
     import imageio.v3 as iio
 

@@ -223,7 +223,7 @@ def test_save_mesh_rejects_unknown_format(tmp_path, sphere_mesh):
 
 
 def test_export_run_meshes_writes_each_format(tmp_path):
-    cfg = SimpleNamespace(mesh_resolution=32, min_component_ratio=0.05)
+    cfg = SimpleNamespace(mesh_resolution=32, min_component_ratio=0.05, texture=True, texture_size=64)
     paths = export_run_meshes(Spheres(), tmp_path / "run", ["glb", "ply", "glb"], cfg)
     assert [p.name for p in paths] == ["model.glb", "model.ply"]
     assert all(p.is_file() for p in paths)
@@ -341,3 +341,199 @@ def test_atomic_path(tmp_path):
         with atomic_path(target):
             pass  # the library wrote nothing
     assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Baked textures (xatlas UVs, albedo texture, GLB PBR material, OBJ + MTL + PNG)
+# ----------------------------------------------------------------------------------------------
+TEX = 256
+REPO = Path(__file__).resolve().parents[1]
+VALIDATOR = REPO / "tools" / "gltf-validator"
+
+
+@pytest.fixture(scope="module")
+def textured_mesh() -> trimesh.Trimesh:
+    from threedistill.export import bake_texture
+
+    rep = Spheres()
+    return bake_texture(rep, extract_mesh(rep, resolution=40), texture_size=TEX)
+
+
+def _sample_texture(image, uv: np.ndarray) -> np.ndarray:
+    """Nearest texel at trimesh/OBJ UVs (v up; PNG row 0 is the top)."""
+    img = np.asarray(image.convert("RGB")).astype(int)
+    h, w = img.shape[:2]
+    col = np.clip(np.floor(uv[:, 0] * w), 0, w - 1).astype(int)
+    row = np.clip(np.floor((1.0 - uv[:, 1]) * h), 0, h - 1).astype(int)
+    return img[row, col]
+
+
+def _assert_texture_matches_albedo(image, uv: np.ndarray, y_up_vertices: np.ndarray) -> None:
+    assert image.size == (TEX, TEX)
+    assert uv.shape == (len(y_up_vertices), 2) and uv.min() >= 0.0 and uv.max() <= 1.0
+    world = world_from_y_up(y_up_vertices)
+    away = np.abs(world[:, 0] - CENTRE[0]) > 0.03  # the albedo jumps from blue to red at x = cx
+    got = _sample_texture(image, uv)[away]
+    expected = expected_rgb_uint8(world[away])
+    assert np.abs(got - expected).max() <= 4
+    assert got[:, 0].max() > 200 and got[:, 2].max() > 200  # both halves are there
+
+
+def _glb_json(data: bytes) -> dict:
+    return json.loads(data[20:20 + struct.unpack("<I", data[12:16])[0]])
+
+
+def test_bake_texture_covers_charts_and_dilates(textured_mesh):
+    from threedistill.export.mesh import _dilate
+
+    tex = np.asarray(textured_mesh.visual.material.baseColorTexture)
+    assert tex.shape == (TEX, TEX, 3) and tex.dtype == np.uint8
+    # Every texel is a surface colour (dilated, then the mean colour): no black background.
+    assert tex.sum(-1).min() > 0
+    # Seam copies share positions; colours for PLY come along.
+    assert len(textured_mesh.vertex_attributes["color"]) == len(textured_mesh.vertices)
+    # _dilate grows a filled texel by one ring per pass, then fills the rest with the mean.
+    img = np.zeros((7, 7, 3), np.float32)
+    filled = np.zeros((7, 7), bool)
+    img[3, 3], filled[3, 3] = 100.0, True
+    img[0, 0], filled[0, 0] = 40.0, True
+    out = _dilate(img, filled, passes=1)
+    assert (out[2:5, 2:5] == 100.0).all() and out[0, 1, 0] == 40.0
+    assert out[6, 6, 0] == pytest.approx((9 * 100.0 + 4 * 40.0) / 13)  # unreached: the mean filled colour
+
+
+def test_textured_glb_reloads_with_texture_uvs_and_material(tmp_path, textured_mesh):
+    path = save_mesh(textured_mesh, tmp_path / "model.glb")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.glb"]  # the PNG is embedded
+    tree = _glb_json(path.read_bytes())
+    prim = tree["meshes"][0]["primitives"][0]
+    assert {"POSITION", "NORMAL", "TEXCOORD_0"} <= set(prim["attributes"]) and "COLOR_0" not in prim["attributes"]
+    pbr = tree["materials"][prim["material"]]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 0.0 and pbr.get("roughnessFactor", 1.0) == pytest.approx(1.0)
+    image = tree["images"][tree["textures"][pbr["baseColorTexture"]["index"]]["source"]]
+    assert image["mimeType"] == "image/png"
+
+    scene = trimesh.load(path)
+    (geom,) = scene.geometry.values()
+    assert geom.visual.kind == "texture" and len(geom.faces) == len(textured_mesh.faces)
+    _assert_texture_matches_albedo(geom.visual.material.baseColorTexture, np.asarray(geom.visual.uv),
+                                   np.asarray(geom.vertices))
+    # Y-up, and closed once the seam copies are welded again.
+    cx, cy, cz = CENTRE
+    welded = trimesh.Trimesh(vertices=geom.vertices, faces=geom.faces, process=False)
+    welded.merge_vertices(merge_tex=True, merge_norm=True)
+    assert welded.is_watertight and welded.volume > 0
+    np.testing.assert_allclose(welded.center_mass, (cy, cz, cx), atol=5e-3)
+    # Normals are smooth across seams: they point away from the centre.
+    radial = np.asarray(geom.vertices) - np.array([cy, cz, cx])
+    cos = np.einsum("ij,ij->i", np.asarray(geom.vertex_normals), radial / np.linalg.norm(radial, axis=1)[:, None])
+    assert cos.min() > 0.9
+
+
+def test_textured_obj_writes_mtl_and_png_with_relative_references(tmp_path, textured_mesh):
+    import shutil
+
+    from threedistill.export import texture_paths
+
+    path = save_mesh(textured_mesh, tmp_path / "a" / "chair.obj")
+    assert texture_paths(path) == (tmp_path / "a" / "chair.mtl", tmp_path / "a" / "chair.png")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["chair.mtl", "chair.obj", "chair.png"]
+    text = path.read_text()
+    assert "mtllib chair.mtl" in text.splitlines() and any(l.startswith("vt ") for l in text.splitlines())
+    mtl = (tmp_path / "a" / "chair.mtl").read_text()
+    assert "map_Kd chair.png" in mtl.splitlines() and "Kd 1 1 1" in mtl.splitlines()
+    assert str(tmp_path) not in text + mtl
+    # The trio still loads, texture included, once moved elsewhere.
+    moved = tmp_path / "b"
+    shutil.copytree(path.parent, moved)
+    shutil.rmtree(path.parent)
+    loaded = trimesh.load(moved / "chair.obj", force="mesh")
+    assert loaded.visual.kind == "texture" and len(loaded.faces) == len(textured_mesh.faces)
+    _assert_texture_matches_albedo(loaded.visual.material.image, np.asarray(loaded.visual.uv),
+                                   np.asarray(loaded.vertices))
+
+
+def test_textured_mesh_ply_has_welded_vertex_colours(tmp_path, textured_mesh):
+    path = save_mesh(textured_mesh, tmp_path / "model.ply")
+    loaded = trimesh.load(path, force="mesh")
+    assert loaded.visual.kind == "vertex" and loaded.is_watertight and loaded.volume > 0
+    assert len(loaded.vertices) < len(textured_mesh.vertices)  # seam copies merged
+    colors = np.asarray(loaded.visual.vertex_colors)[:, :3].astype(int)
+    np.testing.assert_allclose(colors, expected_rgb_uint8(world_from_y_up(np.asarray(loaded.vertices))), atol=1)
+
+
+def _validate_gltf(path: Path) -> dict:
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None or not (VALIDATOR / "node_modules" / "gltf-validator").is_dir():
+        msg = ("the Khronos glTF validator is not installed: "
+               "npm ci --prefix tools/gltf-validator (needs node and npm)")
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    proc = subprocess.run([node, str(VALIDATOR / "validate.js"), str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("textured", [True, False], ids=["texture", "vertex-colours"])
+def test_glb_passes_the_khronos_validator(tmp_path, textured_mesh, sphere_mesh, textured):
+    path = save_mesh(textured_mesh if textured else sphere_mesh, tmp_path / "model.glb")
+    report = _validate_gltf(path)
+    issues = report["issues"]
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"]
+    assert report["info"]["hasTextures"] is textured
+    if textured:
+        (img,) = [r for r in report["info"]["resources"] if r["pointer"].startswith("/images/")]
+        assert img["image"]["width"] == TEX and img["image"]["height"] == TEX
+        assert img["image"]["transfer"] == "srgb" and img["image"]["bits"] == 8
+
+
+def test_export_run_meshes_bakes_a_texture_unless_disabled(tmp_path):
+    cfg = SimpleNamespace(mesh_resolution=24, min_component_ratio=0.05, texture=True, texture_size=64)
+    paths = export_run_meshes(Spheres(), tmp_path / "tex", ["glb", "obj", "ply"], cfg)
+    assert [p.name for p in paths] == ["model.glb", "model.obj", "model.ply"]
+    assert sorted(p.name for p in (tmp_path / "tex").iterdir()) == [
+        "model.glb", "model.mtl", "model.obj", "model.ply", "model.png"]
+    (geom,) = trimesh.load(paths[0]).geometry.values()
+    assert geom.visual.material.baseColorTexture.size == (64, 64)
+    assert trimesh.load(paths[2], force="mesh").visual.kind == "vertex"
+
+    cfg.texture = False
+    paths = export_run_meshes(Spheres(), tmp_path / "vc", ["glb", "obj"], cfg)
+    assert sorted(p.name for p in (tmp_path / "vc").iterdir()) == ["model.glb", "model.obj"]
+    assert "COLOR_0" in _glb_json(paths[0].read_bytes())["meshes"][0]["primitives"][0]["attributes"]
+
+
+@pytest.mark.parametrize("size", [0, 8, 10000])
+def test_texture_size_is_validated(size):
+    from threedistill.config import load_config
+
+    with pytest.raises(UserError, match="export.texture_size"):
+        load_config(overrides=[f"export.texture_size={size}"])
+    assert load_config(overrides=["export.texture=false"]).export.texture is False
+
+
+def test_cli_export_texture_size_and_no_texture(tmp_path, monkeypatch, capsys):
+    import threedistill.distill
+    from threedistill.cli import main
+    from threedistill.config import load_config
+
+    cfg = load_config(overrides=["export.mesh_resolution=24"])
+    monkeypatch.setattr(threedistill.distill, "load_trained_representation", lambda run_dir: (cfg, Spheres(), 7))
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["export", str(run), "-f", "obj", "-f", "glb", "-f", "ply", "--texture-size", "32"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["model.glb", "model.mtl", "model.obj", "model.ply", "model.png"]
+    (geom,) = trimesh.load(run / "model.glb").geometry.values()
+    assert geom.visual.material.baseColorTexture.size == (32, 32)
+    assert "32px texture" in capsys.readouterr().out
+
+    out = tmp_path / "plain.glb"
+    assert main(["export", str(run), "--no-texture", "--output", str(out)]) == 0
+    assert "COLOR_0" in _glb_json(out.read_bytes())["meshes"][0]["primitives"][0]["attributes"]
+    assert main(["export", str(run), "--texture-size", "8"]) == 2
+    assert "--texture-size must be between 16 and 8192" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The ``threedistill`` command.
 
     threedistill generate "PROMPT" [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]
-    threedistill export RUN_DIR [--format glb|obj|ply|splat] [--resolution N] [--threshold X]
+    threedistill export RUN_DIR [--format glb|obj|ply|splat] [--resolution N] [--threshold X] [--texture-size N]
     threedistill render RUN_DIR [--frames N] [--resolution N]
     threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesh format, or splat for a Gaussians run's 3DGS splat.ply (repeatable; default glb)")
     e.add_argument("--resolution", type=int, help="marching-cubes grid size (default export.mesh_resolution)")
     e.add_argument("--threshold", type=float, help="density iso level (default from the representation config)")
+    e.add_argument("--texture-size", type=int, metavar="N",
+                   help="baked base-colour texture size for glb/obj (default export.texture_size)")
+    e.add_argument("--no-texture", action="store_true",
+                   help="vertex colours instead of a baked texture (as export.texture=false)")
     e.add_argument("--output", help="output file (default RUN_DIR/model.<format>)")
 
     r = sub.add_parser("render", help="render a run's turntable video")
@@ -164,7 +168,7 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from threedistill.distill import load_trained_representation
-    from threedistill.export import extract_mesh, save_mesh
+    from threedistill.export import bake_texture, extract_mesh, save_mesh, texture_paths
 
     run_dir = Path(args.run_dir)
     cfg, rep, step = load_trained_representation(run_dir)
@@ -180,14 +184,31 @@ def cmd_export(args) -> int:
         formats = [f for f in formats if f != "splat"]
         if not formats:
             return 0
-    mesh = extract_mesh(rep, resolution=args.resolution or cfg.export.mesh_resolution,
-                        threshold=args.threshold, min_component_ratio=cfg.export.min_component_ratio)
+    texture = bool(getattr(cfg.export, "texture", True)) and not args.no_texture
+    texture_size = args.texture_size if args.texture_size is not None else getattr(cfg.export, "texture_size", 1024)
+    if not 16 <= texture_size <= 8192:
+        raise UserError(f"--texture-size must be between 16 and 8192, got {texture_size}")
+    outs = []
     for fmt in formats:
         out = Path(args.output) if args.output else run_dir / f"model.{fmt}"
         if args.output and out.suffix.lstrip(".").lower() != fmt and args.format:
             raise UserError(f"--output '{out}' does not end in .{fmt}")
-        save_mesh(mesh, out, fmt)
-        print(f"{fmt}: {out} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces, step {step})")
+        outs.append(out)
+    explicit = hasattr(rep, "export_mesh")  # the mesh representation: its own triangles, vertex colours
+    mesh = rep.export_mesh() if explicit else extract_mesh(
+        rep, resolution=args.resolution or cfg.export.mesh_resolution, threshold=args.threshold,
+        min_component_ratio=cfg.export.min_component_ratio)
+    texture = texture and not explicit
+    textured = bake_texture(rep, mesh, texture_size) if texture and any(f != "ply" for f in formats) else None
+    for fmt, out in zip(formats, outs):
+        written = textured if textured is not None and fmt != "ply" else mesh
+        save_mesh(written, out, fmt)
+        extra = ""
+        if written is textured:
+            extra = f", {texture_size}px texture"
+            if fmt == "obj":
+                extra += " in " + ", ".join(str(p) for p in texture_paths(out))
+        print(f"{fmt}: {out} ({len(written.vertices)} vertices, {len(written.faces)} faces{extra}, step {step})")
     return 0
 
 

@@ -190,10 +190,44 @@ class GaussiansConfig:
 
 
 @dataclass
+class MeshConfig:
+    # Starting mesh: "sphere" (an icosphere of init_radius, init_subdivisions), "cube" (a box of
+    # half side init_radius, subdivided init_subdivisions times), "file:PATH" (any mesh trimesh
+    # reads, Y-up as written by `threedistill export`; its vertex colours when present) or
+    # "run:RUN_DIR" (the surface of a previous NeRF / Gaussians run, extracted as `export` does,
+    # with its albedo as vertex colours).
+    init: str = "sphere"
+    init_radius: float = 0.5
+    init_subdivisions: int = 4
+    # "run:" init: marching-cubes grid size (null: the source run's export.mesh_resolution).
+    init_mesh_resolution: Optional[int] = None
+    # Depth normalization: depth = distance / (|camera| + radius * sqrt(3)), as for the NeRF.
+    radius: float = 1.0
+    # Shading (the NeRF's conventions): albedo only before ambient_only_steps, then per batch
+    # albedo (albedo_prob), textureless (textureless_prob) or diffuse, lit from the batch's light.
+    ambient_only_steps: int = 100
+    albedo_prob: float = 0.5
+    textureless_prob: float = 0.0
+    ambient_light: float = 0.1
+    # Background: "white", "black" or "random", as for the Gaussians.
+    background: str = "white"
+    random_background_prob: float = 0.0
+    # Fixed learning rates: vertex offsets, colour logits (independent of optim.lr).
+    lr_offsets: float = 1.0e-3
+    lr_colors: float = 1.0e-2
+    # Regularizer weights: uniform Laplacian smoothing of the vertices (mean squared norm of
+    # mean-of-neighbours minus vertex) and normal consistency (mean 1 - cos between adjacent face
+    # normals over interior edges); 0 disables.
+    lambda_laplacian: Scheduled = 1000.0
+    lambda_normal_consistency: Scheduled = 1000.0
+
+
+@dataclass
 class RepresentationConfig:
     name: str = "nerf"
     nerf: NerfConfig = field(default_factory=NerfConfig)
     gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 @dataclass
@@ -256,6 +290,10 @@ class ExportConfig:
     mesh_resolution: int = 128
     # Keep connected components with at least this fraction of the largest one's faces.
     min_component_ratio: float = 0.05
+    # GLB/OBJ: UV-unwrap (xatlas) and bake the albedo into a texture_size^2 base-colour PNG;
+    # false: vertex colours only. PLY always has vertex colours.
+    texture: bool = True
+    texture_size: int = 1024
     turntable: bool = True
     turntable_frames: int = 60
     turntable_fps: int = 24
@@ -344,6 +382,8 @@ _SCHEDULED_KEYS = [
     "representation.nerf.lambda_opaque",
     "representation.gaussians.lambda_opacity",
     "representation.gaussians.lambda_scale",
+    "representation.mesh.lambda_laplacian",
+    "representation.mesh.lambda_normal_consistency",
     "optim.lr",
 ]
 
@@ -468,7 +508,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
     for key in ("run.steps", "run.resolution", "camera.batch_size", "representation.nerf.num_samples",
-                "representation.nerf.radius", "export.mesh_resolution", "export.turntable_frames",
+                "representation.nerf.radius", "export.mesh_resolution", "export.texture_size",
+                "export.turntable_frames",
                 "export.turntable_fps", "export.turntable_resolution", "run.preview_every",
                 "run.checkpoint_every"):
         positive(key)
@@ -532,8 +573,39 @@ def validate(cfg: Config) -> None:
                         f"got '{g.background}'")
     if g.init not in ("sphere", "shape") and not (str(g.init).startswith("file:") and len(str(g.init)) > 5):
         raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{g.init}'")
+    m = cfg.representation.mesh
+    for key in ("init_radius", "radius", "lr_offsets", "lr_colors"):
+        positive(f"representation.mesh.{key}", allow_zero=key.startswith("lr_"))
+    positive("representation.mesh.ambient_only_steps", allow_zero=True)
+    if not 0 <= m.init_subdivisions <= 7:
+        raise UserError(f"config key 'representation.mesh.init_subdivisions' must be between 0 and 7, "
+                        f"got {m.init_subdivisions}")
+    if m.init_mesh_resolution is not None and m.init_mesh_resolution < 2:
+        raise UserError(f"config key 'representation.mesh.init_mesh_resolution' must be >= 2 or null, "
+                        f"got {m.init_mesh_resolution}")
+    for key in ("albedo_prob", "textureless_prob", "ambient_light", "random_background_prob"):
+        v = OmegaConf.select(cfg, f"representation.mesh.{key}")
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"config key 'representation.mesh.{key}' must lie within [0, 1], got {v}")
+    if m.albedo_prob + m.textureless_prob > 1.0:
+        raise UserError(f"config keys 'representation.mesh.albedo_prob' + 'textureless_prob' must be <= 1, "
+                        f"got {m.albedo_prob} + {m.textureless_prob}")
+    if m.background not in ("white", "black", "random"):
+        raise UserError(f"config key 'representation.mesh.background' must be white, black or random, "
+                        f"got '{m.background}'")
+    init = str(m.init)
+    if init not in ("sphere", "cube") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
+        raise UserError(f"config key 'representation.mesh.init' must be sphere, cube, file:PATH or run:RUN_DIR, "
+                        f"got '{m.init}'")
+    for key in ("representation.mesh.lambda_laplacian", "representation.mesh.lambda_normal_consistency"):
+        sched = parse_schedule(OmegaConf.select(cfg, key), key)
+        if sched is not None and min(sched[0], sched[1]) < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.representation.nerf.encoding not in ("hashgrid",):
         raise UserError(f"config key 'representation.nerf.encoding' must be hashgrid, got '{cfg.representation.nerf.encoding}'")
+    if not 16 <= cfg.export.texture_size <= 8192:
+        raise UserError(f"config key 'export.texture_size' must be between 16 and 8192, "
+                        f"got {cfg.export.texture_size}")
     for fmt in cfg.export.formats:
         if fmt not in ("glb", "obj", "ply"):
             raise UserError(f"config key 'export.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")
@@ -561,6 +633,7 @@ __all__ = [
     "RepresentationConfig",
     "NerfConfig",
     "GaussiansConfig",
+    "MeshConfig",
     "CameraConfig",
     "OptimConfig",
     "RunConfig",

@@ -1,4 +1,5 @@
-"""Surface extraction (marching cubes on a density field) and mesh files (GLB, OBJ, PLY).
+"""Surface extraction (marching cubes on a density field), UV unwrapping and texture baking,
+and mesh files (GLB, OBJ, PLY).
 
 Meshes are kept in the project's world frame (+Z up, front facing +X; see
 :mod:`threedistill.cameras`) in memory and converted to the Y-up frame of mesh files only when
@@ -10,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+import io
+
 import numpy as np
 import torch
 import trimesh
+from PIL import Image
 
 from threedistill.atomic import atomic_write_bytes, atomic_write_text
 from threedistill.errors import UserError
@@ -179,6 +183,206 @@ def extract_mesh(
 
 
 # ----------------------------------------------------------------------------------------------
+# UV unwrapping and texture baking
+# ----------------------------------------------------------------------------------------------
+def _unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int):
+    """xatlas charts packed into one atlas of about ``texture_size`` texels a side.
+
+    Returns ``vmapping`` (new vertex -> input vertex), ``faces`` (over the new vertices), ``uv``
+    in [0, 1] (trimesh/OBJ convention: v up, origin bottom left) and a per-face mask of the
+    faces xatlas put in a chart (the others are near-zero-area slivers)."""
+    import xatlas
+
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32),
+                   np.ascontiguousarray(faces, dtype=np.uint32))
+    chart_options = xatlas.ChartOptions()
+    chart_options.max_iterations = 1  # the default (1) spelled out: more only slows marching-cubes meshes
+    pack_options = xatlas.PackOptions()
+    pack_options.resolution = int(texture_size)
+    pack_options.padding = int(padding)
+    pack_options.bilinear = True
+    atlas.generate(chart_options, pack_options)
+    vmapping, new_faces, uv = atlas[0]
+    vmapping = np.asarray(vmapping, dtype=np.int64)
+    new_faces = np.asarray(new_faces, dtype=np.int64)
+    uv = np.clip(np.asarray(uv, dtype=np.float64), 0.0, 1.0)
+    # xatlas leaves (near-)zero-area slivers out of every chart, at UV (0, 0). Give their
+    # vertices the UV of a charted copy of the same input vertex, so they sample the surface
+    # colour of where they are rather than whatever lies at the atlas corner.
+    t = uv[new_faces]
+    charted = np.abs((t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1])
+                     - (t[:, 1, 1] - t[:, 0, 1]) * (t[:, 2, 0] - t[:, 0, 0])) > 0
+    ok = np.zeros(len(vmapping), bool)
+    ok[new_faces[charted].reshape(-1)] = True
+    if not ok.all():
+        representative = np.full(len(vertices), -1, dtype=np.int64)
+        good = np.nonzero(ok)[0]
+        representative[vmapping[good]] = good
+        bad = np.nonzero(~ok)[0]
+        src = representative[vmapping[bad]]
+        uv[bad[src >= 0]] = uv[src[src >= 0]]
+    return vmapping, new_faces, uv, charted
+
+
+def _rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, max_candidates: int = 2**22):
+    """Texels whose centres lie in (or within half a texel diagonal of) a UV triangle.
+
+    Texel ``(row, col)`` has its centre at ``u = (col + 0.5) / size``, ``v = 1 - (row + 0.5) /
+    size`` (PNG rows run top to bottom, v runs bottom to top). Returns flat texel indices
+    ``row * size + col``, their face and barycentric coordinates ``[N, 3]`` (clamped onto the
+    triangle for border texels); a texel near several triangles keeps the nearest one."""
+    px = np.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5], axis=-1)
+    tri = px[faces]  # [F,3,2]
+    # Conservative: texels whose centre is within half a texel diagonal of the triangle too
+    # (the border texels bilinear filtering reads), at the nearest point of the triangle.
+    reach = 0.71
+    lo = np.ceil(tri.min(axis=1) - reach).astype(np.int64).clip(0, size - 1)
+    hi = np.floor(tri.max(axis=1) + reach).astype(np.int64).clip(0, size - 1)
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    extent = np.maximum(hi - lo + 1, 0).max(axis=1)
+    ok = (np.abs(area) > 1e-12) & (hi >= lo).all(axis=1)
+    texels, face_ids, barys, dists = [], [], [], []
+    # Group faces by bounding-box size (powers of two) so each group tests a small dense grid.
+    bucket = np.ceil(np.log2(np.maximum(extent, 1))).astype(np.int64)
+    for k in np.unique(bucket[ok]):
+        side = 1 << int(k)
+        ids_all = np.nonzero(ok & (bucket == k))[0]
+        step = max(1, max_candidates // (side * side))
+        offs = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="xy"), -1).reshape(-1, 2)
+        for s in range(0, len(ids_all), step):
+            ids = ids_all[s:s + step]
+            pts = lo[ids][:, None, :] + offs[None]  # [n,S,2] integer (x, y) texel centres
+            inside_box = (pts <= hi[ids][:, None, :]).all(-1)
+            p = pts.astype(np.float64)
+            ta, tb, tc, ar = a[ids][:, None], b[ids][:, None], c[ids][:, None], area[ids][:, None]
+
+            def edge(p0, p1):
+                return ((p1[..., 0] - p0[..., 0]) * (p[..., 1] - p0[..., 1])
+                        - (p1[..., 1] - p0[..., 1]) * (p[..., 0] - p0[..., 0]))
+
+            def seg_dist(p0, p1):
+                d = p1 - p0
+                t = (((p - p0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12)).clip(0.0, 1.0)
+                return np.linalg.norm(p - (p0 + t[..., None] * d), axis=-1)
+
+            w0 = edge(tb, tc) / ar
+            w1 = edge(tc, ta) / ar
+            w2 = 1.0 - w0 - w1
+            inside = (w0 >= -1e-7) & (w1 >= -1e-7) & (w2 >= -1e-7)
+            dist = np.where(inside, 0.0, np.minimum(np.minimum(seg_dist(ta, tb), seg_dist(tb, tc)),
+                                                    seg_dist(tc, ta)))
+            fi, si = np.nonzero(inside_box & (dist <= reach))
+            if len(fi) == 0:
+                continue
+            q = pts[fi, si]
+            texels.append(q[:, 1] * size + q[:, 0])
+            face_ids.append(ids[fi])
+            dists.append(dist[fi, si])
+            barys.append(np.clip(np.stack([w0[fi, si], w1[fi, si], w2[fi, si]], -1), 0.0, 1.0))
+    if not texels:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
+    texels, face_ids, barys = np.concatenate(texels), np.concatenate(face_ids), np.concatenate(barys)
+    order = np.lexsort((np.concatenate(dists), texels))  # per texel, the nearest triangle first
+    texels, face_ids, barys = texels[order], face_ids[order], barys[order]
+    texels, first = np.unique(texels, return_index=True)
+    barys = barys[first]
+    return texels, face_ids[first], barys / np.maximum(barys.sum(-1, keepdims=True), 1e-12)
+
+
+def _dilate(image: np.ndarray, filled: np.ndarray, passes: int) -> np.ndarray:
+    """Grow the filled texels ``passes`` texels outwards (each new texel: the mean of its filled
+    8-neighbours), then fill what is still empty with the mean colour, so bilinear filtering
+    and mip-mapping at chart borders never pick up a background colour."""
+    image = image.copy()
+    filled = filled.copy()
+    H, W = filled.shape
+    for _ in range(int(passes)):
+        if filled.all():
+            break
+        pad_img = np.pad(image * filled[..., None], ((1, 1), (1, 1), (0, 0)))
+        pad_w = np.pad(filled.astype(image.dtype), 1)
+        acc = np.zeros_like(image)
+        cnt = np.zeros((H, W), image.dtype)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy == 0 and dx == 0:
+                    continue
+                acc += pad_img[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+                cnt += pad_w[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+        grow = ~filled & (cnt > 0)
+        if not grow.any():
+            break
+        image[grow] = acc[grow] / cnt[grow][:, None]
+        filled = filled | grow
+    if filled.any() and not filled.all():
+        image[~filled] = image[filled].mean(axis=0)
+    return image
+
+
+def bake_texture(
+    rep: Representation,
+    mesh: trimesh.Trimesh,
+    texture_size: int = 1024,
+    padding: Optional[int] = None,
+    dilation: int = 8,
+    chunk: int = 2**18,
+) -> trimesh.Trimesh:
+    """UV-unwrap a world-frame mesh (xatlas) and bake ``rep.albedo`` into a base-colour texture.
+
+    Every texel whose centre lies in a UV triangle (or within half a texel diagonal of one: the
+    border texels bilinear filtering reads) gets ``rep.albedo`` at the world position with the
+    same (clamped) barycentric coordinates (no grad, ``chunk`` points at a time); charts are then
+    dilated ``dilation`` texels and the rest of the texture is filled with the mean colour.
+    ``padding`` (texels between charts) defaults to ``max(2, texture_size // 256)``.
+
+    Returns a new mesh, split along the UV seams, whose visual is a
+    :class:`trimesh.visual.TextureVisuals` with ``uv`` and a non-metallic, rough
+    :class:`~trimesh.visual.material.PBRMaterial` whose ``baseColorTexture`` is the
+    ``texture_size``-square RGB (sRGB 8-bit) image, and ``vertex_attributes["color"]`` holds
+    the input's vertex colours (sRGB RGBA uint8) for formats without textures (PLY).
+    """
+    texture_size = int(texture_size)
+    if texture_size < 16:
+        raise ValueError(f"bake_texture: texture_size must be >= 16, got {texture_size}")
+    if padding is None:
+        padding = max(2, texture_size // 256)
+    verts = np.asarray(mesh.vertices, dtype=np.float64)
+    vmapping, faces, uv, charted = _unwrap(verts, np.asarray(mesh.faces), texture_size, padding)
+    new_verts = verts[vmapping]
+    # Only charted faces are baked: a sliver's UVs may now span charts (its area is ~0 anyway).
+    texels, face_ids, barys = _rasterize_uv(uv, faces[charted], texture_size)
+    face_ids = np.nonzero(charted)[0][face_ids]
+    points = np.einsum("nk,nkd->nd", barys, new_verts[faces[face_ids]])
+
+    device = _module_device(rep)
+    was_training = rep.training
+    rep.eval()
+    try:
+        colours = _albedo_rgba(rep, points, int(chunk), device)[:, :3]
+    finally:
+        rep.train(was_training)
+    image = np.zeros((texture_size * texture_size, 3), np.float32)
+    image[texels] = colours.astype(np.float32)
+    filled = np.zeros(texture_size * texture_size, bool)
+    filled[texels] = True
+    image = _dilate(image.reshape(texture_size, texture_size, 3), filled.reshape(texture_size, texture_size),
+                    dilation)
+    texture = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), mode="RGB")
+
+    out = trimesh.Trimesh(vertices=new_verts, faces=faces, process=False)
+    material = trimesh.visual.material.PBRMaterial(
+        name="albedo", baseColorTexture=texture, baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0, roughnessFactor=1.0,
+    )
+    out.visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    if mesh.visual.kind == "vertex":
+        out.vertex_attributes["color"] = np.asarray(mesh.visual.vertex_colors, dtype=np.uint8)[vmapping]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
 def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -223,11 +427,84 @@ def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray]) -> bytes:
     return trimesh.exchange.gltf.export_glb(out, include_normals=True)
 
 
+def _welded_normals(mesh: trimesh.Trimesh) -> np.ndarray:
+    """Smooth vertex normals across UV seams: the normals of the mesh with coincident vertices
+    merged (seam copies are exact copies), so shading shows no seams."""
+    uniq, inverse = np.unique(np.asarray(mesh.vertices), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    welded = trimesh.Trimesh(vertices=uniq, faces=inverse[np.asarray(mesh.faces)], process=False)
+    return np.asarray(welded.vertex_normals)[inverse]
+
+
+def _textured_glb_bytes(mesh: trimesh.Trimesh) -> bytes:
+    """GLB with TEXCOORD_0, NORMAL and a metallicRoughness material: the baked sRGB PNG as
+    ``baseColorTexture``, metallic 0, roughness 1 (no COLOR_0: it would multiply the texture)."""
+    out = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_normals=_welded_normals(mesh),
+                          process=False)
+    src = mesh.visual.material
+    material = trimesh.visual.material.PBRMaterial(
+        name="albedo", baseColorTexture=_texture_image(mesh), baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0, roughnessFactor=1.0, doubleSided=bool(getattr(src, "doubleSided", False)),
+    )
+    out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(mesh.visual.uv), material=material)
+    return trimesh.exchange.gltf.export_glb(out, include_normals=True)
+
+
+def _texture_image(mesh: trimesh.Trimesh) -> Image.Image:
+    mat = mesh.visual.material
+    img = getattr(mat, "baseColorTexture", None)
+    if img is None:
+        img = getattr(mat, "image", None)
+    if img is None:
+        raise ValueError("textured mesh has no base-colour image")
+    return img.convert("RGB")
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _is_textured(mesh: trimesh.Trimesh) -> bool:
+    return (mesh.visual.kind == "texture" and getattr(mesh.visual, "uv", None) is not None
+            and len(mesh.visual.uv) == len(mesh.vertices))
+
+
+def _welded_vertex_coloured(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A textured (seam-split) mesh as a welded vertex-coloured one: the colours of
+    ``vertex_attributes["color"]`` (from :func:`bake_texture`), else the texture at each UV."""
+    colors = mesh.vertex_attributes.get("color")
+    if colors is None or len(colors) != len(mesh.vertices):
+        colors = np.asarray(mesh.visual.to_color().vertex_colors, dtype=np.uint8)
+    out = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=colors, process=False)
+    out.merge_vertices(merge_tex=True, merge_norm=True)
+    return out
+
+
+def texture_paths(path: Union[str, Path]) -> tuple[Path, Path]:
+    """The material file and texture written next to a textured OBJ: ``<stem>.mtl``, ``<stem>.png``."""
+    path = Path(path)
+    return path.with_suffix(".mtl"), path.with_suffix(".png")
+
+
 def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] = None) -> Path:
-    """Write a world-frame mesh (as returned by :func:`extract_mesh`) to ``path`` atomically.
+    """Write a world-frame mesh (as returned by :func:`extract_mesh` or :func:`bake_texture`)
+    to ``path`` atomically.
 
     ``fmt`` (glb, obj, ply) defaults to the file suffix. The mesh is rotated to Y-up first
-    (:func:`to_y_up`: ``(x, y, z) -> (y, z, x)``). Vertex colours are kept:
+    (:func:`to_y_up`: ``(x, y, z) -> (y, z, x)``).
+
+    A textured mesh (:func:`bake_texture`) is written as:
+
+    * GLB: ``POSITION``, ``NORMAL`` (smooth across UV seams), ``TEXCOORD_0`` and a metallicRoughness material with the
+      texture (an embedded PNG) as ``baseColorTexture``, metallic 0, roughness 1.
+    * OBJ: ``v``/``vt``/``vn`` lines with ``mtllib <stem>.mtl``; ``<stem>.mtl`` (``Kd 1 1 1``,
+      ``map_Kd <stem>.png``) and ``<stem>.png`` are written next to it, referenced by bare
+      file name so the three files can be moved or zipped together.
+    * PLY: welded again, with vertex colours (PLY has no standard texture reference).
+
+    A vertex-coloured mesh (:func:`extract_mesh`, ``export.texture=false``) keeps its colours:
 
     * GLB: ``COLOR_0`` (RGBA8, normalized) converted from sRGB to linear as glTF specifies, with
       a white, non-metallic, rough material and smooth vertex normals. (trimesh reads the
@@ -242,11 +519,32 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     if fmt not in MESH_FORMATS:
         raise UserError(f"unknown mesh format '{fmt}' for {path} (use glb, obj or ply)")
     y_up = to_y_up(mesh)
+    textured = _is_textured(y_up)
+    if textured and fmt == "ply":
+        y_up, textured = _welded_vertex_coloured(y_up), False
     rgba = None
     if y_up.visual.kind == "vertex":
         rgba = np.asarray(y_up.visual.vertex_colors, dtype=np.uint8)
     if fmt == "glb":
-        atomic_write_bytes(path, _glb_bytes(y_up, rgba))
+        atomic_write_bytes(path, _textured_glb_bytes(y_up) if textured else _glb_bytes(y_up, rgba))
+    elif fmt == "obj" and textured:
+        mtl_path, png_path = texture_paths(path)
+        out = trimesh.Trimesh(vertices=y_up.vertices, faces=y_up.faces, vertex_normals=_welded_normals(y_up),
+                              process=False)
+        out.visual = trimesh.visual.TextureVisuals(
+            uv=np.asarray(y_up.visual.uv), material=trimesh.visual.material.SimpleMaterial(name="albedo"))
+        text = trimesh.exchange.obj.export_obj(
+            out, include_normals=True, include_color=False, include_texture=True, write_texture=False,
+            mtl_name=mtl_path.name, header="threedistill (Y-up, front +Z)",
+        )
+        if f"mtllib {mtl_path.name}" not in text:  # pragma: no cover - a trimesh behaviour change
+            raise RuntimeError("trimesh wrote no mtllib line for a textured OBJ")
+        mtl = (f"# threedistill\nnewmtl albedo\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nNs 0\nd 1\nillum 1\n"
+               f"map_Kd {png_path.name}\n")
+        # The texture and material first: the OBJ, written last, is what references them.
+        atomic_write_bytes(png_path, _png_bytes(_texture_image(y_up)))
+        atomic_write_text(mtl_path, mtl)
+        atomic_write_text(path, text)
     elif fmt == "obj":
         text = trimesh.exchange.obj.export_obj(
             y_up, include_normals=True, include_color=rgba is not None, include_texture=False,
@@ -260,4 +558,5 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     return path
 
 
-__all__ = ["extract_mesh", "save_mesh", "to_y_up", "linear_to_srgb", "MESH_FORMATS", "Z_UP_TO_Y_UP"]
+__all__ = ["extract_mesh", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
+           "Z_UP_TO_Y_UP"]

@@ -13,5 +13,6 @@ from threedistill.representations.base import (
 )
 from threedistill.representations import nerf  # noqa: F401  (registers "nerf")
 from threedistill.representations import gaussians  # noqa: F401  (registers "gaussians")
+from threedistill.representations import mesh  # noqa: F401  (registers "mesh")
 
 __all__ = ["Representation", "RenderOutput", "build_representation", "register", "representation_names"]

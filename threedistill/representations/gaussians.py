@@ -107,6 +107,24 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def solid_background(n_images: int, mode: str, random_prob: float, training: bool,
+                     generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """Solid background colour per image ``[B,3]`` for ``mode`` white / black / random (random:
+    a colour per image while training, white at evaluation); while training, white/black are
+    replaced by a random colour with probability ``random_prob`` per image. Random draws come from
+    ``generator``, only while training (shared by the Gaussians and the mesh)."""
+    if mode == "random":
+        if not training:
+            return torch.ones(n_images, 3, device=device)
+        return torch.rand(n_images, 3, generator=generator).to(device)
+    bg = torch.full((n_images, 3), 1.0 if mode == "white" else 0.0, device=device)
+    if training and random_prob > 0:
+        replace = (torch.rand(n_images, generator=generator) < random_prob).to(device)
+        colours = torch.rand(n_images, 3, generator=generator).to(device)
+        bg = torch.where(replace[:, None], colours, bg)
+    return bg
+
+
 def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
     """Mean distance from each of ``points [N,3]`` to its ``k`` nearest other points -> ``[N]``
     (brute force in chunks; fewer neighbours when N <= k; 0.01 for a lone point)."""
@@ -305,17 +323,8 @@ class Gaussians(Representation):
     # ------------------------------------------------------------------------------------------
     def _background(self, n_images: int, training: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Background colour per image ``[B,3]`` (random draws from ``generator`` only while training)."""
-        dev = self.means.device
-        if self.background_mode == "random":
-            if not training:
-                return torch.ones(n_images, 3, device=dev)
-            return torch.rand(n_images, 3, generator=generator).to(dev)
-        bg = torch.full((n_images, 3), 1.0 if self.background_mode == "white" else 0.0, device=dev)
-        if training and self.random_background_prob > 0:
-            replace = (torch.rand(n_images, generator=generator) < self.random_background_prob).to(dev)
-            colours = torch.rand(n_images, 3, generator=generator).to(dev)
-            bg = torch.where(replace[:, None], colours, bg)
-        return bg
+        return solid_background(n_images, self.background_mode, self.random_background_prob, training, generator,
+                                self.means.device)
 
     def _rasterize(self, cameras: CameraBatch, bg: torch.Tensor) -> Dict[str, torch.Tensor]:
         """rgb ``[B,3,H,W]``, alpha ``[B,1,H,W]``, z-depth sum ``[B,1,H,W]``, means2d, radii ``[B,N]``."""

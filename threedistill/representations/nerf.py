@@ -86,6 +86,40 @@ from threedistill.representations.encodings import FrequencyEncoding, HashGridEn
 SHADING_MODES = ("albedo", "textureless", "diffuse")
 
 
+def shade(albedo: torch.Tensor, normal: Optional[torch.Tensor], x: torch.Tensor, light: torch.Tensor,
+          mode: str, ambient_light: float) -> torch.Tensor:
+    """Colour ``[N,3]`` of surface points ``x [N,3]`` with ``albedo [N,3]``, unit ``normal [N,3]``
+    and ``light [N,3]`` (each point's light position) in shading ``mode`` (:data:`SHADING_MODES`):
+    ``albedo``; ``textureless``: white, lit; ``diffuse``:
+    ``albedo * (ambient + (1 - ambient) * max(0, n . l))`` with ``l`` the unit vector to the light
+    (shared by the NeRF and the mesh)."""
+    if mode == "albedo":
+        return albedo
+    assert normal is not None
+    l_dir = F.normalize(light - x.detach(), dim=-1, eps=1e-12)
+    lambert = (normal * l_dir).sum(dim=-1, keepdim=True).clamp_min(0.0)
+    shading = ambient_light + (1.0 - ambient_light) * lambert
+    if mode == "textureless":
+        return shading.expand(-1, 3)
+    return albedo * shading
+
+
+def draw_shading_mode(step: int, training: bool, generator: Optional[torch.Generator], ambient_only_steps: int,
+                      albedo_prob: float, textureless_prob: float) -> str:
+    """The shading mode of one training batch (module docstring): ``diffuse`` at evaluation,
+    ``albedo`` before ``ambient_only_steps``, then one uniform draw from ``generator``."""
+    if not training:
+        return "diffuse"
+    if step < ambient_only_steps:
+        return "albedo"
+    u = float(torch.rand(1, generator=generator))
+    if u < albedo_prob:
+        return "albedo"
+    if u < albedo_prob + textureless_prob:
+        return "textureless"
+    return "diffuse"
+
+
 def ray_box_intersect(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slab test against the cube ``[-radius, radius]^3``.
@@ -263,15 +297,7 @@ class NeRF(Representation):
     def _shade(self, albedo: torch.Tensor, normal: Optional[torch.Tensor], x: torch.Tensor,
                light: torch.Tensor, mode: str) -> torch.Tensor:
         """Per-sample colour ``[N,3]``; ``light [N,3]`` is the light position of each sample's ray."""
-        if mode == "albedo":
-            return albedo
-        assert normal is not None
-        l_dir = F.normalize(light - x.detach(), dim=-1, eps=1e-12)
-        lambert = (normal * l_dir).sum(dim=-1, keepdim=True).clamp_min(0.0)
-        shade = self.ambient_light + (1.0 - self.ambient_light) * lambert
-        if mode == "textureless":
-            return shade.expand(-1, 3)
-        return albedo * shade
+        return shade(albedo, normal, x, light, mode, self.ambient_light)
 
     def _background(self, dirs: torch.Tensor, image_of_ray: torch.Tensor, n_images: int, training: bool,
                     generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -294,16 +320,8 @@ class NeRF(Representation):
         return bg
 
     def _draw_shading(self, step: int, training: bool, generator: Optional[torch.Generator]) -> str:
-        if not training:
-            return "diffuse"
-        if step < self.ambient_only_steps:
-            return "albedo"
-        u = float(torch.rand(1, generator=generator))
-        if u < self.albedo_prob:
-            return "albedo"
-        if u < self.albedo_prob + self.textureless_prob:
-            return "textureless"
-        return "diffuse"
+        return draw_shading_mode(step, training, generator, self.ambient_only_steps, self.albedo_prob,
+                                 self.textureless_prob)
 
     # ------------------------------------------------------------------------------------------
     # Rendering

@@ -1,0 +1,396 @@
+"""An explicit triangle mesh as a score-distillation representation (Magic3D / Fantasia3D-style
+refinement stage, vertex colours only: no UV texture, no remeshing).
+
+Parameters (``nn.Parameter``; the topology is fixed)
+---------------------------------------------------
+``offsets [V,3]`` (zero at the start) added to the buffer ``base_vertices [V,3]`` (world), and
+``color_logits [V,3]`` (RGB = sigmoid). The buffers ``base_vertices`` and ``faces [F,3]`` (int64)
+are in ``state_dict()``, so a checkpoint holds the whole mesh; :meth:`_load_from_state_dict`
+resizes the module to a checkpoint's vertex and face counts before loading.
+
+Initialization (``representation.mesh.init``)
+---------------------------------------------
+* ``sphere``: ``trimesh.creation.icosphere(init_subdivisions, radius=init_radius)``.
+* ``cube``: a box of half side ``init_radius``, subdivided ``init_subdivisions`` times (so it
+  has vertices to move).
+* ``file:PATH``: any mesh trimesh reads (a scene is flattened with its transforms). Files are Y-up
+  (:func:`threedistill.export.mesh.save_mesh`): the inverse of ``Z_UP_TO_Y_UP`` brings them back
+  to the Z-up world, so a mesh exported by ``save_mesh`` comes back in place. Vertex colours
+  (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is converted back).
+* ``run:RUN_DIR``: a previous NeRF / Gaussians run: its representation is loaded with
+  :func:`threedistill.distill.load_trained_representation` and its surface extracted with
+  :func:`threedistill.export.mesh.extract_mesh` (``init_mesh_resolution``, else the run's
+  ``export.mesh_resolution``; colours from its albedo). A mesh run's own triangles are taken as
+  they are. The global torch RNG is left as it was.
+
+Colours start grey (0.5) unless the source has colours.
+
+Rendering
+---------
+:func:`threedistill.representations.mesh_raster.render_mesh` (antialiased) with per-camera vertex
+colours composited over a solid background
+(:func:`threedistill.representations.gaussians.solid_background`: white / black / random, random
+draws from the render generator while training). Shading follows the NeRF
+(:func:`threedistill.representations.nerf.draw_shading_mode` and
+:func:`~threedistill.representations.nerf.shade`): the mode (``albedo`` / ``textureless`` /
+``diffuse``) is drawn per batch while training and lit from ``cameras.light_positions``;
+evaluation renders (``training=False``) are deterministic: ``diffuse`` with the light at the
+camera. Shading is evaluated at the vertices (area-weighted vertex normals, light direction per
+vertex) and interpolated across the triangles (Gouraud). Random draws, in order: shading mode,
+background.
+
+Outputs (:class:`RenderOutput`):
+
+* ``rgb`` composited over the background, ``alpha`` the antialiased coverage.
+* ``depth``: ``(hit * d + (1 - hit) * far) / far`` clamped to [0, 1], ``d`` the distance along the
+  pixel's ray (camera-space z over the cosine between the ray and the optical axis), ``hit`` the
+  (hard) coverage and ``far = |camera| + radius * sqrt(3)`` as for the NeRF.
+* ``normal``: the visible triangle's world face normal ``n`` (as wound), ``(hit * n + 1) / 2``.
+
+Regularizers
+------------
+* ``laplacian``: ``lambda_laplacian * mean_i |mean_{j in N(i)} v_j - v_i|^2`` (uniform Laplacian of
+  the current vertices ``v = base + offsets``; ``N(i)`` the vertices sharing an edge with ``i``).
+* ``normal_consistency``: ``lambda_normal_consistency * mean_e (1 - n_a . n_b)`` over the interior
+  edges ``e`` (shared by two faces ``a, b``; at a non-manifold edge each consecutive pair of its faces).
+
+Export
+------
+:meth:`export_mesh` returns the current triangles (world frame) with vertex colours;
+:func:`threedistill.export.export_run_meshes` and ``threedistill export`` use it instead of marching
+cubes. There is no density field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from threedistill.cameras import CameraBatch
+from threedistill.config import plain_schedule, scheduled
+from threedistill.errors import UserError
+from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.representations.gaussians import _logit, solid_background
+from threedistill.representations.mesh_raster import face_normals, render_mesh
+from threedistill.representations.nerf import draw_shading_mode, shade
+
+
+# ----------------------------------------------------------------------------------------------
+# Topology and regularizers (pure functions, tested against hand-computed values)
+# ----------------------------------------------------------------------------------------------
+def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
+    """Unique undirected edges ``[E,2]`` (int64, ``a < b``) of ``faces [F,3]``."""
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).long()
+    e = torch.sort(e, dim=1).values
+    return torch.unique(e, dim=0)
+
+
+def adjacent_face_pairs(faces: torch.Tensor) -> torch.Tensor:
+    """``[P,2]`` face index pairs sharing an edge: for each edge, each consecutive pair of the faces
+    that hold it (one pair per interior manifold edge, none for boundary edges)."""
+    F = faces.shape[0]
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).long()
+    e = torch.sort(e, dim=1).values
+    n = int(faces.max()) + 1 if F else 1
+    key = e[:, 0] * n + e[:, 1]
+    face = torch.arange(F, device=faces.device).repeat(3)
+    order = torch.argsort(key, stable=True)
+    key, face = key[order], face[order]
+    same = key[1:] == key[:-1]
+    return torch.stack([face[:-1][same], face[1:][same]], dim=1)
+
+
+def laplacian_loss(verts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """``mean_i |mean_{j in N(i)} v_j - v_i|^2`` (uniform Laplacian; isolated vertices count 0)."""
+    V = verts.shape[0]
+    a, b = edges[:, 0], edges[:, 1]
+    nb = torch.zeros_like(verts).index_add(0, a, verts[b]).index_add(0, b, verts[a])
+    ones = torch.ones(edges.shape[0], device=verts.device, dtype=verts.dtype)
+    deg = torch.zeros(V, device=verts.device, dtype=verts.dtype).index_add(0, a, ones).index_add(0, b, ones)
+    lap = nb / deg.clamp_min(1.0)[:, None] - verts
+    lap = torch.where(deg[:, None] > 0, lap, torch.zeros_like(lap))
+    return lap.square().sum(-1).mean()
+
+
+def normal_consistency_loss(verts: torch.Tensor, faces: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``mean (1 - n_a . n_b)`` over the face pairs ``pairs [P,2]`` (0 when there are none)."""
+    if pairs.shape[0] == 0:
+        return verts.sum() * 0.0
+    n = face_normals(verts, faces)
+    return (1.0 - (n[pairs[:, 0]] * n[pairs[:, 1]]).sum(-1)).mean()
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit area-weighted vertex normals ``[V,3]`` (sum of the adjacent faces' cross products)."""
+    v = verts[faces]
+    fn = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1)  # |fn| = 2 x area
+    vn = torch.zeros_like(verts)
+    for k in range(3):
+        vn = vn.index_add(0, faces[:, k], fn)
+    return vn / vn.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialization
+# ----------------------------------------------------------------------------------------------
+def _colours_of(mesh, linear: bool) -> Optional[np.ndarray]:
+    """Vertex colours ``[V,3]`` in [0,1] (sRGB) of a trimesh mesh, or None."""
+    raw = None
+    if mesh.visual.kind == "vertex":
+        raw = np.asarray(mesh.visual.vertex_colors)
+    else:  # our GLBs: COLOR_0 read into the (UV-less texture) visual's vertex attributes
+        for attrs in (getattr(mesh.visual, "vertex_attributes", None) or {}, mesh.vertex_attributes):
+            if "color" in attrs:
+                raw = np.asarray(attrs["color"])
+                break
+    if raw is None or len(raw) != len(mesh.vertices):
+        return None
+    rgb = raw[:, :3].astype(np.float32)
+    rgb = rgb / 255.0 if raw.dtype == np.uint8 or rgb.max() > 1.0 else rgb
+    if linear:
+        from threedistill.export.mesh import linear_to_srgb
+
+        rgb = np.asarray(linear_to_srgb(rgb), dtype=np.float32)
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def _load_file(path_str: str, key: str):
+    import trimesh
+
+    from threedistill.export.mesh import Z_UP_TO_Y_UP
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}: mesh file '{path}' not found (give file:PATH to an existing .glb/.obj/.ply)")
+    try:
+        loaded = trimesh.load(str(path))
+        if isinstance(loaded, trimesh.Scene):
+            geoms, colours = [], []
+            for name in loaded.graph.nodes_geometry:
+                transform, geom_name = loaded.graph[name]
+                g = loaded.geometry[geom_name]
+                if isinstance(g, trimesh.Trimesh):
+                    colours.append(_colours_of(g, linear=True))  # before copy(), which drops them
+                    g = trimesh.Trimesh(vertices=g.vertices, faces=g.faces, process=False)
+                    g.apply_transform(transform)
+                    geoms.append(g)
+            if not geoms:
+                raise ValueError("no triangle mesh in the scene")
+            mesh = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
+            cols = np.concatenate(colours) if all(c is not None for c in colours) else None
+        else:
+            mesh, cols = loaded, _colours_of(loaded, linear=False)
+    except UserError:
+        raise
+    except Exception as e:  # trimesh raises many kinds of errors on bad files
+        raise UserError(f"{key}: cannot read '{path}' as a mesh "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise UserError(f"{key}: '{path}' holds no triangles")
+    verts = np.asarray(mesh.vertices, dtype=np.float64)
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    # Weld duplicate positions (files split vertices along seams) so the mesh moves as one piece.
+    uniq, inverse = np.unique(np.round(verts, 8), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if cols is not None:
+        summed = np.zeros((len(uniq), 3))
+        np.add.at(summed, inverse, cols)
+        cols = summed / np.bincount(inverse, minlength=len(uniq))[:, None]
+    to_world = np.linalg.inv(Z_UP_TO_Y_UP)[:3, :3]
+    verts = uniq @ to_world.T
+    faces = inverse[faces]
+    keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    if not np.isfinite(verts).all():
+        raise UserError(f"{key}: '{path}' has non-finite vertex coordinates")
+    return verts, faces[keep], cols
+
+
+def _load_run(run_str: str, key: str, resolution: Optional[int], device: torch.device):
+    from threedistill.distill import load_trained_representation
+    from threedistill.export.mesh import extract_mesh
+
+    run_dir = Path(run_str).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
+    with torch.random.fork_rng(devices=[]):  # load_trained_representation reseeds the global RNG
+        cfg, rep, _ = load_trained_representation(run_dir, device=str(device))
+        if hasattr(rep, "export_mesh"):
+            mesh = rep.export_mesh()
+        else:
+            mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
+                                min_component_ratio=float(cfg.export.min_component_ratio))
+    return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
+            _colours_of(mesh, linear=False))
+
+
+def initial_mesh(c, device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """World vertices ``[V,3]``, faces ``[F,3]`` and colours ``[V,3]`` in [0,1] (or None) for the
+    ``representation.mesh`` config ``c`` (module docstring)."""
+    import trimesh
+
+    init, key = str(c.init), "representation.mesh.init"
+    r, sub = float(c.init_radius), int(c.init_subdivisions)
+    if init == "sphere":
+        m = trimesh.creation.icosphere(subdivisions=sub, radius=r)
+        return np.asarray(m.vertices), np.asarray(m.faces, dtype=np.int64), None
+    if init == "cube":
+        m = trimesh.creation.box(extents=[2.0 * r] * 3)
+        for _ in range(sub):
+            m = m.subdivide()
+        return np.asarray(m.vertices), np.asarray(m.faces, dtype=np.int64), None
+    if init.startswith("file:"):
+        return _load_file(init[5:], key)
+    if init.startswith("run:"):
+        return _load_run(init[4:], key, c.init_mesh_resolution, device)
+    raise UserError(f"config key '{key}' must be sphere, cube, file:PATH or run:RUN_DIR, got '{init}'")
+
+
+# ----------------------------------------------------------------------------------------------
+# The representation
+# ----------------------------------------------------------------------------------------------
+@register("mesh")
+class Mesh(Representation):
+    """Vertex-coloured triangle mesh (see the module docstring). Built as ``Mesh(cfg, device)``
+    from the whole :class:`~threedistill.config.Config`; reads ``cfg.representation.mesh``."""
+
+    config_key = "representation.mesh"
+
+    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        c = cfg.representation.mesh
+        device = torch.device(device)
+        self.radius = float(c.radius)
+        self.ambient_only_steps = int(c.ambient_only_steps)
+        self.albedo_prob = float(c.albedo_prob)
+        self.textureless_prob = float(c.textureless_prob)
+        self.ambient_light = float(c.ambient_light)
+        self.background_mode = str(c.background)
+        self.random_background_prob = float(c.random_background_prob)
+        if self.background_mode not in ("white", "black", "random"):
+            raise ValueError(f"unknown background '{self.background_mode}'")
+        self._lrs = {"offsets": float(c.lr_offsets), "colors": float(c.lr_colors)}
+        self._lambda_laplacian = plain_schedule(c.lambda_laplacian)
+        self._lambda_normal_consistency = plain_schedule(c.lambda_normal_consistency)
+
+        verts, faces, colours = initial_mesh(c, device)
+        v = torch.as_tensor(np.asarray(verts, dtype=np.float32))
+        self.register_buffer("base_vertices", v)
+        self.register_buffer("faces", torch.as_tensor(np.asarray(faces, dtype=np.int64)))
+        self.offsets = nn.Parameter(torch.zeros_like(v))
+        logits = (_logit(torch.as_tensor(np.asarray(colours, dtype=np.float32))) if colours is not None
+                  else torch.zeros_like(v))
+        self.color_logits = nn.Parameter(logits)
+        self.register_buffer("edges", torch.zeros(0, 2, dtype=torch.int64), persistent=False)
+        self.register_buffer("face_pairs", torch.zeros(0, 2, dtype=torch.int64), persistent=False)
+        self._update_topology()
+        self.to(device)
+
+    def _update_topology(self) -> None:
+        self.edges = mesh_edges(self.faces)
+        self.face_pairs = adjacent_face_pairs(self.faces)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Resize to the checkpoint's vertex / face counts first, then rebuild the edge lists."""
+        with torch.no_grad():
+            for name in ("base_vertices", "faces", "offsets", "color_logits"):
+                src = state_dict.get(prefix + name)
+                t = getattr(self, name)
+                if src is not None and tuple(src.shape) != tuple(t.shape):
+                    t.data = t.data.new_zeros(tuple(src.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._update_topology()
+
+    @property
+    def vertices(self) -> torch.Tensor:
+        """Current world vertices ``[V,3]`` (base + offsets)."""
+        return self.base_vertices + self.offsets
+
+    @property
+    def colors(self) -> torch.Tensor:
+        return torch.sigmoid(self.color_logits)
+
+    # ------------------------------------------------------------------------------------------
+    # Rendering
+    # ------------------------------------------------------------------------------------------
+    def render(self, cameras: CameraBatch, step: int = 0, generator: Optional[torch.Generator] = None,
+               training: bool = True) -> RenderOutput:
+        dev = self.offsets.device
+        cameras = cameras.to(dev)
+        B, V = len(cameras), self.base_vertices.shape[0]
+        mode = draw_shading_mode(step, training, generator, self.ambient_only_steps, self.albedo_prob,
+                                 self.textureless_prob)
+        bg = solid_background(B, self.background_mode, self.random_background_prob, training, generator, dev)
+        verts, albedo = self.vertices, self.colors
+        if mode == "albedo":
+            colours = albedo
+        else:
+            lights = (cameras.light_positions if training else cameras.positions).to(verts.dtype)
+            vn = vertex_normals(verts, self.faces)
+            flat = lambda t: t.expand(B, V, 3).reshape(B * V, 3)  # noqa: E731
+            colours = shade(flat(albedo), flat(vn), flat(verts), lights[:, None, :].expand(B, V, 3).reshape(B * V, 3),
+                            mode, self.ambient_light).reshape(B, V, 3)
+        r = render_mesh(verts, self.faces, cameras, colours, bg, antialiased=True)
+
+        hit = (r["tri_id"] >= 0)[:, None].to(verts.dtype)  # [B,1,H,W]
+        _, rays_d = cameras.rays()  # unit world directions [B,H,W,3]
+        forward = -cameras.c2w[:, :3, 2].to(verts.dtype)  # optical axis (the camera looks along -z)
+        cos = (rays_d * forward[:, None, None, :]).sum(-1)[:, None]  # [B,1,H,W]
+        dist = r["depth"] / cos.clamp_min(1e-6)
+        far = (cameras.positions.norm(dim=-1) + self.radius * math.sqrt(3.0))[:, None, None, None]
+        depth = ((hit * dist + (1.0 - hit) * far) / far).clamp(0.0, 1.0)
+        normal = ((hit * r["normal"] + 1.0) * 0.5).clamp(0.0, 1.0)
+        return RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=r["alpha"].clamp(0.0, 1.0), depth=depth,
+                            normal=normal)
+
+    # ------------------------------------------------------------------------------------------
+    # Losses and optimizer groups
+    # ------------------------------------------------------------------------------------------
+    def regularizers(self, out: RenderOutput, step: int) -> Dict[str, torch.Tensor]:
+        """``laplacian`` and ``normal_consistency`` (module docstring; zero weights are left out)."""
+        terms: Dict[str, torch.Tensor] = {}
+        w = float(scheduled(self._lambda_laplacian, step, "lambda_laplacian") or 0.0)
+        if w != 0.0:
+            terms["laplacian"] = w * laplacian_loss(self.vertices, self.edges)
+        w = float(scheduled(self._lambda_normal_consistency, step, "lambda_normal_consistency") or 0.0)
+        if w != 0.0:
+            terms["normal_consistency"] = w * normal_consistency_loss(self.vertices, self.faces, self.face_pairs)
+        return terms
+
+    def param_groups(self, optim_cfg) -> List[dict]:
+        """Offsets and colour logits, each with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
+        params = {"offsets": self.offsets, "colors": self.color_logits}
+        return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
+                for name, p in params.items()]
+
+    def log_stats(self) -> Dict[str, float]:
+        with torch.no_grad():
+            return {"mesh_offset_max": float(self.offsets.norm(dim=-1).amax()) if self.offsets.numel() else 0.0}
+
+    # ------------------------------------------------------------------------------------------
+    # Export
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_mesh(self):
+        """The current mesh as a :class:`trimesh.Trimesh` in the world frame (+Z up) with uint8
+        sRGB RGBA vertex colours (``save_mesh`` converts it to Y-up on writing)."""
+        import trimesh
+
+        rgba = np.full((self.base_vertices.shape[0], 4), 255, dtype=np.uint8)
+        rgba[:, :3] = np.rint(self.colors.float().clamp(0, 1).cpu().numpy() * 255.0).astype(np.uint8)
+        return trimesh.Trimesh(vertices=self.vertices.double().cpu().numpy(), faces=self.faces.cpu().numpy(),
+                               vertex_colors=rgba, process=False)
+
+    @property
+    def bounds(self) -> float:
+        """Half side of the axis-aligned cube holding every vertex."""
+        with torch.no_grad():
+            return max(float(self.vertices.abs().amax()), 1e-3) if self.offsets.numel() else 1.0
+
+
+__all__ = ["Mesh", "adjacent_face_pairs", "initial_mesh", "laplacian_loss", "mesh_edges",
+           "normal_consistency_loss", "vertex_normals"]
