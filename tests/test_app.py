@@ -93,6 +93,21 @@ def test_short_job_finishes_with_a_glb(manager):
     assert Path(job2["run_dir"]).parent == manager.outputs and ".." not in job2["run_name"]
 
 
+def test_chained_preset_runs_its_refine_stage(manager):
+    """A coarse-to-fine preset: the job follows the refine stage; its results are the refined mesh's."""
+    extra = "\nexport.formats=[glb]\nexport.turntable=false\nrefine.overrides=[run.steps=2,run.resolution=16]"
+    with pytest.raises(ValidationError) as e:
+        manager.submit(quick(preset="sds-nerf-then-mesh", overrides=QUICK + "\nrefine.config=sds-nerf"))
+    assert e.value.field == "overrides" and "mesh" in e.value.message
+    jid = manager.submit(quick(preset="sds-nerf-then-mesh", overrides=QUICK + extra))
+    job = manager.wait(jid, timeout=120)
+    assert job["status"] == FINISHED, job["error"]
+    coarse = manager.outputs / job["run_name"]
+    assert job["run_dir"] == str(coarse / "refine") and job["step"] == job["steps"] == 2
+    assert manager.run_outputs(jid)["glb"] == str(coarse / "refine" / "model.glb")
+    assert (coarse / "model.glb").is_file() and job["run_name"] in [r["name"] for r in manager.history()]
+
+
 def test_queue_position_and_cancel(manager):
     long = quick(prompt="a blue sphere", overrides=QUICK.replace("run.steps=6", "run.steps=2000"))
     first = manager.submit(long)

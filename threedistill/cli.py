@@ -2,7 +2,9 @@
 
     threedistill generate "PROMPT" [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]
     threedistill export RUN_DIR [--format glb|obj|ply|splat] [--resolution N] [--threshold X] [--texture-size N]
+                            [--check] [--check-images]
     threedistill render RUN_DIR [--frames N] [--resolution N]
+    threedistill refine RUN_DIR [--config FILE] [key=value ...]
     threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     _add_overrides(g)
 
+    rf = sub.add_parser("refine", help="refine a finished run's surface as a mesh (a run in RUN_DIR/refine)")
+    rf.add_argument("run_dir", help="a finished run folder (NeRF, Gaussians or mesh)")
+    rf.add_argument("--config", "-c", help="the refine stage's preset or YAML file "
+                    "(default: the run's refine.config, sds-mesh)")
+    _add_overrides(rf)
+
     e = sub.add_parser("export", help="extract and write the mesh of a run")
     e.add_argument("run_dir")
     e.add_argument("--format", "-f", choices=["glb", "obj", "ply", "splat"], action="append",
@@ -71,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-texture", action="store_true",
                    help="vertex colours instead of a baked texture (as export.texture=false)")
     e.add_argument("--output", help="output file (default RUN_DIR/model.<format>)")
+    e.add_argument("--check", action="store_true",
+                   help="render the written mesh file (the first format) and the run's representation from 8 "
+                        "views and write the differences to RUN_DIR/export_check.json")
+    e.add_argument("--check-images", action="store_true",
+                   help="with --check (implied): also write RUN_DIR/export_check.png (renders, mesh, difference)")
 
     r = sub.add_parser("render", help="render a run's turntable video")
     r.add_argument("run_dir")
@@ -135,9 +148,24 @@ def cmd_app(args) -> int:
     return 0
 
 
+def _print_results(results) -> None:
+    """Each stage's status, folder and outputs; for a chained run, the final asset last."""
+    from threedistill.pipeline import REFINE_DIR
+
+    for r in results:
+        label = "refine " if r.run_dir.name == REFINE_DIR else ""
+        print(f"{label}{r.status}: {r.run_dir}")
+        for kind, path in r.outputs.items():
+            print(f"  {kind}: {path}")
+    last = results[-1]
+    if last.run_dir.name == REFINE_DIR and last.status == "finished" and last.outputs:
+        kind = next((k for k in ("glb", "obj", "ply") if k in last.outputs), next(iter(last.outputs)))
+        print(f"final: {last.outputs[kind]}")
+
+
 def cmd_generate(args) -> int:
     from threedistill.config import load_config
-    from threedistill.distill import Distiller
+    from threedistill.pipeline import resume_chain, run_chain
 
     looks_like_override = args.prompt is not None and _OVERRIDE.match(args.prompt)
     if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
@@ -149,7 +177,7 @@ def cmd_generate(args) -> int:
         run_dir = Path(args.resume)
         if not run_dir.is_dir():
             raise UserError(f"--resume: run folder '{run_dir}' does not exist")
-        d = Distiller.resume(run_dir, overrides=args.overrides)
+        results = resume_chain(run_dir, overrides=args.overrides)
     else:
         if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
@@ -158,11 +186,19 @@ def cmd_generate(args) -> int:
         if args.out:
             base["run"]["out_dir"] = args.out
         cfg = load_config(args.config, args.overrides, base=base)
-        d = Distiller(cfg)
-    result = d.run()
-    print(f"{result.status}: {result.run_dir}")
-    for kind, path in result.outputs.items():
-        print(f"  {kind}: {path}")
+        results = run_chain(cfg)
+    _print_results(results)
+    return 0
+
+
+def cmd_refine(args) -> int:
+    from threedistill.pipeline import start_refine
+
+    looks_like_override = args.run_dir is not None and _OVERRIDE.match(args.run_dir)
+    if looks_like_override:
+        raise UserError(f"the run folder is missing: '{args.run_dir}' is a key=value override; "
+                        "put the run folder first, e.g. threedistill refine outputs/my-run run.steps=400")
+    _print_results([start_refine(Path(args.run_dir), config=args.config, overrides=args.overrides)])
     return 0
 
 
@@ -175,6 +211,9 @@ def cmd_export(args) -> int:
     formats = args.format or ["glb"]
     if args.output and len(formats) > 1:
         raise UserError("--output takes one --format")
+    check = bool(args.check or args.check_images)
+    if check and not any(f != "splat" for f in formats):
+        raise UserError("--check compares a mesh file with the run: add --format glb, obj or ply")
     if "splat" in formats:
         if not hasattr(rep, "save_splat_ply"):
             raise UserError(f"--format splat needs a Gaussians run; '{run_dir}' is a {cfg.representation.name} run")
@@ -209,7 +248,30 @@ def cmd_export(args) -> int:
             if fmt == "obj":
                 extra += " in " + ", ".join(str(p) for p in texture_paths(out))
         print(f"{fmt}: {out} ({len(written.vertices)} vertices, {len(written.faces)} faces{extra}, step {step})")
+    if check:
+        _export_check(rep, outs[0], run_dir, cfg, step, images=bool(args.check_images))
     return 0
+
+
+def _export_check(rep, mesh_path: Path, run_dir: Path, cfg, step: int, images: bool) -> None:
+    """``export --check``: :func:`~threedistill.export.check.fidelity_check` of the written file
+    from 8 views at the run's evaluation distance and field of view, 128 px."""
+    import json
+
+    from threedistill.atomic import atomic_write_text
+    from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
+    from threedistill.export.video import save_image
+
+    cams = check_cameras(distance=cfg.camera.eval_distance, fovy=cfg.camera.eval_fovy, resolution=128)
+    result = fidelity_check(rep, mesh_path, cams, return_images=images)
+    pictures = result.pop("images", None)
+    result["step"] = step
+    json_path = run_dir / "export_check.json"
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    print(f"{format_check(result)} -> {json_path}")
+    if pictures is not None:
+        png = save_image(comparison_grid(pictures["rep_rgb"], pictures["mesh_rgb"]), run_dir / "export_check.png")
+        print(f"check images: {png} (top: renders, middle: mesh file, bottom: 4 x |difference|)")
 
 
 def cmd_render(args) -> int:
@@ -246,7 +308,8 @@ def read_prompts(path: Path) -> List[str]:
 
 def cmd_batch(args) -> int:
     from threedistill.config import load_config
-    from threedistill.distill import Distiller, read_run_status, resolve_device, slugify
+    from threedistill.distill import resolve_device, slugify
+    from threedistill.pipeline import check_refine, is_complete, resume_chain, run_chain
     from threedistill.priors import load_prior
 
     prompts = read_prompts(Path(args.prompts_file))
@@ -254,25 +317,24 @@ def cmd_batch(args) -> int:
     if args.out:
         base["run"]["out_dir"] = args.out
     cfg0 = load_config(args.config, args.overrides, base=base)  # validate once, before any work
+    check_refine(cfg0)
     prior = load_prior(cfg0.prior, resolve_device(cfg0.run.device))
     failed = 0
     for i, prompt in enumerate(prompts):
         run_dir = Path(cfg0.run.out_dir) / f"{i:03d}-{slugify(prompt)}"
-        status = read_run_status(run_dir).get("status")
         label = f"[{i + 1}/{len(prompts)}] {prompt}"
-        if status == "finished":
+        if is_complete(run_dir):  # finished, and so is its refine stage when it has one
             print(f"{label}: already finished, skipping ({run_dir})")
             continue
         try:
             if (run_dir / "config.yaml").is_file():
                 print(f"{label}: resuming {run_dir}")
-                d = Distiller.resume(run_dir, prior=prior)
+                results = resume_chain(run_dir, prior=prior)
             else:
                 print(f"{label}: starting {run_dir}")
                 cfg = load_config(args.config, args.overrides, base={"run": {"prompt": prompt, "out_dir": cfg0.run.out_dir}})
-                d = Distiller(cfg, run_dir=run_dir, prior=prior)
-            result = d.run()
-            print(f"{label}: {result.status}")
+                results = run_chain(cfg, run_dir=run_dir, prior=prior)
+            print(f"{label}: {results[-1].status}" + (f" ({results[-1].run_dir})" if len(results) > 1 else ""))
         except UserError as e:
             failed += 1
             print(f"{label}: error: {e}", file=sys.stderr)
@@ -395,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    handlers = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
+    handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
                 "eval": cmd_eval, "app": cmd_app}
     try:
         return handlers[args.command](args)

@@ -2,7 +2,8 @@
 
 Every front end (CLI, web app, batch) builds a :class:`Config` with :func:`load_config` and hands
 it to :class:`threedistill.distill.Distiller`. Top-level groups are the ones named in the design:
-``prior``, ``guidance``, ``representation``, ``camera``, ``optim``, ``run``, ``export``.
+``prior``, ``guidance``, ``representation``, ``camera``, ``optim``, ``run``, ``export``, plus
+``refine`` (the optional coarse-to-fine second stage, :mod:`threedistill.pipeline`).
 
 Scheduled scalars
 -----------------
@@ -302,6 +303,19 @@ class ExportConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Coarse-to-fine: when ``enabled``, a finished run continues with a refine stage, its own run
+    folder ``<run_dir>/refine`` (:mod:`threedistill.pipeline`): a mesh run initialized from this
+    run's surface (``representation.mesh.init=run:<this run's folder>``)."""
+
+    enabled: bool = False
+    # The refine stage's preset or YAML file (it must give representation.name=mesh).
+    config: str = "sds-mesh"
+    # key=value overrides for the refine stage, e.g. [run.resolution=64, run.steps=400].
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -310,6 +324,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,6 +630,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'prior.dtype' must be auto, fp32, fp16 or bf16, got '{cfg.prior.dtype}'")
     if cfg.optim.name not in ("adam", "adamw"):
         raise UserError(f"config key 'optim.name' must be adam or adamw, got '{cfg.optim.name}'")
+    if not str(cfg.refine.config).strip():
+        raise UserError("config key 'refine.config' must name a preset or YAML file, e.g. sds-mesh")
+    for ov in cfg.refine.overrides:
+        if not re.match(r"^[A-Za-z_][\w.]*=", str(ov)):
+            raise UserError(f"config key 'refine.overrides': '{ov}' is not of the form key=value")
     # Registered names are checked where they are looked up (guidance / representation registries).
 
 
@@ -638,6 +658,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "ExportConfig",
+    "RefineConfig",
     "load_config",
     "validate",
     "scheduled",

@@ -147,6 +147,7 @@ def build_config(s: JobSettings, outputs: Path):
     """
     from threedistill.config import load_config
     from threedistill.distill import check_prompt, slugify
+    from threedistill.pipeline import check_refine
     from threedistill.priors import BUILTIN_PRIORS, resolve_pipeline_path
 
     try:
@@ -189,6 +190,10 @@ def build_config(s: JobSettings, outputs: Path):
     except UserError as e:
         raise ValidationError(_field_for_message(str(e)), str(e)) from None
     cfg.run.out_dir = str(outputs)
+    try:
+        check_refine(cfg)  # a chained preset's refine stage (refine.* overrides)
+    except UserError as e:
+        raise ValidationError("overrides", str(e)) from None
     if cfg.run.name is not None and (slugify(str(cfg.run.name)) != str(cfg.run.name)):
         raise ValidationError("overrides", f"run.name '{cfg.run.name}' must be a plain name of a-z, 0-9 and '-' "
                                            f"(e.g. '{slugify(str(cfg.run.name))}')")
@@ -246,10 +251,20 @@ class _JobCallback:
         self.manager, self.job = manager, job
 
     def on_start(self, distiller) -> None:
+        from threedistill.pipeline import REFINE_DIR
+
         with self.manager._lock:
-            self.job.phase = "distilling"
-            self.job.step = distiller.step
-            if self.job.cancel_requested:
+            j = self.job
+            if j.distiller is not None and j.distiller is not distiller:
+                # A chained run's refine stage (threedistill.pipeline): follow it (progress, cancel,
+                # and the results panel, which shows job.run_dir: <run>/refine).
+                j.run_dir = str(distiller.run_dir)
+                j.steps = int(distiller.cfg.run.steps)
+                j.step_time_total, j.step_count = 0.0, 0
+            j.distiller = distiller
+            j.phase = "refining" if distiller.run_dir.name == REFINE_DIR else "distilling"
+            j.step = distiller.step
+            if j.cancel_requested:
                 distiller.request_stop()
 
     def on_step(self, distiller, step: int, stats: Dict[str, float]) -> None:
@@ -514,17 +529,20 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         from threedistill.distill import Distiller
+        from threedistill.pipeline import check_refine, then_refine
 
         try:
             prior = self._prior(job.cfg)
             run_dir = self._new_run_dir(job.cfg)
-            d = Distiller(job.cfg, run_dir=run_dir, callbacks=[_JobCallback(self, job)], prior=prior)
+            check_refine(job.cfg)
+            cb = _JobCallback(self, job)
+            d = Distiller(job.cfg, run_dir=run_dir, callbacks=[cb], prior=prior)
             with self._lock:
                 job.distiller = d
                 job.run_dir, job.run_name = str(run_dir), run_dir.name
                 if job.cancel_requested:
                     d.request_stop()
-            result = d.run()
+            result = then_refine(d, [cb])[-1]  # a chained preset's refine stage runs here too
             with self._lock:
                 job.status = FINISHED if result.status == "finished" else STOPPED
                 job.outputs = dict(result.outputs)

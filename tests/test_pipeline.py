@@ -1,0 +1,202 @@
+"""Coarse-to-fine (threedistill/pipeline.py): a chained run through the CLI, `refine RUN_DIR`,
+resuming a chained run interrupted in its refine stage, and bad inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from threedistill.cli import main
+from threedistill.config import load_config, to_yaml
+from threedistill.distill import Distiller
+
+# Tiny stages: a 2-step NeRF at 16 px, then a 3-step mesh at 24 px (refine.overrides).
+COARSE = ["run.resolution=16", "representation.nerf.num_samples=16", "representation.nerf.n_levels=4",
+          "representation.nerf.log2_hashmap_size=12", "representation.nerf.max_resolution=32", "run.steps=2",
+          "export.mesh_resolution=24", "export.turntable=false", "export.formats=[glb]", "export.texture=false",
+          "run.progress=false", "guidance.guidance_scale=7.5", "run.preview_every=100"]
+REFINE = "refine.overrides=[run.steps=3,run.resolution=24,representation.mesh.ambient_only_steps=1]"
+
+
+def _chain(out: Path, prior: Path, name: str, *extra: str) -> int:
+    return main(["generate", "a red cube", "-c", "sds-nerf-then-mesh", "--out", str(out), f"prior.name={prior}",
+                 f"run.name={name}", *COARSE, REFINE, *extra])
+
+
+def _coarse_vertex_count(run_dir: Path) -> int:
+    from threedistill.distill import load_trained_representation
+    from threedistill.export.mesh import extract_mesh
+
+    _, rep, _ = load_trained_representation(run_dir)
+    return len(extract_mesh(rep, resolution=24).vertices)
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory, tiny_sd_path):
+    out = tmp_path_factory.mktemp("chain")
+    assert _chain(out, tiny_sd_path, "full") == 0
+    return out / "full"
+
+
+def test_chained_run_refines_the_coarse_surface(chained, capsys):
+    coarse, refine = chained, chained / "refine"
+    cst = json.loads((coarse / "run.json").read_text())
+    rst = json.loads((refine / "run.json").read_text())
+    assert cst["status"] == "finished" and cst["step"] == 2 and cst["refine"] == str(refine.resolve())
+    assert rst["status"] == "finished" and rst["step"] == 3 and rst["coarse"] == str(coarse.resolve())
+    assert (coarse / "model.glb").is_file() and (refine / "model.glb").is_file()  # the coarse outputs stay
+    ccfg, rcfg = load_config(None, base=_yaml(coarse)), load_config(None, base=_yaml(refine))
+    assert ccfg.representation.name == "nerf" and ccfg.run.resolution == 16 and ccfg.refine.enabled
+    assert rcfg.representation.name == "mesh" and rcfg.run.resolution == 24 and rcfg.run.steps == 3
+    assert rcfg.representation.mesh.init == f"run:{coarse.resolve()}" and not rcfg.refine.enabled
+    assert rcfg.prior == ccfg.prior and rcfg.run.prompt == ccfg.run.prompt and rcfg.run.seed == ccfg.run.seed
+    assert rcfg.export == ccfg.export
+    # The refine stage started from the coarse surface: its mesh has the coarse mesh's vertices.
+    t = load_file(str(refine / "checkpoints" / "step_000003.safetensors"))
+    assert t["representation.base_vertices"].shape[0] == _coarse_vertex_count(coarse) > 20
+    assert float(t["representation.offsets"].abs().max()) > 0
+
+
+def _yaml(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def test_interrupted_chain_resumes_into_the_refine_stage(chained, tmp_path, tiny_sd_path, monkeypatch, capsys):
+    real = Distiller.train_step
+
+    def interrupt_refine(self, step, timer=None):
+        if self.cfg.representation.name == "mesh" and step == 1:
+            raise KeyboardInterrupt
+        return real(self, step, timer)
+
+    monkeypatch.setattr(Distiller, "train_step", interrupt_refine)
+    assert _chain(tmp_path, tiny_sd_path, "part") == 130
+    part = tmp_path / "part"
+    assert json.loads((part / "run.json").read_text())["status"] == "finished"
+    assert json.loads((part / "run.json").read_text())["refine"] == str((part / "refine").resolve())
+    assert json.loads((part / "refine" / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Distiller, "train_step", real)
+    # Both folders move together: the refine stage's init follows the coarse run to where it is now.
+    moved = tmp_path / "moved"
+    part.rename(moved)
+    part = moved
+    capsys.readouterr()
+    assert main(["generate", "--resume", str(part)]) == 0
+    printed = capsys.readouterr().out
+    assert f"refine finished: {(part / 'refine').resolve()}" in printed
+    assert f"final: {(part / 'refine').resolve() / 'model.glb'}" in printed
+    assert json.loads((part / "refine" / "run.json").read_text())["status"] == "finished"
+    steps = [json.loads(l)["step"] for l in (part / "refine" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    a = load_file(str(chained / "refine" / "checkpoints" / "step_000003.safetensors"))
+    b = load_file(str(part / "refine" / "checkpoints" / "step_000003.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # resumed exactly: the same as the uninterrupted chain
+        assert torch.equal(a[k], b[k]), k
+    assert len(list((part / "checkpoints").glob("*.safetensors"))) == 1  # the coarse stage was not rerun
+
+
+def test_resume_of_a_chain_killed_between_the_stages_starts_the_refine_stage(chained, tmp_path, tiny_sd_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(chained, copy, ignore=shutil.ignore_patterns("refine"))
+    st = json.loads((copy / "run.json").read_text())
+    del st["refine"]
+    (copy / "run.json").write_text(json.dumps(st))
+    assert main(["generate", "--resume", str(copy), "run.steps=1"]) == 0  # overrides go to the stage resumed
+    rcfg = load_config(None, base=_yaml(copy / "refine"))
+    assert rcfg.representation.mesh.init == f"run:{copy.resolve()}" and rcfg.run.steps == 1
+    assert json.loads((copy / "refine" / "run.json").read_text())["status"] == "finished"
+    assert json.loads((copy / "run.json").read_text())["step"] == 2  # the coarse stage was not rerun
+
+
+def test_refine_command_from_an_existing_run(tmp_path, tiny_sd_path, capsys):
+    assert main(["generate", "a red cube", "--out", str(tmp_path), f"prior.name={tiny_sd_path}", "run.name=plain",
+                 *COARSE]) == 0
+    plain = tmp_path / "plain"
+    assert not (plain / "refine").exists()  # refine.enabled is off by default
+    capsys.readouterr()
+    assert main(["refine", str(plain), "run.steps=2", "run.resolution=16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"final: {(plain / 'refine').resolve() / 'model.glb'}" in printed
+    rcfg = load_config(None, base=_yaml(plain / "refine"))
+    assert rcfg.representation.name == "mesh" and rcfg.run.steps == 2
+    assert rcfg.guidance.name == "sds" and rcfg.prior.name == str(tiny_sd_path)
+    t = load_file(str(plain / "refine" / "checkpoints" / "step_000002.safetensors"))
+    assert t["representation.base_vertices"].shape[0] == _coarse_vertex_count(plain)
+    assert json.loads((plain / "run.json").read_text())["refine"] == str((plain / "refine").resolve())
+    capsys.readouterr()
+    _one_line_error(capsys, main(["refine", str(plain)]), "already holds", f"--resume {plain / 'refine'}")
+
+
+def _one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_refine_inputs(chained, tmp_path, tiny_sd_path, capsys):
+    capsys.readouterr()
+    _one_line_error(capsys, main(["refine", str(tmp_path / "missing")]), "does not exist")
+    _one_line_error(capsys, main(["refine", str(tmp_path)]), "not a threedistill run folder")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text(to_yaml(load_config(None, ["run.prompt=a red cube"])))
+    (unfinished / "run.json").write_text(json.dumps({"status": "running", "step": 1}))
+    _one_line_error(capsys, main(["refine", str(unfinished)]), "not a finished run", "--resume")
+    assert not (unfinished / "refine").exists()
+    # A refine config that is not a mesh representation, from the command line or a chained config.
+    before = sorted(p.name for p in chained.iterdir())
+    _one_line_error(capsys, main(["refine", str(chained), "--config", "sds-nerf"]), "sds-nerf", "representation.name=mesh")
+    _one_line_error(capsys, main(["refine", str(chained), "representation.name=gaussians"]), "must be mesh")
+    _one_line_error(capsys, main(["refine", str(chained)]), "already holds a refine stage")
+    assert sorted(p.name for p in chained.iterdir()) == before
+    out = tmp_path / "o"
+    _one_line_error(capsys, main(["generate", "a cube", "-c", "sds-nerf-then-mesh", "--out", str(out),
+                                  f"prior.name={tiny_sd_path}", "refine.config=sds-gaussians"]), "refine stage")
+    _one_line_error(capsys, main(["generate", "a cube", "-c", "sds-nerf-then-mesh", "--out", str(out),
+                                  f"prior.name={tiny_sd_path}", "refine.overrides=[run.stepz=2]"]), "run.stepz")
+    _one_line_error(capsys, main(["generate", "a cube", "--out", str(out), "refine.overrides=[oops]"]),
+                    "refine.overrides")
+    assert not out.exists()  # nothing half-written: the refine config is checked before the coarse stage
+
+
+def test_presets():
+    nerf, gauss = load_config("sds-nerf-then-mesh"), load_config("sds-gaussians-then-mesh")
+    assert nerf.representation.name == "nerf" and gauss.representation.name == "gaussians"
+    for cfg in (nerf, gauss):
+        assert cfg.refine.enabled and cfg.refine.config == "sds-mesh"
+        assert "run.resolution=64" in cfg.refine.overrides
+        assert cfg.guidance == load_config("sds-nerf").guidance
+    assert not load_config("sds-nerf").refine.enabled
+
+
+def test_batch_runs_and_resumes_chains(tmp_path, tiny_sd_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    out = tmp_path / "batch"
+    args = ["batch", str(prompts), "-c", "sds-nerf-then-mesh", "--out", str(out), f"prior.name={tiny_sd_path}",
+            *COARSE, REFINE]
+    assert main(args) == 0
+    refine = out / "000-a-red-cube" / "refine"
+    assert json.loads((refine / "run.json").read_text())["status"] == "finished"
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out
+    # The refine stage left unfinished (killed): the batch resumes it, not the finished coarse stage.
+    st = json.loads((refine / "run.json").read_text())
+    st["status"] = "running"
+    (refine / "run.json").write_text(json.dumps(st))
+    for p in (refine / "checkpoints").glob("step_000003.*"):
+        p.unlink()
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert json.loads((refine / "run.json").read_text())["status"] == "finished"
+    assert (refine / "checkpoints" / "step_000003.safetensors").is_file()

@@ -1,0 +1,309 @@
+"""Fidelity check: how closely an exported mesh file reproduces the representation it came from.
+
+:func:`fidelity_check` reads a written mesh file back from disk (GLB with its baked texture or
+``COLOR_0``, OBJ with its MTL/PNG or ``v x y z r g b`` colours, PLY vertex colours), renders it
+with the pure-torch rasterizer (:mod:`threedistill.representations.mesh_raster`) from the same
+cameras as the representation's evaluation render (``training=False``) and measures the
+difference, so "the mesh looks worse than the renders" becomes a number.
+
+What is compared
+----------------
+* **Frame.** Files are Y-up; they are rotated back to the world frame (+Z up) with the inverse of
+  :data:`~threedistill.export.mesh.Z_UP_TO_Y_UP`.
+* **Colour space.** Both images are in the space the representation renders and bakes in: its
+  albedo values, written unchanged as 8-bit "sRGB" texture and vertex colours. Texture texels and
+  PLY/OBJ colours are used as stored (/255); GLB ``COLOR_0`` is linear by the glTF spec and is
+  converted back (:func:`~threedistill.export.mesh.linear_to_srgb`); a ``baseColorFactor`` other
+  than white multiplies in linear space, as glTF viewers do.
+* **Texture lookup.** UVs are interpolated per pixel (perspective-correct) and the texture is read
+  with bilinear ``grid_sample`` (texel centres at ``(i + .5) / size``, v up as trimesh loads it).
+* **Shading.** The mesh is shaded the way the representation's evaluation render is, so lighting
+  does not count as an error: representations with an ``ambient_light`` attribute (NeRF, mesh)
+  render ``diffuse`` with a headlight at evaluation, so the mesh gets
+  ``albedo * (ambient + (1 - ambient) max(0, n . l))`` with ``l`` towards the camera and ``n``
+  the interpolated smooth vertex normal (the same :func:`~threedistill.representations.nerf.shade`);
+  the others (Gaussians: colours only) are compared unlit (albedo). The NeRF's normals come from
+  its density gradient and the mesh's from its triangles, so some shading difference remains.
+* **Background.** The representation's evaluation background: white (``white``, ``random``),
+  black (``black``), or the NeRF's learned ``mlp`` background along each pixel's ray.
+* **Antialiasing.** The mesh render is antialiased at its silhouette (``mesh_raster.antialias``).
+
+Metrics (over all views together; per view in ``per_view``)
+-------------------------------------------------------------
+``silhouette_iou``: intersection over union of the two masks ``alpha > 0.5``; ``rgb_mae``: mean
+absolute RGB difference (channels in [0, 1]) over the pixels of the union of the two silhouettes;
+``rgb_mae_both``: the same over the intersection (colour/texture error without the silhouette
+mismatch); ``psnr``: ``-10 log10(MSE)`` over the union (dB).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from threedistill.cameras import CameraBatch, make_cameras
+from threedistill.errors import UserError
+from threedistill.export.mesh import Z_UP_TO_Y_UP, _module_device, _srgb_to_linear, linear_to_srgb
+from threedistill.representations.base import Representation
+from threedistill.representations.mesh_raster import antialias, interpolate, rasterize_triangles
+
+# 4 azimuths at a low elevation, 4 more between them from above.
+CHECK_ELEVATIONS = (15.0,) * 4 + (50.0,) * 4
+CHECK_AZIMUTHS = (0.0, 90.0, 180.0, -90.0, 45.0, 135.0, -135.0, -45.0)
+
+
+def check_cameras(distance: float = 1.75, fovy: float = 55.0, resolution: int = 128) -> CameraBatch:
+    """The 8 fidelity-check views: azimuths 0/90/180/-90 deg at elevation 15 deg and 45/135/-135/-45
+    deg at elevation 50 deg, at ``distance`` and ``fovy`` (degrees), light at the camera."""
+    n = len(CHECK_AZIMUTHS)
+    return make_cameras(torch.tensor(CHECK_ELEVATIONS), torch.tensor(CHECK_AZIMUTHS),
+                        torch.full((n,), float(distance)), torch.full((n,), float(fovy)), int(resolution))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the file back
+# ----------------------------------------------------------------------------------------------
+class ExportedMesh:
+    """A mesh file read back into the world frame: ``vertices [V,3]`` (float64, +Z up), ``faces
+    [F,3]`` and either ``uv [V,2]`` with ``texture [H,W,3]`` (floats in [0,1], rows top to bottom)
+    or ``colors [V,3]`` (in [0,1], the representation's colour space), or neither."""
+
+    def __init__(self, vertices, faces, uv=None, texture=None, colors=None, kind: str = "none"):
+        self.vertices, self.faces, self.uv, self.texture, self.colors = vertices, faces, uv, texture, colors
+        self.kind = kind  # "texture", "vertex" or "none"
+
+
+def _factor_rgb(material) -> Optional[np.ndarray]:
+    f = getattr(material, "baseColorFactor", None)
+    if f is None:
+        return None
+    f = np.asarray(f, dtype=np.float64)[:3]
+    f = f / 255.0 if f.max() > 1.0 else f
+    return None if np.allclose(f, 1.0) else f
+
+
+def _geometry_colours(g, from_gltf: bool):
+    """(uv, texture, colors) of one trimesh geometry (see :class:`ExportedMesh`)."""
+    visual = g.visual
+    if visual.kind == "texture":
+        mat = getattr(visual, "material", None)
+        img = getattr(mat, "baseColorTexture", None)
+        if img is None:
+            img = getattr(mat, "image", None)
+        uv = getattr(visual, "uv", None)
+        if img is not None and uv is not None and len(uv) == len(g.vertices):
+            tex = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            factor = _factor_rgb(mat)
+            if factor is not None:
+                tex = linear_to_srgb(_srgb_to_linear(tex) * factor).astype(np.float32)
+            return np.asarray(uv, dtype=np.float64), tex, None
+        attrs = getattr(visual, "vertex_attributes", None) or {}
+        raw = attrs.get("color", g.vertex_attributes.get("color"))
+        if raw is not None and len(raw) == len(g.vertices):
+            raw = np.asarray(raw)
+            rgb = raw[:, :3].astype(np.float64)
+            rgb = rgb / 255.0 if raw.dtype == np.uint8 or rgb.max() > 1.0 else rgb
+            if from_gltf:  # COLOR_0 is linear
+                lin = rgb
+                factor = _factor_rgb(mat)
+                if factor is not None:
+                    lin = lin * factor
+                rgb = linear_to_srgb(lin)
+            return None, None, np.clip(rgb, 0.0, 1.0)
+        return None, None, None
+    if visual.kind == "vertex":
+        raw = np.asarray(visual.vertex_colors)
+        rgb = raw[:, :3].astype(np.float64) / 255.0
+        return None, None, rgb
+    return None, None, None
+
+
+def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
+    """Read a GLB/OBJ/PLY mesh file (as :func:`~threedistill.export.save_mesh` writes them) back
+    into the world frame with its colours (module docstring). Several geometries are merged; if
+    they disagree on the kind of colour, the colours are dropped."""
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"fidelity check: mesh file '{path}' not found")
+    from_gltf = path.suffix.lower() in (".glb", ".gltf")
+    try:
+        loaded = trimesh.load(str(path), process=False)
+    except Exception as e:  # trimesh raises many kinds of errors on bad files
+        raise UserError(f"fidelity check: cannot read '{path}' as a mesh ({type(e).__name__}: {e})") from None
+    parts = []
+    if isinstance(loaded, trimesh.Scene):
+        for node in loaded.graph.nodes_geometry:
+            transform, name = loaded.graph[node]
+            g = loaded.geometry[name]
+            if isinstance(g, trimesh.Trimesh) and len(g.faces):
+                v = np.asarray(g.vertices, dtype=np.float64) @ np.asarray(transform)[:3, :3].T + transform[:3, 3]
+                parts.append((v, np.asarray(g.faces, dtype=np.int64), *_geometry_colours(g, from_gltf)))
+    elif isinstance(loaded, trimesh.Trimesh) and len(loaded.faces):
+        parts.append((np.asarray(loaded.vertices, dtype=np.float64), np.asarray(loaded.faces, dtype=np.int64),
+                      *_geometry_colours(loaded, from_gltf)))
+    if not parts:
+        raise UserError(f"fidelity check: '{path}' holds no triangles")
+    to_world = np.linalg.inv(Z_UP_TO_Y_UP)[:3, :3]
+    verts, faces, offset = [], [], 0
+    for v, f, *_ in parts:
+        verts.append(v @ to_world.T)
+        faces.append(f + offset)
+        offset += len(v)
+    out = ExportedMesh(np.concatenate(verts), np.concatenate(faces))
+    if len(parts) == 1 and parts[0][3] is not None:
+        out.uv, out.texture, out.kind = parts[0][2], parts[0][3], "texture"
+    elif all(p[4] is not None for p in parts):
+        out.colors, out.kind = np.concatenate([p[4] for p in parts]), "vertex"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering and comparing
+# ----------------------------------------------------------------------------------------------
+def eval_shading(rep: Representation) -> Optional[float]:
+    """The ambient term of the representation's evaluation shading (diffuse with a headlight), or
+    None when it renders unlit colours (module docstring)."""
+    ambient = getattr(rep, "ambient_light", None)
+    return None if ambient is None else float(ambient)
+
+
+@torch.no_grad()
+def eval_background(rep: Representation, cameras: CameraBatch) -> torch.Tensor:
+    """``[B,3,H,W]`` background of the representation's evaluation render (module docstring)."""
+    B, H, W = len(cameras), cameras.height, cameras.width
+    mode = str(getattr(rep, "background_mode", "white"))
+    if mode == "black":
+        return torch.zeros(B, 3, H, W)
+    if mode == "mlp" and hasattr(rep, "_background"):
+        _, d = cameras.rays()
+        dev = _module_device(rep)
+        d = d.reshape(-1, 3).to(dev)
+        image_of_ray = torch.arange(B, device=dev).repeat_interleave(H * W)
+        bg = rep._background(d, image_of_ray, B, False, None).float().cpu()
+        return bg.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+    return torch.ones(B, 3, H, W)
+
+
+def _smooth_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit area-weighted vertex normals, shared across coincident vertices (UV-seam copies)."""
+    from threedistill.representations.mesh import vertex_normals
+
+    uniq, inverse = torch.unique(verts, dim=0, return_inverse=True)
+    return vertex_normals(uniq, inverse[faces])[inverse]
+
+
+@torch.no_grad()
+def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: torch.Tensor,
+                         ambient: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    """``rgb [B,3,H,W]`` (over ``background [B,3,H,W]``) and ``alpha [B,1,H,W]`` of a mesh read
+    with :func:`load_exported_mesh`, shaded as the representation's evaluation render (``ambient``:
+    diffuse with a headlight; None: unlit). Colourless meshes render white."""
+    from threedistill.representations.nerf import shade
+
+    verts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+    faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
+    frags = rasterize_triangles(verts, faces, cameras)
+    mask = frags.mask  # [B,1,H,W]
+    B, H, W = len(cameras), cameras.height, cameras.width
+    if mesh.kind == "texture":
+        uv = interpolate(torch.as_tensor(mesh.uv, dtype=torch.float32), frags)  # [B,2,H,W]
+        grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], dim=-1)  # x right, y down
+        tex = torch.as_tensor(mesh.texture, dtype=torch.float32).permute(2, 0, 1)[None].expand(B, -1, -1, -1)
+        albedo = F.grid_sample(tex, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif mesh.kind == "vertex":
+        albedo = interpolate(torch.as_tensor(mesh.colors, dtype=torch.float32), frags)
+    else:
+        albedo = torch.ones(B, 3, H, W)
+    if ambient is not None:
+        normal = F.normalize(interpolate(_smooth_normals(verts, faces), frags), dim=1, eps=1e-12)
+        points = interpolate(verts, frags)
+        light = cameras.positions.to(points.dtype)[:, :, None, None].expand_as(points)
+        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731
+        albedo = shade(flat(albedo), flat(normal), flat(points), flat(light), "diffuse", ambient)
+        albedo = albedo.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+    rgb = mask * albedo + (1.0 - mask) * background
+    both = antialias(torch.cat([rgb, mask], 1), frags, verts, faces, cameras)
+    return {"rgb": both[:, :3].clamp(0.0, 1.0), "alpha": both[:, 3:].clamp(0.0, 1.0)}
+
+
+def _metrics(a_rgb, a_alpha, b_rgb, b_alpha) -> Dict[str, float]:
+    sa, sb = a_alpha[:, 0] > 0.5, b_alpha[:, 0] > 0.5  # [N,H,W]
+    union, inter = sa | sb, sa & sb
+    diff = (a_rgb - b_rgb).abs().mean(1)  # [N,H,W]
+    sq = (a_rgb - b_rgb).square().mean(1)
+    n_union, n_inter = int(union.sum()), int(inter.sum())
+    mse = float(sq[union].mean()) if n_union else 0.0
+    return {
+        "silhouette_iou": n_inter / n_union if n_union else 1.0,
+        "rgb_mae": float(diff[union].mean()) if n_union else 0.0,
+        "rgb_mae_both": float(diff[inter].mean()) if n_inter else 0.0,
+        "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+    }
+
+
+@torch.no_grad()
+def fidelity_check(rep: Representation, mesh_path: Union[str, Path], cameras: Optional[CameraBatch] = None,
+                   return_images: bool = False) -> dict:
+    """Render the mesh file ``mesh_path`` and ``rep`` (``training=False``) from ``cameras``
+    (default :func:`check_cameras`) and compare them (module docstring). Returns a JSON-ready dict:
+    ``silhouette_iou``, ``rgb_mae``, ``rgb_mae_both``, ``psnr``, ``views``, ``resolution``,
+    ``colour`` (texture / vertex / none), ``shading`` and ``per_view`` (elevation, azimuth and the
+    four metrics per view). With ``return_images`` it also holds ``images``: ``rep_rgb``,
+    ``mesh_rgb`` ``[B,3,H,W]`` tensors (not JSON)."""
+    cameras = check_cameras() if cameras is None else cameras
+    mesh = load_exported_mesh(mesh_path)
+    dev = _module_device(rep)
+    was_training = rep.training
+    rep.eval()
+    try:
+        out = rep.render(cameras.to(dev), training=False)
+        rep_rgb, rep_alpha = out.rgb.float().cpu(), out.alpha.float().cpu()
+        background = eval_background(rep, cameras.to("cpu")).to(rep_rgb.dtype)
+    finally:
+        rep.train(was_training)
+    ambient = eval_shading(rep)
+    cams = cameras.to("cpu")
+    m = render_exported_mesh(mesh, cams, background, ambient)
+    result = _metrics(rep_rgb, rep_alpha, m["rgb"], m["alpha"])
+    per_view: List[dict] = []
+    for b in range(len(cams)):
+        s = slice(b, b + 1)
+        per_view.append({"elevation": round(float(cams.elevation[b]), 3), "azimuth": round(float(cams.azimuth[b]), 3),
+                         **_metrics(rep_rgb[s], rep_alpha[s], m["rgb"][s], m["alpha"][s])})
+    result.update({
+        "mesh": str(mesh_path), "views": len(cams), "resolution": [cams.height, cams.width],
+        "colour": mesh.kind, "shading": "albedo" if ambient is None else f"diffuse headlight (ambient {ambient:g})",
+        "per_view": per_view,
+    })
+    if return_images:
+        result["images"] = {"rep_rgb": rep_rgb, "mesh_rgb": m["rgb"]}
+    return result
+
+
+def comparison_grid(rep_rgb: torch.Tensor, mesh_rgb: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """``[3, 3H, B W]`` image: the representation's renders on top, the mesh's in the middle and
+    ``gain`` times their absolute difference (black = equal) at the bottom."""
+    from threedistill.export.video import image_grid
+
+    diff = ((rep_rgb - mesh_rgb).abs() * float(gain)).clamp(0.0, 1.0)
+    B = rep_rgb.shape[0]
+    return image_grid(torch.cat([rep_rgb, mesh_rgb, diff]), nrow=B)
+
+
+def format_check(result: dict) -> str:
+    """One line summing up a :func:`fidelity_check` result."""
+    return (f"check: {Path(result['mesh']).name} vs the representation ({result['views']} views, "
+            f"{result['resolution'][0]} px, {result['shading']}): silhouette IoU {result['silhouette_iou']:.3f}, "
+            f"RGB error {result['rgb_mae']:.4f} ({result['rgb_mae_both']:.4f} where both cover), "
+            f"PSNR {result['psnr']:.1f} dB")
+
+
+__all__ = ["fidelity_check", "check_cameras", "load_exported_mesh", "render_exported_mesh", "comparison_grid",
+           "format_check", "eval_background", "eval_shading", "ExportedMesh"]
