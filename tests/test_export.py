@@ -21,7 +21,7 @@ import trimesh
 from threedistill.atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text
 from threedistill.cameras import CameraBatch
 from threedistill.errors import UserError
-from threedistill.export import (export_run_meshes, extract_mesh, image_grid, render_turntable, save_image,
+from threedistill.export import (bake_texture, export_run_meshes, extract_mesh, image_grid, render_turntable, save_image,
                                  save_mesh, to_y_up)
 from threedistill.export.mesh import linear_to_srgb
 from threedistill.representations.base import Representation, RenderOutput
@@ -537,3 +537,19 @@ def test_cli_export_texture_size_and_no_texture(tmp_path, monkeypatch, capsys):
     assert "COLOR_0" in _glb_json(out.read_bytes())["meshes"][0]["primitives"][0]["attributes"]
     assert main(["export", str(run), "--texture-size", "8"]) == 2
     assert "--texture-size must be between 16 and 8192" in capsys.readouterr().err
+
+
+def test_bake_texture_from_vertex_colours_without_a_representation():
+    """An explicit mesh (the mesh representation's export) bakes its own vertex colours."""
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
+    rgb = np.stack([np.rint((sphere.vertices[:, k] / 0.4 + 1.0) * 127.5) for k in range(3)], axis=1).astype(np.uint8)
+    sphere.visual.vertex_colors = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+    out = bake_texture(None, sphere, texture_size=128)
+    uv = np.asarray(out.visual.uv)
+    got = _sample_texture(out.visual.material.baseColorTexture, uv)
+    # independent: the colour the input mesh had at each (seam-split) vertex position
+    idx = sphere.kdtree.query(out.vertices)[1]
+    assert np.abs(got - rgb[idx].astype(int)).max() <= 12  # nearest texel of a linear ramp
+    assert np.abs(got - rgb[idx].astype(int)).mean() <= 3
+    with pytest.raises(ValueError, match="vertex colours"):
+        bake_texture(None, trimesh.creation.icosphere(subdivisions=1), texture_size=64)

@@ -204,7 +204,7 @@ def cmd_refine(args) -> int:
 
 def cmd_export(args) -> int:
     from threedistill.distill import load_trained_representation
-    from threedistill.export import bake_texture, extract_mesh, save_mesh, texture_paths
+    from threedistill.export import build_export_mesh, save_mesh, texture_paths
 
     run_dir = Path(args.run_dir)
     cfg, rep, step = load_trained_representation(run_dir)
@@ -233,12 +233,8 @@ def cmd_export(args) -> int:
         if args.output and out.suffix.lstrip(".").lower() != fmt and args.format:
             raise UserError(f"--output '{out}' does not end in .{fmt}")
         outs.append(out)
-    explicit = hasattr(rep, "export_mesh")  # the mesh representation: its own triangles, vertex colours
-    mesh = rep.export_mesh() if explicit else extract_mesh(
-        rep, resolution=args.resolution or cfg.export.mesh_resolution, threshold=args.threshold,
-        min_component_ratio=cfg.export.min_component_ratio)
-    texture = texture and not explicit
-    textured = bake_texture(rep, mesh, texture_size) if texture and any(f != "ply" for f in formats) else None
+    mesh, textured = build_export_mesh(rep, cfg.export, formats, resolution=args.resolution, threshold=args.threshold,
+                                       texture=texture, texture_size=texture_size)
     for fmt, out in zip(formats, outs):
         written = textured if textured is not None and fmt != "ply" else mesh
         save_mesh(written, out, fmt)

@@ -29,19 +29,38 @@ def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: I
             fmts.append(fmt)
     if not fmts:
         return []
-    explicit = hasattr(rep, "export_mesh")  # the mesh representation: its own triangles, vertex colours
-    mesh = rep.export_mesh() if explicit else extract_mesh(
-        rep, resolution=int(export_cfg.mesh_resolution), threshold=threshold,
-        min_component_ratio=float(export_cfg.min_component_ratio))
-    textured = None
-    if bool(getattr(export_cfg, "texture", True)) and any(f != "ply" for f in fmts) and not explicit:
-        textured = bake_texture(rep, mesh, texture_size=int(getattr(export_cfg, "texture_size", 1024)))
+    mesh, textured = build_export_mesh(rep, export_cfg, fmts, threshold=threshold)
     out_dir = Path(out_dir)
     return [save_mesh(mesh if fmt == "ply" or textured is None else textured, out_dir / f"model.{fmt}", fmt)
             for fmt in fmts]
 
 
+def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], resolution: Optional[int] = None,
+                      threshold: Optional[float] = None, texture: Optional[bool] = None,
+                      texture_size: Optional[int] = None):
+    """The meshes the ``formats`` are written from: ``(mesh, textured)``.
+
+    ``mesh`` (world frame, vertex colours) is the representation's own triangles when it has
+    ``export_mesh()`` (the mesh representation), else its density's isosurface
+    (:func:`extract_mesh` at ``resolution`` / ``threshold``, defaults from ``export_cfg`` and the
+    representation). ``textured`` is that mesh UV-unwrapped with a baked base-colour texture
+    (:func:`bake_texture`: from ``rep.albedo``, or from the mesh's own vertex colours for an
+    explicit mesh) when ``texture`` (default ``export_cfg.texture``) and a format other than PLY is
+    asked for; else None. PLY is always written from ``mesh``."""
+    explicit = hasattr(rep, "export_mesh")
+    mesh = rep.export_mesh() if explicit else extract_mesh(
+        rep, resolution=int(resolution or export_cfg.mesh_resolution), threshold=threshold,
+        min_component_ratio=float(export_cfg.min_component_ratio))
+    texture = bool(getattr(export_cfg, "texture", True)) if texture is None else bool(texture)
+    size = int(texture_size or getattr(export_cfg, "texture_size", 1024))
+    textured = None
+    if texture and any(str(f).lower() != "ply" for f in formats):
+        textured = bake_texture(None if explicit else rep, mesh, texture_size=size)
+    return mesh, textured
+
+
 __all__ = [
+    "build_export_mesh",
     "extract_mesh",
     "bake_texture",
     "save_mesh",

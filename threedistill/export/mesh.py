@@ -322,14 +322,15 @@ def _dilate(image: np.ndarray, filled: np.ndarray, passes: int) -> np.ndarray:
 
 
 def bake_texture(
-    rep: Representation,
+    rep: Optional[Representation],
     mesh: trimesh.Trimesh,
     texture_size: int = 1024,
     padding: Optional[int] = None,
     dilation: int = 8,
     chunk: int = 2**18,
 ) -> trimesh.Trimesh:
-    """UV-unwrap a world-frame mesh (xatlas) and bake ``rep.albedo`` into a base-colour texture.
+    """UV-unwrap a world-frame mesh (xatlas) and bake ``rep.albedo`` into a base-colour texture
+    (``rep=None``: the mesh's own vertex colours, interpolated with the same barycentrics).
 
     Every texel whose centre lies in a UV triangle (or within half a texel diagonal of one: the
     border texels bilinear filtering reads) gets ``rep.albedo`` at the world position with the
@@ -356,13 +357,19 @@ def bake_texture(
     face_ids = np.nonzero(charted)[0][face_ids]
     points = np.einsum("nk,nkd->nd", barys, new_verts[faces[face_ids]])
 
-    device = _module_device(rep)
-    was_training = rep.training
-    rep.eval()
-    try:
-        colours = _albedo_rgba(rep, points, int(chunk), device)[:, :3]
-    finally:
-        rep.train(was_training)
+    if rep is None:
+        if mesh.visual.kind != "vertex":
+            raise ValueError("bake_texture: without a representation the mesh needs vertex colours")
+        vc = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3][vmapping]
+        colours = np.einsum("nk,nkd->nd", barys, vc[faces[face_ids]])
+    else:
+        device = _module_device(rep)
+        was_training = rep.training
+        rep.eval()
+        try:
+            colours = _albedo_rgba(rep, points, int(chunk), device)[:, :3]
+        finally:
+            rep.train(was_training)
     image = np.zeros((texture_size * texture_size, 3), np.float32)
     image[texels] = colours.astype(np.float32)
     filled = np.zeros(texture_size * texture_size, bool)
