@@ -529,12 +529,11 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         from threedistill.distill import Distiller
-        from threedistill.pipeline import check_refine, then_refine
+        from threedistill.pipeline import then_refine
 
-        try:
+        try:  # job.cfg passed build_config at submit, the refine section included
             prior = self._prior(job.cfg)
             run_dir = self._new_run_dir(job.cfg)
-            check_refine(job.cfg)
             cb = _JobCallback(self, job)
             d = Distiller(job.cfg, run_dir=run_dir, callbacks=[cb], prior=prior)
             with self._lock:

@@ -31,12 +31,11 @@ OVERRIDES_HELP = ("# YAML or key=value lines, applied after the preset and the f
 def list_prior_choices(cache_dir: Optional[str] = None) -> List[str]:
     """``shapes`` plus the diffusers pipelines (repos with a model_index.json) in the local HF cache."""
     from threedistill.priors import BUILTIN_PRIORS
+    from threedistill.priors.diffusers_prior import _hf_cache_dir
 
     names = list(BUILTIN_PRIORS)
     try:
-        from huggingface_hub import constants
-
-        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        cache = _hf_cache_dir(cache_dir)  # the folder load_prior looks in
         for repo in sorted(cache.glob("models--*")):
             if any(repo.glob("snapshots/*/model_index.json")):
                 names.append(repo.name[len("models--"):].replace("--", "/"))

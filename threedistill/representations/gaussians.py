@@ -504,8 +504,7 @@ class Gaussians(Representation):
         saved = state_dict.get(prefix + "means")
         if saved is not None and saved.shape[0] != self.num_gaussians:
             with torch.no_grad():
-                for name in ("means", "log_scales", "quats", "opacity_logits", "color_logits",
-                             "grad2d_sum", "grad2d_count"):
+                for name in [*self._parameters, *self._buffers]:  # every per-Gaussian tensor
                     t = getattr(self, name)
                     src = state_dict.get(prefix + name)
                     shape = tuple(src.shape) if src is not None else (saved.shape[0],) + tuple(t.shape[1:])
