@@ -53,18 +53,28 @@ def bbox_pairs(verts, faces, cams) -> int:
         return int((x * y).sum())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_render(verts, faces, colors, cams, weights, repeats: int, antialiased: bool):
     """Median forward / backward ms (one warm-up first) and the covered-pixel count."""
     verts, colors = verts.clone().requires_grad_(), colors.clone().requires_grad_()
-    bg = torch.ones(3)
+    device = verts.device
+    bg = torch.ones(3, device=device)
     fwd, bwd = [], []
     for i in range(repeats + 1):
+        _sync(device)
         t0 = time.perf_counter()
         out = render_mesh(verts, faces, cams, colors, bg, antialiased=antialiased)
+        _sync(device)
         t1 = time.perf_counter()
         loss = (out["rgb"] * weights).sum() + out["alpha"].sum() + out["depth"].mean()
+        _sync(device)
         t2 = time.perf_counter()
         torch.autograd.grad(loss, [verts, colors])
+        _sync(device)
         t3 = time.perf_counter()
         if i:
             fwd.append(1e3 * (t1 - t0))
@@ -81,20 +91,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
     ap.add_argument("--no-antialias", action="store_true", help="time without the antialiasing pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; "
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {where}; "
               f"antialias {'off' if args.no_antialias else 'on'}; times in ms, median of {args.repeats} "
               "after one warm-up")
     cols = ["resolution", "faces", "bbox pairs", "covered pixels", "forward (ms)", "backward (ms)"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
     for res in args.resolutions:
-        cams = make_cameras([CAMERA["elevation"]], [CAMERA["azimuth"]], [CAMERA["distance"]], [CAMERA["fovy"]], res)
-        weights = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(args.seed + 1))
+        cams = make_cameras([CAMERA["elevation"]], [CAMERA["azimuth"]], [CAMERA["distance"]], [CAMERA["fovy"]], res).to(device)
+        weights = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
         for s in args.subdivisions:
-            verts, faces, colors = benchmark_mesh(s)
+            verts, faces, colors = (t.to(device) for t in benchmark_mesh(s))
             fwd, bwd, covered = time_render(verts, faces, colors, cams, weights, args.repeats, not args.no_antialias)
             row = [f"{res}x{res}", f"{faces.shape[0]:,}", f"{bbox_pairs(verts, faces, cams):,}", f"{covered:,}",
                    f"{fwd:.1f}", f"{bwd:.1f}"]

@@ -134,32 +134,6 @@ def test_every_loss_runs_with_gaussians(tmp_path, tiny_sd_path, loss):
 
 
 @pytest.mark.slow
-def test_batch_skips_finished_and_resumes_unfinished(tmp_path, tiny_sd_path, capsys):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two prompts\na red cube\n\na blue sphere\n")
-    out = tmp_path / "batch"
-    args = ["batch", str(prompts), "--out", str(out), f"prior.name={tiny_sd_path}", *FAST, "run.steps=4",
-            "export.formats=[]", "export.turntable=false", "run.checkpoint_every=2"]
-    assert main(args) == 0
-    runs = sorted(p.name for p in out.iterdir())
-    assert runs == ["000-a-red-cube", "001-a-blue-sphere"]
-    for r in runs:
-        assert json.loads((out / r / "run.json").read_text())["status"] == "finished"
-    # Make the second run look killed mid-way: back to its step-2 checkpoint and status "running".
-    second = out / "001-a-blue-sphere"
-    for p in (second / "checkpoints").glob("step_000004.*"):
-        p.unlink()
-    st = json.loads((second / "run.json").read_text())
-    st["status"] = "running"
-    (second / "run.json").write_text(json.dumps(st))
-    capsys.readouterr()
-    assert main(args) == 0
-    log = capsys.readouterr().out
-    assert "a red cube: already finished" in log
-    assert "resuming" in log and "a blue sphere: finished" in log
-    assert (second / "checkpoints" / "step_000004.safetensors").is_file()
-
-
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no traceback, nothing half-written.
 # ---------------------------------------------------------------------------------------------

@@ -210,6 +210,9 @@ def test_export_mesh_and_checkpoint_roundtrip():
 
 # -- end to end -----------------------------------------------------------------------------------
 def test_generate_with_a_mesh_and_resume_exactly(tmp_path, tiny_sd_path):
+    """On the CPU, where it is bit-exact. On CUDA the rasterizer's backward sums with float
+    atomics (index_add), whose order varies: a resumed run matches to ~1e-3, not bit for bit
+    (seen on an H100)."""
     from threedistill.cli import main
 
     def gen(name, *extra):
@@ -218,7 +221,7 @@ def test_generate_with_a_mesh_and_resume_exactly(tmp_path, tiny_sd_path):
                      "run.progress=false", "run.checkpoint_every=2", "run.preview_every=100",
                      "export.turntable=false", "guidance.guidance_scale=7.5",
                      "representation.mesh.ambient_only_steps=1", "representation.mesh.albedo_prob=0.3",
-                     "representation.mesh.background=random", *extra])
+                     "representation.mesh.background=random", "run.device=cpu", *extra])
 
     assert gen("full", "run.steps=3", "export.formats=[glb]") == 0
     full = tmp_path / "full"

@@ -182,21 +182,27 @@ def test_batch_runs_and_resumes_chains(tmp_path, tiny_sd_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
     out = tmp_path / "batch"
-    args = ["batch", str(prompts), "-c", "sds-nerf-then-mesh", "--out", str(out), f"prior.name={tiny_sd_path}",
-            *COARSE, REFINE]
+    args = ["batch", str(prompts), "-c", "sds-nerf-then-mesh", "--out", str(out), "--no-progress",
+            f"prior.name={tiny_sd_path}", *COARSE, REFINE]
     assert main(args) == 0
-    refine = out / "000-a-red-cube" / "refine"
+    (entry,) = [json.loads(line) for line in (out / "batch.jsonl").read_text().splitlines()]
+    refine = out / entry["run_dir"] / "refine"
     assert json.loads((refine / "run.json").read_text())["status"] == "finished"
+    assert entry["outputs"]["glb"] == f"{entry['run_dir']}/refine/model.glb"  # the chain's last stage
     capsys.readouterr()
     assert main(args) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert "1 already done, 0 rejected, 0 to run" in capsys.readouterr().out
     # The refine stage left unfinished (killed): the batch resumes it, not the finished coarse stage.
     st = json.loads((refine / "run.json").read_text())
     st["status"] = "running"
     (refine / "run.json").write_text(json.dumps(st))
     for p in (refine / "checkpoints").glob("step_000003.*"):
         p.unlink()
+    coarse_status = (out / entry["run_dir"] / "run.json").read_text()
     assert main(args) == 0
-    assert "resuming" in capsys.readouterr().out
+    assert "0 already done, 0 rejected, 1 to run" in capsys.readouterr().out
+    (entry,) = [json.loads(line) for line in (out / "batch.jsonl").read_text().splitlines()]
+    assert entry["attempts"] == 2 and entry["state"] == "done"
+    assert (out / entry["run_dir"] / "run.json").read_text() == coarse_status  # the coarse stage was not run again
     assert json.loads((refine / "run.json").read_text())["status"] == "finished"
     assert (refine / "checkpoints" / "step_000003.safetensors").is_file()

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from threedistill.errors import UserError
 
@@ -92,11 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fps", type=int)
     r.add_argument("--output", help="output file (default RUN_DIR/turntable.mp4)")
 
-    b = sub.add_parser("batch", help="run every prompt of a text file (one per line), resumably")
-    b.add_argument("prompts_file")
+    b = sub.add_parser("batch", help="run many prompts resumably: a text file (one per line), JSONL or CSV rows; "
+                                      "local worker processes or Ray; a manifest, summary.md and an HTML gallery")
+    b.add_argument("input", metavar="INPUT", help="prompts .txt (one per line), or .jsonl / .csv rows with prompt, "
+                                                "seed, preset, overrides, id")
     b.add_argument("--config", "-c", action="append",
-                   help="YAML config file or preset name from configs/ (repeatable, merged in order)")
-    b.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
+                   help="YAML config file or preset name from configs/ for every row (repeatable, merged in order)")
+    b.add_argument("--out", "-o", help="batch folder: runs, batch.jsonl, summary.md, index.html (default: run.out_dir = outputs)")
+    b.add_argument("--seeds", type=int, default=1, help="seeds per input row (seed, seed+1, ...; default 1)")
+    b.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine (default); ray: one Ray task per row")
+    b.add_argument("--workers", type=int, help="rows at once (default: one per visible GPU, else 1)")
+    b.add_argument("--threads", type=int, help="torch threads per CPU worker (default: cores / workers)")
+    b.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray")
+    b.add_argument("--retries", type=int, default=1, help="retries of a row whose attempt crashed (default 1)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     _add_overrides(b)
 
     ev = sub.add_parser("eval", help="score runs of shapes-world prompts against the ground truth")
@@ -115,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int)
     pt.add_argument("--init-from", metavar="PIPELINE", help="start a new training folder from these weights "
                     "(e.g. assets/shapes-prior, to train the shipped prior further)")
+    pt.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     pe = prs.add_parser("eval", help="classify the prior's own samples for every shapes-world prompt")
     pe.add_argument("--prior", default="shapes", help="prior name or pipeline folder (default: shapes)")
     pe.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
@@ -289,53 +300,17 @@ def cmd_render(args) -> int:
     return 0
 
 
-def read_prompts(path: Path) -> List[str]:
-    if not path.is_file():
-        raise UserError(f"prompts file '{path}' not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file '{path}' is not UTF-8 text") from None
-    prompts = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file '{path}' has no prompts (one per line; # starts a comment)")
-    return prompts
-
-
 def cmd_batch(args) -> int:
+    from threedistill.batch import run_batch
     from threedistill.config import load_config
-    from threedistill.distill import resolve_device, slugify
-    from threedistill.pipeline import check_refine, is_complete, resume_chain, run_chain
-    from threedistill.priors import load_prior
 
-    prompts = read_prompts(Path(args.prompts_file))
-    base = {"run": {"prompt": prompts[0]}}
-    if args.out:
-        base["run"]["out_dir"] = args.out
-    cfg0 = load_config(args.config, args.overrides, base=base)  # validate once, before any work
-    check_refine(cfg0)
-    prior = load_prior(cfg0.prior, resolve_device(cfg0.run.device))
-    failed = 0
-    for i, prompt in enumerate(prompts):
-        run_dir = Path(cfg0.run.out_dir) / f"{i:03d}-{slugify(prompt)}"
-        label = f"[{i + 1}/{len(prompts)}] {prompt}"
-        if is_complete(run_dir):  # finished, and so is its refine stage when it has one
-            print(f"{label}: already finished, skipping ({run_dir})")
-            continue
-        try:
-            if (run_dir / "config.yaml").is_file():
-                print(f"{label}: resuming {run_dir}")
-                results = resume_chain(run_dir, prior=prior)
-            else:
-                print(f"{label}: starting {run_dir}")
-                cfg = load_config(args.config, args.overrides, base={"run": {"prompt": prompt, "out_dir": cfg0.run.out_dir}})
-                results = run_chain(cfg, run_dir=run_dir, prior=prior)
-            print(f"{label}: {results[-1].status}" + (f" ({results[-1].run_dir})" if len(results) > 1 else ""))
-        except UserError as e:
-            failed += 1
-            print(f"{label}: error: {e}", file=sys.stderr)
-    print(f"batch: {len(prompts) - failed} of {len(prompts)} prompts done")
-    return 0 if failed == 0 else 1
+    out = args.out or str(load_config(args.config, args.overrides, base={"run": {"prompt": "batch"}}).run.out_dir)
+    totals = run_batch(args.input, out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
+                       executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+                       retries=args.retries, threads=args.threads, progress=not args.no_progress)
+    print(f"batch: {totals['done']} of {totals['rows']} rows done, {totals['failed']} failed; "
+          f"summary: {totals['summary']}; gallery: {totals['gallery']}")
+    return 0 if totals["done"] == totals["rows"] else 1
 
 
 def cmd_prior(args) -> int:
@@ -351,7 +326,7 @@ def cmd_prior(args) -> int:
                 if v <= 0 and name != "seed":
                     raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
                 cfg = replace(cfg, **{name: v})
-        out = PriorTrainer(args.out_dir, cfg, init_from=args.init_from).train()
+        out = PriorTrainer(args.out_dir, cfg, init_from=args.init_from, device=args.device).train()
         print(f"pipeline: {out}")
         return 0
     if args.prior_command == "eval":

@@ -148,7 +148,7 @@ def build_config(s: JobSettings, outputs: Path):
     from threedistill.config import load_config
     from threedistill.distill import check_prompt, slugify
     from threedistill.pipeline import check_refine
-    from threedistill.priors import BUILTIN_PRIORS, resolve_pipeline_path
+    from threedistill.priors import check_prior_available
 
     try:
         prompt = check_prompt(s.prompt)
@@ -200,11 +200,10 @@ def build_config(s: JobSettings, outputs: Path):
     if cfg.run.name is not None and (outputs / str(cfg.run.name)).exists():
         raise ValidationError("overrides", f"run.name '{cfg.run.name}' is already used in the outputs folder; pick another")
     # The prior: a built-in name, else check the folder / cache entry now (cheap; no weights loaded).
-    if str(cfg.prior.name) not in BUILTIN_PRIORS:
-        try:
-            resolve_pipeline_path(str(cfg.prior.name), cfg.prior.revision, cfg.prior.cache_dir)
-        except UserError as e:
-            raise ValidationError("prior", str(e)) from None
+    try:
+        check_prior_available(cfg.prior)
+    except UserError as e:
+        raise ValidationError("prior", str(e)) from None
     return cfg
 
 

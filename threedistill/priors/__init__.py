@@ -31,6 +31,14 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
 BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"shapes": _shapes_prior}
 
 
+def check_prior_available(cfg_prior: Any) -> None:
+    """Raise the loader's one-line error now when the prior's weights cannot be found (a built-in
+    name, a pipeline folder, or a hub id in the local cache); loads no weights."""
+    if str(cfg_prior.name) not in BUILTIN_PRIORS:
+        resolve_pipeline_path(str(cfg_prior.name), getattr(cfg_prior, "revision", None),
+                              getattr(cfg_prior, "cache_dir", None))
+
+
 def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionPrior:
     """Load the frozen prior described by the ``prior`` config group (``name``, ``revision``,
     ``dtype``, ``cache_dir``) onto ``device`` ("auto" picks CUDA when available).
@@ -66,6 +74,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BUILTIN_PRIORS",
+    "check_prior_available",
     "DiffusionPrior",
     "DiffusersPrior",
     "PromptEmbeddings",

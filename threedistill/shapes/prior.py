@@ -213,8 +213,11 @@ class PriorTrainer:
     """
 
     def __init__(self, out: str | Path, cfg: Optional[PriorTrainConfig] = None,
-                 init_from: Optional[str | Path] = None) -> None:
+                 init_from: Optional[str | Path] = None, device: str = "auto") -> None:
         self.out = Path(out)
+        # Where the models and the dataset live. Every random draw still comes from one CPU
+        # generator, so a run's data order does not depend on the device it resumes on.
+        self.device = device
         # A pipeline folder whose UNet and text encoder start a *fresh* training folder (e.g. the
         # shipped prior, to continue training it on another machine without its optimizer state).
         self.init_from = Path(init_from) if init_from is not None else None
@@ -230,7 +233,7 @@ class PriorTrainer:
     def _dataset(self, log: Callable[[str], None]):
         path = self.out / "dataset.pt"
         if path.is_file():
-            return torch.load(path)
+            return torch.load(path, map_location="cpu")
         from tqdm import tqdm
 
         prompts = training_prompts()
@@ -246,7 +249,10 @@ class PriorTrainer:
     def train(self, log: Callable[[str], None] = print) -> Path:
         from tqdm import tqdm
 
+        from threedistill.distill import resolve_device
+
         c = self.cfg
+        device = resolve_device(self.device)
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "train_config.json", json.dumps(asdict(c), indent=2) + "\n")
         torch.manual_seed(c.seed)
@@ -257,22 +263,26 @@ class PriorTrainer:
         if self.init_from is not None and not self.state_path.is_file():
             self._load_pipeline_weights(unet, text_encoder)
             log(f"initialized from {self.init_from}")
+        unet.to(device)
+        text_encoder.to(device)
         captions = caption_table(data["prompts"])
         token_ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                              return_tensors="pt").input_ids
+                              return_tensors="pt").input_ids.to(device)
+        images = data["images"].to(device)
+        prompt_index, view_index = data["prompt_index"].to(device), data["view_index"].to(device)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         ema = [p.detach().clone() for p in params]
         step, elapsed = 0, 0.0
         rng = torch.Generator().manual_seed(c.seed + 1)
         if self.state_path.is_file():
-            state = torch.load(self.state_path)
+            state = torch.load(self.state_path, map_location=device)
             unet.load_state_dict(state["unet"])
             text_encoder.load_state_dict(state["text_encoder"])
             opt.load_state_dict(state["optimizer"])
             for e, s in zip(ema, state["ema"]):
                 e.copy_(s)
-            rng.set_state(state["rng"])
+            rng.set_state(state["rng"].cpu())
             step, elapsed = int(state["step"]), float(state["elapsed"])
             log(f"resuming at step {step}")
         self._truncate_log(step)
@@ -280,9 +290,13 @@ class PriorTrainer:
             log(f"already trained {step} steps (>= {c.steps})")
             return self.export(ema, unet, text_encoder, tokenizer, scheduler, step, elapsed)
 
-        alphas = scheduler.alphas_cumprod.float()
+        alphas = scheduler.alphas_cumprod.float().to(device)
         v_prediction = c.prediction_type == "v_prediction"
-        n_images = len(data["images"])
+        n_images = len(images)
+        log(f"training on {device}")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         n_views = len(VIEW_LABELS)
 
         def checkpoint() -> Path:
@@ -304,16 +318,16 @@ class PriorTrainer:
         try:
             while step < c.steps:
                 t_start = time.time()
-                idx = torch.randint(0, n_images, (c.batch_size,), generator=rng)
-                x0 = data["images"][idx].float() / 127.5 - 1.0
-                p_i = data["prompt_index"][idx]
-                v_i = data["view_index"][idx]
-                u = torch.rand(c.batch_size, generator=rng)
-                with_view = torch.rand(c.batch_size, generator=rng) < c.view_suffix_prob
+                idx = torch.randint(0, n_images, (c.batch_size,), generator=rng).to(device)
+                x0 = images[idx].float() / 127.5 - 1.0
+                p_i = prompt_index[idx]
+                v_i = view_index[idx]
+                u = torch.rand(c.batch_size, generator=rng).to(device)
+                with_view = torch.rand(c.batch_size, generator=rng).to(device) < c.view_suffix_prob
                 cap = 1 + p_i * (1 + n_views) + torch.where(with_view, 1 + v_i, torch.zeros_like(v_i))
                 cap = torch.where(u < c.cfg_dropout, torch.zeros_like(cap), cap)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (c.batch_size,), generator=rng)
-                noise = torch.randn(x0.shape, generator=rng)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (c.batch_size,), generator=rng).to(device)
+                noise = torch.randn(x0.shape, generator=rng).to(device)
                 a = alphas[t].view(-1, 1, 1, 1)
                 x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 text = text_encoder(token_ids[cap])[0]
