@@ -237,6 +237,38 @@ def test_a_batch_killed_midway_resumes_without_rerunning_rows(tmp_path, tiny_sd_
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
 
 
+def test_ctrl_c_checkpoints_the_running_row_and_exits_130(tmp_path, tiny_sd_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\na blue sphere\n")
+    out = tmp_path / "out"
+    overrides = _overrides(tiny_sd_path, "run.steps=200", "run.checkpoint_every=50", "export.turntable=false")
+    proc = subprocess.Popen([sys.executable, "-m", "threedistill.cli", "batch", str(f), "--out", str(out),
+                             "--workers", "1", "--threads", "2", "--no-progress", *overrides],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "batch.jsonl").is_file():
+                running = [e for e in _manifest(out) if e["state"] == "running"]
+                if running and (out / running[0]["run_dir"] / "metrics.jsonl").is_file():
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch ended before Ctrl-C"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "run the same `threedistill batch` command again" in err
+    rows = _manifest(out)
+    assert not [e for e in rows if e["state"] == "running"]
+    stopped = [e for e in rows if e["history"] and e["history"][-1]["outcome"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["state"] == "pending"
+    step = stopped[0]["history"][-1]["end_step"]
+    assert 0 < step < 200 and (out / stopped[0]["run_dir"] / "checkpoints" / f"step_{step:06d}.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_ray_executor_runs_a_batch(tmp_path, tiny_sd_path):
     pytest.importorskip("ray")

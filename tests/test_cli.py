@@ -171,7 +171,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_sd_path):
     _assert_one_line_error(_run_cli("batch", str(tmp_path / "none.txt")), "not found")
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
-    _assert_one_line_error(_run_cli("batch", str(empty)), "no prompts")
+    _assert_one_line_error(_run_cli("batch", str(empty)), "has no rows")
     _assert_one_line_error(_run_cli("frobnicate"), "invalid choice")
     # Nothing was left behind by the failed generates.
     assert not (tmp_path / "o").exists()

@@ -102,6 +102,7 @@ def run_batch(input_path: str | Path, out: str | Path, configs: Sequence[str] = 
         manifest = Manifest.open(out, rows)
         tasks = {e["id"]: _task(e, out, configs, overrides) for e in manifest.rows()}
         queue: List[str] = []
+        rejected = 0
         for e in manifest.rows():
             if e["state"] == "done":
                 if is_complete(out / e["run_dir"]):
@@ -114,14 +115,13 @@ def run_batch(input_path: str | Path, out: str | Path, configs: Sequence[str] = 
                     _check_row(task)
                 except UserError as err:
                     manifest.reject(e["id"], str(err))
+                    rejected += 1
                     continue
             queue.append(e["id"])
-        counts = manifest.counts()
-        skipped = counts["done"]
-        log(f"batch: {len(rows)} rows in '{out}': {skipped} already done, {counts['failed']} rejected, "
-            f"{len(queue)} to run")
+        skipped = manifest.counts()["done"]
+        log(f"batch: {len(rows)} rows in '{out}': {skipped} already done, {rejected} rejected, {len(queue)} to run")
         for e in manifest.rows("failed"):
-            if e["attempts"] == 0:
+            if e["id"] not in queue:
                 log(f"  {e['id']}: {e['error']}")
         attempts_now: Dict[str, int] = {}
         interrupted = False
@@ -131,7 +131,7 @@ def run_batch(input_path: str | Path, out: str | Path, configs: Sequence[str] = 
             if queue:
                 ex = make_executor(executor, workers=workers, ray_address=ray_address, threads=threads, runner=runner)
                 log(f"batch: {ex.describe()}")
-            bar = _Progress(len(rows), skipped + counts["failed"], progress)
+            bar = _Progress(len(rows), skipped + rejected, progress)
             while queue or (ex is not None and ex.free() < ex.slots):
                 while queue and ex.free() > 0:
                     rid = queue.pop(0)
