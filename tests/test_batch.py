@@ -195,6 +195,26 @@ def test_a_worker_killed_mid_row_fails_that_attempt_and_the_retry_runs(tmp_path,
         assert "worker process died (killed by signal 9)" in e["history"][0]["error"]
 
 
+def test_one_worker_per_gpu_each_seeing_only_its_own(tmp_path, monkeypatch):
+    """The per-GPU split, on a CPU machine: the executor is told there are 2 GPUs (as
+    torch.cuda.device_count() would say) and each worker process must see exactly one of them."""
+    import threedistill.batch.executors as executors
+
+    monkeypatch.setattr(executors, "visible_gpus", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the user's own restriction is respected
+    f = tmp_path / "p.txt"
+    f.write_text("".join(f"a red cube {i}\n" for i in range(6)))
+    totals = run_batch(f, tmp_path / "out", progress=False, runner="batch_runners:report_visible_gpu")
+    assert totals["done"] == 6
+    seen = {(e["metrics"]["pid"], e["metrics"]["cuda_visible_devices"]) for e in _manifest(tmp_path / "out")}
+    by_pid = {}
+    for pid, gpu in seen:
+        by_pid.setdefault(pid, set()).add(gpu)
+    assert sorted(g for gpus in by_pid.values() for g in gpus) == ["3", "5"]  # 2 workers, one GPU each
+    assert all(len(gpus) == 1 for gpus in by_pid.values())
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"  # the batch process's own setting is untouched
+
+
 def test_a_batch_killed_midway_resumes_without_rerunning_rows(tmp_path, tiny_sd_path):
     f = tmp_path / "p.txt"
     f.write_text("a red cube\na blue sphere\na green cone\n")

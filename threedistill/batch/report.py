@@ -24,7 +24,7 @@ def _fmt_time(s: float) -> str:
 
 
 def _metrics_cells(m: Optional[Dict[str, Any]]) -> List[str]:
-    if not m:
+    if not m or "iou" not in m:
         return ["", "", ""]
     return [f"{m['iou']:.3f}", f"{m['colour_error']:.3f}",
             f"{m['predicted']} ({'right' if m['prompt_correct'] else 'wrong'})"]
@@ -36,7 +36,7 @@ def _md_escape(text: str) -> str:
 
 def batch_totals(rows: List[Dict[str, Any]], wall_s: Optional[float]) -> Dict[str, Any]:
     done = [r for r in rows if r["state"] == "done"]
-    scored = [r["metrics"] for r in done if r.get("metrics")]
+    scored = [r["metrics"] for r in done if r.get("metrics") and "iou" in r["metrics"]]
     out: Dict[str, Any] = {s: sum(r["state"] == s for r in rows) for s in ("done", "failed", "pending", "running")}
     out["rows"] = len(rows)
     out["row_time_s"] = round(sum(r.get("wall_s", 0.0) for r in rows), 1)
@@ -101,7 +101,7 @@ def write_gallery(manifest: Manifest, title: str, wall_s: Optional[float] = None
             links.append(f'<a href="{e(o["turntable"])}">video</a>')
         if (manifest.path.parent / r["run_dir"]).is_dir():
             links.append(f'<a href="{e(r["run_dir"])}/">folder</a>')
-        m = r.get("metrics")
+        m = r.get("metrics") if r.get("metrics") and "iou" in r["metrics"] else None
         metric = (f'<div>IoU {m["iou"]:.3f} · colour err {m["colour_error"]:.3f} · '
                   f'{e(m["predicted"])} ({"right" if m["prompt_correct"] else "wrong"})</div>') if m else ""
         err = f'<div class="err">{e(r["error"])}</div>' if r.get("error") else ""
