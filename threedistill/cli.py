@@ -302,10 +302,8 @@ def cmd_render(args) -> int:
 
 def cmd_batch(args) -> int:
     from threedistill.batch import run_batch
-    from threedistill.config import load_config
 
-    out = args.out or str(load_config(args.config, args.overrides, base={"run": {"prompt": "batch"}}).run.out_dir)
-    totals = run_batch(args.input, out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
+    totals = run_batch(args.input, args.out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
                        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
                        retries=args.retries, threads=args.threads, progress=not args.no_progress)
     print(f"batch: {totals['done']} of {totals['rows']} rows done, {totals['failed']} failed; "

@@ -44,12 +44,11 @@ def _task(entry: Dict[str, Any], out: Path, configs: Sequence[str], overrides: S
 
 def _check_row(task: Dict[str, Any]) -> None:
     """Build the row's config now (no weights loaded): a bad preset, override or refine section fails here."""
-    from threedistill.config import load_config
+    from threedistill.batch.worker import row_config
     from threedistill.pipeline import check_refine
     from threedistill.priors import check_prior_available
 
-    cfg = load_config(task["configs"], task["overrides"],
-                      base={"run": {"prompt": task["prompt"], "out_dir": str(Path(task["run_dir"]).parent)}})
+    cfg = row_config(task)
     check_refine(cfg)
     check_prior_available(cfg.prior)
 
@@ -78,11 +77,11 @@ class _Progress:
         self.bar.close()
 
 
-def run_batch(input_path: str | Path, out: str | Path, configs: Sequence[str] = (), overrides: Sequence[str] = (),
+def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequence[str] = (), overrides: Sequence[str] = (),
               seeds: int = 1, executor: str = "local", workers: Optional[int] = None,
               ray_address: Optional[str] = None, retries: int = 1, threads: Optional[int] = None,
               progress: bool = True, log=print, runner: Optional[str] = None) -> Dict[str, Any]:
-    """Run (or resume) a batch into ``out``. Returns the totals (rows, done, failed, ...); the
+    """Run (or resume) a batch into ``out`` (None: the config's ``run.out_dir``). Returns the totals (rows, done, failed, ...); the
     manifest, ``summary.md`` and ``index.html`` are in ``out``. ``runner``: ``"module:function"``
     to run each row instead of :func:`~threedistill.batch.worker.execute_row` (same signature)."""
     from threedistill.batch.executors import make_executor
@@ -92,9 +91,10 @@ def run_batch(input_path: str | Path, out: str | Path, configs: Sequence[str] = 
 
     if retries < 0:
         raise UserError(f"--retries must be >= 0, got {retries}")
-    out = Path(out)
     # The batch-wide settings must be valid on their own (a typo there would fail every row).
-    cfg0 = load_config(list(configs), list(overrides), base={"run": {"prompt": "batch", "out_dir": str(out)}})
+    base = {"run": {"prompt": "batch", **({"out_dir": str(out)} if out is not None else {})}}
+    cfg0 = load_config(list(configs), list(overrides), base=base)
+    out = Path(out if out is not None else cfg0.run.out_dir)
     rows: List[BatchRow] = read_batch_input(input_path, seeds=seeds, default_seed=int(cfg0.run.seed))
     title = f"{Path(input_path).name} ({len(rows)} rows)"
     t_start = time.time()

@@ -20,7 +20,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from threedistill.errors import UserError
 
@@ -71,6 +71,15 @@ def _turntable_gif(mp4: Path, size: int = 128, frames: int = 30) -> Optional[Pat
     return gif
 
 
+def row_config(task: Dict[str, Any], extra: Sequence[str] = ()):
+    """The config of a new row: the batch's and the row's presets, then overrides, then ``extra``;
+    its run folder's parent is the batch folder."""
+    from threedistill.config import load_config
+
+    return load_config(task["configs"], [*task["overrides"], *extra],
+                       base={"run": {"prompt": task["prompt"], "out_dir": str(Path(task["run_dir"]).parent)}})
+
+
 def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], None]] = None,
                 should_stop: Optional[Callable[[], bool]] = None,
                 started: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
@@ -78,7 +87,6 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
     in order) and ``overrides``. Returns ``status`` ("finished", or "stopped" when ``should_stop``
     asked for it), ``start_step``, ``step``, ``outputs`` (paths relative to the batch folder),
     ``metrics`` (shapes world, else None)."""
-    from threedistill.config import load_config
     from threedistill.distill import Callback, read_run_config
     from threedistill.pipeline import check_refine, resume_chain, run_chain
 
@@ -105,8 +113,7 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
             cfg = read_run_config(run_dir)
             results = resume_chain(run_dir, overrides=quiet, callbacks=[Report()], prior=_prior_for(cfg))
         else:
-            cfg = load_config(task["configs"], [*task["overrides"], *quiet],
-                              base={"run": {"prompt": task["prompt"], "out_dir": str(out_root)}})
+            cfg = row_config(task, quiet)
             check_refine(cfg)
             results = run_chain(cfg, run_dir=run_dir, callbacks=[Report()], prior=_prior_for(cfg))
         last = results[-1]
