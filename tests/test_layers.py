@@ -18,11 +18,11 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("front ends", ("threedistill.cli", "threedistill.app", "threedistill.batch", "threedistill.__main__")),
     ("pipeline", ("threedistill.pipeline",)),
     ("loop", ("threedistill.distill", "threedistill.export")),
-    ("runs", ("threedistill.runs", "threedistill.schema")),
+    ("runs", ("threedistill.runs", "threedistill.config")),
     ("components", ("threedistill.guidance", "threedistill.representations", "threedistill.shapes")),
-    ("base", ("threedistill.priors", "threedistill.config", "threedistill.checkpoint", "threedistill.cameras",
-              "threedistill.atomic", "threedistill.errors", "threedistill.devices", "threedistill.text",
-              "threedistill")),
+    ("base", ("threedistill.priors", "threedistill.groups", "threedistill.checkpoint", "threedistill.cameras",
+              "threedistill.atomic", "threedistill.errors", "threedistill.devices", "threedistill.meshio",
+              "threedistill.text", "threedistill")),
 ]
 
 

@@ -25,9 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from threedistill.errors import UserError
-
-# A scheduled scalar: a float, or [start_value, end_value, start_step, end_step].
-Scheduled = Any
+from threedistill.groups import Scheduled, parse_schedule, plain_schedule, scheduled  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -325,60 +323,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedules
-# ----------------------------------------------------------------------------------------------
-def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, float, int, int]]:
-    """Normalize a scheduled scalar to ``(start, end, start_step, end_step)`` (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, (ListConfig, list, tuple)):
-        items = list(value)
-        if len(items) != 4:
-            raise UserError(
-                f"config key '{key}': a schedule is [start_value, end_value, start_step, end_step], "
-                f"got {items}"
-            )
-        try:
-            start, end = float(items[0]), float(items[1])
-            s0, s1 = int(items[2]), int(items[3])
-        except (TypeError, ValueError):
-            raise UserError(f"config key '{key}': schedule entries must be numbers, got {items}") from None
-        if s1 < s0:
-            raise UserError(f"config key '{key}': schedule end_step {s1} is before start_step {s0}")
-        return (start, end, s0, s1)
-    if isinstance(value, bool):
-        raise UserError(f"config key '{key}': expected a number or a schedule, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key '{key}': expected a number or a schedule, got {value!r}") from None
-    if math.isnan(v):
-        raise UserError(f"config key '{key}': NaN is not a valid value")
-    return (v, v, 0, 0)
-
-
-def plain_schedule(value: Any) -> Any:
-    """A scheduled scalar as plain Python (a number or a list), detached from OmegaConf, so a
-    representation can keep it without holding the config."""
-    if isinstance(value, (list, tuple, ListConfig)):
-        return list(value)
-    return value
-
-
-def scheduled(value: Any, step: int, key: str = "value") -> Optional[float]:
-    """Evaluate a scheduled scalar at ``step`` (see module docstring)."""
-    sched = parse_schedule(value, key)
-    if sched is None:
-        return None
-    start, end, s0, s1 = sched
-    if step <= s0:
-        return start
-    if step >= s1:
-        return end
-    return start + (end - start) * (step - s0) / (s1 - s0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ from threedistill.atomic import atomic_write_text
 from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
                                   step_generator)
 from threedistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from threedistill.config import Config, load_run_config_file, scheduled, to_yaml
+from threedistill.config import Config, load_run_config_file, to_yaml
+from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.groups import scheduled
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,6 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"run.device={name} but no CUDA GPU is available; use run.device=cpu or auto")
-    return dev
-
-
 def slugify(text: str, max_len: int = 48) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:max_len].strip("-") or "run"

@@ -309,7 +309,7 @@ class JobManager:
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
-        from threedistill.distill import resolve_device
+        from threedistill.devices import resolve_device
 
         s, cfg = self.validate(settings)
         try:
@@ -485,7 +485,7 @@ class JobManager:
             self._jobs[jid].position = i + 1
 
     def _prior(self, cfg):
-        from threedistill.distill import resolve_device
+        from threedistill.devices import resolve_device
         from threedistill.priors import load_prior
 
         key = (str(cfg.prior.name), str(cfg.prior.dtype), str(cfg.prior.revision), str(resolve_device(cfg.run.device)))

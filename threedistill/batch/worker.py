@@ -45,7 +45,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
 def _prior_for(cfg) -> Any:
     from omegaconf import OmegaConf
 
-    from threedistill.distill import resolve_device
+    from threedistill.devices import resolve_device
     from threedistill.priors import load_prior
 
     device = resolve_device(cfg.run.device)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch
-from threedistill.config import scheduled
+from threedistill.groups import scheduled
 from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
 

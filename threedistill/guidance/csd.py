@@ -12,7 +12,7 @@ a negative prompt the classifier score towards it is subtracted:
 
 from __future__ import annotations
 
-from threedistill.config import scheduled
+from threedistill.groups import scheduled
 from threedistill.guidance.base import Guidance, GuidanceContext, register
 
 

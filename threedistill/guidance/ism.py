@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from threedistill.config import scheduled
+from threedistill.groups import scheduled
 from threedistill.guidance.base import Guidance, GuidanceContext, register
 
 

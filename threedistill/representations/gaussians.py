@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import STREAM_DENSIFY, CameraBatch, step_generator
-from threedistill.config import plain_schedule, scheduled
+from threedistill.groups import plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
 from threedistill.representations.gaussian_raster import quat_to_rotmat, rasterize

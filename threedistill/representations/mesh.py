@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.config import plain_schedule, scheduled
+from threedistill.groups import plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
 from threedistill.representations.gaussians import _logit, solid_background

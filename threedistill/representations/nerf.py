@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.config import plain_schedule, scheduled
+from threedistill.groups import plain_schedule, scheduled
 from threedistill.representations.base import RenderOutput, Representation, register
 from threedistill.representations.encodings import FrequencyEncoding, HashGridEncoding
 

@@ -249,7 +249,7 @@ class PriorTrainer:
     def train(self, log: Callable[[str], None] = print) -> Path:
         from tqdm import tqdm
 
-        from threedistill.distill import resolve_device
+        from threedistill.devices import resolve_device
 
         c = self.cfg
         device = resolve_device(self.device)
