@@ -13,8 +13,8 @@ one MLP maps the features to a raw density and 3 albedo logits::
 Normals are ``n = -grad sigma / |grad sigma|`` (outward), taken with ``torch.autograd.grad``
 (``create_graph=True`` while training, so the orientation loss reaches the field).
 
-Shading
--------
+Shading (shared with the mesh: :mod:`threedistill.representations.common`)
+-------------------------------------------------------------------------
 Training: albedo only before ``ambient_only_steps``; afterwards one mode per batch, drawn from the
 render ``generator``: ``albedo`` (p = albedo_prob), ``textureless`` (white albedo, lit,
 p = textureless_prob), else ``diffuse``: ``albedo * (ambient + (1 - ambient) * max(0, n . l))`` with
