@@ -141,3 +141,38 @@ def test_old_run_configs_with_retired_keys_still_load(tmp_path):
     assert cfg.run.prompt == "a red cube" and cfg.run.steps == 5
     with pytest.raises(UserError, match="lr_scale_guidance"):
         load_config(old)  # as a preset, an unknown key is still an error
+
+
+def test_old_run_configs_with_the_retired_nerf_encoding_still_load(tmp_path):
+    from threedistill.config import load_run_config_file, to_yaml
+
+    text = to_yaml(load_config(overrides=["run.prompt=a red cube"]))
+    old = tmp_path / "config.yaml"
+    old.write_text(text.replace("  nerf:\n", "  nerf:\n    encoding: hashgrid\n", 1))
+    assert "encoding: hashgrid" in old.read_text()
+    cfg = load_run_config_file(old, ["run.steps=5"])
+    assert cfg.run.prompt == "a red cube" and cfg.run.steps == 5 and "encoding" not in cfg.representation.nerf
+    with pytest.raises(UserError, match="representation.nerf.encoding"):
+        load_config(old)  # as a preset, an unknown key is still an error
+
+
+def test_representation_groups_live_beside_their_code_and_keep_their_keys():
+    from threedistill import config
+    from threedistill.representations import RepresentationConfig
+    from threedistill.representations.gaussians import GaussiansConfig
+    from threedistill.representations.mesh import MeshConfig
+    from threedistill.representations.nerf import NerfConfig
+
+    assert (config.NerfConfig, config.GaussiansConfig, config.MeshConfig, config.RepresentationConfig) == (
+        NerfConfig, GaussiansConfig, MeshConfig, RepresentationConfig)
+    cfg = load_config(overrides=["representation.nerf.ambient_light=0.3", "representation.mesh.albedo_prob=0.2",
+                                 "representation.gaussians.random_background_prob=0.4"])
+    r = cfg.representation
+    assert r.nerf.ambient_light == 0.3 and r.mesh.albedo_prob == 0.2 and r.gaussians.random_background_prob == 0.4
+    # the shared fields with each group's own defaults; unlit Gaussians have no shading fields
+    assert (r.nerf.random_background_prob, r.mesh.random_background_prob) == (0.5, 0.0)
+    assert "ambient_light" not in r.gaussians and "radius" in r.gaussians
+    with pytest.raises(UserError, match="representation.mesh.background"):
+        load_config(overrides=["representation.mesh.background=mlp"])
+    with pytest.raises(UserError, match="representation.nerf.background"):
+        load_config(overrides=["representation.nerf.background=red"])

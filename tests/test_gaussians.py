@@ -189,7 +189,8 @@ def test_densify_clones_splits_and_prunes_as_specified():
     old = {k: p.detach().clone() for k, p in rep._parameters_by_name().items()}
     old_state = {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in rep._parameters_by_name().items()}
     ids = [id(p) for p in rep.parameters()]
-    stats = rep.densify_and_prune(opt, torch.Generator().manual_seed(7))
+    stats = rep.strategy.densify_and_prune(rep._parameters_by_name(), opt, rep.densify_state,
+                                           torch.Generator().manual_seed(7))
     assert stats == {"cloned": 1, "split": 1, "pruned": 2, "total": 6 - 2 - 1 + 1 + 2}
     assert [id(p) for p in rep.parameters()] == ids  # the optimizer's groups still hold them
     # order: kept (0, 4, 5), then the clone of 0, then the two children of 1
@@ -227,11 +228,13 @@ def test_densify_clones_splits_and_prunes_as_specified():
 def test_densify_respects_max_gaussians_highest_gradient_first():
     rep = _six_gaussians("representation.gaussians.max_gaussians=5")
     opt = _adam_with_state(rep)
-    stats = rep.densify_and_prune(opt, torch.Generator().manual_seed(7))
+    stats = rep.strategy.densify_and_prune(rep._parameters_by_name(), opt, rep.densify_state,
+                                           torch.Generator().manual_seed(7))
     # 4 survive pruning: budget 1, given to the split candidate (gradient 0.03 > 0.025)
     assert stats == {"cloned": 0, "split": 1, "pruned": 2, "total": 5}
     rep = _six_gaussians("representation.gaussians.max_gaussians=3")
-    stats = rep.densify_and_prune(_adam_with_state(rep), torch.Generator().manual_seed(7))
+    stats = rep.strategy.densify_and_prune(rep._parameters_by_name(), _adam_with_state(rep), rep.densify_state,
+                                         torch.Generator().manual_seed(7))
     assert stats == {"cloned": 0, "split": 0, "pruned": 2, "total": 4}  # never prunes to fit
 
 
@@ -239,7 +242,7 @@ def test_opacity_reset_clamps_and_zeroes_moments():
     rep = _six_gaussians()
     opt = _adam_with_state(rep)
     before = rep.opacities.detach().clone()
-    rep.reset_opacity(opt)
+    rep.strategy.reset_opacity(rep._parameters_by_name(), opt)
     assert torch.allclose(rep.opacities, before.clamp(max=0.02), atol=1e-7)
     assert not opt.state[rep.opacity_logits]["exp_avg"].any()
     assert opt.state[rep.means]["exp_avg"].any()
@@ -292,6 +295,22 @@ def test_update_follows_the_schedule():
     off.grad2d_count.fill_(1.0)
     off.update(199, _adam_with_state(off))
     assert off.num_gaussians == 20
+
+
+def test_densify_strategy_is_built_from_the_group_and_its_state_is_checkpointed():
+    from threedistill.representations.densify import DensifyStrategy
+
+    rep = _rep("run.steps=300", "run.seed=5", "representation.gaussians.radius=2",
+               "representation.gaussians.densify_scale_threshold=0.02", "representation.gaussians.prune_scale=0.3", n=20)
+    assert isinstance(rep.strategy, DensifyStrategy)
+    s = rep.strategy
+    assert (s.stop, s.seed, s.clone_scale, s.prune_scale) == (150, 5, 0.04, 0.6)  # until null: half the steps
+    # the state is the module's buffers, under the checkpoint names older runs used
+    assert {"grad2d_sum", "grad2d_count"} <= set(rep.state_dict())
+    state = rep.densify_state
+    state.grad2d_sum += 1.0
+    state.reset(7, "cpu")
+    assert rep.grad2d_sum.shape == (7,) and rep.state_dict()["grad2d_count"].shape == (7,)
 
 
 def test_densified_run_resumes_exactly_through_the_cli(tmp_path, tiny_sd_path):

@@ -26,6 +26,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from threedistill.errors import UserError
 from threedistill.groups import Scheduled, parse_schedule, plain_schedule, scheduled  # noqa: F401  (re-exported)
+from threedistill.representations import (  # noqa: F401  (the groups re-exported)
+    GaussiansConfig,
+    MeshConfig,
+    NerfConfig,
+    RepresentationConfig,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -83,150 +89,6 @@ class GuidanceConfig:
     xs_inv_steps: int = 5
     # -- csd: weight of the negative-prompt term, annealed 0 -> 1 (no effect without a negative prompt)
     negative_weight: Scheduled = field(default_factory=lambda: [0.0, 1.0, 0, 400])
-
-
-@dataclass
-class NerfConfig:
-    # Scene bounds: the axis-aligned cube [-radius, radius]^3.
-    radius: float = 1.0
-    encoding: str = "hashgrid"
-    # The defaults suit the shapes world on a CPU (smooth objects, 32 px renders); configs/sds-nerf.yaml
-    # has Instant-NGP-like 12 levels up to 512 for Stable Diffusion.
-    n_levels: int = 6
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 16
-    base_resolution: int = 16
-    max_resolution: int = 64
-    hidden_dim: int = 64
-    n_hidden_layers: int = 1
-    # Magic3D density blob added to the raw density at initialization.
-    blob_density: float = 10.0
-    # 0.35 starts the object below the shapes world's sizes (all within radius 0.5) so SDS grows it
-    # rather than having to carve a too-large blob; Magic3D's 0.5 is in configs/sds-nerf.yaml.
-    blob_radius: float = 0.35
-    # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
-    # render_step_size instead.
-    num_samples: int = 32
-    # CPU (fixed-sample) path: samples in cells of a skip_grid_resolution^3 grid whose density,
-    # dilated by one cell, is below skip_density_threshold are not evaluated. Training renders use
-    # a grid refreshed every skip_refresh_every steps (checkpointed); renders without autograd use
-    # a grid of the current weights. 0 disables skipping.
-    skip_grid_resolution: int = 64
-    skip_density_threshold: float = 0.001
-    skip_refresh_every: int = 16
-    # CUDA path: nerfacc occupancy grid.
-    occupancy_grid_resolution: int = 32
-    occupancy_threshold: float = 0.01
-    render_step_size: float = 0.01
-    # Shading: albedo only before this step, then random among diffuse / textureless / albedo.
-    # (Defaults suit the shapes prior, which never saw untextured objects; configs/sds-nerf.yaml
-    # has DreamFusion's 1000 / 0.2 / 0.2 for Stable Diffusion.)
-    ambient_only_steps: int = 100
-    albedo_prob: float = 0.5
-    textureless_prob: float = 0.0
-    ambient_light: float = 0.1
-    # Background: "mlp" (learned, view-direction dependent), "white", "black", "random".
-    # White is the shapes world's background (the default prior's).
-    background: str = "white"
-    random_background_prob: float = 0.5
-    # Regularizer weights.
-    lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])
-    lambda_sparsity: Scheduled = 5.0
-    lambda_opaque: Scheduled = 0.0
-    # Marching-cubes iso level on density (export). 5 puts the surface of the initial blob at
-    # radius 0.25; trained objects are far denser than that at their surface.
-    isosurface_threshold: float = 5.0
-
-
-@dataclass
-class GaussiansConfig:
-    # Initial number of Gaussians (densification changes it). A "file:" init uses the file's
-    # points (randomly subsampled to num_points when it has more).
-    num_points: int = 4096
-    # "sphere": uniform in a ball of init_radius; "shape": on the shapes-world mesh named by the
-    # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh.
-    init: str = "sphere"
-    init_radius: float = 0.5
-    init_opacity: float = 0.1
-    # Scene radius: depth is normalized by |camera| + radius * sqrt(3), as for the NeRF.
-    radius: float = 1.0
-    # Background: "white", "black" or "random" (random solid colour per training image, white at
-    # evaluation). While training, white/black are replaced by a random colour with probability
-    # random_background_prob per image. White is the shapes world's background.
-    background: str = "white"
-    random_background_prob: float = 0.0
-    # Fixed learning rates per group (DreamGaussian-style), independent of optim.lr.
-    lr_means: float = 1.0e-3
-    lr_scales: float = 5.0e-3
-    lr_quats: float = 1.0e-3
-    lr_opacities: float = 5.0e-2
-    lr_colors: float = 1.0e-2
-    # Regularizer weights: mean opacity, mean linear scale (0 disables).
-    lambda_opacity: Scheduled = 0.0
-    lambda_scale: Scheduled = 0.0
-    # Marching-cubes level on the summed Gaussian density (export).
-    isosurface_threshold: float = 0.5
-    # Adaptive density control (3D Gaussian Splatting, Kerbl et al. 2023), on both back ends.
-    # Every densify_every steps from densify_from to densify_until (null: half of run.steps),
-    # Gaussians whose view-space positional gradient, averaged over the steps they were visible,
-    # exceeds densify_grad_threshold (in NDC units, as gsplat; guidance losses have far larger
-    # gradients than 3DGS's photometric loss, whose threshold is 2e-4: 1.0 keeps roughly the top
-    # 10% of SDS with the shapes prior) are cloned (largest scale <=
-    # densify_scale_threshold x radius) or split in two (larger ones; scales / 1.6); at the same
-    # time Gaussians with opacity < prune_opacity or largest scale > prune_scale x radius are
-    # removed. Opacities are clamped to 2 x prune_opacity every opacity_reset_every steps
-    # (0: never) up to densify_until. The count never exceeds max_gaussians (the
-    # highest-gradient candidates win). densify_every = 0 turns all of this off.
-    densify_from: int = 100
-    densify_until: Optional[int] = None
-    densify_every: int = 100
-    densify_grad_threshold: float = 1.0
-    densify_scale_threshold: float = 0.01
-    prune_opacity: float = 0.005
-    prune_scale: float = 0.1
-    opacity_reset_every: int = 0
-    max_gaussians: int = 20000
-
-
-@dataclass
-class MeshConfig:
-    # Starting mesh: "sphere" (an icosphere of init_radius, init_subdivisions), "cube" (a box of
-    # half side init_radius, subdivided init_subdivisions times), "file:PATH" (any mesh trimesh
-    # reads, Y-up as written by `threedistill export`; its vertex colours when present) or
-    # "run:RUN_DIR" (the surface of a previous NeRF / Gaussians run, extracted as `export` does,
-    # with its albedo as vertex colours).
-    init: str = "sphere"
-    init_radius: float = 0.5
-    init_subdivisions: int = 4
-    # "run:" init: marching-cubes grid size (null: the source run's export.mesh_resolution).
-    init_mesh_resolution: Optional[int] = None
-    # Depth normalization: depth = distance / (|camera| + radius * sqrt(3)), as for the NeRF.
-    radius: float = 1.0
-    # Shading (the NeRF's conventions): albedo only before ambient_only_steps, then per batch
-    # albedo (albedo_prob), textureless (textureless_prob) or diffuse, lit from the batch's light.
-    ambient_only_steps: int = 100
-    albedo_prob: float = 0.5
-    textureless_prob: float = 0.0
-    ambient_light: float = 0.1
-    # Background: "white", "black" or "random", as for the Gaussians.
-    background: str = "white"
-    random_background_prob: float = 0.0
-    # Fixed learning rates: vertex offsets, colour logits (independent of optim.lr).
-    lr_offsets: float = 1.0e-3
-    lr_colors: float = 1.0e-2
-    # Regularizer weights: uniform Laplacian smoothing of the vertices (mean squared norm of
-    # mean-of-neighbours minus vertex) and normal consistency (mean 1 - cos between adjacent face
-    # normals over interior edges); 0 disables.
-    lambda_laplacian: Scheduled = 1000.0
-    lambda_normal_consistency: Scheduled = 1000.0
-
-
-@dataclass
-class RepresentationConfig:
-    name: str = "nerf"
-    nerf: NerfConfig = field(default_factory=NerfConfig)
-    gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 @dataclass
@@ -336,13 +198,6 @@ _SCHEDULED_KEYS = [
     "guidance.weight",
     "guidance.delta_t",
     "guidance.negative_weight",
-    "representation.nerf.lambda_orient",
-    "representation.nerf.lambda_sparsity",
-    "representation.nerf.lambda_opaque",
-    "representation.gaussians.lambda_opacity",
-    "representation.gaussians.lambda_scale",
-    "representation.mesh.lambda_laplacian",
-    "representation.mesh.lambda_normal_consistency",
     "optim.lr",
 ]
 
@@ -372,7 +227,7 @@ def resolve_config_path(path_or_name: str) -> Path:
 
 #: Keys that older versions wrote into run folders and that no longer exist: ignored when a saved
 #: run's config.yaml is read, so old runs still resume, export and evaluate.
-RETIRED_KEYS = ("optim.lr_scale_guidance",)
+RETIRED_KEYS = ("optim.lr_scale_guidance", "representation.nerf.encoding")
 
 
 def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
@@ -466,8 +321,7 @@ def validate(cfg: Config) -> None:
         if v is None or v < 0 or (v == 0 and not allow_zero):
             raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-    for key in ("run.steps", "run.resolution", "camera.batch_size", "representation.nerf.num_samples",
-                "representation.nerf.radius", "export.mesh_resolution", "export.texture_size",
+    for key in ("run.steps", "run.resolution", "camera.batch_size", "export.mesh_resolution", "export.texture_size",
                 "export.turntable_frames",
                 "export.turntable_fps", "export.turntable_resolution", "run.preview_every",
                 "run.checkpoint_every"):
@@ -507,61 +361,7 @@ def validate(cfg: Config) -> None:
     start, end, _, _ = parse_schedule(cfg.guidance.delta_t, "guidance.delta_t")  # type: ignore[misc]
     if min(start, end) < 0:
         raise UserError(f"config key 'guidance.delta_t' must be >= 0 (integer timesteps), got {cfg.guidance.delta_t}")
-    if cfg.representation.nerf.background not in ("mlp", "white", "black", "random"):
-        raise UserError(
-            f"config key 'representation.nerf.background' must be mlp, white, black or random, "
-            f"got '{cfg.representation.nerf.background}'"
-        )
-    g = cfg.representation.gaussians
-    for key in ("representation.gaussians.num_points", "representation.gaussians.init_radius",
-                "representation.gaussians.radius"):
-        positive(key)
-    for key in ("densify_from", "densify_every", "densify_grad_threshold", "densify_scale_threshold",
-                "prune_opacity", "prune_scale", "opacity_reset_every"):
-        positive(f"representation.gaussians.{key}", allow_zero=True)
-    positive("representation.gaussians.max_gaussians")
-    if g.densify_until is not None and g.densify_until < 0:
-        raise UserError(f"config key 'representation.gaussians.densify_until' must be >= 0 or null, got {g.densify_until}")
-    if not 0.0 < g.init_opacity < 1.0:
-        raise UserError(f"config key 'representation.gaussians.init_opacity' must lie within (0, 1), got {g.init_opacity}")
-    if not 0.0 <= g.random_background_prob <= 1.0:
-        raise UserError(f"config key 'representation.gaussians.random_background_prob' must lie within [0, 1], "
-                        f"got {g.random_background_prob}")
-    if g.background not in ("white", "black", "random"):
-        raise UserError(f"config key 'representation.gaussians.background' must be white, black or random, "
-                        f"got '{g.background}'")
-    if g.init not in ("sphere", "shape") and not (str(g.init).startswith("file:") and len(str(g.init)) > 5):
-        raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{g.init}'")
-    m = cfg.representation.mesh
-    for key in ("init_radius", "radius", "lr_offsets", "lr_colors"):
-        positive(f"representation.mesh.{key}", allow_zero=key.startswith("lr_"))
-    positive("representation.mesh.ambient_only_steps", allow_zero=True)
-    if not 0 <= m.init_subdivisions <= 7:
-        raise UserError(f"config key 'representation.mesh.init_subdivisions' must be between 0 and 7, "
-                        f"got {m.init_subdivisions}")
-    if m.init_mesh_resolution is not None and m.init_mesh_resolution < 2:
-        raise UserError(f"config key 'representation.mesh.init_mesh_resolution' must be >= 2 or null, "
-                        f"got {m.init_mesh_resolution}")
-    for key in ("albedo_prob", "textureless_prob", "ambient_light", "random_background_prob"):
-        v = OmegaConf.select(cfg, f"representation.mesh.{key}")
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"config key 'representation.mesh.{key}' must lie within [0, 1], got {v}")
-    if m.albedo_prob + m.textureless_prob > 1.0:
-        raise UserError(f"config keys 'representation.mesh.albedo_prob' + 'textureless_prob' must be <= 1, "
-                        f"got {m.albedo_prob} + {m.textureless_prob}")
-    if m.background not in ("white", "black", "random"):
-        raise UserError(f"config key 'representation.mesh.background' must be white, black or random, "
-                        f"got '{m.background}'")
-    init = str(m.init)
-    if init not in ("sphere", "cube") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
-        raise UserError(f"config key 'representation.mesh.init' must be sphere, cube, file:PATH or run:RUN_DIR, "
-                        f"got '{m.init}'")
-    for key in ("representation.mesh.lambda_laplacian", "representation.mesh.lambda_normal_consistency"):
-        sched = parse_schedule(OmegaConf.select(cfg, key), key)
-        if sched is not None and min(sched[0], sched[1]) < 0:
-            raise UserError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.representation.nerf.encoding not in ("hashgrid",):
-        raise UserError(f"config key 'representation.nerf.encoding' must be hashgrid, got '{cfg.representation.nerf.encoding}'")
+    RepresentationConfig.validate(cfg.representation, "representation")
     if not 16 <= cfg.export.texture_size <= 8192:
         raise UserError(f"config key 'export.texture_size' must be between 16 and 8192, "
                         f"got {cfg.export.texture_size}")

@@ -37,26 +37,14 @@ CUDA: ``gsplat.rasterization`` (same math). Outputs follow the :class:`RenderOut
 
 Densification and pruning (3DGS adaptive density control)
 ---------------------------------------------------------
-Every training render retains the gradient of ``means2d``; :meth:`after_backward` accumulates,
-per Gaussian and per camera where it is visible (``radii > 0``), the norm of that gradient in NDC
-units (pixels x ``W/2``, ``H/2``, times the number of cameras in the batch, as gsplat's default
-strategy does). :meth:`update` then, every ``densify_every`` steps within
-``[densify_from, densify_until]``:
-
-* candidates: mean accumulated gradient > ``densify_grad_threshold``, not being pruned;
-* **clone** the candidates whose largest scale is <= ``densify_scale_threshold x radius`` (an
-  exact copy), **split** the others into two Gaussians drawn from the parent's own distribution
-  (means ``mu + R diag(s) z``, ``z ~ N(0, I)``) with scales ``s / 1.6`` (the parent goes);
-* **prune** opacity < ``prune_opacity`` or largest scale > ``prune_scale x radius``;
-* keep at most ``max_gaussians`` (only the highest-gradient candidates grow when the budget is short).
-
-Parameters are resized in place (``param.data`` is replaced, the ``nn.Parameter`` objects stay,
-so optimizer groups keep pointing at them) and the optimizer's per-parameter state (Adam moments)
-is gathered with the same indices, with zeros for new Gaussians. Every ``opacity_reset_every``
-steps, opacities are clamped to ``2 x prune_opacity`` and their Adam moments zeroed. The
-accumulators are buffers, so checkpoints carry them; :meth:`_load_from_state_dict` resizes the
-module to a checkpoint's count before loading, so resume is exact. Split draws come from
-``step_generator(run.seed, step, STREAM_DENSIFY)``.
+A strategy object, :class:`~threedistill.representations.densify.DensifyStrategy` (``strategy``,
+from the ``densify_*`` / ``prune_*`` / ``opacity_reset_every`` / ``max_gaussians`` settings), with
+its state :class:`~threedistill.representations.densify.DensifyState` (``densify_state``): the
+training render calls its pre-backward hook, :meth:`after_backward` its post-backward hook (the
+view-space gradient statistics), :meth:`update` its post-optimizer hook (clone / split / prune,
+opacity reset). The statistics are the buffers ``grad2d_sum`` / ``grad2d_count``, so checkpoints
+carry them; :meth:`_load_from_state_dict` resizes the module to a checkpoint's count before
+loading, so resume is exact.
 
 Export
 ------
@@ -72,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -80,10 +69,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threedistill.cameras import STREAM_DENSIFY, CameraBatch, step_generator
-from threedistill.groups import plain_schedule, scheduled
+from threedistill.cameras import CameraBatch
+from threedistill.groups import Scheduled, check_positive, check_unit, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.representations.common import (
+    Appearance,
+    BackgroundConfig,
+    check_background,
+    check_radius,
+    clamped_logit,
+    far_distance,
+    normalized_depth,
+)
+from threedistill.representations.densify import DensifyState, DensifyStrategy
 from threedistill.representations.gaussian_raster import quat_to_rotmat, rasterize
 
 log = logging.getLogger(__name__)
@@ -102,27 +101,72 @@ _PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "
               "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4"}
 
 
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-6, 1.0 - 1e-6)
-    return torch.log(p) - torch.log1p(-p)
+@dataclass
+class GaussiansConfig(BackgroundConfig):
+    """``representation.gaussians``. Radius and background fields: :class:`BackgroundConfig`
+    (the Gaussians render unlit colors)."""
 
+    # Initial number of Gaussians (densification changes it). A "file:" init uses the file's
+    # points (randomly subsampled to num_points when it has more).
+    num_points: int = 4096
+    # "sphere": uniform in a ball of init_radius; "shape": on the shapes-world mesh named by the
+    # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh.
+    init: str = "sphere"
+    init_radius: float = 0.5
+    init_opacity: float = 0.1
+    # Fixed learning rates per group (DreamGaussian-style), independent of optim.lr.
+    lr_means: float = 1.0e-3
+    lr_scales: float = 5.0e-3
+    lr_quats: float = 1.0e-3
+    lr_opacities: float = 5.0e-2
+    lr_colors: float = 1.0e-2
+    # Regularizer weights: mean opacity, mean linear scale (0 disables).
+    lambda_opacity: Scheduled = 0.0
+    lambda_scale: Scheduled = 0.0
+    # Marching-cubes level on the summed Gaussian density (export).
+    isosurface_threshold: float = 0.5
+    # Adaptive density control (3D Gaussian Splatting, Kerbl et al. 2023), on both back ends
+    # (:mod:`threedistill.representations.densify`). Every densify_every steps from densify_from
+    # to densify_until (null: half of run.steps), Gaussians whose view-space positional gradient,
+    # averaged over the steps they were visible, exceeds densify_grad_threshold (in NDC units, as
+    # gsplat; guidance losses have far larger gradients than 3DGS's photometric loss, whose
+    # threshold is 2e-4: 1.0 keeps roughly the top 10% of SDS with the shapes prior) are cloned
+    # (largest scale <= densify_scale_threshold x radius) or split in two (larger ones; scales /
+    # 1.6); at the same time Gaussians with opacity < prune_opacity or largest scale > prune_scale
+    # x radius are removed. Opacities are clamped to 2 x prune_opacity every opacity_reset_every
+    # steps (0: never) up to densify_until. The count never exceeds max_gaussians (the
+    # highest-gradient candidates win). densify_every = 0 turns all of this off.
+    densify_from: int = 100
+    densify_until: Optional[int] = None
+    densify_every: int = 100
+    densify_grad_threshold: float = 1.0
+    densify_scale_threshold: float = 0.01
+    prune_opacity: float = 0.005
+    prune_scale: float = 0.1
+    opacity_reset_every: int = 0
+    max_gaussians: int = 20000
 
-def solid_background(n_images: int, mode: str, random_prob: float, training: bool,
-                     generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """Solid background colour per image ``[B,3]`` for ``mode`` white / black / random (random:
-    a colour per image while training, white at evaluation); while training, white/black are
-    replaced by a random colour with probability ``random_prob`` per image. Random draws come from
-    ``generator``, only while training (shared by the Gaussians and the mesh)."""
-    if mode == "random":
-        if not training:
-            return torch.ones(n_images, 3, device=device)
-        return torch.rand(n_images, 3, generator=generator).to(device)
-    bg = torch.full((n_images, 3), 1.0 if mode == "white" else 0.0, device=device)
-    if training and random_prob > 0:
-        replace = (torch.rand(n_images, generator=generator) < random_prob).to(device)
-        colours = torch.rand(n_images, 3, generator=generator).to(device)
-        bg = torch.where(replace[:, None], colours, bg)
-    return bg
+    def validate(self, key: str) -> None:
+        """Checks types cannot express; ``key`` is this group's dotted path (for messages). Call
+        as ``GaussiansConfig.validate(node, key)`` on an OmegaConf node."""
+        for name in ("lambda_opacity", "lambda_scale"):
+            parse_schedule(getattr(self, name), f"{key}.{name}")
+        for name in ("num_points", "init_radius"):
+            check_positive(getattr(self, name), f"{key}.{name}")
+        check_radius(self, key)
+        for name in ("densify_from", "densify_every", "densify_grad_threshold", "densify_scale_threshold",
+                     "prune_opacity", "prune_scale", "opacity_reset_every"):
+            check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
+        check_positive(self.max_gaussians, f"{key}.max_gaussians")
+        if self.densify_until is not None and self.densify_until < 0:
+            raise UserError(f"config key '{key}.densify_until' must be >= 0 or null, got {self.densify_until}")
+        if not 0.0 < self.init_opacity < 1.0:
+            raise UserError(f"config key '{key}.init_opacity' must lie within (0, 1), got {self.init_opacity}")
+        check_unit(self.random_background_prob, f"{key}.random_background_prob")
+        check_background(self, key)
+        init = str(self.init)
+        if init not in ("sphere", "shape") and not (init.startswith("file:") and len(init) > 5):
+            raise UserError(f"config key '{key}.init' must be sphere, shape or file:PATH, got '{self.init}'")
 
 
 def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
@@ -223,7 +267,7 @@ def read_splat_ply(path: Union[str, Path]) -> Dict[str, np.ndarray]:
 
 
 @register("gaussians")
-class Gaussians(Representation):
+class Gaussians(Representation, Appearance):
     """3D Gaussians (see the module docstring). Built as ``Gaussians(cfg, device)`` from the whole
     :class:`~threedistill.config.Config`; reads ``cfg.representation.gaussians`` and ``cfg.run.prompt``.
 
@@ -239,23 +283,13 @@ class Gaussians(Representation):
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         super().__init__()
         c = cfg.representation.gaussians
-        self.radius = float(c.radius)
-        self.background_mode = str(c.background)
-        self.random_background_prob = float(c.random_background_prob)
+        self._read_appearance(c, lit=False)
         self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
                      "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
         self._lambda_opacity = plain_schedule(c.lambda_opacity)
         self._lambda_scale = plain_schedule(c.lambda_scale)
         self._isosurface_threshold = float(c.isosurface_threshold)
-        if self.background_mode not in ("white", "black", "random"):
-            raise ValueError(f"unknown background '{self.background_mode}'")
-        self._seed = int(cfg.run.seed)
-        until = c.densify_until if c.densify_until is not None else int(cfg.run.steps) // 2
-        self.densify = {"from": int(c.densify_from), "until": int(until), "every": int(c.densify_every),
-                        "grad": float(c.densify_grad_threshold),
-                        "clone_scale": float(c.densify_scale_threshold) * self.radius,
-                        "prune_opacity": float(c.prune_opacity), "prune_scale": float(c.prune_scale) * self.radius,
-                        "reset_every": int(c.opacity_reset_every), "max": int(c.max_gaussians)}
+        self.strategy = DensifyStrategy.from_group(c, seed=int(cfg.run.seed), steps=int(cfg.run.steps))
 
         means, colours = self._initial_points(cfg)
         n = means.shape[0]
@@ -265,11 +299,12 @@ class Gaussians(Representation):
         self.means = nn.Parameter(means.float())
         self.log_scales = nn.Parameter(torch.log(scales)[:, None].repeat(1, 3).float())
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
-        self.opacity_logits = nn.Parameter(_logit(torch.full((n,), float(c.init_opacity))))
-        self.color_logits = nn.Parameter(_logit(colours.float()))
+        self.opacity_logits = nn.Parameter(clamped_logit(torch.full((n,), float(c.init_opacity))))
+        self.color_logits = nn.Parameter(clamped_logit(colours.float()))
         # Densification statistics (see the module docstring); buffers, so checkpoints hold them.
-        self.register_buffer("grad2d_sum", torch.zeros(n))
-        self.register_buffer("grad2d_count", torch.zeros(n))
+        state = DensifyState.zeros(n)
+        self.register_buffer("grad2d_sum", state.grad2d_sum)
+        self.register_buffer("grad2d_count", state.grad2d_count)
 
         device = torch.device(device)
         self.use_gsplat = device.type == "cuda"
@@ -321,11 +356,6 @@ class Gaussians(Representation):
     # ------------------------------------------------------------------------------------------
     # Rendering
     # ------------------------------------------------------------------------------------------
-    def _background(self, n_images: int, training: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Background colour per image ``[B,3]`` (random draws from ``generator`` only while training)."""
-        return solid_background(n_images, self.background_mode, self.random_background_prob, training, generator,
-                                self.means.device)
-
     def _rasterize(self, cameras: CameraBatch, bg: torch.Tensor) -> Dict[str, torch.Tensor]:
         """rgb ``[B,3,H,W]``, alpha ``[B,1,H,W]``, z-depth sum ``[B,1,H,W]``, means2d, radii ``[B,N]``."""
         means, quats, scales = self.means, self.quats, self.scales
@@ -355,7 +385,7 @@ class Gaussians(Representation):
         dev = self.means.device
         cameras = cameras.to(dev)
         B, H, W = len(cameras), cameras.height, cameras.width
-        bg = self._background(B, training, generator)
+        bg = self._solid_background(B, training, generator, dev)
         r = self._rasterize(cameras, bg)
         alpha = r["alpha"].clamp(0.0, 1.0)
 
@@ -367,13 +397,13 @@ class Gaussians(Representation):
         v = (ys[None, :, None] - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]  # [B,H,1]
         ray_len = torch.sqrt(u * u + v * v + 1.0)[:, None]  # [B,1,H,W]
         dist_sum = r["zsum"] * ray_len
-        far = (cameras.positions.norm(dim=-1) + self.radius * math.sqrt(3.0))[:, None, None, None]
-        depth = ((dist_sum + (1.0 - alpha) * far) / far).clamp(0.0, 1.0)
+        far = far_distance(cameras.positions, self.radius)[:, None, None, None]
+        depth = normalized_depth(dist_sum, alpha, far)
 
         out = RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=alpha, depth=depth,
                            normal=self._normals_from_depth(cameras, dist_sum, alpha))
-        if training and r["means2d"].requires_grad:
-            r["means2d"].retain_grad()  # for after_backward's densification statistics
+        if training:
+            self.strategy.step_pre_backward(r["means2d"])  # for after_backward's statistics
         out.extras["means2d"] = r["means2d"]
         out.extras["radii"] = r["radii"]
         return out
@@ -400,101 +430,20 @@ class Gaussians(Representation):
         return {"means": self.means, "scales": self.log_scales, "quats": self.quats,
                 "opacities": self.opacity_logits, "colors": self.color_logits}
 
-    def _densifying(self, step_done: int) -> bool:
-        d = self.densify
-        return d["every"] > 0 and d["from"] < step_done <= d["until"]
+    @property
+    def densify_state(self) -> DensifyState:
+        """The densification statistics: this module's buffers, which the strategy changes in place."""
+        return DensifyState(self.grad2d_sum, self.grad2d_count)
 
-    @torch.no_grad()
     def after_backward(self, out: RenderOutput, step: int) -> None:
         """Accumulate the view-space positional gradient of this step's render (before the
-        optimizer step; only while densification can still happen)."""
-        if self.densify["every"] <= 0 or step + 1 > self.densify["until"]:
-            return
-        means2d = out.extras.get("means2d")
-        if means2d is None or means2d.grad is None:
-            return
-        g = means2d.grad.detach()  # [B,N,2] pixels
-        B, H, W = g.shape[0], out.rgb.shape[-2], out.rgb.shape[-1]
-        g = g * torch.tensor([W / 2.0 * B, H / 2.0 * B], device=g.device, dtype=g.dtype)
-        visible = out.extras["radii"] > 0  # [B,N]
-        self.grad2d_sum += torch.where(visible, g.norm(dim=-1), torch.zeros((), device=g.device)).sum(0)
-        self.grad2d_count += visible.sum(0).to(self.grad2d_count.dtype)
+        optimizer step): the strategy's post-backward hook."""
+        self.strategy.step_post_backward(self.densify_state, out, step)
 
     def update(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """After the optimizer step of ``step`` (0-based): densify + prune, and reset opacities,
-        on their schedules (see the module docstring)."""
-        done, d = step + 1, self.densify
-        if optimizer is None or d["every"] <= 0:
-            return
-        if self._densifying(done) and done % d["every"] == 0:
-            self.densify_and_prune(optimizer, step_generator(self._seed, step, STREAM_DENSIFY))
-        if d["reset_every"] > 0 and done <= d["until"] and done % d["reset_every"] == 0:
-            self.reset_opacity(optimizer)
-
-    @torch.no_grad()
-    def densify_and_prune(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> Dict[str, int]:
-        """One round of clone / split / prune; returns the counts (``cloned``, ``split``,
-        ``pruned``, ``total``) and resets the gradient statistics."""
-        d = self.densify
-        n = self.num_gaussians
-        avg = self.grad2d_sum / self.grad2d_count.clamp_min(1.0)
-        max_scale = self.scales.amax(dim=-1)
-        prune = (self.opacities < d["prune_opacity"]) | (max_scale > d["prune_scale"])
-        grow = (avg > d["grad"]) & ~prune
-        budget = max(d["max"] - (n - int(prune.sum())), 0)  # every grown Gaussian adds one
-        if int(grow.sum()) > budget:
-            order = torch.argsort(torch.where(grow, avg, torch.full_like(avg, -1.0)), descending=True, stable=True)
-            grow = torch.zeros_like(grow)
-            grow[order[:budget]] = True
-        clone = grow & (max_scale <= d["clone_scale"])
-        split = grow & ~clone
-
-        params = {k: p.detach() for k, p in self._parameters_by_name().items()}
-        new: Dict[str, List[torch.Tensor]] = {k: [p[clone]] for k, p in params.items()}
-        si = split.nonzero().squeeze(1)
-        if si.numel():
-            rot = quat_to_rotmat(params["quats"][si])  # [S,3,3]
-            s = self.scales[si]
-            z = torch.randn(2, si.numel(), 3, generator=generator).to(s.device)
-            offsets = (rot[None] @ (z * s[None])[..., None])[..., 0]  # [2,S,3]
-            new["means"].append((params["means"][si][None] + offsets).reshape(-1, 3))
-            new["scales"].append((params["scales"][si] - math.log(1.6)).repeat(2, 1))
-            for k in ("quats", "opacities", "colors"):
-                new[k].append(params[k][si].repeat(2, *([1] * (params[k].dim() - 1))))
-        keep = (~prune & ~split).nonzero().squeeze(1)
-        added = int(clone.sum()) + 2 * si.numel()
-        self._resize(optimizer, keep, {k: torch.cat(v) for k, v in new.items()})
-        self.grad2d_sum = torch.zeros(self.num_gaussians, device=self.means.device)
-        self.grad2d_count = torch.zeros(self.num_gaussians, device=self.means.device)
-        stats = {"cloned": int(clone.sum()), "split": si.numel(), "pruned": int(prune.sum()), "total": self.num_gaussians}
-        assert stats["total"] == keep.numel() + added
-        log.debug("densify: %s", stats)
-        return stats
-
-    def _resize(self, optimizer: Optional[torch.optim.Optimizer], keep: torch.Tensor, new_rows: Dict[str, torch.Tensor]) -> None:
-        """Each parameter becomes ``cat(param[keep], new_rows[name])`` in place (same Parameter
-        objects); the optimizer's per-parameter tensors of matching leading size likewise, with
-        zeros for the new rows."""
-        state = optimizer.state if optimizer is not None else {}
-        old_n = self.num_gaussians
-        for name, p in self._parameters_by_name().items():
-            rows = new_rows[name].to(p.dtype)
-            p.data = torch.cat([p.data[keep], rows])
-            p.grad = None
-            st = state.get(p, {})
-            for k, v in st.items():  # Adam's exp_avg / exp_avg_sq; its scalar "step" stays
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old_n:
-                    st[k] = torch.cat([v[keep], v.new_zeros((rows.shape[0],) + tuple(v.shape[1:]))])
-
-    @torch.no_grad()
-    def reset_opacity(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Clamp opacities to ``2 x prune_opacity`` and zero their optimizer moments."""
-        self.opacity_logits.data = torch.minimum(
-            self.opacity_logits.data, _logit(torch.tensor(2.0 * self.densify["prune_opacity"])).to(self.means.device))
-        st = optimizer.state.get(self.opacity_logits) if optimizer is not None else None
-        for k, v in (st or {}).items():
-            if torch.is_tensor(v) and v.dim() > 0:
-                v.zero_()
+        on the strategy's schedules."""
+        self.strategy.step_post_optimizer(self._parameters_by_name(), optimizer, self.densify_state, step)
 
     def log_stats(self) -> Dict[str, float]:
         return {"num_gaussians": float(self.num_gaussians)}
@@ -528,8 +477,7 @@ class Gaussians(Representation):
 
     def param_groups(self, optim_cfg) -> List[dict]:
         """One group per attribute with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
-        params = {"means": self.means, "scales": self.log_scales, "quats": self.quats,
-                  "opacities": self.opacity_logits, "colors": self.color_logits}
+        params = self._parameters_by_name()
         return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
                 for name, p in params.items()]
 
@@ -644,11 +592,10 @@ class Gaussians(Representation):
                              (self.log_scales, col("scale_0", "scale_1", "scale_2")),
                              (self.quats, col("rot_0", "rot_1", "rot_2", "rot_3")),
                              (self.opacity_logits, col("opacity")[:, 0].contiguous()),
-                             (self.color_logits, _logit(rgb))):
+                             (self.color_logits, clamped_logit(rgb))):
                 p.data = value
                 p.grad = None
-            self.grad2d_sum = torch.zeros(self.num_gaussians, device=dev)
-            self.grad2d_count = torch.zeros(self.num_gaussians, device=dev)
+            self.densify_state.reset(self.num_gaussians, dev)
 
 
 __all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "knn_mean_distance", "read_splat_ply"]

@@ -29,10 +29,10 @@ Rendering
 ---------
 :func:`threedistill.representations.mesh_raster.render_mesh` (antialiased) with per-camera vertex
 colours composited over a solid background
-(:func:`threedistill.representations.gaussians.solid_background`: white / black / random, random
+(:func:`threedistill.representations.common.solid_background`: white / black / random, random
 draws from the render generator while training). Shading follows the NeRF
-(:func:`threedistill.representations.nerf.draw_shading_mode` and
-:func:`~threedistill.representations.nerf.shade`): the mode (``albedo`` / ``textureless`` /
+(:func:`threedistill.representations.common.draw_shading_mode` and
+:func:`~threedistill.representations.common.shade`): the mode (``albedo`` / ``textureless`` /
 ``diffuse``) is drawn per batch while training and lit from ``cameras.light_positions``;
 evaluation renders (``training=False``) are deterministic: ``diffuse`` with the light at the
 camera. Shading is evaluated at the vertices (area-weighted vertex normals, light direction per
@@ -63,7 +63,7 @@ cubes. There is no density field.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -72,12 +72,76 @@ import torch
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import plain_schedule, scheduled
+from threedistill.groups import Scheduled, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.representations.base import RenderOutput, Representation, register
-from threedistill.representations.gaussians import _logit, solid_background
+from threedistill.representations.common import (
+    Appearance,
+    ShadingConfig,
+    check_background,
+    check_radius,
+    check_unit_keys,
+    clamped_logit,
+    far_distance,
+    normalized_depth,
+)
 from threedistill.representations.mesh_raster import face_normals, render_mesh
-from threedistill.representations.nerf import draw_shading_mode, shade
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class MeshConfig(ShadingConfig):
+    """``representation.mesh``. Shading (the NeRF's conventions: albedo only before
+    ambient_only_steps, then per batch albedo, textureless or diffuse, lit from the batch's light),
+    background and radius (depth normalization only): :class:`ShadingConfig`."""
+
+    # Starting mesh: "sphere" (an icosphere of init_radius, init_subdivisions), "cube" (a box of
+    # half side init_radius, subdivided init_subdivisions times), "file:PATH" (any mesh trimesh
+    # reads, Y-up as written by `threedistill export`; its vertex colors when present) or
+    # "run:RUN_DIR" (the surface of a previous NeRF / Gaussians run, extracted as `export` does,
+    # with its albedo as vertex colors).
+    init: str = "sphere"
+    init_radius: float = 0.5
+    init_subdivisions: int = 4
+    # "run:" init: marching-cubes grid size (null: the source run's export.mesh_resolution).
+    init_mesh_resolution: Optional[int] = None
+    # Fixed learning rates: vertex offsets, color logits (independent of optim.lr).
+    lr_offsets: float = 1.0e-3
+    lr_colors: float = 1.0e-2
+    # Regularizer weights: uniform Laplacian smoothing of the vertices (mean squared norm of
+    # mean-of-neighbours minus vertex) and normal consistency (mean 1 - cos between adjacent face
+    # normals over interior edges); 0 disables.
+    lambda_laplacian: Scheduled = 1000.0
+    lambda_normal_consistency: Scheduled = 1000.0
+
+    def validate(self, key: str) -> None:
+        """Checks types cannot express; ``key`` is this group's dotted path (for messages). Call
+        as ``MeshConfig.validate(node, key)`` on an OmegaConf node."""
+        for name in ("lambda_laplacian", "lambda_normal_consistency"):
+            parse_schedule(getattr(self, name), f"{key}.{name}")
+        check_positive(self.init_radius, f"{key}.init_radius")
+        check_radius(self, key)
+        for name in ("lr_offsets", "lr_colors", "ambient_only_steps"):
+            check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
+        if not 0 <= self.init_subdivisions <= 7:
+            raise UserError(f"config key '{key}.init_subdivisions' must be between 0 and 7, "
+                            f"got {self.init_subdivisions}")
+        if self.init_mesh_resolution is not None and self.init_mesh_resolution < 2:
+            raise UserError(f"config key '{key}.init_mesh_resolution' must be >= 2 or null, "
+                            f"got {self.init_mesh_resolution}")
+        check_unit_keys(self, key, ("albedo_prob", "textureless_prob", "ambient_light", "random_background_prob"))
+        if self.albedo_prob + self.textureless_prob > 1.0:
+            raise UserError(f"config keys '{key}.albedo_prob' + 'textureless_prob' must be <= 1, "
+                            f"got {self.albedo_prob} + {self.textureless_prob}")
+        check_background(self, key)
+        init = str(self.init)
+        if init not in ("sphere", "cube") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
+            raise UserError(f"config key '{key}.init' must be sphere, cube, file:PATH or run:RUN_DIR, "
+                            f"got '{self.init}'")
+        for name in ("lambda_laplacian", "lambda_normal_consistency"):
+            check_schedule_min(getattr(self, name), f"{key}.{name}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +318,7 @@ def initial_mesh(c, device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optio
 # The representation
 # ----------------------------------------------------------------------------------------------
 @register("mesh")
-class Mesh(Representation):
+class Mesh(Representation, Appearance):
     """Vertex-coloured triangle mesh (see the module docstring). Built as ``Mesh(cfg, device)``
     from the whole :class:`~threedistill.config.Config`; reads ``cfg.representation.mesh``."""
 
@@ -264,15 +328,7 @@ class Mesh(Representation):
         super().__init__()
         c = cfg.representation.mesh
         device = torch.device(device)
-        self.radius = float(c.radius)
-        self.ambient_only_steps = int(c.ambient_only_steps)
-        self.albedo_prob = float(c.albedo_prob)
-        self.textureless_prob = float(c.textureless_prob)
-        self.ambient_light = float(c.ambient_light)
-        self.background_mode = str(c.background)
-        self.random_background_prob = float(c.random_background_prob)
-        if self.background_mode not in ("white", "black", "random"):
-            raise ValueError(f"unknown background '{self.background_mode}'")
+        self._read_appearance(c)
         self._lrs = {"offsets": float(c.lr_offsets), "colors": float(c.lr_colors)}
         self._lambda_laplacian = plain_schedule(c.lambda_laplacian)
         self._lambda_normal_consistency = plain_schedule(c.lambda_normal_consistency)
@@ -282,7 +338,7 @@ class Mesh(Representation):
         self.register_buffer("base_vertices", v)
         self.register_buffer("faces", torch.as_tensor(np.asarray(faces, dtype=np.int64)))
         self.offsets = nn.Parameter(torch.zeros_like(v))
-        logits = (_logit(torch.as_tensor(np.asarray(colours, dtype=np.float32))) if colours is not None
+        logits = (clamped_logit(torch.as_tensor(np.asarray(colours, dtype=np.float32))) if colours is not None
                   else torch.zeros_like(v))
         self.color_logits = nn.Parameter(logits)
         self.register_buffer("edges", torch.zeros(0, 2, dtype=torch.int64), persistent=False)
@@ -322,9 +378,8 @@ class Mesh(Representation):
         dev = self.offsets.device
         cameras = cameras.to(dev)
         B, V = len(cameras), self.base_vertices.shape[0]
-        mode = draw_shading_mode(step, training, generator, self.ambient_only_steps, self.albedo_prob,
-                                 self.textureless_prob)
-        bg = solid_background(B, self.background_mode, self.random_background_prob, training, generator, dev)
+        mode = self._draw_shading(step, training, generator)
+        bg = self._solid_background(B, training, generator, dev)
         verts, albedo = self.vertices, self.colors
         if mode == "albedo":
             colours = albedo
@@ -332,8 +387,8 @@ class Mesh(Representation):
             lights = (cameras.light_positions if training else cameras.positions).to(verts.dtype)
             vn = vertex_normals(verts, self.faces)
             flat = lambda t: t.expand(B, V, 3).reshape(B * V, 3)  # noqa: E731
-            colours = shade(flat(albedo), flat(vn), flat(verts), lights[:, None, :].expand(B, V, 3).reshape(B * V, 3),
-                            mode, self.ambient_light).reshape(B, V, 3)
+            colours = self._shade(flat(albedo), flat(vn), flat(verts), lights[:, None, :].expand(B, V, 3).reshape(B * V, 3),
+                                  mode).reshape(B, V, 3)
         r = render_mesh(verts, self.faces, cameras, colours, bg, antialiased=True)
 
         hit = (r["tri_id"] >= 0)[:, None].to(verts.dtype)  # [B,1,H,W]
@@ -341,8 +396,8 @@ class Mesh(Representation):
         forward = -cameras.c2w[:, :3, 2].to(verts.dtype)  # optical axis (the camera looks along -z)
         cos = (rays_d * forward[:, None, None, :]).sum(-1)[:, None]  # [B,1,H,W]
         dist = r["depth"] / cos.clamp_min(1e-6)
-        far = (cameras.positions.norm(dim=-1) + self.radius * math.sqrt(3.0))[:, None, None, None]
-        depth = ((hit * dist + (1.0 - hit) * far) / far).clamp(0.0, 1.0)
+        far = far_distance(cameras.positions, self.radius)[:, None, None, None]
+        depth = normalized_depth(hit * dist, hit, far)
         normal = ((hit * r["normal"] + 1.0) * 0.5).clamp(0.0, 1.0)
         return RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=r["alpha"].clamp(0.0, 1.0), depth=depth,
                             normal=normal)

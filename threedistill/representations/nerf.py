@@ -13,8 +13,8 @@ one MLP maps the features to a raw density and 3 albedo logits::
 Normals are ``n = -grad sigma / |grad sigma|`` (outward), taken with ``torch.autograd.grad``
 (``create_graph=True`` while training, so the orientation loss reaches the field).
 
-Shading
--------
+Shading (shared with the mesh: :mod:`threedistill.representations.common`)
+-------------------------------------------------------------------------
 Training: albedo only before ``ambient_only_steps``; afterwards one mode per batch, drawn from the
 render ``generator``: ``albedo`` (p = albedo_prob), ``textureless`` (white albedo, lit,
 p = textureless_prob), else ``diffuse``: ``albedo * (ambient + (1 - ambient) * max(0, n . l))`` with
@@ -70,7 +70,7 @@ Outputs (:class:`RenderOutput`)
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import nerfacc
@@ -79,46 +79,78 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import plain_schedule, scheduled
+from threedistill.groups import Scheduled, check_positive, parse_schedule, plain_schedule, scheduled
 from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.representations.common import (  # noqa: F401  (shade: re-exported)
+    Appearance,
+    ShadingConfig,
+    check_background,
+    check_radius,
+    far_distance,
+    normalized_depth,
+    random_replacement,
+    shade,
+    solid_background,
+)
 from threedistill.representations.encodings import FrequencyEncoding, HashGridEncoding
 
-SHADING_MODES = ("albedo", "textureless", "diffuse")
+#: Background modes of the NeRF: the solid ones and the learned ``mlp``.
+NERF_BACKGROUNDS = ("mlp", "white", "black", "random")
 
 
-def shade(albedo: torch.Tensor, normal: Optional[torch.Tensor], x: torch.Tensor, light: torch.Tensor,
-          mode: str, ambient_light: float) -> torch.Tensor:
-    """Colour ``[N,3]`` of surface points ``x [N,3]`` with ``albedo [N,3]``, unit ``normal [N,3]``
-    and ``light [N,3]`` (each point's light position) in shading ``mode`` (:data:`SHADING_MODES`):
-    ``albedo``; ``textureless``: white, lit; ``diffuse``:
-    ``albedo * (ambient + (1 - ambient) * max(0, n . l))`` with ``l`` the unit vector to the light
-    (shared by the NeRF and the mesh)."""
-    if mode == "albedo":
-        return albedo
-    assert normal is not None
-    l_dir = F.normalize(light - x.detach(), dim=-1, eps=1e-12)
-    lambert = (normal * l_dir).sum(dim=-1, keepdim=True).clamp_min(0.0)
-    shading = ambient_light + (1.0 - ambient_light) * lambert
-    if mode == "textureless":
-        return shading.expand(-1, 3)
-    return albedo * shading
+@dataclass
+class NerfConfig(ShadingConfig):
+    """``representation.nerf``. Shading and background fields: :class:`ShadingConfig`; ``radius``
+    also bounds the scene (the axis-aligned cube ``[-radius, radius]^3``)."""
 
+    # The defaults suit the shapes world on a CPU (smooth objects, 32 px renders); configs/sd.yaml
+    # has Instant-NGP-like 12 levels up to 512 for Stable Diffusion.
+    n_levels: int = 6
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 16
+    base_resolution: int = 16
+    max_resolution: int = 64
+    hidden_dim: int = 64
+    n_hidden_layers: int = 1
+    # Magic3D density blob added to the raw density at initialization.
+    blob_density: float = 10.0
+    # 0.35 starts the object below the shapes world's sizes (all within radius 0.5) so SDS grows it
+    # rather than having to carve a too-large blob; Magic3D's 0.5 is in configs/sd.yaml.
+    blob_radius: float = 0.35
+    # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
+    # render_step_size instead.
+    num_samples: int = 32
+    # CPU (fixed-sample) path: samples in cells of a skip_grid_resolution^3 grid whose density,
+    # dilated by one cell, is below skip_density_threshold are not evaluated. Training renders use
+    # a grid refreshed every skip_refresh_every steps (checkpointed); renders without autograd use
+    # a grid of the current weights. 0 disables skipping.
+    skip_grid_resolution: int = 64
+    skip_density_threshold: float = 0.001
+    skip_refresh_every: int = 16
+    # CUDA path: nerfacc occupancy grid.
+    occupancy_grid_resolution: int = 32
+    occupancy_threshold: float = 0.01
+    render_step_size: float = 0.01
+    # Background: "mlp" (learned, view-direction dependent), "white", "black", "random". With
+    # "mlp", while training, the learned background is replaced by a random solid color with
+    # probability random_background_prob per image (the solid modes ignore it).
+    random_background_prob: float = 0.5
+    # Regularizer weights.
+    lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])
+    lambda_sparsity: Scheduled = 5.0
+    lambda_opaque: Scheduled = 0.0
+    # Marching-cubes iso level on density (export). 5 puts the surface of the initial blob at
+    # radius 0.25; trained objects are far denser than that at their surface.
+    isosurface_threshold: float = 5.0
 
-def draw_shading_mode(step: int, training: bool, generator: Optional[torch.Generator], ambient_only_steps: int,
-                      albedo_prob: float, textureless_prob: float) -> str:
-    """The shading mode of one training batch (module docstring): ``diffuse`` at evaluation,
-    ``albedo`` before ``ambient_only_steps``, then one uniform draw from ``generator``."""
-    if not training:
-        return "diffuse"
-    if step < ambient_only_steps:
-        return "albedo"
-    u = float(torch.rand(1, generator=generator))
-    if u < albedo_prob:
-        return "albedo"
-    if u < albedo_prob + textureless_prob:
-        return "textureless"
-    return "diffuse"
-
+    def validate(self, key: str) -> None:
+        """Checks types cannot express; ``key`` is this group's dotted path (for messages). Call
+        as ``NerfConfig.validate(node, key)`` on an OmegaConf node."""
+        for name in ("lambda_orient", "lambda_sparsity", "lambda_opaque"):
+            parse_schedule(getattr(self, name), f"{key}.{name}")
+        check_positive(self.num_samples, f"{key}.num_samples")
+        check_radius(self, key)
+        check_background(self, key, NERF_BACKGROUNDS)
 
 def ray_box_intersect(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +181,7 @@ def _mlp(in_dim: int, hidden_dim: int, n_hidden_layers: int, out_dim: int) -> nn
 
 
 @register("nerf")
-class NeRF(Representation):
+class NeRF(Representation, Appearance):
     """Hash-grid NeRF (see the module docstring). Built as ``NeRF(cfg, device)`` from the whole
     :class:`~threedistill.config.Config`; reads ``cfg.representation.nerf``.
 
@@ -168,24 +200,16 @@ class NeRF(Representation):
     def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
         super().__init__()
         c = cfg.representation.nerf
-        self.radius = float(c.radius)
+        self._read_appearance(c, NERF_BACKGROUNDS)
         self.num_samples = int(c.num_samples)
         self.blob_density = float(c.blob_density)
         self.blob_radius = float(c.blob_radius)
         self.render_step_size = float(c.render_step_size)
         self.occupancy_threshold = float(c.occupancy_threshold)
-        self.ambient_only_steps = int(c.ambient_only_steps)
-        self.albedo_prob = float(c.albedo_prob)
-        self.textureless_prob = float(c.textureless_prob)
-        self.ambient_light = float(c.ambient_light)
-        self.background_mode = str(c.background)
-        self.random_background_prob = float(c.random_background_prob)
         self._lambda_orient = plain_schedule(c.lambda_orient)
         self._lambda_sparsity = plain_schedule(c.lambda_sparsity)
         self._lambda_opaque = plain_schedule(c.lambda_opaque)
         self._isosurface_threshold = float(c.isosurface_threshold)
-        if self.background_mode not in ("mlp", "white", "black", "random"):
-            raise ValueError(f"unknown background '{self.background_mode}'")
 
         self.encoding = HashGridEncoding(
             n_levels=int(c.n_levels), n_features_per_level=int(c.n_features_per_level),
@@ -292,36 +316,19 @@ class NeRF(Representation):
         return self.radius
 
     # ------------------------------------------------------------------------------------------
-    # Shading and background
+    # Background (shading: Appearance._draw_shading / _shade)
     # ------------------------------------------------------------------------------------------
-    def _shade(self, albedo: torch.Tensor, normal: Optional[torch.Tensor], x: torch.Tensor,
-               light: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-sample colour ``[N,3]``; ``light [N,3]`` is the light position of each sample's ray."""
-        return shade(albedo, normal, x, light, mode, self.ambient_light)
-
     def _background(self, dirs: torch.Tensor, image_of_ray: torch.Tensor, n_images: int, training: bool,
                     generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Background colour per ray ``[N,3]``."""
+        """Background color per ray ``[N,3]`` (the solid modes never draw a random replacement)."""
         dev = dirs.device
-        if self.background_mode == "white":
-            return torch.ones_like(dirs)
-        if self.background_mode == "black":
-            return torch.zeros_like(dirs)
-        if self.background_mode == "random":
-            if not training:
-                return torch.ones_like(dirs)
-            colours = torch.rand(n_images, 3, generator=generator).to(dev)
-            return colours[image_of_ray]
+        if self.background_mode != "mlp":
+            return solid_background(n_images, self.background_mode, 0.0, training, generator, dev)[image_of_ray]
         bg = torch.sigmoid(self._chunked(lambda d: self.background_mlp(self.background_encoding(d)), dirs))
         if training and self.random_background_prob > 0:
-            replace = (torch.rand(n_images, generator=generator) < self.random_background_prob).to(dev)
-            colours = torch.rand(n_images, 3, generator=generator).to(dev)
-            bg = torch.where(replace[image_of_ray, None], colours[image_of_ray], bg)
+            replace, colors = random_replacement(n_images, self.random_background_prob, generator, dev)
+            bg = torch.where(replace[image_of_ray, None], colors[image_of_ray], bg)
         return bg
-
-    def _draw_shading(self, step: int, training: bool, generator: Optional[torch.Generator]) -> str:
-        return draw_shading_mode(step, training, generator, self.ambient_only_steps, self.albedo_prob,
-                                 self.textureless_prob)
 
     # ------------------------------------------------------------------------------------------
     # Rendering
@@ -349,7 +356,7 @@ class NeRF(Representation):
         rays_o, rays_d = rays_o.reshape(n_rays, 3), rays_d.reshape(n_rays, 3)
         image_of_ray = torch.arange(B, device=dev).repeat_interleave(H * W)
         lights = (cameras.light_positions if training else cameras.positions)[image_of_ray]
-        far_ref = cameras.positions.norm(dim=-1)[image_of_ray] + self.radius * math.sqrt(3.0)
+        far_ref = far_distance(cameras.positions, self.radius)[image_of_ray]
         bg = self._background(rays_d, image_of_ray, B, training, generator)
 
         S = self.num_samples
@@ -377,7 +384,7 @@ class NeRF(Representation):
             return v.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
 
         alpha = res["alpha"]
-        depth = ((res["depth_sum"] + (1.0 - alpha) * far_ref[:, None]) / far_ref[:, None]).clamp(0.0, 1.0)
+        depth = normalized_depth(res["depth_sum"], alpha, far_ref[:, None])
         out = RenderOutput(rgb=image(res["rgb"]).clamp(0.0, 1.0), alpha=image(alpha.clamp(0.0, 1.0)),
                            depth=image(depth))
         if "normal_sum" in res:

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 from threedistill.atomic import atomic_path, atomic_write_text
 from threedistill.cameras import CameraSampler
-from threedistill.config import CameraConfig, NerfConfig
+from threedistill.config import CameraConfig
 from threedistill.errors import UserError
 from threedistill.priors.base import view_prompt
+from threedistill.representations.nerf import NerfConfig
 from threedistill.shapes.render import render_shape
 from threedistill.shapes.world import BACKGROUND, ShapePrompt, training_prompts, vocabulary
 
