@@ -17,7 +17,6 @@ Convention
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 

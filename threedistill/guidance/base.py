@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch
 from threedistill.errors import UserError
-from threedistill.groups import (Scheduled, check_choice, check_positive, check_schedule_min, check_unit, parse_schedule,
-                                 scheduled)
+from threedistill.groups import (Scheduled, check_choice, check_positive, check_schedule_min, check_unit,
+                                 parse_schedule, scheduled)
 from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
 
@@ -83,7 +83,8 @@ class GuidanceConfig:
             start, end, _, _ = parse_schedule(getattr(self, name), f"{key}.{name}")  # type: ignore[misc]
             for v in (start, end):
                 if not 0.0 <= v <= 1.0:
-                    raise UserError(f"config key '{key}.{name}' is a fraction of the diffusion steps in [0, 1], got {v}")
+                    raise UserError(f"config key '{key}.{name}' is a fraction of the diffusion steps in [0, 1], "
+                                    f"got {v}")
         check_choice(self.weighting, f"{key}.weighting", ("auto", "sds", "uniform", "fantasia3d", "ism"))
         for name in ("lora_rank", "xs_delta_t", "xs_inv_steps", "state_lr"):
             check_positive(getattr(self, name), f"{key}.{name}")

@@ -22,7 +22,6 @@ Training (``threedistill prior train OUT``), resumable at any checkpoint:
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import threading
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from threedistill.atomic import atomic_path, atomic_write_text
 from threedistill.cameras import CameraConfig, CameraSampler
