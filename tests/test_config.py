@@ -141,3 +141,16 @@ def test_old_run_configs_with_retired_keys_still_load(tmp_path):
     assert cfg.run.prompt == "a red cube" and cfg.run.steps == 5
     with pytest.raises(UserError, match="lr_scale_guidance"):
         load_config(old)  # as a preset, an unknown key is still an error
+
+
+def test_one_override_rule_for_words_lists_and_refine():
+    from threedistill.config import is_override
+
+    for word in ("run.steps=5", "guidance.t_max=[0.98,0.5,0,5000]", "_x=1", "prior.negative_prompt=a=b"):
+        assert is_override(word), word
+    for word in ("a red cube", "outputs/run-1", "./a=b", "1run=3", "=3", "run.steps", "run steps=3", "a-b=1"):
+        assert not is_override(word), word
+    with pytest.raises(UserError, match="key=value"):
+        load_config(overrides=["outputs/x=1"])
+    with pytest.raises(UserError, match="refine.overrides"):
+        load_config(overrides=["refine.overrides=[./x=1]"])
