@@ -39,7 +39,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 def is_override(word: str) -> bool:
     """Whether ``word`` is a ``key=value`` config override (``run.steps=500``) rather than a prompt
-    or a path: the one rule for command-line words, ``--`` overrides and ``refine.overrides``."""
+    or a path: the one rule for the CLI's words, :func:`load_config`'s overrides and
+    ``refine.overrides``."""
     return _OVERRIDE.match(str(word)) is not None
 
 
@@ -308,6 +309,7 @@ class Config:
                            ("refine", RefineConfig)):
             group.validate(getattr(self, key), key)
         _validate_representation(self)  # representation groups: moved by D
+        # Registered names are checked where they are looked up (guidance / representation registries).
 
 
 # ----------------------------------------------------------------------------------------------
