@@ -196,3 +196,28 @@ def test_existing_run_folder_is_not_clobbered(tmp_path, tiny_sd_path):
     proc = _run_cli("generate", "a cube", "--out", str(tmp_path), "run.name=r", f"prior.name={tiny_sd_path}")
     _assert_one_line_error(proc, "already holds a run")
     assert (run / "config.yaml").read_text() == "run:\n  prompt: old\n"
+
+
+@pytest.mark.parametrize("error, message", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "error: GPU out of memory; lower"),
+    (MemoryError(), "error: out of memory; lower"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+     "error: out of memory; lower"),
+])
+def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, message):
+    def run_out(args):
+        raise error
+
+    monkeypatch.setattr("threedistill.cli.cmd_eval", run_out)
+    assert main(["eval", "some-run"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(monkeypatch):
+    def fail(args):
+        raise RuntimeError("out of memory, says a message that is not the allocator's")
+
+    monkeypatch.setattr("threedistill.cli.cmd_eval", fail)
+    with pytest.raises(RuntimeError):
+        main(["eval", "some-run"])

@@ -176,3 +176,16 @@ def test_representation_groups_live_beside_their_code_and_keep_their_keys():
         load_config(overrides=["representation.mesh.background=mlp"])
     with pytest.raises(UserError, match="representation.nerf.background"):
         load_config(overrides=["representation.nerf.background=red"])
+
+
+def test_one_override_rule_for_words_lists_and_refine():
+    from threedistill.config import is_override
+
+    for word in ("run.steps=5", "guidance.t_max=[0.98,0.5,0,5000]", "_x=1", "prior.negative_prompt=a=b"):
+        assert is_override(word), word
+    for word in ("a red cube", "outputs/run-1", "./a=b", "1run=3", "=3", "run.steps", "run steps=3", "a-b=1"):
+        assert not is_override(word), word
+    with pytest.raises(UserError, match="key=value"):
+        load_config(overrides=["outputs/x=1"])
+    with pytest.raises(UserError, match="refine.overrides"):
+        load_config(overrides=["refine.overrides=[./x=1]"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from threedistill import priors as priors_mod
 from threedistill.cameras import VIEW_LABELS as CAMERA_VIEW_LABELS
 from threedistill.cli import main
 from threedistill.config import CameraConfig, PriorConfig
@@ -143,7 +144,7 @@ def test_builtin_shapes_name_loads_the_shipped_folder():
 
 def test_builtin_shapes_name_without_the_folder_raises_missing_weights(tmp_path, monkeypatch):
     missing = tmp_path / "no-such-prior"
-    monkeypatch.setattr(prior_mod, "SHIPPED_PRIOR", missing)
+    monkeypatch.setattr(priors_mod, "SHIPPED_PRIOR", missing)
     with pytest.raises(MissingWeightsError) as info:
         load_prior(PriorConfig(name="shapes"), CPU)
     message = str(info.value)

@@ -17,13 +17,49 @@ Convention
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import torch
 
+from threedistill.groups import check_positive, check_range
+
 VIEW_LABELS = ("front", "side", "back", "overhead")
+
+
+@dataclass
+class CameraConfig:
+    """The ``camera`` config group: the ranges :class:`CameraSampler` draws training cameras from,
+    the view-label thresholds, and the evaluation / preview / turntable camera."""
+
+    batch_size: int = 1
+    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
+    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
+    distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])
+    # Point light sampled around the camera direction at this distance from the origin.
+    light_distance_range: List[float] = field(default_factory=lambda: [0.8, 1.5])
+    light_position_perturb: float = 1.0
+    # View labels (degrees): |azimuth| < front => front, |azimuth| > 180 - back => back,
+    # elevation > overhead => overhead, otherwise side.
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    # Evaluation / preview / turntable cameras.
+    eval_distance: float = 1.75
+    eval_fovy: float = 55.0
+    eval_elevation: float = 15.0
+
+    def validate(self, key: str = "camera") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
+        group's path in the whole config). Also called unbound on a structured config node:
+        ``CameraConfig.validate(cfg.camera, "camera")``."""
+        check_positive(self.batch_size, f"{key}.batch_size")
+        check_range(self.elevation_range, f"{key}.elevation_range", -90.0, 90.0)
+        check_range(self.azimuth_range, f"{key}.azimuth_range", -360.0, 360.0)
+        check_range(self.distance_range, f"{key}.distance_range", 1e-3, 1e3)
+        check_range(self.fovy_range, f"{key}.fovy_range", 1.0, 179.0)
+        check_range(self.light_distance_range, f"{key}.light_distance_range", 0.0, 1e3)
 
 
 @dataclass
@@ -66,9 +102,6 @@ class CameraBatch:
             **{k: getattr(self, k).to(device) for k in
                ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
         )
-
-    def with_resolution(self, height: int, width: Optional[int] = None) -> "CameraBatch":
-        return replace(self, height=int(height), width=int(width if width is not None else height))
 
     def __getitem__(self, idx) -> "CameraBatch":
         if isinstance(idx, int):

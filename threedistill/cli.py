@@ -1,14 +1,22 @@
 """The ``threedistill`` command.
 
-    threedistill generate "PROMPT" [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]
-    threedistill export RUN_DIR [--format glb|obj|ply|splat] [--resolution N] [--threshold X] [--texture-size N]
-                            [--check] [--check-images]
-    threedistill render RUN_DIR [--frames N] [--resolution N]
-    threedistill refine RUN_DIR [--config FILE] [key=value ...]
-    threedistill batch PROMPTS.txt [--config FILE] [--out DIR] [key=value ...]
+    threedistill [-v] COMMAND ...
+    threedistill generate "PROMPT" [-c PRESET|FILE ...] [--out DIR] [key=value ...]
+    threedistill generate --resume RUN_DIR [key=value ...]
+    threedistill refine RUN_DIR [-c PRESET|FILE] [key=value ...]
+    threedistill export RUN_DIR [-f glb|obj|ply|splat ...] [--resolution N] [--threshold X] [--texture-size N]
+                            [--no-texture] [--output FILE] [--check] [--check-images]
+    threedistill render RUN_DIR [--frames N] [--resolution N] [--fps N] [--output FILE]
+    threedistill batch INPUT.txt|.jsonl|.csv [-c PRESET|FILE ...] [--out DIR] [--seeds N]
+                            [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
+                            [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
-    threedistill prior train OUT_DIR [--steps N] | prior eval [--prior NAME] | prior train-classifier OUT.safetensors
+    threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
+                            [--checkpoint-every N] [--seed N] [--init-from PIPELINE] [--device auto|cpu|cuda[:N]]
+    threedistill prior eval [--prior NAME] [--samples N] [--steps N] [--guidance-scale X] [--seed N]
+                            [--grid PNG] [--json FILE]
+    threedistill prior train-classifier OUT.safetensors [--steps N] [--seed N]
 
 Errors a user can cause print one line (``error: ...``) and exit with status 2; an interrupted
 run exits 130 after writing a checkpoint it can be resumed from.
@@ -19,17 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from threedistill.config import is_override
+from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-# A command-line word that is a config override (`run.steps=500`), not a prompt.
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -178,7 +185,7 @@ def cmd_generate(args) -> int:
     from threedistill.config import load_config
     from threedistill.pipeline import resume_chain, run_chain
 
-    looks_like_override = args.prompt is not None and _OVERRIDE.match(args.prompt)
+    looks_like_override = args.prompt is not None and is_override(args.prompt)
     if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
         args.overrides = [args.prompt, *args.overrides]
         args.prompt = None
@@ -205,7 +212,7 @@ def cmd_generate(args) -> int:
 def cmd_refine(args) -> int:
     from threedistill.pipeline import start_refine
 
-    looks_like_override = args.run_dir is not None and _OVERRIDE.match(args.run_dir)
+    looks_like_override = args.run_dir is not None and is_override(args.run_dir)
     if looks_like_override:
         raise UserError(f"the run folder is missing: '{args.run_dir}' is a key=value override; "
                         "put the run folder first, e.g. threedistill refine outputs/my-run run.steps=400")
@@ -414,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # binds the positional list at its first chunk, so later key=value words arrive as extras.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if hasattr(args, "overrides") and all(_OVERRIDE.match(w) for w in extra):
+        if hasattr(args, "overrides") and all(is_override(w) for w in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -442,16 +449,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             again = "continue with `threedistill generate --resume RUN_DIR`"
         print(f"interrupted: the last checkpoint is kept; {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("error: out of memory; lower run.resolution, camera.batch_size or representation.nerf.num_samples",
-              file=sys.stderr)
+    except Exception as e:  # MemoryError included
+        memory = out_of_memory(e)
+        if memory is None:
+            raise
+        if memory == "gpu":
+            print(f"error: GPU out of memory; {OOM_HINT}, or use run.device=cpu", file=sys.stderr)
+        else:
+            print(f"error: out of memory; {OOM_HINT}", file=sys.stderr)
         return 1
-    except Exception as e:  # CUDA OOM is a RuntimeError subclass only when torch has CUDA
-        if type(e).__name__ == "OutOfMemoryError":
-            print("error: GPU out of memory; lower run.resolution, camera.batch_size or "
-                  "representation.nerf.num_samples, or use run.device=cpu", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -1,31 +1,34 @@
-"""Structured configuration: dataclasses, YAML presets, ``key=value`` overrides, validation.
+"""The whole configuration: assembles the groups, loads YAML presets, applies ``key=value`` overrides.
 
 Every front end (CLI, web app, batch) builds a :class:`Config` with :func:`load_config` and hands
 it to :class:`threedistill.distill.Distiller`. Top-level groups are the ones named in the design:
 ``prior``, ``guidance``, ``representation``, ``camera``, ``optim``, ``run``, ``export``, plus
 ``refine`` (the optional coarse-to-fine second stage, :mod:`threedistill.pipeline`).
 
-Scheduled scalars
------------------
-Scalars that papers anneal (guidance scale, timestep range, loss weights, learning rates) accept
-either a number or a linear schedule ``[start_value, end_value, start_step, end_step]``: the value
-is ``start_value`` up to ``start_step``, ``end_value`` from ``end_step`` on, linear in between.
-Example: ``guidance.t_max=[0.98,0.5,0,5000]``. :func:`scheduled` evaluates one at a step.
+A group lives beside the code it configures and checks its own values in ``validate(key)``
+(:class:`~threedistill.priors.PriorConfig`, :class:`~threedistill.guidance.GuidanceConfig`,
+:class:`~threedistill.cameras.CameraConfig`); the groups of the loop and the pipeline (``optim``,
+``run``, ``export``, ``refine``) live here. They are imported here, so ``from threedistill.config
+import PriorConfig`` keeps working. Scheduled scalars (a number or ``[start_value, end_value,
+start_step, end_step]``) are described in :mod:`threedistill.groups`.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from threedistill.cameras import CameraConfig
 from threedistill.errors import UserError
-from threedistill.groups import Scheduled, parse_schedule, plain_schedule, scheduled  # noqa: F401  (re-exported)
+from threedistill.groups import Scheduled, check_choice, check_positive, parse_schedule
+from threedistill.groups import plain_schedule, scheduled  # noqa: F401  (re-exported)
+from threedistill.guidance.base import GuidanceConfig
+from threedistill.priors.base import PriorConfig
 from threedistill.representations import (  # noqa: F401  (the groups re-exported)
     GaussiansConfig,
     MeshConfig,
@@ -35,81 +38,21 @@ from threedistill.representations import (  # noqa: F401  (the groups re-exporte
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+#: A ``key=value`` config override: a dotted key (letters, digits, underscores; not starting with a
+#: digit or a dot), ``=``, the value (OmegaConf's dotlist syntax, e.g. ``guidance.t_max=[0.98,0.5,0,5000]``).
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def is_override(word: str) -> bool:
+    """Whether ``word`` is a ``key=value`` config override (``run.steps=500``) rather than a prompt
+    or a path: the one rule for the CLI's words, :func:`load_config`'s overrides and
+    ``refine.overrides``."""
+    return _OVERRIDE.match(str(word)) is not None
+
 
 # ----------------------------------------------------------------------------------------------
-# Groups
+# Groups (those of the components are imported above)
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class PriorConfig:
-    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
-    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
-    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sds-nerf.yaml
-    # holds the Stable Diffusion settings.
-    name: str = "shapes"
-    revision: Optional[str] = None
-    # "auto": fp16 on CUDA, fp32 on CPU.
-    dtype: str = "auto"
-    # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
-    view_dependent: bool = True
-    negative_prompt: str = ""
-    # Hugging Face cache folder to search; None means the default (HF_HOME / HF_HUB_CACHE).
-    cache_dir: Optional[str] = None
-
-
-@dataclass
-class GuidanceConfig:
-    name: str = "sds"
-    # Classifier-free guidance scale in the diffusers form eps_u + s * (eps_c - eps_u).
-    # 15 suits the shapes prior (30 and 100 grow the object past its true size: measured IoU 0.59
-    # at 15 vs 0.49 at 30 on "a red cube"). For Stable Diffusion use DreamFusion's 100
-    # (threestudio form; 101 here, the difference is negligible): configs/sds-nerf.yaml.
-    guidance_scale: Scheduled = 15.0
-    # Timestep range as fractions of num_train_timesteps. The default t_max anneals from 0.98 to 0.5
-    # over the default 800 steps (shape first, then detail).
-    t_min: Scheduled = 0.02
-    t_max: Scheduled = field(default_factory=lambda: [0.98, 0.5, 0, 800])
-    # w(t): "auto" = the loss's own (sqrt((1 - abar) / abar) for ism, "sds" for the others);
-    # "sds" = 1 - alphas_cumprod[t], "uniform" = 1, "fantasia3d" = sqrt(abar) * (1 - abar), "ism".
-    weighting: str = "auto"
-    # Clamp the injected gradient elementwise to +-grad_clip (None or 0 disables).
-    grad_clip: Scheduled = None
-    weight: Scheduled = 1.0
-    # -- trainable guidance state (vsd, esd): a LoRA on the prior's UNet plus a camera embedding --
-    lora_rank: int = 4
-    # Learning rate of the LoRA and camera embedding (fixed; ProlificDreamer's 1e-4).
-    state_lr: float = 1.0e-4
-    # Fraction of LoRA training samples whose camera condition is dropped (zeroed).
-    camera_dropout: float = 0.1
-    # esd: weight of the camera-free LoRA prediction (0 is VSD).
-    esd_lambda: float = 0.5
-    # -- ism: x_s = DDIM inversion of x with the empty prompt, s = t - delta_t ----------------------
-    delta_t: Scheduled = field(default_factory=lambda: [100, 50, 0, 800])
-    # Inversion to s in at most xs_inv_steps steps of stride xs_delta_t (integer timesteps).
-    xs_delta_t: int = 200
-    xs_inv_steps: int = 5
-    # -- csd: weight of the negative-prompt term, annealed 0 -> 1 (no effect without a negative prompt)
-    negative_weight: Scheduled = field(default_factory=lambda: [0.0, 1.0, 0, 400])
-
-
-@dataclass
-class CameraConfig:
-    batch_size: int = 1
-    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
-    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
-    distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
-    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])
-    # Point light sampled around the camera direction at this distance from the origin.
-    light_distance_range: List[float] = field(default_factory=lambda: [0.8, 1.5])
-    light_position_perturb: float = 1.0
-    # View labels (degrees): |azimuth| < front => front, |azimuth| > 180 - back => back,
-    # elevation > overhead => overhead, otherwise side.
-    front_threshold: float = 45.0
-    back_threshold: float = 45.0
-    overhead_threshold: float = 60.0
-    # Evaluation / preview / turntable cameras.
-    eval_distance: float = 1.75
-    eval_fovy: float = 55.0
-    eval_elevation: float = 15.0
 
 
 @dataclass
@@ -123,12 +66,18 @@ class OptimConfig:
     lr_scale_background: float = 0.1
     lr_scale_mlp: float = 0.1
 
+    def validate(self, key: str = "optim") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
+        unbound on a structured config node: ``OptimConfig.validate(cfg.optim, "optim")``)."""
+        parse_schedule(self.lr, f"{key}.lr")
+        check_choice(self.name, f"{key}.name", ("adam", "adamw"))
+
 
 @dataclass
 class RunConfig:
     prompt: str = ""
     # 800 steps at 32 px suit the shapes prior on a CPU (about 3 minutes on 2 cores); the prior sees
-    # renders resized to its own resolution (64 px). configs/sds-nerf.yaml: 10000 steps at 64 px.
+    # renders resized to its own resolution (64 px). configs/sd.yaml: 10000 steps at 64 px.
     steps: int = 800
     seed: int = 0
     resolution: int = 32
@@ -140,6 +89,15 @@ class RunConfig:
     checkpoint_every: int = 250
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
+
+    def validate(self, key: str = "run") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
+        unbound on a structured config node: ``RunConfig.validate(cfg.run, "run")``)."""
+        for name in ("steps", "resolution", "preview_every", "checkpoint_every"):
+            check_positive(getattr(self, name), f"{key}.{name}")
+        check_positive(self.seed, f"{key}.seed", allow_zero=True)
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
 
 @dataclass
@@ -161,6 +119,17 @@ class ExportConfig:
     turntable_resolution: int = 128
     turntable_elevation: float = 15.0
 
+    def validate(self, key: str = "export") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
+        unbound on a structured config node: ``ExportConfig.validate(cfg.export, "export")``)."""
+        for name in ("mesh_resolution", "texture_size", "turntable_frames", "turntable_fps", "turntable_resolution"):
+            check_positive(getattr(self, name), f"{key}.{name}")
+        if not 16 <= self.texture_size <= 8192:
+            raise UserError(f"config key '{key}.texture_size' must be between 16 and 8192, got {self.texture_size}")
+        for fmt in self.formats:
+            if fmt not in ("glb", "obj", "ply"):
+                raise UserError(f"config key '{key}.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")
+
 
 @dataclass
 class RefineConfig:
@@ -174,6 +143,15 @@ class RefineConfig:
     # key=value overrides for the refine stage, e.g. [run.resolution=64, run.steps=400].
     overrides: List[str] = field(default_factory=list)
 
+    def validate(self, key: str = "refine") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
+        unbound on a structured config node: ``RefineConfig.validate(cfg.refine, "refine")``)."""
+        if not str(self.config).strip():
+            raise UserError(f"config key '{key}.config' must name a preset or YAML file, e.g. sds-mesh")
+        for ov in self.overrides:
+            if not is_override(ov):
+                raise UserError(f"config key '{key}.overrides': '{ov}' is not of the form key=value")
+
 
 @dataclass
 class Config:
@@ -186,22 +164,21 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 
+    def validate(self) -> None:
+        """Every group's own checks (types are OmegaConf's, on merge); the first bad value raises a
+        one-line :class:`~threedistill.errors.UserError` naming its key. Also called unbound on a
+        structured config: ``Config.validate(cfg)``."""
+        for key, group in (("prior", PriorConfig), ("guidance", GuidanceConfig), ("camera", CameraConfig),
+                           ("optim", OptimConfig), ("run", RunConfig), ("export", ExportConfig),
+                           ("refine", RefineConfig)):
+            group.validate(getattr(self, key), key)
+        RepresentationConfig.validate(self.representation, "representation")
+        # Registered names are checked where they are looked up (guidance / representation registries).
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-_SCHEDULED_KEYS = [
-    "guidance.guidance_scale",
-    "guidance.t_min",
-    "guidance.t_max",
-    "guidance.grad_clip",
-    "guidance.weight",
-    "guidance.delta_t",
-    "guidance.negative_weight",
-    "optim.lr",
-]
-
-
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -299,10 +276,7 @@ def load_config(
             merged = OmegaConf.merge(merged, _load_config_file(resolve_config_path(str(one))))
         if overrides:
             for ov in overrides:
-                if "=" not in ov:
-                    raise UserError(f"override '{ov}' is not of the form key=value")
-                key = ov.split("=", 1)[0].strip()
-                if not key or " " in key:
+                if not is_override(ov):
                     raise UserError(f"override '{ov}' is not of the form key=value")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
@@ -313,81 +287,11 @@ def load_config(
 
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express; one line naming the key on failure."""
-    for key in _SCHEDULED_KEYS:
-        parse_schedule(OmegaConf.select(cfg, key), key)
-
-    def positive(key: str, allow_zero: bool = False) -> None:
-        v = OmegaConf.select(cfg, key)
-        if v is None or v < 0 or (v == 0 and not allow_zero):
-            raise UserError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-
-    for key in ("run.steps", "run.resolution", "camera.batch_size", "export.mesh_resolution", "export.texture_size",
-                "export.turntable_frames",
-                "export.turntable_fps", "export.turntable_resolution", "run.preview_every",
-                "run.checkpoint_every"):
-        positive(key)
-    positive("run.seed", allow_zero=True)
-
-    def range_key(key: str, lo: float, hi: float) -> None:
-        r = list(OmegaConf.select(cfg, key))
-        if len(r) != 2 or r[0] > r[1]:
-            raise UserError(f"config key '{key}' must be [min, max] with min <= max, got {r}")
-        if r[0] < lo or r[1] > hi:
-            raise UserError(f"config key '{key}' must lie within [{lo}, {hi}], got {r}")
-
-    range_key("camera.elevation_range", -90.0, 90.0)
-    range_key("camera.azimuth_range", -360.0, 360.0)
-    range_key("camera.distance_range", 1e-3, 1e3)
-    range_key("camera.fovy_range", 1.0, 179.0)
-    range_key("camera.light_distance_range", 0.0, 1e3)
-
-    for key in ("guidance.t_min", "guidance.t_max"):
-        start, end, _, _ = parse_schedule(OmegaConf.select(cfg, key), key)  # type: ignore[misc]
-        for v in (start, end):
-            if not 0.0 <= v <= 1.0:
-                raise UserError(f"config key '{key}' is a fraction of the diffusion steps in [0, 1], got {v}")
-    if cfg.guidance.weighting not in ("auto", "sds", "uniform", "fantasia3d", "ism"):
-        raise UserError(f"config key 'guidance.weighting' must be auto, sds, uniform, fantasia3d or ism, "
-                        f"got '{cfg.guidance.weighting}'")
-    for key in ("guidance.lora_rank", "guidance.xs_delta_t", "guidance.xs_inv_steps", "guidance.state_lr"):
-        positive(key)
-    for key in ("guidance.camera_dropout", "guidance.esd_lambda"):
-        v = OmegaConf.select(cfg, key)
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"config key '{key}' must lie within [0, 1], got {v}")
-    start, end, _, _ = parse_schedule(cfg.guidance.guidance_scale, "guidance.guidance_scale")  # type: ignore[misc]
-    if min(start, end) < 0:
-        raise UserError(f"config key 'guidance.guidance_scale' must be >= 0, got {cfg.guidance.guidance_scale}")
-    start, end, _, _ = parse_schedule(cfg.guidance.delta_t, "guidance.delta_t")  # type: ignore[misc]
-    if min(start, end) < 0:
-        raise UserError(f"config key 'guidance.delta_t' must be >= 0 (integer timesteps), got {cfg.guidance.delta_t}")
-    RepresentationConfig.validate(cfg.representation, "representation")
-    if not 16 <= cfg.export.texture_size <= 8192:
-        raise UserError(f"config key 'export.texture_size' must be between 16 and 8192, "
-                        f"got {cfg.export.texture_size}")
-    for fmt in cfg.export.formats:
-        if fmt not in ("glb", "obj", "ply"):
-            raise UserError(f"config key 'export.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")
-    if cfg.run.device not in ("auto", "cpu", "cuda") and not str(cfg.run.device).startswith("cuda:"):
-        raise UserError(f"config key 'run.device' must be auto, cpu, cuda or cuda:N, got '{cfg.run.device}'")
-    if cfg.prior.dtype not in ("auto", "fp32", "fp16", "bf16"):
-        raise UserError(f"config key 'prior.dtype' must be auto, fp32, fp16 or bf16, got '{cfg.prior.dtype}'")
-    if cfg.optim.name not in ("adam", "adamw"):
-        raise UserError(f"config key 'optim.name' must be adam or adamw, got '{cfg.optim.name}'")
-    if not str(cfg.refine.config).strip():
-        raise UserError("config key 'refine.config' must name a preset or YAML file, e.g. sds-mesh")
-    for ov in cfg.refine.overrides:
-        if not re.match(r"^[A-Za-z_][\w.]*=", str(ov)):
-            raise UserError(f"config key 'refine.overrides': '{ov}' is not of the form key=value")
-    # Registered names are checked where they are looked up (guidance / representation registries).
+    Config.validate(cfg)
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(cfg)
-
-
-def to_container(cfg: Config) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 __all__ = [
@@ -409,5 +313,5 @@ __all__ = [
     "plain_schedule",
     "parse_schedule",
     "to_yaml",
-    "to_container",
+    "is_override",
 ]

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
+from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 
 #: Job states. ``cancelled``: removed from the queue before it started.
@@ -297,7 +298,6 @@ class JobManager:
         self._jobs: Dict[str, Job] = {}
         self._queues: Dict[str, Deque[str]] = {}
         self._workers: Dict[str, threading.Thread] = {}
-        self._running: Dict[str, Optional[str]] = {}
         self._priors: Dict[tuple, Any] = {}
         self._prior_lock = threading.Lock()
         self._closed = False
@@ -326,7 +326,6 @@ class JobManager:
             if device not in self._workers:
                 t = threading.Thread(target=self._worker, args=(device,), name=f"threedistill-jobs-{device}", daemon=True)
                 self._workers[device] = t
-                self._running[device] = None
                 t.start()
             self._wake.notify_all()
         return job.id
@@ -516,10 +515,8 @@ class JobManager:
                 job = self._jobs[q.popleft()]
                 self._renumber(device)
                 job.status, job.position, job.phase, job.started = RUNNING, 0, "loading prior", time.time()
-                self._running[device] = job.id
             self._run(job)
             with self._lock:
-                self._running[device] = None
                 job.ended = time.time()
                 job.phase = "done"
                 job.cfg = None
@@ -551,8 +548,8 @@ class JobManager:
                 job.status, job.error = FAILED, str(e)
         except Exception as e:  # an unexpected error must not kill the worker thread
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
-                msg = "out of memory; lower run.resolution, camera.batch_size or representation.nerf.num_samples"
+            if out_of_memory(e) is not None:
+                msg = f"out of memory; {OOM_HINT}"
             with self._lock:
                 job.status, job.error = FAILED, f"{type(e).__name__}: {msg}"
 

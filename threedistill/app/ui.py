@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from threedistill.app.jobs import (ACTIVE, FIELDS, JobManager, ValidationError,
                                    list_presets)
 from threedistill.errors import UserError
+from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
 DEFAULT_HOST = "127.0.0.1"
@@ -44,13 +45,6 @@ def list_prior_choices(cache_dir: Optional[str] = None) -> List[str]:
     return names
 
 
-def _fmt_time(s: Optional[float]) -> str:
-    if s is None:
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def _progress_html(job: Optional[Dict[str, Any]]) -> str:
     if job is None:
         return "<p>No job yet: enter a prompt and press Generate.</p>"
@@ -61,7 +55,7 @@ def _progress_html(job: Optional[Dict[str, Any]]) -> str:
     if st == "running":
         loss = f"{job['loss']:.4g}" if job["loss"] is not None else "?"
         phase = job["phase"]
-        eta = _fmt_time(job["eta_s"]) if job["eta_s"] is not None else "?"
+        eta = format_duration(job["eta_s"])
         return (f"<p>{head} ({phase})</p><progress value='{job['step']}' max='{max(job['steps'], 1)}' "
                 f"style='width:100%'></progress><p>step {job['step']} / {job['steps']} &middot; loss {loss} "
                 f"&middot; time left {eta}</p>")

@@ -170,7 +170,7 @@ class RayExecutor:
         except ImportError:
             raise UserError("--executor ray needs Ray: pip install 'threedistill[ray]'") from None
         self.ray = ray
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "THREEDISTILL_SHAPES_PRIOR")
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
                if k in os.environ}
         init = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                     runtime_env={"env_vars": env} if env else None)

@@ -10,17 +10,9 @@ from typing import Any, Dict, List, Optional
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch.manifest import Manifest
+from threedistill.text import format_duration
 
 MESH_KEYS = ("glb", "obj", "ply", "splat")
-
-
-def _fmt_time(s: float) -> str:
-    s = float(s or 0.0)
-    if s < 60:
-        return f"{s:.0f} s"
-    if s < 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _metrics_cells(m: Optional[Dict[str, Any]]) -> List[str]:
@@ -56,8 +48,9 @@ def write_summary(manifest: Manifest, title: str, wall_s: Optional[float] = None
     out = manifest.path.parent
     lines = [f"# Batch: {_md_escape(title)}", "",
              f"{t['rows']} rows: {t['done']} done, {t['failed']} failed, {t['pending'] + t['running']} not finished. "
-             f"Row time {_fmt_time(t['row_time_s'])}" + (f", this session's wall time {_fmt_time(t['batch_wall_s'])}"
-                                                         if "batch_wall_s" in t else "") + ".", ""]
+             f"Row time {format_duration(t['row_time_s'])}"
+             + (f", this session's wall time {format_duration(t['batch_wall_s'])}" if "batch_wall_s" in t else "")
+             + ".", ""]
     if "mean_iou" in t:
         lines += [f"Shapes-world ground truth over {t['scored_rows']} finished rows: mean silhouette IoU "
                   f"{t['mean_iou']:.3f}, mean colour error {t['mean_colour_error']:.3f}, "
@@ -67,7 +60,7 @@ def write_summary(manifest: Manifest, title: str, wall_s: Optional[float] = None
     for r in rows:
         mesh = r["outputs"].get("glb") or next((r["outputs"][k] for k in MESH_KEYS if k in r["outputs"]), "")
         cells = [r["id"], _md_escape(r["prompt"]), str(r["seed"]), r["state"], str(r["attempts"]), str(r.get("step", 0)),
-                 _fmt_time(r.get("wall_s", 0.0)), *_metrics_cells(r.get("metrics")),
+                 format_duration(r.get("wall_s", 0.0)), *_metrics_cells(r.get("metrics")),
                  f"[{mesh.split('/')[-1]}]({mesh})" if mesh else "", _md_escape(r.get("error") or "")]
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
@@ -108,10 +101,10 @@ def write_gallery(manifest: Manifest, title: str, wall_s: Optional[float] = None
         cards.append(
             f'<div class="card" id="{e(r["id"])}">{img}<div class="prompt">{e(r["prompt"])}</div>'
             f'<div><span class="state {e(r["state"])}">{e(r["state"])}</span> seed {r["seed"]} · '
-            f'{_fmt_time(r.get("wall_s", 0.0))} · {r["attempts"]} attempt(s)</div>{metric}'
+            f'{format_duration(r.get("wall_s", 0.0))} · {r["attempts"]} attempt(s)</div>{metric}'
             f'<div>{" · ".join(links)}</div>{err}</div>')
     totals = (f'{t["rows"]} rows: {t["done"]} done, {t["failed"]} failed, {t["pending"] + t["running"]} not finished; '
-              f'row time {_fmt_time(t["row_time_s"])}')
+              f'row time {format_duration(t["row_time_s"])}')
     if "mean_iou" in t:
         totals += f'; mean IoU {t["mean_iou"]:.3f}, prompt accuracy {t["prompt_accuracy"]:.2f}'
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'

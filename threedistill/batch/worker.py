@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
+from threedistill.devices import out_of_memory
 from threedistill.errors import UserError
 
 LOCK_NAME = ".batch-row.lock"
@@ -215,5 +216,5 @@ def local_worker_main(index: int, threads: int, inbox, outbox, stop_event, paren
             if os.environ.get("THREEDISTILL_BATCH_TRACEBACKS"):
                 traceback.print_exc()
             outbox.put(("failed", index, rid, error, retryable))
-            if "out of memory" in error.lower():
+            if out_of_memory(e) is not None:
                 return  # a fresh process gets a clean allocator

@@ -6,20 +6,24 @@ diffusers pipeline folder, a Hugging Face hub id already in the local cache. Not
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
 
-from threedistill.priors.base import DiffusionPrior, PromptEmbeddings, view_prompt
+from threedistill.errors import MissingWeightsError
+from threedistill.priors.base import DiffusionPrior, PriorConfig, PromptEmbeddings, view_prompt
 from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, resolve_pipeline_path
 
-#: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
-#: path or hub lookup.
+#: The repository's ``assets/`` folder (next to ``configs/``): the shipped prior and classifier.
+ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
+#: Where the shipped shapes-world prior (the built-in name ``shapes``) lives: a diffusers pipeline
+#: folder trained by ``threedistill prior train`` (:mod:`threedistill.shapes.prior`).
+SHIPPED_PRIOR = ASSETS_DIR / "shapes-prior"
+
+
 def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
     """The shipped shapes-world prior: an ordinary pipeline folder, loaded by the generic loader."""
-    from threedistill.errors import MissingWeightsError
-    from threedistill.shapes.prior import SHIPPED_PRIOR
-
     if not (SHIPPED_PRIOR / "model_index.json").is_file():
         raise MissingWeightsError(
             f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it ships with the repository: use an "
@@ -28,6 +32,8 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
     return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes")
 
 
+#: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
+#: path or hub lookup.
 BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"shapes": _shapes_prior}
 
 
@@ -73,14 +79,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ASSETS_DIR",
     "BUILTIN_PRIORS",
     "check_prior_available",
     "DiffusionPrior",
     "DiffusersPrior",
+    "PriorConfig",
     "PromptEmbeddings",
     "load_prior",
     "resolve_dtype",
     "resolve_pipeline_path",
+    "SHIPPED_PRIOR",
     "view_prompt",
     "write_tiny_pipeline",
 ]

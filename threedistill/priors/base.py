@@ -17,6 +17,33 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from threedistill.cameras import VIEW_LABELS
+from threedistill.groups import check_choice
+
+
+@dataclass
+class PriorConfig:
+    """The ``prior`` config group: which frozen diffusion model :func:`~threedistill.priors.load_prior`
+    loads, and how its prompts are built."""
+
+    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
+    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
+    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sd.yaml
+    # holds the Stable Diffusion settings.
+    name: str = "shapes"
+    revision: Optional[str] = None
+    # "auto": fp16 on CUDA, fp32 on CPU.
+    dtype: str = "auto"
+    # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
+    view_dependent: bool = True
+    negative_prompt: str = ""
+    # Hugging Face cache folder to search; None means the default (HF_HOME / HF_HUB_CACHE).
+    cache_dir: Optional[str] = None
+
+    def validate(self, key: str = "prior") -> None:
+        """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
+        group's path in the whole config). Also called unbound on a structured config node:
+        ``PriorConfig.validate(cfg.prior, "prior")``."""
+        check_choice(self.dtype, f"{key}.dtype", ("auto", "fp32", "fp16", "bf16"))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 They load through exactly the same code path as real weights (:class:`DiffusersPrior` reading
 ``model_index.json``), build in about a second, and run a forward pass in milliseconds on a CPU:
-tests use them, and so does the README quick start until a built-in prior ships.
+the tests and benchmarks use them (real runs use the shipped ``shapes`` prior or Stable Diffusion).
 
 Two layouts, both with 64x64 images:
 

@@ -18,6 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from threedistill.atomic import atomic_path, atomic_write_text
+from threedistill.cameras import orbit_cameras
+from threedistill.errors import MissingWeightsError
+from threedistill.priors import ASSETS_DIR
+from threedistill.shapes.prior import render_views
+from threedistill.shapes.render import render_shape
 from threedistill.shapes.world import COLOUR_NAMES, SHAPES, all_prompts
 
 CLASSIFIER_FILE = "shapes-classifier.safetensors"
@@ -62,9 +68,6 @@ class ShapesClassifier(nn.Module):
 def load_classifier(path: Optional[str | Path] = None, device: torch.device | str = "cpu") -> ShapesClassifier:
     from safetensors.torch import load_file
 
-    from threedistill.errors import MissingWeightsError
-    from threedistill.shapes.prior import ASSETS_DIR
-
     path = Path(path) if path is not None else ASSETS_DIR / CLASSIFIER_FILE
     if not path.is_file():
         raise MissingWeightsError(f"shapes classifier not found at '{path}' (train it with "
@@ -92,10 +95,6 @@ def _augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def make_classifier_data(images_per_prompt: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ground-truth renders of all 36 prompts: (images uint8, shape index, colour index)."""
-    from threedistill.cameras import orbit_cameras
-    from threedistill.shapes.prior import render_views
-    from threedistill.shapes.render import render_shape
-
     g = torch.Generator().manual_seed(seed)
     images, s_idx, c_idx = [], [], []
     for p in all_prompts():
@@ -117,8 +116,6 @@ def train_classifier(out: str | Path, steps: int = 1500, batch_size: int = 64, i
     accuracy on freshly rendered ground truth (a different seed from training)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
-
-    from threedistill.atomic import atomic_path, atomic_write_text
 
     t0 = time.time()
     images, s_idx, c_idx = make_classifier_data(images_per_prompt, seed)

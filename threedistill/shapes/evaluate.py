@@ -31,15 +31,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from threedistill.atomic import atomic_write_text
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
+from threedistill.shapes.classifier import load_classifier
 from threedistill.shapes.render import render_mesh, render_shape
 from threedistill.shapes.world import FRONTED_SHAPE, ShapePrompt, mirrored_mug, parse_prompt, shape_mesh
 
 EVAL_AZIMUTHS = tuple(float(a) for a in range(0, 360, 45))
 EVAL_ELEVATIONS = (5.0, 30.0)
 EVAL_RESOLUTION = 64
-METRICS = ("iou", "colour_error", "prompt_correct", "shape_correct", "colour_correct", "view_consistency")
 
 
 def eval_cameras(resolution: int = EVAL_RESOLUTION, distance: float = 1.75, fovy: float = 55.0) -> CameraBatch:
@@ -106,8 +107,6 @@ def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, amb
     if ambient is None:
         ambient = float(getattr(rep, "ambient_light", 0.1))
     if classifier is None:
-        from threedistill.shapes.classifier import load_classifier
-
         classifier = load_classifier()
     return score_images(prompt, rgb, alpha, cams, ambient=ambient, classifier=classifier)
 
@@ -145,8 +144,7 @@ def seed_diversity(renders: List[tuple[torch.Tensor, torch.Tensor]]) -> Dict[str
 
 def evaluate_run(run_dir: str | Path, classifier=None, write: bool = True) -> Dict[str, Any]:
     """Evaluate a run folder's newest checkpoint; writes ``RUN_DIR/eval.json`` (atomically)."""
-    from threedistill.atomic import atomic_write_text
-    from threedistill.distill import load_trained_representation
+    from threedistill.distill import load_trained_representation  # upward: B moves it into runs.py
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -166,8 +164,6 @@ def evaluate_prior_samples(prior, prompts: List[ShapePrompt], n_per_prompt: int 
     """Sample ``n_per_prompt`` images per prompt from a 2D prior and classify each one: per prompt,
     the fraction of samples whose shape, colour and both are those of the prompt."""
     if classifier is None:
-        from threedistill.shapes.classifier import load_classifier
-
         classifier = load_classifier()
     rows = []
     for i, p in enumerate(prompts):

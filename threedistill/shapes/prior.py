@@ -22,7 +22,6 @@ Training (``threedistill prior train OUT``), resumable at any checkpoint:
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import threading
@@ -32,20 +31,17 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from threedistill.atomic import atomic_path, atomic_write_text
-from threedistill.cameras import CameraSampler
-from threedistill.config import CameraConfig
+from threedistill.cameras import CameraConfig, CameraSampler
+from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.priors import ASSETS_DIR, SHIPPED_PRIOR  # noqa: F401  (where the shipped prior lives; re-exported)
 from threedistill.priors.base import view_prompt
+from threedistill.priors.tiny import build_clip_tokenizer, save_pipeline_folder, write_clip_vocab_files
 from threedistill.representations.nerf import NerfConfig
 from threedistill.shapes.render import render_shape
 from threedistill.shapes.world import BACKGROUND, ShapePrompt, training_prompts, vocabulary
-
-#: Where the shipped prior lives (repository ``assets/``, next to ``configs/``).
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
-SHIPPED_PRIOR = ASSETS_DIR / "shapes-prior"
 
 IMAGE_SIZE = 64
 TEXT_DIM = 64
@@ -82,8 +78,6 @@ class PriorTrainConfig:
 # Model
 # ----------------------------------------------------------------------------------------------
 def build_tokenizer():
-    from threedistill.priors.tiny import build_clip_tokenizer
-
     return build_clip_tokenizer(vocabulary(), model_max_length=MAX_TOKENS)
 
 
@@ -125,8 +119,6 @@ def build_models(seed: int = 0, prediction_type: str = "v_prediction"):
 
 def save_pipeline(out: Path, unet, text_encoder, tokenizer, scheduler) -> Path:
     """Write a diffusers pipeline folder (``model_index.json`` + components) at ``out``."""
-    from threedistill.priors.tiny import save_pipeline_folder, write_clip_vocab_files
-
     components = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
     save_pipeline_folder(out, components, "DiffusionPipeline")
     write_clip_vocab_files(out / "tokenizer", vocabulary())
@@ -249,8 +241,6 @@ class PriorTrainer:
 
     def train(self, log: Callable[[str], None] = print) -> Path:
         from tqdm import tqdm
-
-        from threedistill.devices import resolve_device
 
         c = self.cfg
         device = resolve_device(self.device)
