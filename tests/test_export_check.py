@@ -85,6 +85,9 @@ class ShadedSpheres(Spheres):
 
     ambient_light = 0.1
 
+    def evaluation_ambient(self):
+        return self.ambient_light
+
     def render(self, cameras: CameraBatch, step: int = 0, generator=None, training: bool = True) -> RenderOutput:
         out = super().render(cameras, step, generator, training)
         o, d = cameras.rays()

@@ -428,6 +428,9 @@ class GroundTruthRep(Representation):
         self.shape, self.colour, self.ambient_light = shape, colour, ambient_light
         self.calls = []
 
+    def evaluation_ambient(self):
+        return self.ambient_light
+
     def render(self, cameras, step=0, generator=None, training=True):
         self.calls.append((cameras, training))
         gt = render_shape(self.shape, self.colour, cameras, shading="diffuse", ambient=self.ambient_light)

@@ -19,6 +19,7 @@ the stages' :class:`~threedistill.distill.RunResult` s, the last one the final a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -26,8 +27,10 @@ from omegaconf import OmegaConf
 
 from threedistill.atomic import atomic_write_text
 from threedistill.config import Config, load_config
-from threedistill.distill import Callback, Distiller, RunResult, read_run_config, read_run_status
+from threedistill.distill import (Callback, Distiller, RunResult, check_writable_location, read_run_config,
+                                  read_run_status)
 from threedistill.errors import UserError
+from threedistill.inputs import prepare_inputs
 
 #: The refine stage's folder inside the coarse run's folder.
 REFINE_DIR = "refine"
@@ -121,7 +124,7 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
         prior = None  # the refine stage asked for another prior
     d = Distiller(cfg, run_dir=rdir, callbacks=callbacks, prior=prior, resume=resume)
     try:
-        return d.run()
+        return _run(d)
     finally:
         if (rdir / "run.json").is_file():  # the stage started (finished, stopped or interrupted)
             _record(coarse_dir, refine=str(rdir))
@@ -130,11 +133,27 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
 
 def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunResult]:
     """Run ``d``, then its refine stage when its config enables one and it finished."""
-    result = d.run()
+    result = _run(d)
     results = [result]
     if result.status == "finished" and d.cfg.refine.enabled:
         results.append(_refine_stage(d.run_dir, d.cfg, callbacks, getattr(d, "prior", None)))
     return results
+
+
+def _run(d: Distiller) -> RunResult:
+    """``d.run()`` after resolving its inputs into its run folder (:func:`threedistill.inputs.prepare_inputs`);
+    a new run that fails before it starts (no config.yaml yet) leaves no folder behind."""
+    if not d.resuming and (d.run_dir / "config.yaml").exists():
+        return d.run()  # refuses: the folder holds another run, which must stay untouched
+    check_writable_location(d.run_dir)
+    fresh = not d.run_dir.exists()
+    try:
+        prepare_inputs(d)
+        return d.run()
+    except BaseException:
+        if fresh and not (d.run_dir / "config.yaml").exists():
+            shutil.rmtree(d.run_dir, ignore_errors=True)
+        raise
 
 
 def run_chain(cfg: Config, run_dir: Optional[Path] = None, callbacks: Sequence[Callback] = (),
