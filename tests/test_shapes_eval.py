@@ -477,6 +477,26 @@ def test_evaluate_representation_of_ground_truth(cams64, gt64):
     assert score_images(ShapePrompt("cube", "blue"), gt_bright.rgb, gt_bright.alpha, cams64)["colour_error"] > 0.01
 
 
+class UnlitGroundTruthRep(GroundTruthRep):
+    """Renders the ground truth's flat colours, as the Gaussians render (evaluation_ambient None)."""
+
+    def evaluation_ambient(self):
+        return None
+
+    def render(self, cameras, step=0, generator=None, training=True):
+        gt = render_shape(self.shape, self.colour, cameras, shading="albedo")
+        return RenderOutput(rgb=gt.rgb, alpha=gt.mask, depth=torch.zeros_like(gt.mask))
+
+
+def test_an_unlit_representation_is_scored_against_an_unlit_ground_truth(cams64):
+    rep = UnlitGroundTruthRep("cube", "blue")
+    r = evaluate_representation(rep, ShapePrompt("cube", "blue"), classifier=RecordingClassifier("cube", "blue"))
+    assert r["iou"] == 1.0 and abs(r["colour_error"]) <= 1e-6
+    # Against the lit ground truth (what the Gaussians were compared with before) the same render errs.
+    flat = rep.render(cams64, training=False)
+    assert score_images(ShapePrompt("cube", "blue"), flat.rgb, flat.alpha, cams64)["colour_error"] > 0.01
+
+
 def test_evaluate_representation_rejects_unparseable_prompt():
     rep = GroundTruthRep("cube", "red")
     with pytest.raises(UserError, match="a dog"):

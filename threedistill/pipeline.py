@@ -31,6 +31,7 @@ from threedistill.distill import (Callback, Distiller, RunResult, check_writable
                                   read_run_status)
 from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
+from threedistill.representations import representation_class
 
 #: The refine stage's folder inside the coarse run's folder.
 REFINE_DIR = "refine"
@@ -63,7 +64,7 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         preset = load_config(config)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
-    if preset.representation.name != "mesh":
+    if not representation_class(str(preset.representation.name)).refines_surfaces:
         raise UserError(f"refine stage: refine.config '{config}' is a {preset.representation.name} run; "
                         "the refine stage needs representation.name=mesh (e.g. refine.config=sds-mesh)")
     base = OmegaConf.merge(preset, carried)
@@ -71,11 +72,11 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         cfg = load_config(None, overrides, base=base)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
-    if cfg.representation.name != "mesh":
+    if not representation_class(str(cfg.representation.name)).refines_surfaces:
         raise UserError(f"refine stage: representation.name must be mesh, got '{cfg.representation.name}' "
                         "(from refine.overrides)")
     # Set directly, not as a key=value override, so any folder name is taken literally.
-    cfg.representation.mesh.init = init
+    cfg.representation[cfg.representation.name].init = init
     cfg.refine.enabled = False
     cfg.run.name = None
     return cfg
@@ -114,7 +115,7 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
     if (rdir / "config.yaml").is_file():
         cfg = read_run_config(rdir, resume_overrides)
         # Point the init at where the coarse run is now (the folders may have moved together).
-        cfg.representation.mesh.init = f"run:{coarse_dir}"
+        cfg.representation[cfg.representation.name].init = f"run:{coarse_dir}"
         resume = True
     else:
         base_ov = coarse_cfg.refine.overrides if overrides is None else overrides

@@ -10,10 +10,12 @@ from threedistill.representations.base import (
     RepresentationContext,
     build_representation,
     register,
+    representation_class,
     representation_names,
 )
 from threedistill.representations import nerf  # noqa: F401  (registers "nerf")
 from threedistill.representations import gaussians  # noqa: F401  (registers "gaussians")
 from threedistill.representations import mesh  # noqa: F401  (registers "mesh")
 
-__all__ = ["Representation", "RepresentationContext", "RenderOutput", "build_representation", "register", "representation_names"]
+__all__ = ["Representation", "RepresentationContext", "RenderOutput", "build_representation", "register", "representation_class",
+           "representation_names"]

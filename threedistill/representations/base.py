@@ -65,6 +65,10 @@ class Representation(ABC, torch.nn.Module):
     #: one for an isosurface threshold that finds no surface.
     config_key: str = "representation.<name>"
 
+    #: Whether it can start from another run's surface (``init=run:RUN_DIR``), as the refine stage
+    #: of a coarse-to-fine chain needs (:mod:`threedistill.pipeline`).
+    refines_surfaces: bool = False
+
     @abstractmethod
     def render(self, cameras: CameraBatch, step: int = 0, generator: Optional[torch.Generator] = None,
                training: bool = True) -> RenderOutput:
@@ -166,15 +170,21 @@ def representation_names() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def representation_class(name: str) -> type:
+    """The registered class of ``representation.name`` ``name`` (for its class-level answers, such
+    as :attr:`Representation.refines_surfaces`, without building one)."""
+    import threedistill.representations  # noqa: F401  (registers the built-ins)
+
+    if name not in _REGISTRY:
+        raise UserError(f"unknown representation.name '{name}' (available: {', '.join(representation_names())})")
+    return _REGISTRY[name]
+
+
 def build_representation(rep_cfg: Any, context: RepresentationContext, device: torch.device) -> Representation:
     """Build ``rep_cfg.name`` from its own group ``rep_cfg.<name>`` and the run's ``context``.
 
     ``rep_cfg`` is the ``representation`` config group. Its inputs must be plain files (or built-in
     shapes): inputs that come from elsewhere (``init=run:RUN_DIR``, ``init=shape``) are resolved
     before, by :func:`threedistill.inputs.resolve_inputs`."""
-    import threedistill.representations  # noqa: F401  (registers the built-ins)
-
     name = str(rep_cfg.name)
-    if name not in _REGISTRY:
-        raise UserError(f"unknown representation.name '{name}' (available: {', '.join(representation_names())})")
-    return _REGISTRY[name](rep_cfg[name], context, device=device)
+    return representation_class(name)(rep_cfg[name], context, device=device)

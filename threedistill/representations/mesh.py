@@ -195,6 +195,7 @@ class Mesh(Representation):
     ``from_checkpoint``)."""
 
     config_key = "representation.mesh"
+    refines_surfaces = True  # init=run:RUN_DIR: the refine stage's representation
 
     def __init__(self, c, context: RepresentationContext, device: torch.device | str = "cpu") -> None:
         super().__init__()
