@@ -39,6 +39,7 @@ from threedistill.config import Config, load_run_config_file, to_yaml
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
 from threedistill.groups import scheduled
+from threedistill.representations import RepresentationContext, build_representation
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,6 @@ class Distiller:
             return
         from threedistill.guidance import build_guidance
         from threedistill.priors import load_prior
-        from threedistill.representations import RepresentationContext, build_representation
 
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
@@ -410,8 +410,6 @@ def load_trained_representation(run_dir: Path, overrides: Sequence[str] = (), de
     """Rebuild a run's representation from its newest checkpoint (no prior needed): for export/render.
     The checkpoint holds the whole state, so the representation reads none of its inputs
     (``RepresentationContext.from_checkpoint``): a refine run loads without its coarse run."""
-    from threedistill.representations import RepresentationContext, build_representation
-
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, overrides)
     dev = resolve_device(device or cfg.run.device)

@@ -20,6 +20,7 @@ textures).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -170,8 +171,6 @@ def _read_arrays(path: Path, key: str) -> MeshData:
 def write_mesh_arrays(path: Union[str, Path], vertices: np.ndarray, faces: np.ndarray,
                       colors: Optional[np.ndarray] = None) -> Path:
     """Write mesh arrays (module docstring) atomically, exactly as given (no dtype change)."""
-    import io
-
     arrays = {"vertices": np.asarray(vertices), "faces": np.asarray(faces)}
     if colors is not None:
         arrays["colors"] = np.asarray(colors)
