@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     from threedistill.priors import load_prior
     from threedistill.shapes.classifier import load_classifier
     from threedistill.distill import load_trained_representation
+    from threedistill.inputs import prepare_inputs
     from threedistill.shapes.evaluate import eval_renders, evaluate_run, seed_diversity
     from threedistill.shapes.world import parse_prompt
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
                 else:
                     cfg = load_config(args.config, overrides + [f"run.seed={seed}"], base={"run": {"prompt": prompt}})
                     d = Distiller(cfg, run_dir=run_dir, prior=prior)
+                prepare_inputs(d)  # e.g. representation.gaussians.init=shape -> a file in the run folder
                 t0 = time.time()
                 result = d.run()
                 wall = time.time() - t0

@@ -14,7 +14,7 @@ from threedistill.cameras import CameraBatch
 from threedistill.export import bake_texture, extract_mesh, save_mesh
 from threedistill.export.check import check_cameras, fidelity_check, load_exported_mesh
 from threedistill.representations.base import RenderOutput
-from threedistill.representations.nerf import shade
+from threedistill.representations.common import shade
 from test_export import CENTRE, RADIUS, Spheres  # tests/ is on sys.path (rootdir conftest)
 
 RES = 64
@@ -84,6 +84,9 @@ class ShadedSpheres(Spheres):
     """The analytic sphere rendered diffuse with a headlight, as NeRF/mesh evaluation renders are."""
 
     ambient_light = 0.1
+
+    def evaluation_ambient(self):
+        return self.ambient_light
 
     def render(self, cameras: CameraBatch, step: int = 0, generator=None, training: bool = True) -> RenderOutput:
         out = super().render(cameras, step, generator, training)

@@ -3,6 +3,8 @@
 import copy
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import trimesh
 from threedistill.cameras import CameraSampler
 from threedistill.config import load_config
 from threedistill.errors import UserError
-from threedistill.representations import build_representation
+from threedistill.inputs import resolve_inputs
+from threedistill.representations import RepresentationContext, build_representation
 from threedistill.representations.gaussians import SH_C0, SPLAT_PLY_PROPERTIES, Gaussians, read_splat_ply
 
 N = 200
@@ -21,8 +24,9 @@ N = 200
 def _rep(*overrides, prompt="a red cube", n=N, seed=0) -> Gaussians:
     cfg = load_config(None, ["representation.name=gaussians", f"representation.gaussians.num_points={n}",
                              f"run.prompt={prompt}", *overrides])
+    cfg = resolve_inputs(cfg, Path(tempfile.mkdtemp()))  # init=shape -> a file, as the pipeline does
     torch.manual_seed(seed)
-    return build_representation(cfg, torch.device("cpu"))
+    return build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
 
 
 def _cams(res=16, batch=2):

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "threedistill"
 #: Highest first. A module belongs to the first prefix (package path) that it starts with.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("front ends", ("threedistill.cli", "threedistill.app", "threedistill.batch", "threedistill.__main__")),
-    ("pipeline", ("threedistill.pipeline",)),
+    ("pipeline", ("threedistill.pipeline", "threedistill.inputs")),
     ("loop", ("threedistill.distill", "threedistill.export")),
     ("runs", ("threedistill.runs", "threedistill.config")),
     ("components", ("threedistill.guidance", "threedistill.representations", "threedistill.shapes")),

@@ -2,6 +2,8 @@
 export, and an end-to-end CLI run that resumes exactly."""
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +14,16 @@ from safetensors.torch import load_file
 from threedistill.cameras import CameraSampler, make_cameras, preview_cameras
 from threedistill.config import load_config
 from threedistill.errors import UserError
-from threedistill.representations import build_representation
+from threedistill.inputs import resolve_inputs
+from threedistill.representations import RepresentationContext, build_representation
 from threedistill.representations.mesh import (Mesh, adjacent_face_pairs, laplacian_loss, mesh_edges,
                                                normal_consistency_loss)
 
 
 def _mesh(*overrides):
     cfg = load_config(None, ["representation.name=mesh", "representation.mesh.init_subdivisions=2", *overrides])
-    return build_representation(cfg, torch.device("cpu"))
+    cfg = resolve_inputs(cfg, Path(tempfile.mkdtemp()))  # init=run: -> a file, as the pipeline does
+    return build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
 
 
 # -- initialization -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from threedistill.cameras import make_cameras, step_generator
 from threedistill.config import load_config
-from threedistill.representations import RenderOutput, build_representation
+from threedistill.representations import RenderOutput, RepresentationContext, build_representation
 from threedistill.representations.encodings import HASH_PRIMES, FrequencyEncoding, HashGridEncoding, level_resolutions
 from threedistill.representations.nerf import NeRF, ray_box_intersect
 
@@ -31,7 +31,7 @@ SMALL = [
 def small_nerf(*overrides: str, device: str = "cpu", seed: int = 0) -> NeRF:
     cfg = load_config(overrides=[*SMALL, *overrides])
     torch.manual_seed(seed)
-    model = build_representation(cfg, torch.device(device))
+    model = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device(device))
     assert isinstance(model, NeRF)
     return model
 
@@ -368,7 +368,7 @@ def test_backgrounds(background):
 
 def test_param_groups():
     cfg = load_config(overrides=SMALL + ["representation.nerf.background=mlp"])
-    model = build_representation(cfg, torch.device("cpu"))
+    model = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
     groups = model.param_groups(cfg.optim)
     assert [g["name"] for g in groups] == ["encoding", "mlp", "background"]
     assert [g["lr_scale"] for g in groups] == [1.0, cfg.optim.lr_scale_mlp, cfg.optim.lr_scale_background]
@@ -500,12 +500,12 @@ def test_empty_space_skipping_matches_full_evaluation():
     import torch
     from threedistill.cameras import orbit_cameras
     from threedistill.config import load_config
-    from threedistill.representations import build_representation
+    from threedistill.representations import RepresentationContext, build_representation
 
     cfg = load_config(overrides=["representation.nerf.n_levels=6", "representation.nerf.log2_hashmap_size=12",
                                  "representation.nerf.num_samples=48"])
     torch.manual_seed(0)
-    rep = build_representation(cfg, torch.device("cpu"))
+    rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
     with torch.no_grad():  # a lumpier field than the bare blob: perturb the hash table
         rep.encoding.embeddings.normal_(0, 0.5)
     cams = orbit_cameras(2, 24, elevation=20)

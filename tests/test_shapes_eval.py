@@ -429,6 +429,9 @@ class GroundTruthRep(Representation):
         self.shape, self.colour, self.ambient_light = shape, colour, ambient_light
         self.calls = []
 
+    def evaluation_ambient(self):
+        return self.ambient_light
+
     def render(self, cameras, step=0, generator=None, training=True):
         self.calls.append((cameras, training))
         gt = render_shape(self.shape, self.colour, cameras, shading="diffuse", ambient=self.ambient_light)
@@ -473,6 +476,26 @@ def test_evaluate_representation_of_ground_truth(cams64, gt64):
     # Same render scored against the default ambient: a real (non-zero) colour error.
     gt_bright = bright.render(cams64, training=False)
     assert score_images(ShapePrompt("cube", "blue"), gt_bright.rgb, gt_bright.alpha, cams64)["colour_error"] > 0.01
+
+
+class UnlitGroundTruthRep(GroundTruthRep):
+    """Renders the ground truth's flat colours, as the Gaussians render (evaluation_ambient None)."""
+
+    def evaluation_ambient(self):
+        return None
+
+    def render(self, cameras, step=0, generator=None, training=True):
+        gt = render_shape(self.shape, self.colour, cameras, shading="albedo")
+        return RenderOutput(rgb=gt.rgb, alpha=gt.mask, depth=torch.zeros_like(gt.mask))
+
+
+def test_an_unlit_representation_is_scored_against_an_unlit_ground_truth(cams64):
+    rep = UnlitGroundTruthRep("cube", "blue")
+    r = evaluate_representation(rep, ShapePrompt("cube", "blue"), classifier=RecordingClassifier("cube", "blue"))
+    assert r["iou"] == 1.0 and abs(r["colour_error"]) <= 1e-6
+    # Against the lit ground truth (what the Gaussians were compared with before) the same render errs.
+    flat = rep.render(cams64, training=False)
+    assert score_images(ShapePrompt("cube", "blue"), flat.rgb, flat.alpha, cams64)["colour_error"] > 0.01
 
 
 def test_evaluate_representation_rejects_unparseable_prompt():

@@ -233,11 +233,12 @@ def cmd_export(args) -> int:
     if check and not any(f != "splat" for f in formats):
         raise UserError("--check compares a mesh file with the run: add --format glb, obj or ply")
     if "splat" in formats:
-        if not hasattr(rep, "save_splat_ply"):
+        if "splat" not in rep.extra_outputs():
             raise UserError(f"--format splat needs a Gaussians run; '{run_dir}' is a {cfg.representation.name} run")
         out = Path(args.output) if args.output else run_dir / "splat.ply"
-        rep.save_splat_ply(out)
-        print(f"splat: {out} ({rep.num_gaussians} Gaussians, step {step})")
+        rep.write_extra_output("splat", out)
+        counts = "".join(f"{n} {k.capitalize()}, " for k, n in rep.progress_stats().items())
+        print(f"splat: {out} ({counts}step {step})")
         formats = [f for f in formats if f != "splat"]
         if not formats:
             return 0

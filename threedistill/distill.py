@@ -39,6 +39,7 @@ from threedistill.config import Config, load_run_config_file, to_yaml
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
 from threedistill.groups import scheduled
+from threedistill.representations import RepresentationContext, build_representation
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,10 @@ class Distiller:
         self.run_dir = Path(run_dir)
         self.resuming = resume
         self._prior = prior
+        #: The representation group to build: ``cfg.representation`` unless the pipeline sets it
+        #: to that group with its inputs resolved into files (:func:`threedistill.inputs.resolve_inputs`);
+        #: ``cfg`` (written to config.yaml) keeps what the user asked for.
+        self.representation_cfg = None
         self._stop = False
         self.step = 0
         self._built = False
@@ -178,7 +183,6 @@ class Distiller:
             return
         from threedistill.guidance import build_guidance
         from threedistill.priors import load_prior
-        from threedistill.representations import build_representation
 
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
@@ -188,7 +192,8 @@ class Distiller:
         self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
         self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
         torch.manual_seed(cfg.run.seed)
-        self.representation = build_representation(cfg, self.device)
+        rep_cfg = cfg.representation if self.representation_cfg is None else self.representation_cfg
+        self.representation = build_representation(rep_cfg, RepresentationContext.of_run(cfg.run), self.device)
         self.sampler = CameraSampler(cfg.camera, cfg.run.resolution)
         groups = self.representation.param_groups(cfg.optim) + self.guidance.param_groups(cfg.optim)
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
@@ -269,8 +274,9 @@ class Distiller:
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=1))
 
     def export(self) -> tuple[Dict[str, str], Optional[str]]:
-        """The splat PLY (Gaussians), turntable video and meshes (export.formats) into the run folder: the written
-        outputs, and the one-line reason the mesh could not be extracted (else None)."""
+        """The representation's extra outputs (the Gaussians' splat PLY, with ``export.splat``), turntable video and
+        meshes (export.formats) into the run folder: the written outputs, and the one-line reason the mesh could not
+        be extracted (else None)."""
         from threedistill.export import export_run_meshes, render_turntable
 
         outputs: Dict[str, str] = {}
@@ -278,8 +284,8 @@ class Distiller:
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
         # The splat PLY and the video first: they cannot fail on a missing surface, the mesh can.
-        if e.splat and hasattr(self.representation, "save_splat_ply"):
-            outputs["splat"] = str(self.representation.save_splat_ply(self.run_dir / "splat.ply"))
+        if e.splat and "splat" in self.representation.extra_outputs():
+            outputs["splat"] = str(self.representation.write_extra_output("splat", self.run_dir / "splat.ply"))
         if e.turntable:
             p = render_turntable(self.representation, self.run_dir / "turntable.mp4", frames=e.turntable_frames,
                                  fps=e.turntable_fps, resolution=e.turntable_resolution,
@@ -344,8 +350,8 @@ class Distiller:
                     metrics.write(json.dumps(stats) + "\n")
                     metrics.flush()
                     if bar is not None:
-                        extra = {"gaussians": int(stats["num_gaussians"])} if "num_gaussians" in stats else {}
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]), **extra, refresh=False)
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]),
+                                        **self.representation.progress_stats(), refresh=False)
                         bar.update(1)
                     for cb in self.callbacks:
                         cb.on_step(self, self.step, stats)
@@ -401,9 +407,9 @@ class Distiller:
 
 
 def load_trained_representation(run_dir: Path, overrides: Sequence[str] = (), device: Optional[str] = None):
-    """Rebuild a run's representation from its newest checkpoint (no prior needed): for export/render."""
-    from threedistill.representations import build_representation
-
+    """Rebuild a run's representation from its newest checkpoint (no prior needed): for export/render.
+    The checkpoint holds the whole state, so the representation reads none of its inputs
+    (``RepresentationContext.from_checkpoint``): a refine run loads without its coarse run."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, overrides)
     dev = resolve_device(device or cfg.run.device)
@@ -411,7 +417,7 @@ def load_trained_representation(run_dir: Path, overrides: Sequence[str] = (), de
     if step is None:
         raise UserError(f"run folder '{run_dir}' has no checkpoint yet; nothing to export")
     torch.manual_seed(cfg.run.seed)
-    rep = build_representation(cfg, dev)
+    rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run, from_checkpoint=True), dev)
     load_checkpoint(run_dir / "checkpoints", step, rep, None, None, dev)
     rep.eval()
     return cfg, rep, step

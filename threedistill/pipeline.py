@@ -19,6 +19,7 @@ the stages' :class:`~threedistill.distill.RunResult` s, the last one the final a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -26,8 +27,11 @@ from omegaconf import OmegaConf
 
 from threedistill.atomic import atomic_write_text
 from threedistill.config import Config, load_config
-from threedistill.distill import Callback, Distiller, RunResult, read_run_config, read_run_status
+from threedistill.distill import (Callback, Distiller, RunResult, check_writable_location, read_run_config,
+                                  read_run_status)
 from threedistill.errors import UserError
+from threedistill.inputs import prepare_inputs
+from threedistill.representations import representation_class
 
 #: The refine stage's folder inside the coarse run's folder.
 REFINE_DIR = "refine"
@@ -60,7 +64,7 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         preset = load_config(config)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
-    if preset.representation.name != "mesh":
+    if not representation_class(str(preset.representation.name)).refines_surfaces:
         raise UserError(f"refine stage: refine.config '{config}' is a {preset.representation.name} run; "
                         "the refine stage needs representation.name=mesh (e.g. refine.config=sds-mesh)")
     base = OmegaConf.merge(preset, carried)
@@ -68,11 +72,11 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         cfg = load_config(None, overrides, base=base)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
-    if cfg.representation.name != "mesh":
+    if not representation_class(str(cfg.representation.name)).refines_surfaces:
         raise UserError(f"refine stage: representation.name must be mesh, got '{cfg.representation.name}' "
                         "(from refine.overrides)")
     # Set directly, not as a key=value override, so any folder name is taken literally.
-    cfg.representation.mesh.init = init
+    cfg.representation[cfg.representation.name].init = init
     cfg.refine.enabled = False
     cfg.run.name = None
     return cfg
@@ -111,7 +115,7 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
     if (rdir / "config.yaml").is_file():
         cfg = read_run_config(rdir, resume_overrides)
         # Point the init at where the coarse run is now (the folders may have moved together).
-        cfg.representation.mesh.init = f"run:{coarse_dir}"
+        cfg.representation[cfg.representation.name].init = f"run:{coarse_dir}"
         resume = True
     else:
         base_ov = coarse_cfg.refine.overrides if overrides is None else overrides
@@ -121,7 +125,7 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
         prior = None  # the refine stage asked for another prior
     d = Distiller(cfg, run_dir=rdir, callbacks=callbacks, prior=prior, resume=resume)
     try:
-        return d.run()
+        return _run(d)
     finally:
         if (rdir / "run.json").is_file():  # the stage started (finished, stopped or interrupted)
             _record(coarse_dir, refine=str(rdir))
@@ -130,11 +134,27 @@ def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Call
 
 def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunResult]:
     """Run ``d``, then its refine stage when its config enables one and it finished."""
-    result = d.run()
+    result = _run(d)
     results = [result]
     if result.status == "finished" and d.cfg.refine.enabled:
         results.append(_refine_stage(d.run_dir, d.cfg, callbacks, getattr(d, "prior", None)))
     return results
+
+
+def _run(d: Distiller) -> RunResult:
+    """``d.run()`` after resolving its inputs into its run folder (:func:`threedistill.inputs.prepare_inputs`);
+    a new run that fails before it starts (no config.yaml yet) leaves no folder behind."""
+    if not d.resuming and (d.run_dir / "config.yaml").exists():
+        return d.run()  # refuses: the folder holds another run, which must stay untouched
+    check_writable_location(d.run_dir)
+    fresh = not d.run_dir.exists()
+    try:
+        prepare_inputs(d)
+        return d.run()
+    except BaseException:
+        if fresh and not (d.run_dir / "config.yaml").exists():
+            shutil.rmtree(d.run_dir, ignore_errors=True)
+        raise
 
 
 def run_chain(cfg: Config, run_dir: Optional[Path] = None, callbacks: Sequence[Callback] = (),

@@ -41,14 +41,16 @@ def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], r
     """The meshes the ``formats`` are written from: ``(mesh, textured)``.
 
     ``mesh`` (world frame, vertex colours) is the representation's own triangles when it has
-    ``export_mesh()`` (the mesh representation), else its density's isosurface
+    an :meth:`~threedistill.representations.Representation.explicit_surface` (the mesh
+    representation), else its density's isosurface
     (:func:`extract_mesh` at ``resolution`` / ``threshold``, defaults from ``export_cfg`` and the
     representation). ``textured`` is that mesh UV-unwrapped with a baked base-colour texture
     (:func:`bake_texture`: from ``rep.albedo``, or from the mesh's own vertex colours for an
     explicit mesh) when ``texture`` (default ``export_cfg.texture``) and a format other than PLY is
     asked for; else None. PLY is always written from ``mesh``."""
-    explicit = hasattr(rep, "export_mesh")
-    mesh = rep.export_mesh() if explicit else extract_mesh(
+    mesh = rep.explicit_surface()
+    explicit = mesh is not None
+    mesh = mesh if explicit else extract_mesh(
         rep, resolution=int(resolution or export_cfg.mesh_resolution), threshold=threshold,
         min_component_ratio=float(export_cfg.min_component_ratio))
     texture = bool(getattr(export_cfg, "texture", True)) if texture is None else bool(texture)

@@ -18,7 +18,7 @@ What is compared
 * **Texture lookup.** UVs are interpolated per pixel (perspective-correct) and the texture is read
   with bilinear ``grid_sample`` (texel centres at ``(i + .5) / size``, v up as trimesh loads it).
 * **Shading.** The mesh is shaded the way the representation's evaluation render is, so lighting
-  does not count as an error: representations with an ``ambient_light`` attribute (NeRF, mesh)
+  does not count as an error: representations whose ``evaluation_ambient()`` is a number (NeRF, mesh)
   render ``diffuse`` with a headlight at evaluation, so the mesh gets
   ``albedo * (ambient + (1 - ambient) max(0, n . l))`` with ``l`` towards the camera and ``n``
   the interpolated smooth vertex normal (the same :func:`~threedistill.representations.nerf.shade`);
@@ -48,8 +48,10 @@ import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
-from threedistill.export.mesh import Z_UP_TO_Y_UP, _module_device, _srgb_to_linear, linear_to_srgb
+from threedistill.export.mesh import _module_device
+from threedistill.meshio import Z_UP_TO_Y_UP, linear_to_srgb, read_mesh_parts, srgb_to_linear
 from threedistill.representations.base import Representation
+from threedistill.representations.common import shade
 from threedistill.representations.mesh_raster import antialias, interpolate, rasterize_triangles
 
 # 4 azimuths at a low elevation, 4 more between them from above.
@@ -100,7 +102,7 @@ def _geometry_colours(g, from_gltf: bool):
             tex = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
             factor = _factor_rgb(mat)
             if factor is not None:
-                tex = linear_to_srgb(_srgb_to_linear(tex) * factor).astype(np.float32)
+                tex = linear_to_srgb(srgb_to_linear(tex) * factor).astype(np.float32)
             return np.asarray(uv, dtype=np.float64), tex, None
         attrs = getattr(visual, "vertex_attributes", None) or {}
         raw = attrs.get("color", g.vertex_attributes.get("color"))
@@ -127,27 +129,10 @@ def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
     """Read a GLB/OBJ/PLY mesh file (as :func:`~threedistill.export.save_mesh` writes them) back
     into the world frame with its colours (module docstring). Several geometries are merged; if
     they disagree on the kind of colour, the colours are dropped."""
-    import trimesh
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"fidelity check: mesh file '{path}' not found")
     from_gltf = path.suffix.lower() in (".glb", ".gltf")
-    try:
-        loaded = trimesh.load(str(path), process=False)
-    except Exception as e:  # trimesh raises many kinds of errors on bad files
-        raise UserError(f"fidelity check: cannot read '{path}' as a mesh ({type(e).__name__}: {e})") from None
-    parts = []
-    if isinstance(loaded, trimesh.Scene):
-        for node in loaded.graph.nodes_geometry:
-            transform, name = loaded.graph[node]
-            g = loaded.geometry[name]
-            if isinstance(g, trimesh.Trimesh) and len(g.faces):
-                v = np.asarray(g.vertices, dtype=np.float64) @ np.asarray(transform)[:3, :3].T + transform[:3, 3]
-                parts.append((v, np.asarray(g.faces, dtype=np.int64), *_geometry_colours(g, from_gltf)))
-    elif isinstance(loaded, trimesh.Trimesh) and len(loaded.faces):
-        parts.append((np.asarray(loaded.vertices, dtype=np.float64), np.asarray(loaded.faces, dtype=np.int64),
-                      *_geometry_colours(loaded, from_gltf)))
+    parts = [(v, np.asarray(g.faces, dtype=np.int64), *_geometry_colours(g, from_gltf))
+             for g, v in read_mesh_parts(path, "fidelity check") if len(getattr(g, "faces", ()))]
     if not parts:
         raise UserError(f"fidelity check: '{path}' holds no triangles")
     to_world = np.linalg.inv(Z_UP_TO_Y_UP)[:3, :3]
@@ -169,26 +154,16 @@ def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
 # ----------------------------------------------------------------------------------------------
 def eval_shading(rep: Representation) -> Optional[float]:
     """The ambient term of the representation's evaluation shading (diffuse with a headlight), or
-    None when it renders unlit colours (module docstring)."""
-    ambient = getattr(rep, "ambient_light", None)
+    None when it renders unlit colours (:meth:`Representation.evaluation_ambient`)."""
+    ambient = rep.evaluation_ambient()
     return None if ambient is None else float(ambient)
 
 
 @torch.no_grad()
 def eval_background(rep: Representation, cameras: CameraBatch) -> torch.Tensor:
-    """``[B,3,H,W]`` background of the representation's evaluation render (module docstring)."""
-    B, H, W = len(cameras), cameras.height, cameras.width
-    mode = str(getattr(rep, "background_mode", "white"))
-    if mode == "black":
-        return torch.zeros(B, 3, H, W)
-    if mode == "mlp" and hasattr(rep, "_background"):
-        _, d = cameras.rays()
-        dev = _module_device(rep)
-        d = d.reshape(-1, 3).to(dev)
-        image_of_ray = torch.arange(B, device=dev).repeat_interleave(H * W)
-        bg = rep._background(d, image_of_ray, B, False, None).float().cpu()
-        return bg.reshape(B, H, W, 3).permute(0, 3, 1, 2)
-    return torch.ones(B, 3, H, W)
+    """``[B,3,H,W]`` background of the representation's evaluation render
+    (:meth:`Representation.evaluation_background`)."""
+    return rep.evaluation_background(cameras)
 
 
 def _smooth_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -205,8 +180,6 @@ def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: t
     """``rgb [B,3,H,W]`` (over ``background [B,3,H,W]``) and ``alpha [B,1,H,W]`` of a mesh read
     with :func:`load_exported_mesh`, shaded as the representation's evaluation render (``ambient``:
     diffuse with a headlight; None: unlit). Colourless meshes render white."""
-    from threedistill.representations.nerf import shade
-
     verts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
     faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
     frags = rasterize_triangles(verts, faces, cameras)

@@ -20,19 +20,13 @@ from PIL import Image
 
 from threedistill.atomic import atomic_write_bytes, atomic_write_text
 from threedistill.errors import UserError
+from threedistill.meshio import Z_UP_TO_Y_UP, linear_to_srgb
+from threedistill.meshio import srgb_to_linear as _srgb_to_linear
 from threedistill.representations.base import Representation
 
 MESH_FORMATS = ("glb", "obj", "ply")
 
-# World (Z-up, front +X) -> file (Y-up, front +Z): (x, y, z) -> (y, z, x). A proper rotation
-# (a cyclic permutation of the axes, det = +1): world +X (front) -> +Z, world +Y (the
-# object's left) -> +X, world +Z (up) -> +Y.
-Z_UP_TO_Y_UP = np.array(
-    [[0.0, 1.0, 0.0, 0.0],
-     [0.0, 0.0, 1.0, 0.0],
-     [1.0, 0.0, 0.0, 0.0],
-     [0.0, 0.0, 0.0, 1.0]]
-)
+# World (Z-up, front +X) -> file (Y-up, front +Z): Z_UP_TO_Y_UP, defined beside the one mesh reader.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +126,7 @@ def extract_mesh(
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
     name = type(rep).__name__
-    threshold_key = f"{getattr(rep, 'config_key', 'representation.<name>')}.isosurface_threshold"
+    threshold_key = f"{rep.config_key}.isosurface_threshold"
     try:
         iso = float(rep.isosurface_threshold if threshold is None else threshold)
     except NotImplementedError:
@@ -405,14 +399,6 @@ def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return out
 
 
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(c: np.ndarray) -> np.ndarray:
-    """Inverse of the sRGB transfer function (for reading COLOR_0 of our GLB files back)."""
-    c = np.clip(c, 0.0, 1.0)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1.0 / 2.4) - 0.055)
 
 
 def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray]) -> bytes:

@@ -1,7 +1,7 @@
 """3D representations behind one interface (:class:`Representation`), and their config groups.
 
 Importing this package registers the built-in representations by name, so
-:func:`build_representation` can find ``cfg.representation.name``.
+:func:`build_representation` can find ``representation.name``.
 """
 
 from dataclasses import dataclass, field
@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from threedistill.representations.base import (
     RenderOutput,
     Representation,
+    RepresentationContext,
     build_representation,
     register,
+    representation_class,
     representation_names,
 )
 from threedistill.representations import nerf  # noqa: F401  (registers "nerf")
@@ -40,4 +42,5 @@ class RepresentationConfig:
 
 
 __all__ = ["GaussiansConfig", "MeshConfig", "NerfConfig", "Representation", "RepresentationConfig",
-           "RenderOutput", "build_representation", "register", "representation_names"]
+           "RepresentationContext", "RenderOutput", "build_representation", "register", "representation_class",
+           "representation_names"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from threedistill.cameras import CameraBatch
+from threedistill.errors import UserError
 
 
 @dataclass
@@ -28,8 +30,44 @@ class RenderOutput:
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RepresentationContext:
+    """What a representation may know of its run besides its own config group: the ``prompt``,
+    the ``seed`` (its own random streams, e.g. densification draws) and the number of ``steps``
+    (schedules that default to a fraction of the run).
+
+    ``from_checkpoint``: the whole state is loaded from a checkpoint right after construction
+    (:func:`threedistill.distill.load_trained_representation`), so the representation reads no
+    input (``init`` files) and starts from its cheapest initial state of the right kind instead.
+    """
+
+    prompt: str
+    seed: int
+    steps: int
+    from_checkpoint: bool = False
+
+    @classmethod
+    def of_run(cls, run_cfg: Any, from_checkpoint: bool = False) -> "RepresentationContext":
+        """The context of a run config group (``run.prompt``, ``run.seed``, ``run.steps``)."""
+        return cls(prompt=str(run_cfg.prompt), seed=int(run_cfg.seed), steps=int(run_cfg.steps),
+                   from_checkpoint=from_checkpoint)
+
+
 class Representation(ABC, torch.nn.Module):
-    """A differentiable 3D representation. Subclasses register themselves by name."""
+    """A differentiable 3D representation. Subclasses register themselves by name and are built
+    as ``cls(group, context, device)`` (:func:`build_representation`).
+
+    Generic code (the loop, export, the pipeline, front ends) asks a representation everything
+    it needs through the methods below, never by its type, its name or private attributes.
+    """
+
+    #: Where its settings live (``representation.<name>``), named in error messages such as the
+    #: one for an isosurface threshold that finds no surface.
+    config_key: str = "representation.<name>"
+
+    #: Whether it can start from another run's surface (``init=run:RUN_DIR``), as the refine stage
+    #: of a coarse-to-fine chain needs (:mod:`threedistill.pipeline`).
+    refines_surfaces: bool = False
 
     @abstractmethod
     def render(self, cameras: CameraBatch, step: int = 0, generator: Optional[torch.Generator] = None,
@@ -77,6 +115,44 @@ class Representation(ABC, torch.nn.Module):
         """Half side of the axis-aligned cube that contains the object."""
         return 1.0
 
+    def explicit_surface(self) -> Optional[Any]:
+        """The surface to export when the representation has its own triangles: a
+        ``trimesh.Trimesh`` in the world frame (+Z up) with uint8 sRGB vertex colours. None (the
+        default) means "extract the isosurface of :meth:`density` at :attr:`isosurface_threshold`"
+        (marching cubes, :func:`threedistill.export.extract_mesh`)."""
+        return None
+
+    # -- extra outputs (files other than the mesh, the video and the previews) -------------------
+    def extra_outputs(self) -> Tuple[str, ...]:
+        """Names of the extra files this representation can write (e.g. ``("splat",)``, the 3DGS
+        PLY of the Gaussians). The names are the keys in run.json's outputs and the CLI's
+        ``export --format``; where the file goes is the run folder's business."""
+        return ()
+
+    def write_extra_output(self, name: str, path: Path) -> Path:
+        """Write the extra output ``name`` (one of :meth:`extra_outputs`) to ``path`` (atomically);
+        returns the written path."""
+        raise UserError(f"{type(self).__name__} writes no '{name}' output")
+
+    # -- evaluation (deterministic renders, ``training=False``) ----------------------------------
+    def evaluation_ambient(self) -> Optional[float]:
+        """How evaluation renders are lit: the ambient term of diffuse shading with the light at
+        the camera (the NeRF and the mesh), or None when they show unlit colours (the default,
+        e.g. the Gaussians). A reference to compare with (a ground truth, an exported mesh) is
+        shaded the same way."""
+        return None
+
+    @torch.no_grad()
+    def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
+        """``[B,3,H,W]`` (float, on the CPU) background of an evaluation render of ``cameras``:
+        white by default."""
+        return torch.ones(len(cameras), 3, cameras.height, cameras.width)
+
+    def progress_stats(self) -> Dict[str, int]:
+        """A few integers worth showing next to a progress bar (e.g. ``{"gaussians": 12345}``);
+        none by default."""
+        return {}
+
 
 _REGISTRY: Dict[str, type] = {}
 
@@ -94,12 +170,21 @@ def representation_names() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_representation(cfg, device: torch.device) -> Representation:
-    """Build ``cfg.representation.name`` with its sub-config (``cfg.representation.<name>``)."""
-    from threedistill.errors import UserError
+def representation_class(name: str) -> type:
+    """The registered class of ``representation.name`` ``name`` (for its class-level answers, such
+    as :attr:`Representation.refines_surfaces`, without building one)."""
     import threedistill.representations  # noqa: F401  (registers the built-ins)
 
-    name = cfg.representation.name
     if name not in _REGISTRY:
         raise UserError(f"unknown representation.name '{name}' (available: {', '.join(representation_names())})")
-    return _REGISTRY[name](cfg, device=device)
+    return _REGISTRY[name]
+
+
+def build_representation(rep_cfg: Any, context: RepresentationContext, device: torch.device) -> Representation:
+    """Build ``rep_cfg.name`` from its own group ``rep_cfg.<name>`` and the run's ``context``.
+
+    ``rep_cfg`` is the ``representation`` config group. Its inputs must be plain files (or built-in
+    shapes): inputs that come from elsewhere (``init=run:RUN_DIR``, ``init=shape``) are resolved
+    before, by :func:`threedistill.inputs.resolve_inputs`."""
+    name = str(rep_cfg.name)
+    return representation_class(name)(rep_cfg[name], context, device=device)

@@ -10,11 +10,13 @@ used), ``opacity_logits [N]`` (opacity = sigmoid), ``color_logits [N,3]`` (RGB =
 Initialization (``representation.gaussians.init``; random draws from torch's global RNG)
 -----------------------------------------------------------------------------------------
 * ``sphere``: ``num_points`` points uniform in the ball of radius ``init_radius``.
-* ``shape``: points sampled uniformly on the surface of the shapes-world mesh that
-  ``run.prompt`` names (``"a red cube"``); any other prompt falls back to ``sphere`` with a
-  logged warning.
-* ``file:PATH``: the vertices of a point cloud (or points sampled on a mesh) read with trimesh,
-  randomly subsampled to ``num_points`` if there are more; their vertex colours when present.
+* ``file:PATH``: the vertices of a point cloud (or points sampled uniformly on a mesh) read
+  with :func:`threedistill.meshio.read_mesh` (coordinates as stored), randomly subsampled to
+  ``num_points`` if there are more; their vertex colours when present.
+* ``shape`` (the shapes-world mesh that ``run.prompt`` names, ``"a red cube"``; any other
+  prompt falls back to ``sphere`` with a logged warning) is resolved by the pipeline
+  (:func:`threedistill.inputs.resolve_inputs`) into a ``file:`` of that mesh before the
+  Gaussians are built, so they sample points on it as on any mesh file.
 
 Scales start at the mean distance to the 3 nearest neighbours (isotropic), rotations at the
 identity, opacities at ``init_opacity``, colours grey-ish (``0.5 +- 0.05``) unless read from a file.
@@ -72,7 +74,8 @@ from torch import nn
 from threedistill.cameras import CameraBatch
 from threedistill.groups import Scheduled, check_positive, check_unit, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
-from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.meshio import read_mesh
+from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     Appearance,
     BackgroundConfig,
@@ -195,42 +198,29 @@ def _numpy_seed() -> int:
 
 
 def _load_init_file(path_str: str, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Points ``[M,3]`` (M <= n) and colours ``[M,3]`` in [0,1] (or None) from a trimesh-readable file."""
+    """Points ``[M,3]`` (M <= n) and colours ``[M,3]`` in [0,1] (or None) from a mesh or point-cloud
+    file (:func:`threedistill.meshio.read_mesh`): ``n`` points sampled on a mesh's surface (colours:
+    the mean of the sampled face's vertex colours), a point cloud's points (a random subset of
+    ``n`` when it has more)."""
     import trimesh
 
-    path = Path(path_str).expanduser()
     key = "representation.gaussians.init"
-    if not path.is_file():
-        raise UserError(f"{key}: point-cloud file '{path}' not found (give file:PATH to an existing .ply/.obj/.glb)")
-    try:
-        loaded = trimesh.load(str(path))
-        if isinstance(loaded, trimesh.Scene):
-            geoms = list(loaded.geometry.values())
-            if not geoms:
-                raise ValueError("empty scene")
-            loaded = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
-    except Exception as e:  # trimesh raises many kinds of errors on bad files
-        raise UserError(f"{key}: cannot read '{path}' as a point cloud or mesh ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    data = read_mesh(path_str, key)
     colours = None
-    if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces) > 0:
-        pts, face_idx = trimesh.sample.sample_surface(loaded, n, seed=_numpy_seed())
-        if loaded.visual.kind == "vertex":
-            vc = np.asarray(loaded.visual.vertex_colors)[:, :3].astype(np.float32) / 255.0
-            colours = vc[loaded.faces[face_idx]].mean(axis=1)
-    elif hasattr(loaded, "vertices") and len(loaded.vertices) > 0:
-        pts = np.asarray(loaded.vertices)
-        raw = getattr(loaded, "colors", None)
-        if raw is not None and len(raw) == len(pts):
-            colours = np.asarray(raw)[:, :3].astype(np.float32) / 255.0
+    if len(data.faces) > 0:
+        mesh = trimesh.Trimesh(vertices=data.vertices, faces=data.faces, process=False)
+        pts, face_idx = trimesh.sample.sample_surface(mesh, n, seed=_numpy_seed())
+        if data.colors is not None:
+            colours = data.colors[data.faces[face_idx]].mean(axis=1)
+    else:
+        pts, colours = data.vertices, data.colors
         if len(pts) > n:
             keep = torch.randperm(len(pts))[:n].numpy()
             pts = pts[keep]
             colours = colours[keep] if colours is not None else None
-    else:
-        raise UserError(f"{key}: '{path}' holds no points")
     pts_t = torch.as_tensor(np.asarray(pts, dtype=np.float32))
     if not torch.isfinite(pts_t).all():
-        raise UserError(f"{key}: '{path}' has non-finite point coordinates")
+        raise UserError(f"{key}: '{path_str}' has non-finite point coordinates")
     return pts_t, (torch.as_tensor(np.asarray(colours, dtype=np.float32)) if colours is not None else None)
 
 
@@ -268,8 +258,9 @@ def read_splat_ply(path: Union[str, Path]) -> Dict[str, np.ndarray]:
 
 @register("gaussians")
 class Gaussians(Representation, Appearance):
-    """3D Gaussians (see the module docstring). Built as ``Gaussians(cfg, device)`` from the whole
-    :class:`~threedistill.config.Config`; reads ``cfg.representation.gaussians`` and ``cfg.run.prompt``.
+    """3D Gaussians (see the module docstring). Built as ``Gaussians(c, context, device)`` from its
+    config group ``representation.gaussians`` and the run's context (the seed of the
+    densification draws, the steps that ``densify_until`` defaults to half of).
 
     ``use_gsplat`` (default: device is CUDA) picks the CUDA rasterizer; ``chunk_points`` and
     ``cutoff_sigmas`` set the chunking and culling of :meth:`density` / :meth:`albedo`.
@@ -280,18 +271,17 @@ class Gaussians(Representation, Appearance):
     chunk_points: int = 2048
     cutoff_sigmas: float = 5.0
 
-    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+    def __init__(self, c, context: RepresentationContext, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        c = cfg.representation.gaussians
         self._read_appearance(c, lit=False)
         self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
                      "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
         self._lambda_opacity = plain_schedule(c.lambda_opacity)
         self._lambda_scale = plain_schedule(c.lambda_scale)
         self._isosurface_threshold = float(c.isosurface_threshold)
-        self.strategy = DensifyStrategy.from_group(c, seed=int(cfg.run.seed), steps=int(cfg.run.steps))
+        self.strategy = DensifyStrategy.from_group(c, seed=int(context.seed), steps=int(context.steps))
 
-        means, colours = self._initial_points(cfg)
+        means, colours = self._initial_points(c, context)
         n = means.shape[0]
         if colours is None:
             colours = 0.5 + 0.1 * (torch.rand(n, 3) - 0.5)
@@ -314,23 +304,16 @@ class Gaussians(Representation, Appearance):
     # Initialization
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def _initial_points(cfg) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        c = cfg.representation.gaussians
+    def _initial_points(c, context: RepresentationContext) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n, init = int(c.num_points), str(c.init)
+        if context.from_checkpoint:
+            init = "sphere"  # the checkpoint replaces every Gaussian: read no input
         if init.startswith("file:"):
             return _load_init_file(init[len("file:"):], n)
         if init == "shape":
-            from threedistill.shapes.world import parse_prompt, shape_mesh
-
-            parsed = parse_prompt(str(cfg.run.prompt))
-            if parsed is not None:
-                import trimesh
-
-                pts, _ = trimesh.sample.sample_surface(shape_mesh(parsed.shape), n, seed=_numpy_seed())
-                return torch.as_tensor(np.asarray(pts, dtype=np.float32)), None
-            log.warning("representation.gaussians.init=shape: prompt %r names no shapes-world shape; "
-                        "initializing in a sphere instead", str(cfg.run.prompt))
-        elif init != "sphere":
+            raise UserError("representation.gaussians.init=shape must be resolved into a file before the Gaussians "
+                            "are built (threedistill.inputs.resolve_inputs)")
+        if init != "sphere":
             raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{init}'")
         return _ball_points(n, float(c.init_radius)), None
 
@@ -596,6 +579,28 @@ class Gaussians(Representation, Appearance):
                 p.data = value
                 p.grad = None
             self.densify_state.reset(self.num_gaussians, dev)
+
+    # ------------------------------------------------------------------------------------------
+    # Extra outputs, evaluation, progress (see Representation)
+    # ------------------------------------------------------------------------------------------
+    def extra_outputs(self) -> Tuple[str, ...]:
+        """``splat``: the 3DGS PLY (:meth:`save_splat_ply`)."""
+        return ("splat",)
+
+    def write_extra_output(self, name: str, path: Path) -> Path:
+        if name != "splat":
+            return super().write_extra_output(name, path)
+        return self.save_splat_ply(path)
+
+    @torch.no_grad()
+    def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
+        """The evaluation render's solid background (black, else white) as ``[B,3,H,W]`` (CPU).
+        Evaluation renders are unlit (:meth:`evaluation_ambient` is None)."""
+        bg = self._solid_background(len(cameras), False, None, "cpu")
+        return bg[:, :, None, None].expand(-1, -1, cameras.height, cameras.width).contiguous()
+
+    def progress_stats(self) -> Dict[str, int]:
+        return {"gaussians": self.num_gaussians}
 
 
 __all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "knn_mean_distance", "read_splat_ply"]

@@ -13,15 +13,15 @@ Initialization (``representation.mesh.init``)
 * ``sphere``: ``trimesh.creation.icosphere(init_subdivisions, radius=init_radius)``.
 * ``cube``: a box of half side ``init_radius``, subdivided ``init_subdivisions`` times (so it
   has vertices to move).
-* ``file:PATH``: any mesh trimesh reads (a scene is flattened with its transforms). Files are Y-up
-  (:func:`threedistill.export.mesh.save_mesh`): the inverse of ``Z_UP_TO_Y_UP`` brings them back
-  to the Z-up world, so a mesh exported by ``save_mesh`` comes back in place. Vertex colours
-  (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is converted back).
-* ``run:RUN_DIR``: a previous NeRF / Gaussians run: its representation is loaded with
-  :func:`threedistill.distill.load_trained_representation` and its surface extracted with
-  :func:`threedistill.export.mesh.extract_mesh` (``init_mesh_resolution``, else the run's
-  ``export.mesh_resolution``; colours from its albedo). A mesh run's own triangles are taken as
-  they are. The global torch RNG is left as it was.
+* ``file:PATH``: a mesh read with :func:`threedistill.meshio.read_mesh` (a scene is flattened
+  with its transforms). Exchange files are Y-up (:func:`threedistill.export.mesh.save_mesh`): the
+  inverse of ``Z_UP_TO_Y_UP`` brings them back to the Z-up world, so a mesh exported by
+  ``save_mesh`` comes back in place, and positions are welded (files split vertices along seams).
+  Vertex colours (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is
+  converted back). Mesh arrays (``.npz``) are taken exactly as they are.
+* ``run:RUN_DIR`` (a previous NeRF / Gaussians / mesh run's surface: ``init_mesh_resolution``,
+  else the run's ``export.mesh_resolution``) is resolved by the pipeline
+  (:func:`threedistill.inputs.resolve_inputs`) into mesh arrays before the mesh is built.
 
 Colours start grey (0.5) unless the source has colours.
 
@@ -56,7 +56,7 @@ Regularizers
 
 Export
 ------
-:meth:`export_mesh` returns the current triangles (world frame) with vertex colours;
+:meth:`export_mesh` (the :meth:`explicit_surface`) returns the current triangles (world frame) with vertex colours;
 :func:`threedistill.export.export_run_meshes` and ``threedistill export`` use it instead of marching
 cubes. There is no density field.
 """
@@ -64,7 +64,6 @@ cubes. There is no density field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -74,7 +73,8 @@ from torch import nn
 from threedistill.cameras import CameraBatch
 from threedistill.groups import Scheduled, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
-from threedistill.representations.base import RenderOutput, Representation, register
+from threedistill.meshio import Z_UP_TO_Y_UP, read_mesh
+from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     Appearance,
     ShadingConfig,
@@ -202,62 +202,13 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Initialization
 # ----------------------------------------------------------------------------------------------
-def _colours_of(mesh, linear: bool) -> Optional[np.ndarray]:
-    """Vertex colours ``[V,3]`` in [0,1] (sRGB) of a trimesh mesh, or None."""
-    raw = None
-    if mesh.visual.kind == "vertex":
-        raw = np.asarray(mesh.visual.vertex_colors)
-    else:  # our GLBs: COLOR_0 read into the (UV-less texture) visual's vertex attributes
-        for attrs in (getattr(mesh.visual, "vertex_attributes", None) or {}, mesh.vertex_attributes):
-            if "color" in attrs:
-                raw = np.asarray(attrs["color"])
-                break
-    if raw is None or len(raw) != len(mesh.vertices):
-        return None
-    rgb = raw[:, :3].astype(np.float32)
-    rgb = rgb / 255.0 if raw.dtype == np.uint8 or rgb.max() > 1.0 else rgb
-    if linear:
-        from threedistill.export.mesh import linear_to_srgb
-
-        rgb = np.asarray(linear_to_srgb(rgb), dtype=np.float32)
-    return np.clip(rgb, 0.0, 1.0)
-
-
-def _load_file(path_str: str, key: str):
-    import trimesh
-
-    from threedistill.export.mesh import Z_UP_TO_Y_UP
-
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise UserError(f"{key}: mesh file '{path}' not found (give file:PATH to an existing .glb/.obj/.ply)")
-    try:
-        loaded = trimesh.load(str(path))
-        if isinstance(loaded, trimesh.Scene):
-            geoms, colours = [], []
-            for name in loaded.graph.nodes_geometry:
-                transform, geom_name = loaded.graph[name]
-                g = loaded.geometry[geom_name]
-                if isinstance(g, trimesh.Trimesh):
-                    colours.append(_colours_of(g, linear=True))  # before copy(), which drops them
-                    g = trimesh.Trimesh(vertices=g.vertices, faces=g.faces, process=False)
-                    g.apply_transform(transform)
-                    geoms.append(g)
-            if not geoms:
-                raise ValueError("no triangle mesh in the scene")
-            mesh = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
-            cols = np.concatenate(colours) if all(c is not None for c in colours) else None
-        else:
-            mesh, cols = loaded, _colours_of(loaded, linear=False)
-    except UserError:
-        raise
-    except Exception as e:  # trimesh raises many kinds of errors on bad files
-        raise UserError(f"{key}: cannot read '{path}' as a mesh "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-        raise UserError(f"{key}: '{path}' holds no triangles")
-    verts = np.asarray(mesh.vertices, dtype=np.float64)
-    faces = np.asarray(mesh.faces, dtype=np.int64)
+def _load_file(path_str: str, key: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    data = read_mesh(path_str, key)
+    if len(data.faces) == 0:
+        raise UserError(f"{key}: '{path_str}' holds no triangles")
+    if not data.y_up:  # mesh arrays: exact, in the world frame
+        return data.vertices, data.faces, data.colors
+    verts, faces, cols = data.vertices, data.faces, data.colors
     # Weld duplicate positions (files split vertices along seams) so the mesh moves as one piece.
     uniq, inverse = np.unique(np.round(verts, 8), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -269,35 +220,18 @@ def _load_file(path_str: str, key: str):
     verts = uniq @ to_world.T
     faces = inverse[faces]
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
-    if not np.isfinite(verts).all():
-        raise UserError(f"{key}: '{path}' has non-finite vertex coordinates")
     return verts, faces[keep], cols
 
 
-def _load_run(run_str: str, key: str, resolution: Optional[int], device: torch.device):
-    from threedistill.distill import load_trained_representation
-    from threedistill.export.mesh import extract_mesh
-
-    run_dir = Path(run_str).expanduser()
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
-    with torch.random.fork_rng(devices=[]):  # load_trained_representation reseeds the global RNG
-        cfg, rep, _ = load_trained_representation(run_dir, device=str(device))
-        if hasattr(rep, "export_mesh"):
-            mesh = rep.export_mesh()
-        else:
-            mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
-                                min_component_ratio=float(cfg.export.min_component_ratio))
-    return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
-            _colours_of(mesh, linear=False))
-
-
-def initial_mesh(c, device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def initial_mesh(c, from_checkpoint: bool = False) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """World vertices ``[V,3]``, faces ``[F,3]`` and colours ``[V,3]`` in [0,1] (or None) for the
-    ``representation.mesh`` config ``c`` (module docstring)."""
+    ``representation.mesh`` config ``c`` (module docstring). ``from_checkpoint``: the sphere, as
+    the checkpoint replaces the whole mesh."""
     import trimesh
 
     init, key = str(c.init), "representation.mesh.init"
+    if from_checkpoint:
+        init = "sphere"
     r, sub = float(c.init_radius), int(c.init_subdivisions)
     if init == "sphere":
         m = trimesh.creation.icosphere(subdivisions=sub, radius=r)
@@ -310,7 +244,8 @@ def initial_mesh(c, device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optio
     if init.startswith("file:"):
         return _load_file(init[5:], key)
     if init.startswith("run:"):
-        return _load_run(init[4:], key, c.init_mesh_resolution, device)
+        raise UserError(f"{key}=run:RUN_DIR must be resolved into a file before the mesh is built "
+                        "(threedistill.inputs.resolve_inputs)")
     raise UserError(f"config key '{key}' must be sphere, cube, file:PATH or run:RUN_DIR, got '{init}'")
 
 
@@ -319,21 +254,22 @@ def initial_mesh(c, device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optio
 # ----------------------------------------------------------------------------------------------
 @register("mesh")
 class Mesh(Representation, Appearance):
-    """Vertex-coloured triangle mesh (see the module docstring). Built as ``Mesh(cfg, device)``
-    from the whole :class:`~threedistill.config.Config`; reads ``cfg.representation.mesh``."""
+    """Vertex-coloured triangle mesh (see the module docstring). Built as ``Mesh(c, context, device)``
+    from its config group ``representation.mesh`` (the context is unused but for
+    ``from_checkpoint``)."""
 
     config_key = "representation.mesh"
+    refines_surfaces = True  # init=run:RUN_DIR: the refine stage's representation
 
-    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+    def __init__(self, c, context: RepresentationContext, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        c = cfg.representation.mesh
         device = torch.device(device)
         self._read_appearance(c)
         self._lrs = {"offsets": float(c.lr_offsets), "colors": float(c.lr_colors)}
         self._lambda_laplacian = plain_schedule(c.lambda_laplacian)
         self._lambda_normal_consistency = plain_schedule(c.lambda_normal_consistency)
 
-        verts, faces, colours = initial_mesh(c, device)
+        verts, faces, colours = initial_mesh(c, context.from_checkpoint)
         v = torch.as_tensor(np.asarray(verts, dtype=np.float32))
         self.register_buffer("base_vertices", v)
         self.register_buffer("faces", torch.as_tensor(np.asarray(faces, dtype=np.int64)))
@@ -445,6 +381,23 @@ class Mesh(Representation, Appearance):
         """Half side of the axis-aligned cube holding every vertex."""
         with torch.no_grad():
             return max(float(self.vertices.abs().amax()), 1e-3) if self.offsets.numel() else 1.0
+
+    # ------------------------------------------------------------------------------------------
+    # Export surface and evaluation (see Representation)
+    # ------------------------------------------------------------------------------------------
+    def explicit_surface(self):
+        """Its own triangles (:meth:`export_mesh`), exported instead of an isosurface."""
+        return self.export_mesh()
+
+    def evaluation_ambient(self) -> Optional[float]:
+        """Evaluation renders are diffuse with the light at the camera, ambient ``ambient_light``."""
+        return self.ambient_light
+
+    @torch.no_grad()
+    def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
+        """The evaluation render's solid background (black, else white) as ``[B,3,H,W]`` (CPU)."""
+        bg = self._solid_background(len(cameras), False, None, "cpu")
+        return bg[:, :, None, None].expand(-1, -1, cameras.height, cameras.width).contiguous()
 
 
 __all__ = ["Mesh", "adjacent_face_pairs", "initial_mesh", "laplacian_loss", "mesh_edges",

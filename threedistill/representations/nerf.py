@@ -80,8 +80,8 @@ from torch import nn
 
 from threedistill.cameras import CameraBatch
 from threedistill.groups import Scheduled, check_positive, parse_schedule, plain_schedule, scheduled
-from threedistill.representations.base import RenderOutput, Representation, register
-from threedistill.representations.common import (  # noqa: F401  (shade: re-exported)
+from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
+from threedistill.representations.common import (
     Appearance,
     ShadingConfig,
     check_background,
@@ -89,7 +89,6 @@ from threedistill.representations.common import (  # noqa: F401  (shade: re-expo
     far_distance,
     normalized_depth,
     random_replacement,
-    shade,
     solid_background,
 )
 from threedistill.representations.encodings import FrequencyEncoding, HashGridEncoding
@@ -182,8 +181,8 @@ def _mlp(in_dim: int, hidden_dim: int, n_hidden_layers: int, out_dim: int) -> nn
 
 @register("nerf")
 class NeRF(Representation, Appearance):
-    """Hash-grid NeRF (see the module docstring). Built as ``NeRF(cfg, device)`` from the whole
-    :class:`~threedistill.config.Config`; reads ``cfg.representation.nerf``.
+    """Hash-grid NeRF (see the module docstring). Built as ``NeRF(c, context, device)`` from its
+    config group ``representation.nerf`` (the context is unused).
 
     Attributes that callers may set:
     ``use_occupancy_grid`` (default: device is CUDA), ``render_normals`` (always compute normals),
@@ -197,9 +196,8 @@ class NeRF(Representation, Appearance):
     # Samples per chunk when rendering without autograd (evaluation renders of any size).
     chunk_points: int = 1 << 18
 
-    def __init__(self, cfg, device: torch.device | str = "cpu") -> None:
+    def __init__(self, c, context: RepresentationContext, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        c = cfg.representation.nerf
         self._read_appearance(c, NERF_BACKGROUNDS)
         self.num_samples = int(c.num_samples)
         self.blob_density = float(c.blob_density)
@@ -526,3 +524,25 @@ class NeRF(Representation, Appearance):
             groups.append({"params": list(self.background_mlp.parameters()), "name": "background",
                            "lr_scale": float(optim_cfg.lr_scale_background)})
         return groups
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation (see Representation)
+    # ------------------------------------------------------------------------------------------
+    def evaluation_ambient(self) -> Optional[float]:
+        """Evaluation renders are diffuse with the light at the camera, ambient ``ambient_light``."""
+        return self.ambient_light
+
+    @torch.no_grad()
+    def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
+        """White, black, or the background MLP's colour along each pixel's ray (``[B,3,H,W]``, CPU)."""
+        B, H, W = len(cameras), cameras.height, cameras.width
+        if self.background_mode == "black":
+            return torch.zeros(B, 3, H, W)
+        if self.background_mode != "mlp":
+            return torch.ones(B, 3, H, W)
+        _, d = cameras.rays()
+        dev = next(self.parameters()).device
+        d = d.reshape(-1, 3).to(dev)
+        image_of_ray = torch.arange(B, device=dev).repeat_interleave(H * W)
+        bg = self._background(d, image_of_ray, B, False, None).float().cpu()
+        return bg.reshape(B, H, W, 3).permute(0, 3, 1, 2)

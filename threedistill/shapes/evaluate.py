@@ -6,8 +6,10 @@ compared with the exact render of the object its prompt names:
 
 * ``iou``: silhouette IoU of ``alpha > 0.5`` against the ground-truth mask, pooled over views.
 * ``colour_error``: mean absolute RGB error (0..1) over the ground-truth foreground pixels, both
-  images shaded identically (diffuse, headlight, the representation's ambient term) on the
-  shapes-world background; a missing part of the object counts as background there.
+  images shaded identically on the shapes-world background: the ground truth is lit the way the
+  representation's evaluation render is (:meth:`~threedistill.representations.Representation.evaluation_ambient`:
+  diffuse with a headlight at its ambient term for the NeRF and the mesh, unlit albedo for the
+  Gaussians); a missing part of the object counts as background there.
 * ``prompt_correct``: the shipped classifier's shape and colour, pooled over views, both match the
   prompt (the analogue of CLIP R-precision); ``shape_correct`` / ``colour_correct`` separately.
 * ``view_consistency`` (mug only): the fraction of views whose handle is on the correct side:
@@ -52,12 +54,16 @@ def eval_cameras(resolution: int = EVAL_RESOLUTION, distance: float = 1.75, fovy
 
 
 def score_images(prompt: ShapePrompt, rgb: torch.Tensor, alpha: torch.Tensor, cameras: CameraBatch,
-                 ambient: float = 0.1, classifier=None) -> Dict[str, Any]:
+                 ambient: Optional[float] = 0.1, classifier=None) -> Dict[str, Any]:
     """Metrics of renders ``rgb [V,3,H,W]`` / ``alpha [V,1,H,W]`` taken from ``cameras`` against the
-    ground truth of ``prompt`` (see the module docstring)."""
+    ground truth of ``prompt`` (see the module docstring), lit diffuse with a headlight at
+    ``ambient``, or unlit (albedo) when ``ambient`` is None."""
     rgb, alpha = rgb.detach().float().cpu(), alpha.detach().float().cpu()
     cameras = cameras.to("cpu")
-    gt = render_shape(prompt.shape, prompt.colour, cameras, shading="diffuse", ambient=ambient)
+    if ambient is None:
+        gt = render_shape(prompt.shape, prompt.colour, cameras, shading="albedo")
+    else:
+        gt = render_shape(prompt.shape, prompt.colour, cameras, shading="diffuse", ambient=ambient)
     pred = alpha > 0.5
     truth = gt.mask > 0.5
     union = (pred | truth).sum().item()
@@ -96,7 +102,9 @@ def view_consistency(pred_mask: torch.Tensor, cameras: CameraBatch, min_pixels: 
 @torch.no_grad()
 def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, ambient: Optional[float] = None,
                             classifier=None, resolution: int = EVAL_RESOLUTION) -> Dict[str, Any]:
-    """Render ``rep`` from the evaluation cameras (deterministic evaluation renders) and score it."""
+    """Render ``rep`` from the evaluation cameras (deterministic evaluation renders) and score it
+    against a ground truth lit at ``ambient`` (default: as ``rep``'s evaluation render is lit,
+    :meth:`~threedistill.representations.Representation.evaluation_ambient`; None there = unlit)."""
     if isinstance(prompt, str):
         parsed = parse_prompt(prompt)
         if parsed is None:
@@ -105,7 +113,7 @@ def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, amb
         prompt = parsed
     rgb, alpha, cams = eval_renders(rep, camera_cfg, resolution)
     if ambient is None:
-        ambient = float(getattr(rep, "ambient_light", 0.1))
+        ambient = rep.evaluation_ambient()
     if classifier is None:
         classifier = load_classifier()
     return score_images(prompt, rgb, alpha, cams, ambient=ambient, classifier=classifier)

@@ -1,0 +1,111 @@
+"""Inputs that come from elsewhere, resolved into plain files before a representation is built.
+
+Representations read only their own config group and plain files (``init=file:PATH``, besides
+their built-in shapes). Two inputs name something outside the run instead; the pipeline turns
+them into mesh arrays (:func:`threedistill.meshio.write_mesh_arrays`: float64 vertices, int64
+faces, float32 colours, lossless) in the run folder's ``inputs/`` before construction:
+
+* ``init=run:RUN_DIR`` (the mesh refine stage): the surface of that run's newest checkpoint,
+  its own triangles when it has them (:meth:`~threedistill.representations.Representation.explicit_surface`),
+  else its density's isosurface at ``init_mesh_resolution`` (else the run's
+  ``export.mesh_resolution``) with colours from its albedo. The global torch RNG is left as it was.
+* ``init=shape`` (Gaussians): the shapes-world mesh that ``run.prompt`` names (``"a red cube"``);
+  a prompt that names none falls back to ``init=sphere`` with a logged warning.
+
+Only the active representation's group is looked at, by the value of its ``init`` key, never by
+the representation's name. The user's config (config.yaml) keeps ``run:``/``shape``; the resolved
+config, with ``init=file:<run>/inputs/<key>.npz``, is only what the representation is built from.
+A file already in ``inputs/`` is reused (a resumed run keeps the input it started from, even when
+the coarse run has moved since).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from threedistill.config import Config
+from threedistill.devices import resolve_device
+from threedistill.distill import Distiller, load_trained_representation
+from threedistill.errors import UserError
+from threedistill.export.mesh import extract_mesh
+from threedistill.meshio import MESH_ARRAYS_SUFFIX, vertex_colors, write_mesh_arrays
+from threedistill.shapes.world import parse_prompt, shape_mesh
+
+log = logging.getLogger(__name__)
+
+#: The run folder's sub-folder of resolved inputs.
+INPUTS_DIR = "inputs"
+
+
+def needs_resolving(cfg: Config) -> bool:
+    """Whether the active representation's ``init`` names something outside the run."""
+    init = _init_of(cfg)
+    return init is not None and (init.startswith("run:") or init == "shape")
+
+
+def resolve_inputs(cfg: Config, into: Path) -> Config:
+    """``cfg`` itself when nothing needs resolving, else a copy whose active representation's
+    ``init`` is ``file:`` mesh arrays written into ``into`` (module docstring); ``cfg`` is not
+    changed."""
+    init = _init_of(cfg)
+    if init is None or not needs_resolving(cfg):
+        return cfg
+    name = str(cfg.representation.name)
+    group = cfg.representation[name]
+    key = f"representation.{name}.init"
+    out = copy.deepcopy(cfg)
+    if init == "shape" and parse_prompt(str(cfg.run.prompt)) is None:
+        log.warning("%s=shape: prompt %r names no shapes-world shape; initializing in a sphere instead",
+                    key, str(cfg.run.prompt))
+        out.representation[name].init = "sphere"
+        return out
+    path = Path(into) / f"{key}{MESH_ARRAYS_SUFFIX}"
+    if not path.is_file():
+        if init == "shape":
+            m = shape_mesh(parse_prompt(str(cfg.run.prompt)).shape)
+            arrays: Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]] = (np.asarray(m.vertices),
+                                                                            np.asarray(m.faces), None)
+        else:
+            arrays = surface_of_run(Path(init[len("run:"):]).expanduser(), key, group.get("init_mesh_resolution"),
+                                    resolve_device(cfg.run.device))
+        write_mesh_arrays(path, *arrays)
+    out.representation[name].init = f"file:{path}"
+    return out
+
+
+def surface_of_run(run_dir: Path, key: str, resolution: Optional[int],
+                   device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colours ``[V,3]`` float32
+    sRGB (or None) of the trained run in ``run_dir`` (module docstring)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
+    with torch.random.fork_rng(devices=[]):  # load_trained_representation reseeds the global RNG
+        cfg, rep, _ = load_trained_representation(run_dir, device=str(device))
+        mesh = rep.explicit_surface()
+        if mesh is None:
+            mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
+                                min_component_ratio=float(cfg.export.min_component_ratio))
+    return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
+            vertex_colors(mesh, linear=False))
+
+
+def prepare_inputs(d: Distiller) -> None:
+    """Resolve ``d``'s inputs into its run folder's ``inputs/`` before it is built: ``d`` builds
+    its representation from the resolved group, its config (config.yaml) stays as asked."""
+    if needs_resolving(d.cfg):
+        d.representation_cfg = resolve_inputs(d.cfg, d.run_dir / INPUTS_DIR).representation
+
+
+def _init_of(cfg: Config) -> Optional[str]:
+    group = cfg.representation.get(str(cfg.representation.name))
+    init = group.get("init") if group is not None else None
+    return None if init is None else str(init)
+
+
+__all__ = ["INPUTS_DIR", "needs_resolving", "prepare_inputs", "resolve_inputs", "surface_of_run"]
