@@ -81,7 +81,7 @@ def gaussians_run(tmp_path_factory, tiny_sd_path):
 
 
 def test_run_init_extracts_the_surface_of_a_gaussians_run(gaussians_run):
-    from threedistill.distill import load_trained_representation
+    from threedistill.runs import load_trained_representation
     from threedistill.export.mesh import extract_mesh
 
     state = torch.random.get_rng_state()

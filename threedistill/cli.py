@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from threedistill.errors import UserError
+from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.runs import RunFolder
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -161,23 +163,18 @@ def cmd_app(args) -> int:
 
 def _print_results(results) -> None:
     """Each stage's status, folder and outputs; for a chained run, the final asset last."""
-    from threedistill.pipeline import REFINE_DIR
-
     for r in results:
-        label = "refine " if r.run_dir.name == REFINE_DIR else ""
+        label = "refine " if RunFolder(r.run_dir).is_refine_stage() else ""
         print(f"{label}{r.status}: {r.run_dir}")
         for kind, path in r.outputs.items():
             print(f"  {kind}: {path}")
     last = results[-1]
-    if last.run_dir.name == REFINE_DIR and last.status == "finished" and last.outputs:
+    if RunFolder(last.run_dir).is_refine_stage() and last.status == "finished" and last.outputs:
         kind = next((k for k in ("glb", "obj", "ply") if k in last.outputs), next(iter(last.outputs)))
         print(f"final: {last.outputs[kind]}")
 
 
 def cmd_generate(args) -> int:
-    from threedistill.config import load_config
-    from threedistill.pipeline import resume_chain, run_chain
-
     looks_like_override = args.prompt is not None and _OVERRIDE.match(args.prompt)
     if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
         args.overrides = [args.prompt, *args.overrides]
@@ -185,40 +182,34 @@ def cmd_generate(args) -> int:
     if args.resume:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise UserError(f"--resume: run folder '{run_dir}' does not exist")
-        results = resume_chain(run_dir, overrides=args.overrides)
+        request = RunRequest(resume=Path(args.resume), overrides=args.overrides)
     else:
         if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
                             "put the prompt first, e.g. threedistill generate \"a red cube\" run.steps=500")
-        base = {"run": {"prompt": args.prompt or ""}}
-        if args.out:
-            base["run"]["out_dir"] = args.out
-        cfg = load_config(args.config, args.overrides, base=base)
-        results = run_chain(cfg)
-    _print_results(results)
+        request = RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides,
+                             out_dir=args.out or None)
+    _print_results(run_prepared(*prepare_run(request)))
     return 0
 
 
 def cmd_refine(args) -> int:
-    from threedistill.pipeline import start_refine
-
     looks_like_override = args.run_dir is not None and _OVERRIDE.match(args.run_dir)
     if looks_like_override:
         raise UserError(f"the run folder is missing: '{args.run_dir}' is a key=value override; "
                         "put the run folder first, e.g. threedistill refine outputs/my-run run.steps=400")
-    _print_results([start_refine(Path(args.run_dir), config=args.config, overrides=args.overrides)])
+    request = RunRequest(refine_of=Path(args.run_dir), configs=[args.config] if args.config else [],
+                         overrides=args.overrides)
+    _print_results(run_prepared(*prepare_run(request)))
     return 0
 
 
 def cmd_export(args) -> int:
-    from threedistill.distill import load_trained_representation
     from threedistill.export import build_export_mesh, save_mesh, texture_paths
 
     run_dir = Path(args.run_dir)
-    cfg, rep, step = load_trained_representation(run_dir)
+    folder = RunFolder(run_dir)
+    cfg, rep, step = folder.load_representation()
     formats = args.format or ["glb"]
     if args.output and len(formats) > 1:
         raise UserError("--output takes one --format")
@@ -228,7 +219,7 @@ def cmd_export(args) -> int:
     if "splat" in formats:
         if not hasattr(rep, "save_splat_ply"):
             raise UserError(f"--format splat needs a Gaussians run; '{run_dir}' is a {cfg.representation.name} run")
-        out = Path(args.output) if args.output else run_dir / "splat.ply"
+        out = Path(args.output) if args.output else folder.splat_path
         rep.save_splat_ply(out)
         print(f"splat: {out} ({rep.num_gaussians} Gaussians, step {step})")
         formats = [f for f in formats if f != "splat"]
@@ -240,7 +231,7 @@ def cmd_export(args) -> int:
         raise UserError(f"--texture-size must be between 16 and 8192, got {texture_size}")
     outs = []
     for fmt in formats:
-        out = Path(args.output) if args.output else run_dir / f"model.{fmt}"
+        out = Path(args.output) if args.output else folder.mesh_path(fmt)
         if args.output and out.suffix.lstrip(".").lower() != fmt and args.format:
             raise UserError(f"--output '{out}' does not end in .{fmt}")
         outs.append(out)
@@ -256,11 +247,11 @@ def cmd_export(args) -> int:
                 extra += " in " + ", ".join(str(p) for p in texture_paths(out))
         print(f"{fmt}: {out} ({len(written.vertices)} vertices, {len(written.faces)} faces{extra}, step {step})")
     if check:
-        _export_check(rep, outs[0], run_dir, cfg, step, images=bool(args.check_images))
+        _export_check(rep, outs[0], folder, cfg, step, images=bool(args.check_images))
     return 0
 
 
-def _export_check(rep, mesh_path: Path, run_dir: Path, cfg, step: int, images: bool) -> None:
+def _export_check(rep, mesh_path: Path, folder: RunFolder, cfg, step: int, images: bool) -> None:
     """``export --check``: :func:`~threedistill.export.check.fidelity_check` of the written file
     from 8 views at the run's evaluation distance and field of view, 128 px."""
     import json
@@ -273,26 +264,25 @@ def _export_check(rep, mesh_path: Path, run_dir: Path, cfg, step: int, images: b
     result = fidelity_check(rep, mesh_path, cams, return_images=images)
     pictures = result.pop("images", None)
     result["step"] = step
-    json_path = run_dir / "export_check.json"
+    json_path = folder.export_check_path
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     print(f"{format_check(result)} -> {json_path}")
     if pictures is not None:
-        png = save_image(comparison_grid(pictures["rep_rgb"], pictures["mesh_rgb"]), run_dir / "export_check.png")
+        png = save_image(comparison_grid(pictures["rep_rgb"], pictures["mesh_rgb"]), folder.export_check_images_path)
         print(f"check images: {png} (top: renders, middle: mesh file, bottom: 4 x |difference|)")
 
 
 def cmd_render(args) -> int:
-    from threedistill.distill import load_trained_representation
     from threedistill.export import render_turntable
 
-    run_dir = Path(args.run_dir)
-    cfg, rep, _ = load_trained_representation(run_dir)
+    folder = RunFolder(args.run_dir)
+    cfg, rep, _ = folder.load_representation()
     e, c = cfg.export, cfg.camera
     for name in ("frames", "resolution", "fps"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UserError(f"--{name} must be > 0, got {v}")
-    out = Path(args.output) if args.output else run_dir / "turntable.mp4"
+    out = Path(args.output) if args.output else folder.turntable_path
     render_turntable(rep, out, frames=args.frames or e.turntable_frames, fps=args.fps or e.turntable_fps,
                      resolution=args.resolution or e.turntable_resolution, elevation=e.turntable_elevation,
                      distance=c.eval_distance, fovy=c.eval_fovy, progress=cfg.run.progress)
@@ -388,13 +378,12 @@ def cmd_eval(args) -> int:
     import json
 
     from threedistill.shapes.classifier import load_classifier
-    from threedistill.shapes.evaluate import evaluate_run
 
     for d in args.run_dirs:
         if not Path(d).is_dir():
             raise UserError(f"run folder '{d}' does not exist")
     classifier = load_classifier()
-    results = [evaluate_run(d, classifier=classifier) for d in args.run_dirs]
+    results = [RunFolder(d).evaluate(classifier=classifier) for d in args.run_dirs]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0
