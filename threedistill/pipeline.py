@@ -198,11 +198,22 @@ def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
                                                values=values))
     cfg.run.prompt = _check("prompt", lambda: check_prompt(cfg.run.prompt))
     if request.run_dir is not None:
-        return cfg, RunFolder(request.run_dir)
-    if request.path_policy is not None:  # the name is checked before it is joined to the out folder
-        _check("paths", lambda: request.path_policy(cfg, RunFolder(Path(cfg.run.out_dir) / str(cfg.run.name or ""))))
-    folder = _check("run_folder", lambda: RunFolder.new(cfg.run.out_dir, cfg.run.prompt, cfg.run.name))
+        folder = RunFolder(request.run_dir)
+    elif cfg.run.name:
+        # The policy sees an explicit name before the file system does (the collision check).
+        _check_paths(request, cfg, RunFolder(Path(cfg.run.out_dir) / str(cfg.run.name)))
+        return cfg, _check("run_folder", lambda: RunFolder.new(cfg.run.out_dir, cfg.run.prompt, cfg.run.name))
+    else:
+        folder = RunFolder.new(cfg.run.out_dir, cfg.run.prompt)
+    _check_paths(request, cfg, folder)
     return cfg, folder
+
+
+def _check_paths(request: RunRequest, cfg: Config, folder: RunFolder) -> None:
+    """The seam for the path policy (which files a run may read and write): the request's own
+    policy when it has one; no default policy yet."""
+    if request.path_policy is not None:
+        _check("paths", lambda: request.path_policy(cfg, folder))
 
 
 def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
@@ -227,11 +238,10 @@ def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
                                                                    continue_existing=True))
         else:
             cfg = _check("config", lambda: folder.read_config(request.overrides))
+    if request.refine_of is not None or request.resume is not None:
+        _check_paths(request, cfg, folder)
     else:
-        cfg, folder = _prepare_new(request)
-    if request.path_policy is not None and (request.refine_of is not None or request.resume is not None
-                                            or request.run_dir is not None):
-        _check("paths", lambda: request.path_policy(cfg, folder))
+        cfg, folder = _prepare_new(request)  # checks the paths itself, before the folder is named
     _check("refine", lambda: check_refine(cfg))
     _check("prior", lambda: check_prior_available(cfg.prior))
     return cfg, folder
@@ -253,8 +263,7 @@ def _run_refine(coarse: RunFolder, cfg: Config, folder: RunFolder, callbacks: Se
         return d.run()
     finally:
         if folder.has_status():  # the stage started (finished, stopped or interrupted)
-            coarse.update_status({"refine": str(folder.path)})
-            folder.update_status({"coarse": str(coarse.path)})
+            coarse.link_refine_stage(folder)
 
 
 def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunResult]:

@@ -207,6 +207,11 @@ class RunFolder:
         entries.update(extra)
         return self.update_status(entries, drop=("export_error",))
 
+    def link_refine_stage(self, refine: "RunFolder") -> None:
+        """Record in both ``run.json`` s that ``refine`` is this run's refine stage."""
+        self.update_status({"refine": str(refine.path)})
+        refine.update_status({"coarse": str(self.path)})
+
     def status(self) -> Optional[str]:
         return self.read_status().get("status")
 
