@@ -24,9 +24,19 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from threedistill.atomic import atomic_write_text
+from threedistill.batch import run_batch
+from threedistill.config import PriorConfig
 from threedistill.errors import UserError
+from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
+from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
 from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.priors import load_prior
 from threedistill.runs import RunFolder
+from threedistill.shapes.classifier import load_classifier, train_classifier
+from threedistill.shapes.evaluate import evaluate_prior_samples
+from threedistill.shapes.prior import PriorTrainConfig, PriorTrainer
+from threedistill.shapes.world import all_prompts
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -205,8 +215,6 @@ def cmd_refine(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from threedistill.export import build_export_mesh, save_mesh, texture_paths
-
     run_dir = Path(args.run_dir)
     folder = RunFolder(run_dir)
     cfg, rep, step = folder.load_representation()
@@ -256,10 +264,6 @@ def _export_check(rep, mesh_path: Path, folder: RunFolder, cfg, step: int, image
     from 8 views at the run's evaluation distance and field of view, 128 px."""
     import json
 
-    from threedistill.atomic import atomic_write_text
-    from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
-    from threedistill.export.video import save_image
-
     cams = check_cameras(distance=cfg.camera.eval_distance, fovy=cfg.camera.eval_fovy, resolution=128)
     result = fidelity_check(rep, mesh_path, cams, return_images=images)
     pictures = result.pop("images", None)
@@ -273,8 +277,6 @@ def _export_check(rep, mesh_path: Path, folder: RunFolder, cfg, step: int, image
 
 
 def cmd_render(args) -> int:
-    from threedistill.export import render_turntable
-
     folder = RunFolder(args.run_dir)
     cfg, rep, _ = folder.load_representation()
     e, c = cfg.export, cfg.camera
@@ -291,8 +293,6 @@ def cmd_render(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from threedistill.batch import run_batch
-
     totals = run_batch(args.input, args.out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
                        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
                        retries=args.retries, threads=args.threads, progress=not args.no_progress)
@@ -304,8 +304,6 @@ def cmd_batch(args) -> int:
 def cmd_prior(args) -> int:
     if args.prior_command == "train":
         from dataclasses import replace
-
-        from threedistill.shapes.prior import PriorTrainConfig, PriorTrainer
 
         cfg = PriorTrainConfig()
         for name in ("steps", "batch_size", "lr", "images_per_prompt", "checkpoint_every", "seed"):
@@ -320,8 +318,6 @@ def cmd_prior(args) -> int:
     if args.prior_command == "eval":
         return _prior_eval(args)
     if args.prior_command == "train-classifier":
-        from threedistill.shapes.classifier import train_classifier
-
         if args.steps <= 0:
             raise UserError(f"--steps must be > 0, got {args.steps}")
         acc = train_classifier(args.out_file, steps=args.steps, seed=args.seed)
@@ -336,12 +332,6 @@ def _prior_eval(args) -> int:
 
     import torch
     from tqdm import tqdm
-
-    from threedistill.atomic import atomic_write_text
-    from threedistill.config import PriorConfig
-    from threedistill.priors import load_prior
-    from threedistill.shapes.evaluate import evaluate_prior_samples
-    from threedistill.shapes.world import all_prompts
 
     for name in ("samples", "steps"):
         if getattr(args, name) <= 0:
@@ -363,8 +353,6 @@ def _prior_eval(args) -> int:
         print(f"{split}: {s['prompts']} prompts x {args.samples} samples: shape {s['shape_acc']:.3f}, "
               f"colour {s['colour_acc']:.3f}, both {s['acc']:.3f}")
     if args.grid:
-        from threedistill.export.video import save_image
-
         save_image(torch.cat([r["images"] for r in rows]), args.grid, nrow=args.samples)
         print(f"grid: {args.grid}")
     if args.json:
@@ -376,8 +364,6 @@ def _prior_eval(args) -> int:
 
 def cmd_eval(args) -> int:
     import json
-
-    from threedistill.shapes.classifier import load_classifier
 
     for d in args.run_dirs:
         if not Path(d).is_dir():

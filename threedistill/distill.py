@@ -24,8 +24,11 @@ from threedistill.checkpoint import load_checkpoint, save_checkpoint
 from threedistill.config import Config
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
 from threedistill.groups import scheduled
+from threedistill.guidance import build_guidance
 from threedistill.priors import PriorCache
+from threedistill.representations import build_representation
 from threedistill.runs import RunFolder
 # Moved to threedistill.runs; kept here only for representations/mesh.py's ``run:`` init until that
 # resolves inputs through threedistill.inputs (then drop this line).
@@ -151,9 +154,6 @@ class Distiller:
         """Prior, guidance, representation, camera sampler, optimizer (in that order)."""
         if self._built:
             return
-        from threedistill.guidance import build_guidance
-        from threedistill.representations import build_representation
-
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
         if self._prior is None:
@@ -218,8 +218,6 @@ class Distiller:
     # -- outputs ------------------------------------------------------------------------------------
     @torch.no_grad()
     def save_preview(self, step: int) -> Path:
-        from threedistill.export import image_grid, save_image
-
         c = self.cfg.camera
         cams = preview_cameras(self.cfg.run.resolution, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
         out = self.representation.render(cams, step=step, training=False)
@@ -240,8 +238,6 @@ class Distiller:
     def export(self) -> tuple[Dict[str, str], Optional[str]]:
         """The splat PLY (Gaussians), turntable video and meshes (export.formats) into the run folder: the written
         outputs, and the one-line reason the mesh could not be extracted (else None)."""
-        from threedistill.export import export_run_meshes, render_turntable
-
         outputs: Dict[str, str] = {}
         error: Optional[str] = None
         e, c = self.cfg.export, self.cfg.camera

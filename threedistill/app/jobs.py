@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
+from threedistill.config import CONFIG_DIR
 from threedistill.devices import resolve_device
 from threedistill.distill import Distiller
 from threedistill.errors import UserError
@@ -42,8 +43,6 @@ DOWNLOADS_DIR = ".downloads"
 
 def list_presets() -> List[str]:
     """Loss x representation presets in configs/ (``<loss>-<representation>``)."""
-    from threedistill.config import CONFIG_DIR
-
     return sorted(p.stem for p in Path(CONFIG_DIR).glob("*-*.yaml"))
 
 

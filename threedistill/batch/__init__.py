@@ -18,11 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from threedistill.batch.executors import make_executor
 from threedistill.batch.manifest import MANIFEST, Manifest
+from threedistill.batch.report import write_gallery, write_summary
 from threedistill.batch.rows import BatchRow, read_batch_input
 from threedistill.batch.worker import row_request
+from threedistill.config import load_config
 from threedistill.errors import UserError
-from threedistill.pipeline import prepare_run
+from threedistill.pipeline import is_complete, prepare_run
 from threedistill.runs import RunFolder
 
 
@@ -82,11 +85,6 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
     """Run (or resume) a batch into ``out`` (None: the config's ``run.out_dir``). Returns the totals (rows, done, failed, ...); the
     manifest, ``summary.md`` and ``index.html`` are in ``out``. ``runner``: ``"module:function"``
     to run each row instead of :func:`~threedistill.batch.worker.execute_row` (same signature)."""
-    from threedistill.batch.executors import make_executor
-    from threedistill.batch.report import write_gallery, write_summary
-    from threedistill.config import load_config
-    from threedistill.pipeline import is_complete
-
     if retries < 0:
         raise UserError(f"--retries must be >= 0, got {retries}")
     # The batch-wide settings must be valid on their own (a typo there would fail every row).

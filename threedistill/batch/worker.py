@@ -28,6 +28,7 @@ from threedistill.errors import UserError
 from threedistill.pipeline import RunRequest, prepare_run, run_prepared
 from threedistill.priors import PriorCache
 from threedistill.runs import RunFolder
+from threedistill.shapes.world import parse_prompt
 
 LOCK_NAME = ".batch-row.lock"
 # One loaded prior per worker process, reused while the rows ask for the same weights.
@@ -123,8 +124,6 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
 
 def _shapes_metrics(run_dir: Path, cfg, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Ground-truth metrics when the prompt is a shapes-world prompt and the prior is the built-in one."""
-    from threedistill.shapes.world import parse_prompt
-
     if str(cfg.prior.name) != "shapes" or parse_prompt(str(cfg.run.prompt)) is None:
         return None
     try:
