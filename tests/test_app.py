@@ -130,9 +130,9 @@ def test_queue_position_and_cancel(manager):
     run_dir = Path(job["run_dir"])
     assert any((run_dir / "checkpoints").iterdir())
     assert (run_dir / "config.yaml").is_file()
-    from threedistill.distill import read_run_status
+    from threedistill.runs import RunFolder
 
-    assert read_run_status(run_dir)["status"] == "stopped"
+    assert RunFolder(run_dir).read_status()["status"] == "stopped"
     assert manager.status(second)["run_dir"] is None  # never started
 
 

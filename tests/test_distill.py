@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from threedistill.config import load_config
-from threedistill.distill import Callback, Distiller, load_trained_representation
+from threedistill.distill import Callback, Distiller
+from threedistill.runs import load_trained_representation
 from threedistill.checkpoint import latest_checkpoint
 
 FAST = ["run.resolution=32", "representation.nerf.num_samples=16", "representation.nerf.n_levels=4",

@@ -518,12 +518,12 @@ def test_texture_size_is_validated(size):
 
 
 def test_cli_export_texture_size_and_no_texture(tmp_path, monkeypatch, capsys):
-    import threedistill.distill
     from threedistill.cli import main
     from threedistill.config import load_config
+    from threedistill.runs import RunFolder
 
     cfg = load_config(overrides=["export.mesh_resolution=24"])
-    monkeypatch.setattr(threedistill.distill, "load_trained_representation", lambda run_dir: (cfg, Spheres(), 7))
+    monkeypatch.setattr(RunFolder, "load_representation", lambda folder: (cfg, Spheres(), 7))
     run = tmp_path / "run"
     run.mkdir()
     assert main(["export", str(run), "-f", "obj", "-f", "glb", "-f", "ply", "--texture-size", "32"]) == 0

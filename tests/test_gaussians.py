@@ -14,6 +14,7 @@ import trimesh
 from threedistill.cameras import CameraSampler
 from threedistill.config import load_config
 from threedistill.errors import UserError
+from threedistill.runs import RunFolder
 from threedistill.inputs import resolve_inputs
 from threedistill.representations import RepresentationContext, build_representation
 from threedistill.representations.gaussians import SH_C0, SPLAT_PLY_PROPERTIES, Gaussians, read_splat_ply
@@ -24,7 +25,7 @@ N = 200
 def _rep(*overrides, prompt="a red cube", n=N, seed=0) -> Gaussians:
     cfg = load_config(None, ["representation.name=gaussians", f"representation.gaussians.num_points={n}",
                              f"run.prompt={prompt}", *overrides])
-    cfg = resolve_inputs(cfg, Path(tempfile.mkdtemp()))  # init=shape -> a file, as the pipeline does
+    cfg = resolve_inputs(cfg, RunFolder(tempfile.mkdtemp()))  # init=shape -> a file, as the pipeline does
     torch.manual_seed(seed)
     return build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
 

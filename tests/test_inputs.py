@@ -11,7 +11,8 @@ import trimesh
 from threedistill.cameras import preview_cameras
 from threedistill.config import load_config
 from threedistill.errors import UserError
-from threedistill.inputs import INPUTS_DIR, needs_resolving, resolve_inputs
+from threedistill.inputs import needs_resolving, resolve_inputs
+from threedistill.runs import RunFolder
 from threedistill.meshio import read_mesh, write_mesh_arrays
 from threedistill.representations import RepresentationContext, build_representation
 from threedistill.shapes.world import shape_mesh
@@ -50,10 +51,10 @@ def test_shape_init_is_resolved_into_the_exact_shapes_world_mesh(tmp_path):
     cfg = load_config(None, ["representation.name=gaussians", "representation.gaussians.init=shape",
                              "run.prompt=a green torus"])
     assert needs_resolving(cfg)
-    resolved = resolve_inputs(cfg, tmp_path / INPUTS_DIR)
+    resolved = resolve_inputs(cfg, RunFolder(tmp_path))
     assert cfg.representation.gaussians.init == "shape"  # the user's config is untouched
     init = resolved.representation.gaussians.init
-    assert init.startswith("file:") and Path(init[5:]).parent == tmp_path / INPUTS_DIR
+    assert init.startswith("file:") and Path(init[5:]).parent == RunFolder(tmp_path).inputs_dir
     data = read_mesh(init[5:], "key")
     ref = shape_mesh("torus")
     assert np.array_equal(data.vertices, ref.vertices) and np.array_equal(data.faces, ref.faces)
@@ -66,12 +67,12 @@ def test_shape_init_is_resolved_into_the_exact_shapes_world_mesh(tmp_path):
     pts, _ = trimesh.sample.sample_surface(ref, int(cfg.representation.gaussians.num_points), seed=seed)
     assert torch.equal(rep.means.detach(), torch.as_tensor(np.asarray(pts, dtype=np.float32)))
     # A file already there is reused (a resumed run keeps its input).
-    assert resolve_inputs(cfg, tmp_path / INPUTS_DIR).representation.gaussians.init == init
+    assert resolve_inputs(cfg, RunFolder(tmp_path)).representation.gaussians.init == init
 
 
 def test_nothing_to_resolve_returns_the_config_itself(tmp_path):
     cfg = load_config(None, ["representation.name=mesh"])
-    assert not needs_resolving(cfg) and resolve_inputs(cfg, tmp_path) is cfg
+    assert not needs_resolving(cfg) and resolve_inputs(cfg, RunFolder(tmp_path)) is cfg
     assert not (tmp_path / "representation.mesh.init.npz").exists()
 
 

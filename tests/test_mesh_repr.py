@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from threedistill.cameras import CameraSampler, make_cameras, preview_cameras
 from threedistill.config import load_config
 from threedistill.errors import UserError
+from threedistill.runs import RunFolder
 from threedistill.inputs import resolve_inputs
 from threedistill.representations import RepresentationContext, build_representation
 from threedistill.representations.mesh import (Mesh, adjacent_face_pairs, laplacian_loss, mesh_edges,
@@ -22,7 +23,7 @@ from threedistill.representations.mesh import (Mesh, adjacent_face_pairs, laplac
 
 def _mesh(*overrides):
     cfg = load_config(None, ["representation.name=mesh", "representation.mesh.init_subdivisions=2", *overrides])
-    cfg = resolve_inputs(cfg, Path(tempfile.mkdtemp()))  # init=run: -> a file, as the pipeline does
+    cfg = resolve_inputs(cfg, RunFolder(tempfile.mkdtemp()))  # init=run: -> a file, as the pipeline does
     return build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
 
 
@@ -85,7 +86,7 @@ def gaussians_run(tmp_path_factory, tiny_sd_path):
 
 
 def test_run_init_extracts_the_surface_of_a_gaussians_run(gaussians_run):
-    from threedistill.distill import load_trained_representation
+    from threedistill.runs import load_trained_representation
     from threedistill.export.mesh import extract_mesh
 
     state = torch.random.get_rng_state()

@@ -26,7 +26,7 @@ def _chain(out: Path, prior: Path, name: str, *extra: str) -> int:
 
 
 def _coarse_vertex_count(run_dir: Path) -> int:
-    from threedistill.distill import load_trained_representation
+    from threedistill.runs import load_trained_representation
     from threedistill.export.mesh import extract_mesh
 
     _, rep, _ = load_trained_representation(run_dir)

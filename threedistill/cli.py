@@ -31,9 +31,20 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from threedistill.config import is_override
+from threedistill.atomic import atomic_write_text
+from threedistill.batch import run_batch
+from threedistill.config import PriorConfig, is_override
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
+from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
+from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
+from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.priors import load_prior
+from threedistill.runs import RunFolder
+from threedistill.shapes.classifier import load_classifier, train_classifier
+from threedistill.shapes.evaluate import evaluate_prior_samples
+from threedistill.shapes.prior import PriorTrainConfig, PriorTrainer
+from threedistill.shapes.world import all_prompts
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -168,23 +179,18 @@ def cmd_app(args) -> int:
 
 def _print_results(results) -> None:
     """Each stage's status, folder and outputs; for a chained run, the final asset last."""
-    from threedistill.pipeline import REFINE_DIR
-
     for r in results:
-        label = "refine " if r.run_dir.name == REFINE_DIR else ""
+        label = "refine " if RunFolder(r.run_dir).is_refine_stage() else ""
         print(f"{label}{r.status}: {r.run_dir}")
         for kind, path in r.outputs.items():
             print(f"  {kind}: {path}")
     last = results[-1]
-    if last.run_dir.name == REFINE_DIR and last.status == "finished" and last.outputs:
+    if RunFolder(last.run_dir).is_refine_stage() and last.status == "finished" and last.outputs:
         kind = next((k for k in ("glb", "obj", "ply") if k in last.outputs), next(iter(last.outputs)))
         print(f"final: {last.outputs[kind]}")
 
 
 def cmd_generate(args) -> int:
-    from threedistill.config import load_config
-    from threedistill.pipeline import resume_chain, run_chain
-
     looks_like_override = args.prompt is not None and is_override(args.prompt)
     if args.resume and looks_like_override:  # `generate --resume DIR run.steps=N`
         args.overrides = [args.prompt, *args.overrides]
@@ -192,40 +198,32 @@ def cmd_generate(args) -> int:
     if args.resume:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise UserError(f"--resume: run folder '{run_dir}' does not exist")
-        results = resume_chain(run_dir, overrides=args.overrides)
+        request = RunRequest(resume=Path(args.resume), overrides=args.overrides)
     else:
         if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
                             "put the prompt first, e.g. threedistill generate \"a red cube\" run.steps=500")
-        base = {"run": {"prompt": args.prompt or ""}}
-        if args.out:
-            base["run"]["out_dir"] = args.out
-        cfg = load_config(args.config, args.overrides, base=base)
-        results = run_chain(cfg)
-    _print_results(results)
+        request = RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides,
+                             out_dir=args.out or None)
+    _print_results(run_prepared(*prepare_run(request)))
     return 0
 
 
 def cmd_refine(args) -> int:
-    from threedistill.pipeline import start_refine
-
     looks_like_override = args.run_dir is not None and is_override(args.run_dir)
     if looks_like_override:
         raise UserError(f"the run folder is missing: '{args.run_dir}' is a key=value override; "
                         "put the run folder first, e.g. threedistill refine outputs/my-run run.steps=400")
-    _print_results([start_refine(Path(args.run_dir), config=args.config, overrides=args.overrides)])
+    request = RunRequest(refine_of=Path(args.run_dir), configs=[args.config] if args.config else [],
+                         overrides=args.overrides)
+    _print_results(run_prepared(*prepare_run(request)))
     return 0
 
 
 def cmd_export(args) -> int:
-    from threedistill.distill import load_trained_representation
-    from threedistill.export import build_export_mesh, save_mesh, texture_paths
-
     run_dir = Path(args.run_dir)
-    cfg, rep, step = load_trained_representation(run_dir)
+    folder = RunFolder(run_dir)
+    cfg, rep, step = folder.load_representation()
     formats = args.format or ["glb"]
     if args.output and len(formats) > 1:
         raise UserError("--output takes one --format")
@@ -235,20 +233,20 @@ def cmd_export(args) -> int:
     if "splat" in formats:
         if "splat" not in rep.extra_outputs():
             raise UserError(f"--format splat needs a Gaussians run; '{run_dir}' is a {cfg.representation.name} run")
-        out = Path(args.output) if args.output else run_dir / "splat.ply"
+        out = Path(args.output) if args.output else folder.splat_path
         rep.write_extra_output("splat", out)
         counts = "".join(f"{n} {k.capitalize()}, " for k, n in rep.progress_stats().items())
         print(f"splat: {out} ({counts}step {step})")
         formats = [f for f in formats if f != "splat"]
         if not formats:
             return 0
-    texture = bool(getattr(cfg.export, "texture", True)) and not args.no_texture
-    texture_size = args.texture_size if args.texture_size is not None else getattr(cfg.export, "texture_size", 1024)
+    texture = bool(cfg.export.texture) and not args.no_texture
+    texture_size = args.texture_size if args.texture_size is not None else int(cfg.export.texture_size)
     if not 16 <= texture_size <= 8192:
         raise UserError(f"--texture-size must be between 16 and 8192, got {texture_size}")
     outs = []
     for fmt in formats:
-        out = Path(args.output) if args.output else run_dir / f"model.{fmt}"
+        out = Path(args.output) if args.output else folder.mesh_path(fmt)
         if args.output and out.suffix.lstrip(".").lower() != fmt and args.format:
             raise UserError(f"--output '{out}' does not end in .{fmt}")
         outs.append(out)
@@ -264,43 +262,36 @@ def cmd_export(args) -> int:
                 extra += " in " + ", ".join(str(p) for p in texture_paths(out))
         print(f"{fmt}: {out} ({len(written.vertices)} vertices, {len(written.faces)} faces{extra}, step {step})")
     if check:
-        _export_check(rep, outs[0], run_dir, cfg, step, images=bool(args.check_images))
+        _export_check(rep, outs[0], folder, cfg, step, images=bool(args.check_images))
     return 0
 
 
-def _export_check(rep, mesh_path: Path, run_dir: Path, cfg, step: int, images: bool) -> None:
+def _export_check(rep, mesh_path: Path, folder: RunFolder, cfg, step: int, images: bool) -> None:
     """``export --check``: :func:`~threedistill.export.check.fidelity_check` of the written file
     from 8 views at the run's evaluation distance and field of view, 128 px."""
     import json
-
-    from threedistill.atomic import atomic_write_text
-    from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
-    from threedistill.export.video import save_image
 
     cams = check_cameras(distance=cfg.camera.eval_distance, fovy=cfg.camera.eval_fovy, resolution=128)
     result = fidelity_check(rep, mesh_path, cams, return_images=images)
     pictures = result.pop("images", None)
     result["step"] = step
-    json_path = run_dir / "export_check.json"
+    json_path = folder.export_check_path
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     print(f"{format_check(result)} -> {json_path}")
     if pictures is not None:
-        png = save_image(comparison_grid(pictures["rep_rgb"], pictures["mesh_rgb"]), run_dir / "export_check.png")
+        png = save_image(comparison_grid(pictures["rep_rgb"], pictures["mesh_rgb"]), folder.export_check_images_path)
         print(f"check images: {png} (top: renders, middle: mesh file, bottom: 4 x |difference|)")
 
 
 def cmd_render(args) -> int:
-    from threedistill.distill import load_trained_representation
-    from threedistill.export import render_turntable
-
-    run_dir = Path(args.run_dir)
-    cfg, rep, _ = load_trained_representation(run_dir)
+    folder = RunFolder(args.run_dir)
+    cfg, rep, _ = folder.load_representation()
     e, c = cfg.export, cfg.camera
     for name in ("frames", "resolution", "fps"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UserError(f"--{name} must be > 0, got {v}")
-    out = Path(args.output) if args.output else run_dir / "turntable.mp4"
+    out = Path(args.output) if args.output else folder.turntable_path
     render_turntable(rep, out, frames=args.frames or e.turntable_frames, fps=args.fps or e.turntable_fps,
                      resolution=args.resolution or e.turntable_resolution, elevation=e.turntable_elevation,
                      distance=c.eval_distance, fovy=c.eval_fovy, progress=cfg.run.progress)
@@ -309,8 +300,6 @@ def cmd_render(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from threedistill.batch import run_batch
-
     totals = run_batch(args.input, args.out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
                        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
                        retries=args.retries, threads=args.threads, progress=not args.no_progress)
@@ -322,8 +311,6 @@ def cmd_batch(args) -> int:
 def cmd_prior(args) -> int:
     if args.prior_command == "train":
         from dataclasses import replace
-
-        from threedistill.shapes.prior import PriorTrainConfig, PriorTrainer
 
         cfg = PriorTrainConfig()
         for name in ("steps", "batch_size", "lr", "images_per_prompt", "checkpoint_every", "seed"):
@@ -338,8 +325,6 @@ def cmd_prior(args) -> int:
     if args.prior_command == "eval":
         return _prior_eval(args)
     if args.prior_command == "train-classifier":
-        from threedistill.shapes.classifier import train_classifier
-
         if args.steps <= 0:
             raise UserError(f"--steps must be > 0, got {args.steps}")
         acc = train_classifier(args.out_file, steps=args.steps, seed=args.seed)
@@ -354,12 +339,6 @@ def _prior_eval(args) -> int:
 
     import torch
     from tqdm import tqdm
-
-    from threedistill.atomic import atomic_write_text
-    from threedistill.config import PriorConfig
-    from threedistill.priors import load_prior
-    from threedistill.shapes.evaluate import evaluate_prior_samples
-    from threedistill.shapes.world import all_prompts
 
     for name in ("samples", "steps"):
         if getattr(args, name) <= 0:
@@ -381,8 +360,6 @@ def _prior_eval(args) -> int:
         print(f"{split}: {s['prompts']} prompts x {args.samples} samples: shape {s['shape_acc']:.3f}, "
               f"colour {s['colour_acc']:.3f}, both {s['acc']:.3f}")
     if args.grid:
-        from threedistill.export.video import save_image
-
         save_image(torch.cat([r["images"] for r in rows]), args.grid, nrow=args.samples)
         print(f"grid: {args.grid}")
     if args.json:
@@ -395,14 +372,11 @@ def _prior_eval(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from threedistill.shapes.classifier import load_classifier
-    from threedistill.shapes.evaluate import evaluate_run
-
     for d in args.run_dirs:
         if not Path(d).is_dir():
             raise UserError(f"run folder '{d}' does not exist")
     classifier = load_classifier()
-    results = [evaluate_run(d, classifier=classifier) for d in args.run_dirs]
+    results = [RunFolder(d).evaluate(classifier=classifier) for d in args.run_dirs]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -254,9 +254,11 @@ def load_config(
     config_file: Optional[str | Path | Sequence[str | Path]] = None,
     overrides: Sequence[str] = (),
     base: Optional[DictConfig | dict] = None,
+    values: Optional[Mapping[str, Any]] = None,
 ) -> Config:
     """Defaults <- ``base`` (a dict/DictConfig) <- ``config_file`` (one, or several merged in order,
-    e.g. a loss preset then the ``sd`` prior overlay) <- ``key=value`` overrides.
+    e.g. a loss preset then the ``sd`` prior overlay) <- ``values`` (typed values by dotted key,
+    e.g. ``{"run.seed": 3}``: a form's fields) <- ``key=value`` overrides.
 
     Returns a validated structured config (an OmegaConf object typed as :class:`Config`).
     Raises :class:`UserError` with one line naming the key on any problem.
@@ -274,6 +276,15 @@ def load_config(
             files = list(config_file)
         for one in files:
             merged = OmegaConf.merge(merged, _load_config_file(resolve_config_path(str(one))))
+        if values:
+            nested: Dict[str, Any] = {}
+            for key, value in values.items():
+                *groups, name = str(key).split(".")
+                node = nested
+                for g in groups:
+                    node = node.setdefault(g, {})
+                node[name] = value
+            merged = OmegaConf.merge(merged, nested)
         if overrides:
             for ov in overrides:
                 if not is_override(ov):

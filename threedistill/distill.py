@@ -1,18 +1,8 @@
 """The optimization loop: build everything from a config, distill, checkpoint, export.
 
 Front ends (CLI, web app, batch) construct a :class:`Distiller` and call :meth:`Distiller.run`;
-none re-implements a step. Observers hook in through :class:`Callback`.
-
-Run folder (``<run.out_dir>/<run.name>``)::
-
-    config.yaml        the resolved config
-    run.json           status (running / finished), prompt, step, timings, outputs
-    metrics.jsonl      one JSON object per step
-    previews/          step_XXXXXX.png (front | side | back | overhead)
-    checkpoints/       step_XXXXXX.safetensors + .json
-    model.glb          (and .obj / .ply as configured)
-    splat.ply          (Gaussians: the 3DGS splat file)
-    turntable.mp4
+none re-implements a step. Observers hook in through :class:`Callback`. Everything the run writes
+goes into its :class:`~threedistill.runs.RunFolder` (the layout is described there).
 """
 
 from __future__ import annotations
@@ -21,25 +11,25 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from omegaconf import OmegaConf
 
-from threedistill.atomic import atomic_write_text
 from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
                                   step_generator)
-from threedistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from threedistill.config import Config, load_run_config_file, to_yaml
+from threedistill.checkpoint import load_checkpoint, save_checkpoint
+from threedistill.config import Config
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
 from threedistill.groups import scheduled
+from threedistill.guidance import build_guidance
+from threedistill.priors import PriorCache
 from threedistill.representations import RepresentationContext, build_representation
+from threedistill.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +64,6 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def slugify(text: str, max_len: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:max_len].strip("-") or "run"
-
-
 def check_prompt(prompt: str) -> str:
     prompt = (prompt or "").strip()
     if not prompt:
@@ -97,23 +82,6 @@ def check_writable_location(path: Path) -> None:
         raise UserError(f"output folder '{path}' is not writable ('{probe}' is a file); choose another with --out")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{path}' is not writable (no permission on '{probe}'); choose another with --out")
-
-
-def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    cfg_path = Path(run_dir) / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"'{run_dir}' is not a threedistill run folder (no config.yaml)")
-    return load_run_config_file(cfg_path, overrides)
-
-
-def read_run_status(run_dir: Path) -> Dict[str, Any]:
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except ValueError:
-        return {}
 
 
 class _Timer:
@@ -143,20 +111,26 @@ class _Timer:
 class Distiller:
     """Owns one run: ``Distiller(cfg).run()``; ``Distiller.resume(run_dir).run()`` continues one.
 
-    ``prior`` may be passed in to share one loaded prior across runs (batch, web app).
+    The prior comes from ``priors`` (a :class:`~threedistill.priors.PriorCache` shared across runs:
+    a refine stage, batch rows, web-app jobs; a fresh one when None), unless a loaded ``prior`` is
+    passed in. ``run_dir`` (a path or a :class:`~threedistill.runs.RunFolder`) defaults to a new
+    folder in ``run.out_dir`` (:meth:`RunFolder.new`).
     """
 
-    def __init__(self, cfg: Config, run_dir: Optional[Path] = None, callbacks: Sequence[Callback] = (),
-                 prior=None, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: Optional[Union[Path, RunFolder]] = None,
+                 callbacks: Sequence[Callback] = (), prior=None, resume: bool = False,
+                 priors: Optional[PriorCache] = None):
         self.cfg = cfg
         self.callbacks: List[Callback] = list(callbacks)
         self.cfg.run.prompt = check_prompt(cfg.run.prompt)
         self.device = resolve_device(cfg.run.device)
         if run_dir is None:
-            name = cfg.run.name or f"{slugify(cfg.run.prompt)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            run_dir = Path(cfg.run.out_dir) / name
-        self.run_dir = Path(run_dir)
+            self.folder = RunFolder.new(cfg.run.out_dir, cfg.run.prompt, cfg.run.name)
+        else:
+            self.folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+        self.run_dir = self.folder.path
         self.resuming = resume
+        self.priors = priors if priors is not None else PriorCache()
         self._prior = prior
         #: The representation group to build: ``cfg.representation`` unless the pipeline sets it
         #: to that group with its inputs resolved into files (:func:`threedistill.inputs.resolve_inputs`);
@@ -167,11 +141,11 @@ class Distiller:
         self._built = False
 
     @classmethod
-    def resume(cls, run_dir: Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
-               prior=None) -> "Distiller":
-        """Continue a run from its folder (its config.yaml, overridable, e.g. ``run.steps=...``)."""
-        cfg = read_run_config(Path(run_dir), overrides)
-        return cls(cfg, run_dir=Path(run_dir), callbacks=callbacks, prior=prior, resume=True)
+    def resume(cls, run_dir: Union[Path, RunFolder], overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
+               priors: Optional[PriorCache] = None) -> "Distiller":
+        """Continue a run from its folder (its saved config, overridable, e.g. ``run.steps=...``)."""
+        folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+        return cls(folder.read_config(overrides), run_dir=folder, callbacks=callbacks, priors=priors, resume=True)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -181,13 +155,10 @@ class Distiller:
         """Prior, guidance, representation, camera sampler, optimizer (in that order)."""
         if self._built:
             return
-        from threedistill.guidance import build_guidance
-        from threedistill.priors import load_prior
-
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
         if self._prior is None:
-            self._prior = load_prior(cfg.prior, self.device)
+            self._prior = self.priors.get(cfg.prior, self.device)
         self.prior = self._prior
         self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
         self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
@@ -249,45 +220,36 @@ class Distiller:
     # -- outputs ------------------------------------------------------------------------------------
     @torch.no_grad()
     def save_preview(self, step: int) -> Path:
-        from threedistill.export import image_grid, save_image
-
         c = self.cfg.camera
         cams = preview_cameras(self.cfg.run.resolution, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
         out = self.representation.render(cams, step=step, training=False)
-        path = self.run_dir / "previews" / f"step_{step:06d}.png"
+        path = self.folder.preview_path(step)
         save_image(image_grid(out.rgb.clamp(0, 1).cpu(), nrow=4), path)
         return path
 
     def save_checkpoint(self, step: int) -> Path:
-        path = save_checkpoint(self.run_dir / "checkpoints", step, self.representation, self.guidance, self.optimizer,
+        path = save_checkpoint(self.folder.checkpoints_dir, step, self.representation, self.guidance, self.optimizer,
                                extra={"prompt": self.cfg.run.prompt, "seed": self.cfg.run.seed})
         for cb in self.callbacks:
             cb.on_checkpoint(self, step, path)
         return path
 
     def _write_status(self, status: str, **extra) -> None:
-        info = read_run_status(self.run_dir)
-        info.pop("export_error", None)
-        info.update({"status": status, "prompt": self.cfg.run.prompt, "step": self.step,
-                     "steps": self.cfg.run.steps, "updated": datetime.now().isoformat(timespec="seconds")})
-        info.update(extra)
-        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=1))
+        self.folder.set_status(status, self.cfg.run.prompt, self.step, self.cfg.run.steps, **extra)
 
     def export(self) -> tuple[Dict[str, str], Optional[str]]:
         """The representation's extra outputs (the Gaussians' splat PLY, with ``export.splat``), turntable video and
         meshes (export.formats) into the run folder: the written outputs, and the one-line reason the mesh could not
         be extracted (else None)."""
-        from threedistill.export import export_run_meshes, render_turntable
-
         outputs: Dict[str, str] = {}
         error: Optional[str] = None
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
         # The splat PLY and the video first: they cannot fail on a missing surface, the mesh can.
         if e.splat and "splat" in self.representation.extra_outputs():
-            outputs["splat"] = str(self.representation.write_extra_output("splat", self.run_dir / "splat.ply"))
+            outputs["splat"] = str(self.representation.write_extra_output("splat", self.folder.splat_path))
         if e.turntable:
-            p = render_turntable(self.representation, self.run_dir / "turntable.mp4", frames=e.turntable_frames,
+            p = render_turntable(self.representation, self.folder.turntable_path, frames=e.turntable_frames,
                                  fps=e.turntable_fps, resolution=e.turntable_resolution,
                                  elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
                                  progress=self.cfg.run.progress)
@@ -303,7 +265,7 @@ class Distiller:
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg = self.cfg
-        if not self.resuming and (self.run_dir / "config.yaml").exists():
+        if not self.resuming and self.folder.config_path.exists():
             raise UserError(f"run folder '{self.run_dir}' already holds a run; resume it with --resume or pick another run.name")
         # Check the output location before the (slow) build, create the run folder only after it,
         # so a bad prior or config leaves nothing behind.
@@ -315,15 +277,15 @@ class Distiller:
             raise UserError(f"output folder '{self.run_dir}' is not writable ({e.strerror or e}); choose another with --out") from None
         start = 0
         if self.resuming:
-            last = latest_checkpoint(self.run_dir / "checkpoints")
+            last = self.folder.latest_checkpoint()
             if last is not None:
-                load_checkpoint(self.run_dir / "checkpoints", last, self.representation, self.guidance,
+                load_checkpoint(self.folder.checkpoints_dir, last, self.representation, self.guidance,
                                 self.optimizer, self.device)
                 start = last
         self.step = start
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-        self._truncate_metrics(start)
-        (self.run_dir / "previews").mkdir(exist_ok=True)
+        self.folder.write_config(cfg)
+        self.folder.truncate_metrics(start)
+        self.folder.previews_dir.mkdir(exist_ok=True)
         self._write_status("running")
         for cb in self.callbacks:
             cb.on_start(self)
@@ -337,7 +299,7 @@ class Distiller:
             bar = tqdm(total=cfg.run.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
         status = "finished"
         try:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+            with open(self.folder.metrics_path, "a", encoding="utf-8") as metrics:
                 for step in range(start, cfg.run.steps):
                     timer = _Timer(self.device)
                     t0 = time.perf_counter()
@@ -390,34 +352,3 @@ class Distiller:
         if export_error:
             raise UserError(export_error)
         return result
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past ``step`` (left by a killed run) so the log matches the checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-        atomic_write_text(path, "".join(l + "\n" for l in kept))
-
-
-def load_trained_representation(run_dir: Path, overrides: Sequence[str] = (), device: Optional[str] = None):
-    """Rebuild a run's representation from its newest checkpoint (no prior needed): for export/render.
-    The checkpoint holds the whole state, so the representation reads none of its inputs
-    (``RepresentationContext.from_checkpoint``): a refine run loads without its coarse run."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir, overrides)
-    dev = resolve_device(device or cfg.run.device)
-    step = latest_checkpoint(run_dir / "checkpoints")
-    if step is None:
-        raise UserError(f"run folder '{run_dir}' has no checkpoint yet; nothing to export")
-    torch.manual_seed(cfg.run.seed)
-    rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run, from_checkpoint=True), dev)
-    load_checkpoint(run_dir / "checkpoints", step, rep, None, None, dev)
-    rep.eval()
-    return cfg, rep, step

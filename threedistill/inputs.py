@@ -31,7 +31,8 @@ import torch
 
 from threedistill.config import Config
 from threedistill.devices import resolve_device
-from threedistill.distill import Distiller, load_trained_representation
+from threedistill.distill import Distiller
+from threedistill.runs import RunFolder
 from threedistill.errors import UserError
 from threedistill.export.mesh import extract_mesh
 from threedistill.meshio import MESH_ARRAYS_SUFFIX, vertex_colors, write_mesh_arrays
@@ -39,20 +40,16 @@ from threedistill.shapes.world import parse_prompt, shape_mesh
 
 log = logging.getLogger(__name__)
 
-#: The run folder's sub-folder of resolved inputs.
-INPUTS_DIR = "inputs"
-
-
 def needs_resolving(cfg: Config) -> bool:
     """Whether the active representation's ``init`` names something outside the run."""
     init = _init_of(cfg)
     return init is not None and (init.startswith("run:") or init == "shape")
 
 
-def resolve_inputs(cfg: Config, into: Path) -> Config:
+def resolve_inputs(cfg: Config, into: RunFolder) -> Config:
     """``cfg`` itself when nothing needs resolving, else a copy whose active representation's
-    ``init`` is ``file:`` mesh arrays written into ``into`` (module docstring); ``cfg`` is not
-    changed."""
+    ``init`` is ``file:`` mesh arrays written into the run folder ``into`` (module docstring);
+    ``cfg`` is not changed."""
     init = _init_of(cfg)
     if init is None or not needs_resolving(cfg):
         return cfg
@@ -65,7 +62,7 @@ def resolve_inputs(cfg: Config, into: Path) -> Config:
                     key, str(cfg.run.prompt))
         out.representation[name].init = "sphere"
         return out
-    path = Path(into) / f"{key}{MESH_ARRAYS_SUFFIX}"
+    path = into.input_path(key, MESH_ARRAYS_SUFFIX)
     if not path.is_file():
         if init == "shape":
             m = shape_mesh(parse_prompt(str(cfg.run.prompt)).shape)
@@ -83,10 +80,11 @@ def surface_of_run(run_dir: Path, key: str, resolution: Optional[int],
                    device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colours ``[V,3]`` float32
     sRGB (or None) of the trained run in ``run_dir`` (module docstring)."""
-    if not (run_dir / "config.yaml").is_file():
+    source = RunFolder(run_dir)
+    if not source.is_run():
         raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
-    with torch.random.fork_rng(devices=[]):  # load_trained_representation reseeds the global RNG
-        cfg, rep, _ = load_trained_representation(run_dir, device=str(device))
+    with torch.random.fork_rng(devices=[]):  # loading reseeds the global RNG
+        cfg, rep, _ = source.load_representation(device=str(device))
         mesh = rep.explicit_surface()
         if mesh is None:
             mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
@@ -99,7 +97,7 @@ def prepare_inputs(d: Distiller) -> None:
     """Resolve ``d``'s inputs into its run folder's ``inputs/`` before it is built: ``d`` builds
     its representation from the resolved group, its config (config.yaml) stays as asked."""
     if needs_resolving(d.cfg):
-        d.representation_cfg = resolve_inputs(d.cfg, d.run_dir / INPUTS_DIR).representation
+        d.representation_cfg = resolve_inputs(d.cfg, d.folder).representation
 
 
 def _init_of(cfg: Config) -> Optional[str]:
@@ -108,4 +106,4 @@ def _init_of(cfg: Config) -> Optional[str]:
     return None if init is None else str(init)
 
 
-__all__ = ["INPUTS_DIR", "needs_resolving", "prepare_inputs", "resolve_inputs", "surface_of_run"]
+__all__ = ["needs_resolving", "prepare_inputs", "resolve_inputs", "surface_of_run"]

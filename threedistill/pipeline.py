@@ -11,30 +11,37 @@ The refine stage's config is: defaults <- ``refine.config`` <- what the coarse r
 <- ``refine.overrides``; then ``representation.mesh.init`` and ``refine.enabled=false`` are set.
 The already-loaded prior object is shared when the prior config is the same.
 
-Front ends call :func:`run_chain` (a new run; :func:`then_refine` for a Distiller built already),
-:func:`resume_chain` (whichever stage is
-unfinished) and :func:`start_refine` (a refine stage from an existing finished run); all return
-the stages' :class:`~threedistill.distill.RunResult` s, the last one the final asset.
+The loaded prior is shared through a :class:`~threedistill.priors.PriorCache` when it is the same
+(name, revision, dtype, cache dir, device).
+
+Front ends turn what a user asked into a config and a run folder with :func:`prepare_run` (a
+:class:`RunRequest`: a new run, a run to resume, or a refine stage of a finished run; every
+pre-flight check is made there, once), then run it with :func:`run_prepared`. :func:`run_chain`
+(a new run; :func:`then_refine` for a Distiller built already), :func:`resume_chain` (whichever
+stage is unfinished) and :func:`start_refine` (a refine stage from an existing finished run) are
+the same two steps in one call; all return the stages' :class:`~threedistill.distill.RunResult` s,
+the last one the final asset.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from omegaconf import OmegaConf
 
-from threedistill.atomic import atomic_write_text
 from threedistill.config import Config, load_config
-from threedistill.distill import (Callback, Distiller, RunResult, check_writable_location, read_run_config,
-                                  read_run_status)
+from threedistill.distill import Callback, Distiller, RunResult, check_prompt, check_writable_location
 from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
+from threedistill.priors import PriorCache, check_prior_available
 from threedistill.representations import representation_class
+from threedistill.runs import RunFolder
 
 #: The refine stage's folder inside the coarse run's folder.
-REFINE_DIR = "refine"
+REFINE_DIR = RunFolder.REFINE
 
 #: Config keys the refine stage takes from the coarse run (on top of ``refine.config``).
 CARRIED_KEYS = ("prior", "camera", "export", "run.prompt", "run.seed", "run.device", "run.progress",
@@ -42,7 +49,7 @@ CARRIED_KEYS = ("prior", "camera", "export", "run.prompt", "run.seed", "run.devi
 
 
 def refine_dir_of(coarse_dir: Path) -> Path:
-    return Path(coarse_dir) / REFINE_DIR
+    return RunFolder(coarse_dir).refine.path
 
 
 def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = None,
@@ -88,48 +95,178 @@ def check_refine(cfg: Config) -> None:
         refine_config(cfg, Path(cfg.run.out_dir) / "coarse-run")
 
 
-def _record(run_dir: Path, **entries: str) -> None:
-    import json
+# ----------------------------------------------------------------------------------------------
+# Preparing a run: the one way from what a user asked to a config and a run folder
+# ----------------------------------------------------------------------------------------------
+#: A check of which files a run may read and write (``(config, run folder)``; raises
+#: :class:`~threedistill.errors.UserError`). The seam for a front end's path policy.
+PathPolicy = Callable[[Config, RunFolder], None]
 
-    info = read_run_status(run_dir)
-    info.update(entries)
-    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info, indent=1))
+
+@dataclass
+class RunRequest:
+    """What a user asked for, in a front end's terms. One of three kinds:
+
+    * a new run (the default): ``prompt``, ``configs`` (presets or YAML files, merged in order),
+      ``values`` (typed values by dotted key, e.g. a form's fields: ``{"run.seed": 3}``) and
+      ``seed`` / ``steps`` / ``resolution``, then ``overrides`` (``key=value`` text) last;
+      ``defaults`` (a nested mapping) and ``out_dir`` sit below the configs. The folder is
+      ``run_dir`` when given (batch rows), else a new one in ``run.out_dir`` named by
+      ``run_name`` (or ``run.name``), else by :meth:`RunFolder.new`'s policy;
+    * ``resume``: continue that run folder (its saved config with ``overrides``); a finished run
+      whose config chains a refine stage continues with that stage;
+    * ``refine_of``: a refine stage of that finished run (``configs``: at most one, the stage's
+      preset, default the run's ``refine.config``; ``overrides`` after the run's ``refine.overrides``).
+
+    ``path_policy`` is called with the config and the folder before anything else is checked
+    against the file system.
+    """
+
+    prompt: Optional[str] = None
+    configs: Sequence[Union[str, Path]] = ()
+    overrides: Sequence[str] = ()
+    values: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    seed: Optional[int] = None
+    steps: Optional[int] = None
+    resolution: Optional[int] = None
+    out_dir: Optional[Union[str, Path]] = None
+    run_name: Optional[str] = None
+    run_dir: Optional[Union[str, Path]] = None
+    resume: Optional[Union[str, Path]] = None
+    refine_of: Optional[Union[str, Path]] = None
+    path_policy: Optional[PathPolicy] = None
 
 
-def _check_finished(coarse_dir: Path) -> None:
-    if not (coarse_dir / "config.yaml").is_file():
-        raise UserError(f"'{coarse_dir}' is not a threedistill run folder (no config.yaml)")
-    status = read_run_status(coarse_dir).get("status")
+class PreflightError(UserError):
+    """A :func:`prepare_run` check failed; ``check`` says which: config, prompt, paths, run_folder,
+    refine or prior (a front end may tie it to one of its fields)."""
+
+    def __init__(self, check: str, message: str):
+        super().__init__(message)
+        self.check = check
+        self.message = message
+
+
+def _check(name: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except PreflightError:
+        raise
+    except UserError as e:
+        raise PreflightError(name, str(e)) from None
+
+
+def _check_finished(coarse: RunFolder) -> None:
+    if not coarse.is_run():
+        raise UserError(f"'{coarse.path}' is not a threedistill run folder (no {RunFolder.CONFIG})")
+    status = coarse.status()
     if status != "finished":
-        raise UserError(f"'{coarse_dir}' is not a finished run (status: {status or 'unknown'}); finish it first "
-                        f"with `threedistill generate --resume {coarse_dir}`")
+        raise UserError(f"'{coarse.path}' is not a finished run (status: {status or 'unknown'}); finish it first "
+                        f"with `threedistill generate --resume {coarse.path}`")
 
 
-def _refine_stage(coarse_dir: Path, coarse_cfg: Config, callbacks: Sequence[Callback], prior,
-                  config: Optional[str] = None, overrides: Optional[Sequence[str]] = None,
-                  resume_overrides: Sequence[str] = ()) -> RunResult:
-    """Start the refine stage of the finished run ``coarse_dir``, or resume it when it exists."""
-    coarse_dir = Path(coarse_dir).resolve()
-    _check_finished(coarse_dir)
-    rdir = refine_dir_of(coarse_dir)
-    if (rdir / "config.yaml").is_file():
-        cfg = read_run_config(rdir, resume_overrides)
+def _prepare_refine(coarse: RunFolder, config: Optional[str], overrides: Sequence[str],
+                    continue_existing: bool) -> Tuple[Config, RunFolder]:
+    """A refine stage of the finished run ``coarse``: a new one, or (``continue_existing``) the
+    one its folder holds already."""
+    if not coarse.path.is_dir():
+        raise UserError(f"run folder '{coarse.path}' does not exist")
+    _check_finished(coarse)
+    coarse_cfg = coarse.read_config()
+    where = RunFolder(coarse.path.resolve())
+    folder = where.refine
+    if continue_existing and folder.is_run():
+        cfg = folder.read_config(overrides)
         # Point the init at where the coarse run is now (the folders may have moved together).
-        cfg.representation[cfg.representation.name].init = f"run:{coarse_dir}"
-        resume = True
+        cfg.representation[cfg.representation.name].init = f"run:{where.path}"
+        return cfg, folder
+    cfg = refine_config(coarse_cfg, where.path, config, [*coarse_cfg.refine.overrides, *overrides])
+    if folder.is_run():
+        raise UserError(f"'{folder.path}' already holds a refine stage; continue it with "
+                        f"`threedistill generate --resume {folder.path}` or remove it to start again")
+    return cfg, folder
+
+
+def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
+    base = OmegaConf.merge(OmegaConf.create(dict(request.defaults)),
+                           {"run": {"prompt": request.prompt or "",
+                                    **({"out_dir": str(request.out_dir)} if request.out_dir is not None else {})}})
+    values = dict(request.values)
+    for key, value in (("run.seed", request.seed), ("run.steps", request.steps),
+                       ("run.resolution", request.resolution), ("run.name", request.run_name)):
+        if value is not None:
+            values[key] = value
+    cfg = _check("config", lambda: load_config(list(request.configs), list(request.overrides), base=base,
+                                               values=values))
+    cfg.run.prompt = _check("prompt", lambda: check_prompt(cfg.run.prompt))
+    if request.run_dir is not None:
+        folder = RunFolder(request.run_dir)
+    elif cfg.run.name:
+        # The policy sees an explicit name before the file system does (the collision check).
+        _check_paths(request, cfg, RunFolder(Path(cfg.run.out_dir) / str(cfg.run.name)))
+        return cfg, _check("run_folder", lambda: RunFolder.new(cfg.run.out_dir, cfg.run.prompt, cfg.run.name))
     else:
-        base_ov = coarse_cfg.refine.overrides if overrides is None else overrides
-        cfg = refine_config(coarse_cfg, coarse_dir, config, [*base_ov, *resume_overrides])
-        resume = False
-    if prior is not None and OmegaConf.to_container(cfg.prior) != OmegaConf.to_container(coarse_cfg.prior):
-        prior = None  # the refine stage asked for another prior
-    d = Distiller(cfg, run_dir=rdir, callbacks=callbacks, prior=prior, resume=resume)
+        folder = RunFolder.new(cfg.run.out_dir, cfg.run.prompt)
+    _check_paths(request, cfg, folder)
+    return cfg, folder
+
+
+def _check_paths(request: RunRequest, cfg: Config, folder: RunFolder) -> None:
+    """The seam for the path policy (which files a run may read and write): the request's own
+    policy when it has one; no default policy yet."""
+    if request.path_policy is not None:
+        _check("paths", lambda: request.path_policy(cfg, folder))
+
+
+def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
+    """The validated config and the run folder of ``request``, with every pre-flight check made
+    (the same for the CLI, the web app and batch): the config (validation), the prompt, the path
+    policy, the run folder (an explicit ``run.name`` that already holds a run is refused), the
+    refine section of a chained config, and that the prior's weights can be found (none loaded).
+    Creates nothing. Raises :class:`PreflightError` (a :class:`UserError`) naming the check."""
+    if request.refine_of is not None:
+        if len(request.configs) > 1:
+            raise PreflightError("config", "a refine stage takes one preset or config file")
+        config = str(request.configs[0]) if request.configs else None
+        cfg, folder = _check("refine", lambda: _prepare_refine(RunFolder(request.refine_of), config,
+                                                               request.overrides, continue_existing=False))
+    elif request.resume is not None:
+        folder = RunFolder(request.resume)
+        if not folder.path.is_dir():
+            raise PreflightError("run_folder", f"run folder '{folder.path}' does not exist")
+        saved = _check("config", folder.read_config)
+        if folder.is_finished() and saved.refine.enabled:  # what continues is its refine stage
+            cfg, folder = _check("refine", lambda: _prepare_refine(folder, None, request.overrides,
+                                                                   continue_existing=True))
+        else:
+            cfg = _check("config", lambda: folder.read_config(request.overrides))
+    if request.refine_of is not None or request.resume is not None:
+        _check_paths(request, cfg, folder)
+    else:
+        cfg, folder = _prepare_new(request)  # checks the paths itself, before the folder is named
+    _check("refine", lambda: check_refine(cfg))
+    _check("prior", lambda: check_prior_available(cfg.prior))
+    return cfg, folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+def coarse_of(folder: RunFolder) -> Optional[RunFolder]:
+    """The coarse run whose refine stage ``folder`` is (None for a run of its own)."""
+    parent = RunFolder(folder.path.parent)
+    return parent if folder.is_refine_stage() and parent.is_run() else None
+
+
+def _run_refine(coarse: RunFolder, cfg: Config, folder: RunFolder, callbacks: Sequence[Callback],
+                priors: Optional[PriorCache]) -> RunResult:
+    d = Distiller(cfg, run_dir=folder, callbacks=callbacks, priors=priors, resume=folder.is_run())
     try:
         return _run(d)
     finally:
-        if (rdir / "run.json").is_file():  # the stage started (finished, stopped or interrupted)
-            _record(coarse_dir, refine=str(rdir))
-            _record(rdir, coarse=str(coarse_dir))
+        if folder.has_status():  # the stage started (finished, stopped or interrupted)
+            coarse.link_refine_stage(folder)
 
 
 def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunResult]:
@@ -137,14 +274,16 @@ def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunRes
     result = _run(d)
     results = [result]
     if result.status == "finished" and d.cfg.refine.enabled:
-        results.append(_refine_stage(d.run_dir, d.cfg, callbacks, getattr(d, "prior", None)))
+        # A finished run that chains a refine stage: resuming it means its refine stage.
+        cfg, folder = prepare_run(RunRequest(resume=d.run_dir))
+        results.append(_run_refine(RunFolder(d.run_dir.resolve()), cfg, folder, callbacks, d.priors))
     return results
 
 
 def _run(d: Distiller) -> RunResult:
     """``d.run()`` after resolving its inputs into its run folder (:func:`threedistill.inputs.prepare_inputs`);
     a new run that fails before it starts (no config.yaml yet) leaves no folder behind."""
-    if not d.resuming and (d.run_dir / "config.yaml").exists():
+    if not d.resuming and d.folder.is_run():
         return d.run()  # refuses: the folder holds another run, which must stay untouched
     check_writable_location(d.run_dir)
     fresh = not d.run_dir.exists()
@@ -152,63 +291,61 @@ def _run(d: Distiller) -> RunResult:
         prepare_inputs(d)
         return d.run()
     except BaseException:
-        if fresh and not (d.run_dir / "config.yaml").exists():
+        if fresh and not d.folder.is_run():
             shutil.rmtree(d.run_dir, ignore_errors=True)
         raise
 
 
+def run_prepared(cfg: Config, folder: RunFolder, callbacks: Sequence[Callback] = (),
+                 priors: Optional[PriorCache] = None) -> List[RunResult]:
+    """Run what :func:`prepare_run` returned: a new run or one to continue (then its refine stage
+    when its config chains one), or a refine stage."""
+    priors = priors if priors is not None else PriorCache()
+    coarse = coarse_of(folder)
+    if coarse is not None:
+        return [_run_refine(coarse, cfg, folder, callbacks, priors)]
+    return then_refine(Distiller(cfg, run_dir=folder, callbacks=callbacks, priors=priors, resume=folder.is_run()),
+                       callbacks)
+
+
 def run_chain(cfg: Config, run_dir: Optional[Path] = None, callbacks: Sequence[Callback] = (),
-              prior=None) -> List[RunResult]:
-    """A new run, then its refine stage when ``cfg.refine.enabled``."""
-    check_refine(cfg)
-    return then_refine(Distiller(cfg, run_dir=run_dir, callbacks=callbacks, prior=prior), callbacks)
+              priors: Optional[PriorCache] = None) -> List[RunResult]:
+    """A new run from a config made by :func:`prepare_run`, then its refine stage when
+    ``cfg.refine.enabled``."""
+    return then_refine(Distiller(cfg, run_dir=run_dir, callbacks=callbacks, priors=priors), callbacks)
 
 
 def resume_chain(run_dir: Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
-                 prior=None) -> List[RunResult]:
+                 priors: Optional[PriorCache] = None) -> List[RunResult]:
     """Resume whichever stage of ``run_dir`` is unfinished: the run itself (then its refine stage
     when enabled), else its refine stage (``overrides`` apply to the stage resumed). A run without
     ``refine.enabled`` resumes as itself (a refine stage started by :func:`start_refine` is resumed
     as its own folder, ``<run_dir>/refine``)."""
-    run_dir = Path(run_dir)
-    coarse_cfg = read_run_config(run_dir)
-    finished = read_run_status(run_dir).get("status") == "finished"
-    if finished and coarse_cfg.refine.enabled:
-        return [_refine_stage(run_dir, coarse_cfg, callbacks, prior, resume_overrides=overrides)]
-    d = Distiller.resume(run_dir, overrides=overrides, callbacks=callbacks, prior=prior)
-    check_refine(d.cfg)
-    return then_refine(d, callbacks)
+    cfg, folder = prepare_run(RunRequest(resume=run_dir, overrides=overrides))
+    return run_prepared(cfg, folder, callbacks, priors)
 
 
 def is_complete(run_dir: Path) -> bool:
     """A finished run whose refine stage (when enabled) is finished too."""
-    run_dir = Path(run_dir)
-    if read_run_status(run_dir).get("status") != "finished":
+    folder = RunFolder(run_dir)
+    if not folder.is_finished():
         return False
     try:
-        enabled = read_run_config(run_dir).refine.enabled
+        enabled = folder.read_config().refine.enabled
     except UserError:
         return True
-    return not enabled or read_run_status(refine_dir_of(run_dir)).get("status") == "finished"
+    return not enabled or folder.refine.is_finished()
 
 
 def start_refine(coarse_dir: Path, config: Optional[str] = None, overrides: Sequence[str] = (),
-                 callbacks: Sequence[Callback] = (), prior=None) -> RunResult:
+                 callbacks: Sequence[Callback] = (), priors: Optional[PriorCache] = None) -> RunResult:
     """A refine stage from an existing finished run: ``config`` (default the run's
     ``refine.config``), the run's ``refine.overrides`` then ``overrides``."""
-    coarse_dir = Path(coarse_dir)
-    if not coarse_dir.is_dir():
-        raise UserError(f"run folder '{coarse_dir}' does not exist")
-    _check_finished(coarse_dir)
-    coarse_cfg = read_run_config(coarse_dir)
-    overrides = [*coarse_cfg.refine.overrides, *overrides]
-    refine_config(coarse_cfg, coarse_dir, config, overrides)  # a bad refine config fails first
-    rdir = refine_dir_of(coarse_dir)
-    if (rdir / "config.yaml").is_file():
-        raise UserError(f"'{rdir}' already holds a refine stage; continue it with "
-                        f"`threedistill generate --resume {rdir}` or remove it to start again")
-    return _refine_stage(coarse_dir, coarse_cfg, callbacks, prior, config=config, overrides=overrides)
+    cfg, folder = prepare_run(RunRequest(refine_of=coarse_dir, configs=[config] if config else [],
+                                         overrides=overrides))
+    return run_prepared(cfg, folder, callbacks, priors)[-1]
 
 
-__all__ = ["REFINE_DIR", "CARRIED_KEYS", "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain",
-           "start_refine", "is_complete", "refine_dir_of"]
+__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "prepare_run", "run_prepared",
+           "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain", "start_refine",
+           "is_complete", "refine_dir_of", "coarse_of"]

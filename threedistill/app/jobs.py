@@ -19,12 +19,16 @@ import uuid
 import zipfile
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
-from threedistill.devices import OOM_HINT, out_of_memory
+from threedistill.config import CONFIG_DIR
+from threedistill.devices import OOM_HINT, out_of_memory, resolve_device
+from threedistill.distill import Distiller
 from threedistill.errors import UserError
+from threedistill.pipeline import PreflightError, RunRequest, prepare_run, then_refine
+from threedistill.priors import PriorCache
+from threedistill.runs import RunFolder, slugify
 
 #: Job states. ``cancelled``: removed from the queue before it started.
 QUEUED, RUNNING, FINISHED, STOPPED, FAILED, CANCELLED = "queued", "running", "finished", "stopped", "failed", "cancelled"
@@ -39,8 +43,6 @@ DOWNLOADS_DIR = ".downloads"
 
 def list_presets() -> List[str]:
     """Loss x representation presets in configs/ (``<loss>-<representation>``)."""
-    from threedistill.config import CONFIG_DIR
-
     return sorted(p.stem for p in Path(CONFIG_DIR).glob("*-*.yaml"))
 
 
@@ -140,21 +142,32 @@ def _field_for_message(message: str) -> str:
     return "overrides"
 
 
+def _app_paths(outputs: Path):
+    """The app's path policy (a :data:`~threedistill.pipeline.PathPolicy`): ``run.name`` may only
+    be a plain slug not used yet in the outputs folder, so no user text ever places a run outside it."""
+
+    def check(cfg, folder: RunFolder) -> None:
+        if cfg.run.name is not None and (slugify(str(cfg.run.name)) != str(cfg.run.name)):
+            raise UserError(f"run.name '{cfg.run.name}' must be a plain name of a-z, 0-9 and '-' "
+                            f"(e.g. '{slugify(str(cfg.run.name))}')")
+        if cfg.run.name is not None and (outputs / str(cfg.run.name)).exists():
+            raise UserError(f"run.name '{cfg.run.name}' is already used in the outputs folder; pick another")
+
+    return check
+
+
+#: Which form field a failed pre-flight check (:class:`~threedistill.pipeline.PreflightError`) is about.
+_CHECK_FIELDS = {"prompt": "prompt", "prior": "prior", "refine": "overrides", "paths": "overrides",
+                 "run_folder": "overrides"}
+
+
 def build_config(s: JobSettings, outputs: Path):
-    """The validated run config for ``s`` (raises :class:`ValidationError` naming the field).
+    """The validated run config for ``s`` (raises :class:`ValidationError` naming the field), by
+    :func:`~threedistill.pipeline.prepare_run`.
 
     ``run.out_dir`` is always the app's outputs folder; ``run.name`` may only be a plain slug, so
     no user text ever places a run outside it.
     """
-    from threedistill.config import load_config
-    from threedistill.distill import check_prompt, slugify
-    from threedistill.pipeline import check_refine
-    from threedistill.priors import check_prior_available
-
-    try:
-        prompt = check_prompt(s.prompt)
-    except UserError as e:
-        raise ValidationError("prompt", str(e).replace('threedistill generate "a red cube"', '"a red cube"')) from None
     if "\n" in (s.negative_prompt or "") or "\r" in (s.negative_prompt or ""):
         raise ValidationError("negative_prompt", "the negative prompt must be a single line")
     presets = list_presets()
@@ -173,38 +186,23 @@ def build_config(s: JobSettings, outputs: Path):
             raise ValidationError("overrides", "run.out_dir is set by the app (its --outputs folder); remove it")
         if key == "run.prompt":
             raise ValidationError("overrides", "set the prompt in the prompt field, not run.prompt")
-    form = [f"prior.name={json.dumps(prior)}", f"prior.negative_prompt={json.dumps(s.negative_prompt or '')}"]
-    if seed is not None:
-        form.append(f"run.seed={seed}")
-    if steps is not None:
-        form.append(f"run.steps={steps}")
+    form: Dict[str, Any] = {"prior.name": prior, "prior.negative_prompt": s.negative_prompt or ""}
     if scale is not None:
-        form.append(f"guidance.guidance_scale={scale}")
-    if resolution is not None:
-        form.append(f"run.resolution={resolution}")
+        form["guidance.guidance_scale"] = scale
+    # The outputs folder comes after the preset (the Advanced box may not set it: checked above).
+    form["run.out_dir"] = str(outputs)
     # The page offers every mesh download (GLB, OBJ zip, PLY), so all three are written unless the
     # preset or the Advanced box says otherwise.
-    base = {"run": {"prompt": prompt, "out_dir": str(outputs), "progress": False},
-            "export": {"formats": ["glb", "obj", "ply"]}}
+    request = RunRequest(prompt=s.prompt, configs=[s.preset], values=form, seed=seed, steps=steps,
+                         resolution=resolution, overrides=overrides,
+                         defaults={"run": {"progress": False}, "export": {"formats": ["glb", "obj", "ply"]}},
+                         path_policy=_app_paths(outputs))
     try:
-        cfg = load_config([s.preset], form + overrides, base=base)
-    except UserError as e:
-        raise ValidationError(_field_for_message(str(e)), str(e)) from None
-    cfg.run.out_dir = str(outputs)
-    try:
-        check_refine(cfg)  # a chained preset's refine stage (refine.* overrides)
-    except UserError as e:
-        raise ValidationError("overrides", str(e)) from None
-    if cfg.run.name is not None and (slugify(str(cfg.run.name)) != str(cfg.run.name)):
-        raise ValidationError("overrides", f"run.name '{cfg.run.name}' must be a plain name of a-z, 0-9 and '-' "
-                                           f"(e.g. '{slugify(str(cfg.run.name))}')")
-    if cfg.run.name is not None and (outputs / str(cfg.run.name)).exists():
-        raise ValidationError("overrides", f"run.name '{cfg.run.name}' is already used in the outputs folder; pick another")
-    # The prior: a built-in name, else check the folder / cache entry now (cheap; no weights loaded).
-    try:
-        check_prior_available(cfg.prior)
-    except UserError as e:
-        raise ValidationError("prior", str(e)) from None
+        cfg, _ = prepare_run(request)  # the folder is named when the job starts
+    except PreflightError as e:
+        field_name = _CHECK_FIELDS.get(e.check) or _field_for_message(e.message)
+        message = e.message.replace('threedistill generate "a red cube"', '"a red cube"')
+        raise ValidationError(field_name, message) from None
     return cfg
 
 
@@ -251,8 +249,6 @@ class _JobCallback:
         self.manager, self.job = manager, job
 
     def on_start(self, distiller) -> None:
-        from threedistill.pipeline import REFINE_DIR
-
         with self.manager._lock:
             j = self.job
             if j.distiller is not None and j.distiller is not distiller:
@@ -262,7 +258,7 @@ class _JobCallback:
                 j.steps = int(distiller.cfg.run.steps)
                 j.step_time_total, j.step_count = 0.0, 0
             j.distiller = distiller
-            j.phase = "refining" if distiller.run_dir.name == REFINE_DIR else "distilling"
+            j.phase = "refining" if distiller.folder.is_refine_stage() else "distilling"
             j.step = distiller.step
             if j.cancel_requested:
                 distiller.request_stop()
@@ -298,8 +294,7 @@ class JobManager:
         self._jobs: Dict[str, Job] = {}
         self._queues: Dict[str, Deque[str]] = {}
         self._workers: Dict[str, threading.Thread] = {}
-        self._priors: Dict[tuple, Any] = {}
-        self._prior_lock = threading.Lock()
+        self._priors = PriorCache()  # every job's prior stays loaded (one server, few priors)
         self._closed = False
 
     # -- submitting ---------------------------------------------------------------------------
@@ -309,8 +304,6 @@ class JobManager:
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
-        from threedistill.devices import resolve_device
-
         s, cfg = self.validate(settings)
         try:
             device = str(resolve_device(cfg.run.device))
@@ -386,19 +379,18 @@ class JobManager:
             return self._get(job_id).public()
 
     def history(self) -> List[Dict[str, Any]]:
-        """Run folders in the outputs folder (those with a run.json), newest first."""
-        from threedistill.distill import read_run_status
-
+        """Run folders in the outputs folder (those with a status), newest first."""
         runs = []
         for d in self.outputs.iterdir():
-            if not d.is_dir() or d.name.startswith(".") or not (d / "run.json").is_file():
+            folder = RunFolder(d)
+            if not d.is_dir() or d.name.startswith(".") or not folder.has_status():
                 continue
-            info = read_run_status(d)
-            previews = sorted((d / "previews").glob("step_*.png")) if (d / "previews").is_dir() else []
+            info = folder.read_status()
+            preview = folder.latest_preview()
             runs.append({"name": d.name, "run_dir": str(d), "status": info.get("status", "unknown"),
                          "prompt": info.get("prompt", ""), "step": info.get("step", 0), "steps": info.get("steps", 0),
-                         "updated": info.get("updated", ""), "preview": str(previews[-1]) if previews else None,
-                         "mtime": (d / "run.json").stat().st_mtime})
+                         "updated": info.get("updated", ""), "preview": str(preview) if preview else None,
+                         "mtime": folder.status_path.stat().st_mtime})
         runs.sort(key=lambda r: r["mtime"], reverse=True)
         return runs
 
@@ -426,7 +418,7 @@ class JobManager:
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise UserError(f"'{name}' is not a run name")
         d = self.safe_path(name)
-        if not (d / "run.json").is_file():
+        if not RunFolder(d).has_status():
             raise UserError(f"no run '{name}' in the outputs folder")
         return d
 
@@ -434,21 +426,23 @@ class JobManager:
         """The files of a run for the results panel: glb, obj (a zip of obj + mtl + textures when there
         are several), ply, splat, turntable, config, preview, zip (the whole folder). Missing ones are None."""
         d = self.run_dir(name_or_job_id)
+        folder = RunFolder(d)
 
-        def f(name: str) -> Optional[str]:
-            p = self.safe_path(d / name)
+        def f(path: Path) -> Optional[str]:
+            p = self.safe_path(path)
             return str(p) if p.is_file() else None
 
-        out: Dict[str, Optional[str]] = {"run_dir": str(d), "glb": f("model.glb"), "ply": f("model.ply"),
-                                         "splat": f("splat.ply"), "turntable": f("turntable.mp4"),
-                                         "config": f("config.yaml"), "obj": None, "preview": None}
-        if f("model.obj"):
-            extra = [p for p in sorted(d.iterdir()) if p.is_file() and p.name != "model.obj"
-                     and (p.suffix.lower() == ".mtl" or (p.name.startswith(("model", "material")) and p.suffix.lower() in (".png", ".jpg")))]
-            out["obj"] = str(self._zip(d, [d / "model.obj", *extra], f"{d.name}-obj.zip")) if extra else f("model.obj")
-        previews = sorted((d / "previews").glob("step_*.png")) if (d / "previews").is_dir() else []
-        if previews:
-            out["preview"] = str(self.safe_path(previews[-1]))
+        out: Dict[str, Optional[str]] = {"run_dir": str(d), "glb": f(folder.mesh_path("glb")),
+                                         "ply": f(folder.mesh_path("ply")), "splat": f(folder.splat_path),
+                                         "turntable": f(folder.turntable_path), "config": f(folder.config_path),
+                                         "obj": None, "preview": None}
+        obj = f(folder.mesh_path("obj"))
+        if obj:
+            extra = folder.mesh_companions()
+            out["obj"] = str(self._zip(d, [folder.mesh_path("obj"), *extra], f"{d.name}-obj.zip")) if extra else obj
+        preview = folder.latest_preview()
+        if preview is not None:
+            out["preview"] = str(self.safe_path(preview))
         out["zip"] = str(self.zip_run(d))
         return out
 
@@ -483,27 +477,6 @@ class JobManager:
         for i, jid in enumerate(self._queues.get(device, ())):
             self._jobs[jid].position = i + 1
 
-    def _prior(self, cfg):
-        from threedistill.devices import resolve_device
-        from threedistill.priors import load_prior
-
-        key = (str(cfg.prior.name), str(cfg.prior.dtype), str(cfg.prior.revision), str(resolve_device(cfg.run.device)))
-        with self._prior_lock:
-            if key not in self._priors:
-                self._priors[key] = load_prior(cfg.prior, resolve_device(cfg.run.device))
-            return self._priors[key]
-
-    def _new_run_dir(self, cfg) -> Path:
-        from threedistill.distill import slugify
-
-        if cfg.run.name:
-            return self.outputs / str(cfg.run.name)
-        base = f"{slugify(cfg.run.prompt)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        d, i = self.outputs / base, 2
-        while d.exists():
-            d, i = self.outputs / f"{base}-{i}", i + 1
-        return d
-
     def _worker(self, device: str) -> None:
         while True:
             with self._lock:
@@ -524,17 +497,15 @@ class JobManager:
                 self._wake.notify_all()
 
     def _run(self, job: Job) -> None:
-        from threedistill.distill import Distiller
-        from threedistill.pipeline import then_refine
-
         try:  # job.cfg passed build_config at submit, the refine section included
-            prior = self._prior(job.cfg)
-            run_dir = self._new_run_dir(job.cfg)
+            self._priors.get(job.cfg.prior, resolve_device(job.cfg.run.device))  # loaded before the run starts
+            # Named now, when the run starts (the naming policy avoids the folders that exist now).
+            folder = RunFolder.new(self.outputs, job.cfg.run.prompt, job.cfg.run.name)
             cb = _JobCallback(self, job)
-            d = Distiller(job.cfg, run_dir=run_dir, callbacks=[cb], prior=prior)
+            d = Distiller(job.cfg, run_dir=folder, callbacks=[cb], priors=self._priors)
             with self._lock:
                 job.distiller = d
-                job.run_dir, job.run_name = str(run_dir), run_dir.name
+                job.run_dir, job.run_name = str(folder.path), folder.name
                 if job.cancel_requested:
                     d.request_stop()
             result = then_refine(d, [cb])[-1]  # a chained preset's refine stage runs here too

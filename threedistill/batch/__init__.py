@@ -18,9 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from threedistill.batch.executors import make_executor
 from threedistill.batch.manifest import MANIFEST, Manifest
+from threedistill.batch.report import write_gallery, write_summary
 from threedistill.batch.rows import BatchRow, read_batch_input
+from threedistill.batch.worker import row_request
+from threedistill.config import load_config
 from threedistill.errors import UserError
+from threedistill.pipeline import is_complete, prepare_run
+from threedistill.runs import RunFolder
 
 
 @contextmanager
@@ -43,14 +49,9 @@ def _task(entry: Dict[str, Any], out: Path, configs: Sequence[str], overrides: S
 
 
 def _check_row(task: Dict[str, Any]) -> None:
-    """Build the row's config now (no weights loaded): a bad preset, override or refine section fails here."""
-    from threedistill.batch.worker import row_config
-    from threedistill.pipeline import check_refine
-    from threedistill.priors import check_prior_available
-
-    cfg = row_config(task)
-    check_refine(cfg)
-    check_prior_available(cfg.prior)
+    """Prepare the row's run now (no weights loaded): a bad preset, override, refine section or a
+    missing prior fails here."""
+    prepare_run(row_request(task))
 
 
 class _Progress:
@@ -84,11 +85,6 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
     """Run (or resume) a batch into ``out`` (None: the config's ``run.out_dir``). Returns the totals (rows, done, failed, ...); the
     manifest, ``summary.md`` and ``index.html`` are in ``out``. ``runner``: ``"module:function"``
     to run each row instead of :func:`~threedistill.batch.worker.execute_row` (same signature)."""
-    from threedistill.batch.executors import make_executor
-    from threedistill.batch.report import write_gallery, write_summary
-    from threedistill.config import load_config
-    from threedistill.pipeline import is_complete
-
     if retries < 0:
         raise UserError(f"--retries must be >= 0, got {retries}")
     # The batch-wide settings must be valid on their own (a typo there would fail every row).
@@ -110,7 +106,7 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
                 e["state"] = "pending"  # its folder was removed or left unfinished since: run it again
                 manifest.save()
             task = tasks[e["id"]]
-            if not (Path(task["run_dir"]) / "config.yaml").is_file():
+            if not RunFolder(task["run_dir"]).is_run():
                 try:
                     _check_row(task)
                 except UserError as err:

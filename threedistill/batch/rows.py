@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from threedistill.distill import slugify
+from threedistill.runs import slugify
 from threedistill.errors import UserError
 
 ROW_KEYS = {"prompt", "seed", "preset", "overrides", "id"}

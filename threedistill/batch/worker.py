@@ -22,12 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
-from threedistill.devices import out_of_memory
+from threedistill.devices import out_of_memory, resolve_device
+from threedistill.distill import Callback
 from threedistill.errors import UserError
+from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.priors import PriorCache
+from threedistill.runs import RunFolder
+from threedistill.shapes.world import parse_prompt
 
 LOCK_NAME = ".batch-row.lock"
-# One loaded prior per worker process, reused while the rows ask for the same one.
-_PRIOR_CACHE: Dict[str, Any] = {}
+# One loaded prior per worker process, reused while the rows ask for the same weights.
+_PRIORS = PriorCache(max_entries=1)
 
 
 @contextmanager
@@ -41,20 +46,6 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _prior_for(cfg) -> Any:
-    from omegaconf import OmegaConf
-
-    from threedistill.devices import resolve_device
-    from threedistill.priors import load_prior
-
-    device = resolve_device(cfg.run.device)
-    key = f"{OmegaConf.to_yaml(cfg.prior)}@{device}"
-    if key not in _PRIOR_CACHE:
-        _PRIOR_CACHE.clear()
-        _PRIOR_CACHE[key] = load_prior(cfg.prior, device)
-    return _PRIOR_CACHE[key]
 
 
 def _turntable_gif(mp4: Path, size: int = 128, frames: int = 30) -> Optional[Path]:
@@ -72,13 +63,15 @@ def _turntable_gif(mp4: Path, size: int = 128, frames: int = 30) -> Optional[Pat
     return gif
 
 
-def row_config(task: Dict[str, Any], extra: Sequence[str] = ()):
-    """The config of a new row: the batch's and the row's presets, then overrides, then ``extra``;
-    its run folder's parent is the batch folder."""
-    from threedistill.config import load_config
-
-    return load_config(task["configs"], [*task["overrides"], *extra],
-                       base={"run": {"prompt": task["prompt"], "out_dir": str(Path(task["run_dir"]).parent)}})
+def row_request(task: Dict[str, Any], extra: Sequence[str] = ()) -> RunRequest:
+    """What a row asks for: continue its run folder when that holds a run (``extra`` overrides on
+    top), else a new run there: the batch's and the row's presets, then overrides, then ``extra``
+    (its run folder's parent is the batch folder)."""
+    run_dir = Path(task["run_dir"])
+    if RunFolder(run_dir).is_run():
+        return RunRequest(resume=run_dir, overrides=list(extra))
+    return RunRequest(prompt=task["prompt"], configs=task["configs"], overrides=[*task["overrides"], *extra],
+                      out_dir=str(run_dir.parent), run_dir=run_dir)
 
 
 def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], None]] = None,
@@ -88,9 +81,6 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
     in order) and ``overrides``. Returns ``status`` ("finished", or "stopped" when ``should_stop``
     asked for it), ``start_step``, ``step``, ``outputs`` (paths relative to the batch folder),
     ``metrics`` (shapes world, else None)."""
-    from threedistill.distill import Callback, read_run_config
-    from threedistill.pipeline import check_refine, resume_chain, run_chain
-
     run_dir = Path(task["run_dir"])
     out_root = run_dir.parent
     info: Dict[str, Any] = {"start_step": None}
@@ -110,13 +100,9 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
 
     quiet = [] if task.get("show_run_progress") else ["run.progress=false"]  # the batch has its own bar
     with run_dir_lock(run_dir):
-        if (run_dir / "config.yaml").is_file():
-            cfg = read_run_config(run_dir)
-            results = resume_chain(run_dir, overrides=quiet, callbacks=[Report()], prior=_prior_for(cfg))
-        else:
-            cfg = row_config(task, quiet)
-            check_refine(cfg)
-            results = run_chain(cfg, run_dir=run_dir, callbacks=[Report()], prior=_prior_for(cfg))
+        cfg, folder = prepare_run(row_request(task, quiet))
+        _PRIORS.get(cfg.prior, resolve_device(cfg.run.device))  # loaded before the run starts
+        results = run_prepared(cfg, folder, callbacks=[Report()], priors=_PRIORS)
         last = results[-1]
         result: Dict[str, Any] = {"status": last.status, "start_step": info["start_step"], "step": last.step,
                                   "outputs": {}, "metrics": None}
@@ -128,9 +114,9 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
                 outputs["gif"] = _turntable_gif(outputs["turntable"])
             except Exception as e:  # a gallery thumbnail is not worth failing a finished row
                 result["eval_error"] = f"turntable GIF: {e}"
-        previews = sorted((Path(last.run_dir) / "previews").glob("step_*.png"))
-        if previews:
-            outputs["preview"] = previews[-1]
+        preview = RunFolder(last.run_dir).latest_preview()
+        if preview is not None:
+            outputs["preview"] = preview
         result["outputs"] = {k: os.path.relpath(v, out_root) for k, v in outputs.items()}
         result["metrics"] = _shapes_metrics(Path(last.run_dir), cfg, result)
         return result
@@ -138,14 +124,10 @@ def execute_row(task: Dict[str, Any], progress: Optional[Callable[[int, int], No
 
 def _shapes_metrics(run_dir: Path, cfg, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Ground-truth metrics when the prompt is a shapes-world prompt and the prior is the built-in one."""
-    from threedistill.shapes.world import parse_prompt
-
     if str(cfg.prior.name) != "shapes" or parse_prompt(str(cfg.run.prompt)) is None:
         return None
-    from threedistill.shapes.evaluate import evaluate_run
-
     try:
-        r = evaluate_run(run_dir)
+        r = RunFolder(run_dir).evaluate()
     except UserError as e:
         result["eval_error"] = f"evaluation: {e}"
         return None

@@ -9,6 +9,7 @@ from threedistill.errors import UserError
 from threedistill.export.mesh import MESH_FORMATS, bake_texture, extract_mesh, save_mesh, texture_paths, to_y_up
 from threedistill.export.video import image_grid, render_turntable, save_image
 from threedistill.representations.base import Representation
+from threedistill.runs import RunFolder
 
 
 def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: Iterable[str],
@@ -30,8 +31,8 @@ def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: I
     if not fmts:
         return []
     mesh, textured = build_export_mesh(rep, export_cfg, fmts, threshold=threshold)
-    out_dir = Path(out_dir)
-    return [save_mesh(mesh if fmt == "ply" or textured is None else textured, out_dir / f"model.{fmt}", fmt)
+    folder = RunFolder(out_dir)
+    return [save_mesh(mesh if fmt == "ply" or textured is None else textured, folder.mesh_path(fmt), fmt)
             for fmt in fmts]
 
 

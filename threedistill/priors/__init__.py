@@ -2,15 +2,23 @@
 
 ``prior.name`` is looked up in this order: a built-in prior (:data:`BUILTIN_PRIORS`), a local
 diffusers pipeline folder, a Hugging Face hub id already in the local cache. Nothing is downloaded.
+
+:class:`PriorCache` holds loaded priors keyed by what changes the loaded weights (name, revision,
+dtype, cache dir, device); the other ``prior`` keys (negative prompt, view-dependent prompts) are
+read per run by the guidance, so runs that differ only there share one loaded prior. The pipeline
+(a refine stage shares its coarse run's prior), the web app and the batch workers use it.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from threedistill.devices import resolve_device
 from threedistill.errors import MissingWeightsError
 from threedistill.priors.base import DiffusionPrior, PriorConfig, PromptEmbeddings, view_prompt
 from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, resolve_pipeline_path
@@ -68,6 +76,49 @@ def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionP
     )
 
 
+PriorKey = Tuple[str, Optional[str], str, Optional[str], str]
+
+
+def prior_key(cfg_prior: Any, device: str | torch.device) -> PriorKey:
+    """(name, revision, dtype, cache_dir, device): what the loaded weights depend on."""
+    revision = getattr(cfg_prior, "revision", None)
+    cache_dir = getattr(cfg_prior, "cache_dir", None)
+    return (str(cfg_prior.name), None if revision is None else str(revision), str(getattr(cfg_prior, "dtype", "auto")),
+            None if cache_dir is None else str(cache_dir), str(resolve_device(str(device))))
+
+
+class PriorCache:
+    """Loaded priors by :func:`prior_key`; thread-safe. ``max_entries`` (None: unbounded) keeps the
+    most recently used ones (a batch worker keeps one, to bound its memory)."""
+
+    def __init__(self, max_entries: Optional[int] = None):
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._priors: "OrderedDict[PriorKey, DiffusionPrior]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cfg_prior: Any, device: str | torch.device) -> DiffusionPrior:
+        """The prior of the ``prior`` config group on ``device``, loaded on first use."""
+        key = prior_key(cfg_prior, device)
+        with self._lock:
+            if key in self._priors:
+                self._priors.move_to_end(key)
+                return self._priors[key]
+            if self.max_entries is not None:
+                while len(self._priors) >= self.max_entries:
+                    self._priors.popitem(last=False)  # free the old weights before loading new ones
+            prior = load_prior(cfg_prior, device)
+            self._priors[key] = prior
+            return prior
+
+    def __len__(self) -> int:
+        return len(self._priors)
+
+    def __contains__(self, key: PriorKey) -> bool:
+        return key in self._priors
+
+
 def __getattr__(name: str) -> Any:
     # ``write_tiny_pipeline`` is imported lazily so that ``python -m threedistill.priors.tiny`` does
     # not find its own module already imported by this package (runpy warns about that).
@@ -87,6 +138,9 @@ __all__ = [
     "PriorConfig",
     "PromptEmbeddings",
     "load_prior",
+    "PriorCache",
+    "PriorKey",
+    "prior_key",
     "resolve_dtype",
     "resolve_pipeline_path",
     "SHIPPED_PRIOR",

@@ -37,7 +37,7 @@ class RepresentationContext:
     (schedules that default to a fraction of the run).
 
     ``from_checkpoint``: the whole state is loaded from a checkpoint right after construction
-    (:func:`threedistill.distill.load_trained_representation`), so the representation reads no
+    (:meth:`threedistill.runs.RunFolder.load_representation`), so the representation reads no
     input (``init`` files) and starts from its cheapest initial state of the right kind instead.
     """
 

@@ -27,13 +27,10 @@ difference over the union of the foregrounds.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from threedistill.atomic import atomic_write_text
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
 from threedistill.shapes.classifier import load_classifier
@@ -148,21 +145,6 @@ def seed_diversity(renders: List[tuple[torch.Tensor, torch.Tensor]]) -> Dict[str
             d = (rgb_a - rgb_b).abs().mean(dim=1, keepdim=True)
             diffs.append(d[union].mean().item() if n else 0.0)
     return {"silhouette_diversity": 1.0 - sum(ious) / len(ious), "appearance_diversity": sum(diffs) / len(diffs)}
-
-
-def evaluate_run(run_dir: str | Path, classifier=None, write: bool = True) -> Dict[str, Any]:
-    """Evaluate a run folder's newest checkpoint; writes ``RUN_DIR/eval.json`` (atomically)."""
-    from threedistill.distill import load_trained_representation  # upward: B moves it into runs.py
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder '{run_dir}' does not exist")
-    cfg, rep, step = load_trained_representation(run_dir)
-    result = evaluate_representation(rep, str(cfg.run.prompt), camera_cfg=cfg.camera, classifier=classifier)
-    result["step"] = step
-    if write:
-        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    return result
 
 
 @torch.no_grad()

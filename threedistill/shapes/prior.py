@@ -22,7 +22,6 @@ Training (``threedistill prior train OUT``), resumable at any checkpoint:
 from __future__ import annotations
 
 import json
-import random
 import signal
 import threading
 import time

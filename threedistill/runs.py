@@ -1,0 +1,293 @@
+"""Run folders: :class:`RunFolder` is the one owner of a run folder's layout and of its ``run.json``.
+
+Layout (``<run.out_dir>/<run.name>``)::
+
+    config.yaml          the resolved config
+    run.json             status (running / exporting / finished / stopped / interrupted), prompt,
+                         step, timings, outputs; links to a refine stage ("refine") / its coarse run ("coarse")
+    metrics.jsonl        one JSON object per step
+    previews/            step_XXXXXX.png (front | side | back | overhead)
+    checkpoints/         step_XXXXXX.safetensors + .json (see :mod:`threedistill.checkpoint`)
+    model.glb            (and .obj / .ply as configured; OBJ with model.mtl and model.png)
+    splat.ply            (Gaussians: the 3DGS splat file)
+    turntable.mp4
+    export_check.json    ``threedistill export --check`` (and export_check.png with --check-images)
+    eval.json            ``threedistill eval`` (shapes-world prompts)
+    inputs/              inputs from elsewhere (another run's surface, a shapes-world mesh) as mesh arrays
+    refine/              a refine stage: a run folder of its own
+
+No other module spells a file name of this layout: they ask a :class:`RunFolder` for the path.
+Run folders written by older versions load as they are (the layout has only grown).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from threedistill.atomic import atomic_write_text
+from threedistill.checkpoint import latest_checkpoint, load_checkpoint
+from threedistill.config import Config, load_run_config_file, to_yaml
+from threedistill.devices import resolve_device
+from threedistill.errors import UserError
+from threedistill.representations import RepresentationContext, build_representation
+from threedistill.shapes.evaluate import evaluate_representation
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """Lower-case letters, digits and '-' (a run folder's name; "run" when nothing is left)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].strip("-") or "run"
+
+
+class RunFolder:
+    """One run folder (it need not exist yet): every path in it, its status and its config."""
+
+    CONFIG = "config.yaml"
+    STATUS = "run.json"
+    METRICS = "metrics.jsonl"
+    PREVIEWS = "previews"
+    CHECKPOINTS = "checkpoints"
+    MESH_STEM = "model"
+    SPLAT = "splat.ply"
+    TURNTABLE = "turntable.mp4"
+    EXPORT_CHECK = "export_check.json"
+    EXPORT_CHECK_IMAGES = "export_check.png"
+    EVAL = "eval.json"
+    REFINE = "refine"
+    INPUTS = "inputs"
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder('{self.path}')"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # -- creating ---------------------------------------------------------------------------------
+    @classmethod
+    def new(cls, out_dir: Union[str, Path], prompt: str, name: Optional[str] = None,
+            now: Optional[datetime] = None) -> "RunFolder":
+        """The folder of a new run in ``out_dir`` (not created yet: the run creates it once built).
+
+        An explicit ``name`` is taken as it is and refused when that folder already holds a run;
+        else the name is ``<prompt slug>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... appended
+        while a folder of that name exists."""
+        out = Path(out_dir)
+        if name:
+            folder = cls(out / str(name))
+            if folder.is_run():
+                raise UserError(f"run folder '{folder.path}' already holds a run; resume it with --resume or pick "
+                                "another run.name")
+            return folder
+        base = f"{slugify(prompt)}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+        path, i = out / base, 2
+        while path.exists():
+            path, i = out / f"{base}-{i}", i + 1
+        return cls(path)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / self.STATUS
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def previews_dir(self) -> Path:
+        return self.path / self.PREVIEWS
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def splat_path(self) -> Path:
+        return self.path / self.SPLAT
+
+    @property
+    def turntable_path(self) -> Path:
+        return self.path / self.TURNTABLE
+
+    @property
+    def export_check_path(self) -> Path:
+        return self.path / self.EXPORT_CHECK
+
+    @property
+    def export_check_images_path(self) -> Path:
+        return self.path / self.EXPORT_CHECK_IMAGES
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / self.EVAL
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Inputs from elsewhere resolved into files (:mod:`threedistill.inputs`)."""
+        return self.path / self.INPUTS
+
+    def input_path(self, key: str, suffix: str) -> Path:
+        """The resolved input for the config key ``key`` (e.g. ``representation.mesh.init``)."""
+        return self.inputs_dir / f"{key}{suffix}"
+
+    @property
+    def refine(self) -> "RunFolder":
+        """The refine stage's folder inside this one."""
+        return RunFolder(self.path / self.REFINE)
+
+    def is_refine_stage(self) -> bool:
+        """Whether this folder is (by its place) the refine stage of another run."""
+        return self.path.name == self.REFINE
+
+    def mesh_path(self, fmt: str) -> Path:
+        """``model.<fmt>`` (glb, obj, ply)."""
+        return self.path / f"{self.MESH_STEM}.{fmt}"
+
+    def mesh_companions(self) -> List[Path]:
+        """The files an OBJ export writes beside ``model.obj`` (material and texture images)."""
+        if not self.path.is_dir():
+            return []
+        obj = self.mesh_path("obj").name
+        return [p for p in sorted(self.path.iterdir()) if p.is_file() and p.name != obj
+                and (p.suffix.lower() == ".mtl"
+                     or (p.name.startswith((self.MESH_STEM, "material")) and p.suffix.lower() in (".png", ".jpg")))]
+
+    def preview_path(self, step: int) -> Path:
+        return self.previews_dir / f"step_{step:06d}.png"
+
+    def previews(self) -> List[Path]:
+        """The preview images, oldest first."""
+        return sorted(self.previews_dir.glob("step_*.png")) if self.previews_dir.is_dir() else []
+
+    def latest_preview(self) -> Optional[Path]:
+        found = self.previews()
+        return found[-1] if found else None
+
+    def latest_checkpoint(self) -> Optional[int]:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return latest_checkpoint(self.checkpoints_dir)
+
+    # -- status (run.json) -------------------------------------------------------------------------
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (its config was written)."""
+        return self.config_path.is_file()
+
+    def has_status(self) -> bool:
+        return self.status_path.is_file()
+
+    def read_status(self) -> Dict[str, Any]:
+        """``run.json`` as a dict; {} when it is missing or unreadable."""
+        if not self.status_path.is_file():
+            return {}
+        try:
+            return json.loads(self.status_path.read_text())
+        except ValueError:
+            return {}
+
+    def update_status(self, entries: Dict[str, Any], drop: Sequence[str] = ()) -> Dict[str, Any]:
+        """The one writer of ``run.json``: its entries minus ``drop``, updated with ``entries``,
+        written atomically. Returns what was written."""
+        info = self.read_status()
+        for key in drop:
+            info.pop(key, None)
+        info.update(entries)
+        atomic_write_text(self.status_path, json.dumps(info, indent=1))
+        return info
+
+    def set_status(self, status: str, prompt: str, step: int, steps: int, **extra: Any) -> Dict[str, Any]:
+        """A run's progress (an earlier export error is dropped; ``extra`` may set a new one)."""
+        entries = {"status": status, "prompt": prompt, "step": step, "steps": steps,
+                   "updated": datetime.now().isoformat(timespec="seconds")}
+        entries.update(extra)
+        return self.update_status(entries, drop=("export_error",))
+
+    def link_refine_stage(self, refine: "RunFolder") -> None:
+        """Record in both ``run.json`` s that ``refine`` is this run's refine stage."""
+        self.update_status({"refine": str(refine.path)})
+        refine.update_status({"coarse": str(self.path)})
+
+    def status(self) -> Optional[str]:
+        return self.read_status().get("status")
+
+    def is_finished(self) -> bool:
+        return self.status() == "finished"
+
+    # -- config -----------------------------------------------------------------------------------
+    def read_config(self, overrides: Sequence[str] = ()) -> Config:
+        """The run's saved config with ``overrides`` (old keys are dropped, see ``config.RETIRED_KEYS``)."""
+        if not self.is_run():
+            raise UserError(f"'{self.path}' is not a threedistill run folder (no {self.CONFIG})")
+        return load_run_config_file(self.config_path, overrides)
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.config_path, to_yaml(cfg))
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past ``step`` (left by a killed run) so the log matches the checkpoint."""
+        path = self.metrics_path
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+    # -- the trained representation ------------------------------------------------------------------
+    def load_representation(self, overrides: Sequence[str] = (), device: Optional[str] = None):
+        """``(config, representation, step)``: the representation rebuilt from the newest checkpoint
+        (no prior needed), in eval mode: for export, render and evaluation."""
+        cfg = self.read_config(overrides)
+        dev = resolve_device(device or cfg.run.device)
+        step = self.latest_checkpoint()
+        if step is None:
+            raise UserError(f"run folder '{self.path}' has no checkpoint yet; nothing to export")
+        torch.manual_seed(cfg.run.seed)
+        # The checkpoint holds the whole state: the representation reads none of its inputs, so a
+        # refine run loads without its coarse run.
+        rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run, from_checkpoint=True), dev)
+        load_checkpoint(self.checkpoints_dir, step, rep, None, None, dev)
+        rep.eval()
+        return cfg, rep, step
+
+    def evaluate(self, classifier=None, write: bool = True) -> Dict[str, Any]:
+        """Score the newest checkpoint against the shapes-world ground truth
+        (:func:`~threedistill.shapes.evaluate.evaluate_representation`); writes ``eval.json``."""
+        if not self.path.is_dir():
+            raise UserError(f"run folder '{self.path}' does not exist")
+        cfg, rep, step = self.load_representation()
+        result = evaluate_representation(rep, str(cfg.run.prompt), camera_cfg=cfg.camera, classifier=classifier)
+        result["step"] = step
+        if write:
+            atomic_write_text(self.eval_path, json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def load_trained_representation(run_dir: Union[str, Path], overrides: Sequence[str] = (),
+                                device: Optional[str] = None) -> Tuple[Config, Any, int]:
+    """:meth:`RunFolder.load_representation` of the folder ``run_dir``."""
+    return RunFolder(run_dir).load_representation(overrides, device)
+
+
+__all__ = ["RunFolder", "slugify", "load_trained_representation"]
