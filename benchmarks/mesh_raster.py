@@ -7,10 +7,10 @@ per resolution and mesh size.
 
 The meshes are ``trimesh.creation.icosphere(subdivisions=s)`` (20 * 4^s faces: 5 -> 20,480,
 6 -> 81,920; icospheres come in no size between, so these bracket 10k-50k) of radius 0.5 with
-per-vertex colours (x + 1) / 2, seen by one camera (elevation 15, azimuth 30, distance 1.75,
+per-vertex colors (x + 1) / 2, seen by one camera (elevation 15, azimuth 30, distance 1.75,
 fovy 55, square images; the sphere fills ~30% of the image). The loss is
 ``(rgb * w).sum() + alpha.sum() + depth.mean()`` with fixed random weights ``w``; the backward pass
-goes to the vertex positions and colours. Times are wall-clock medians over ``--repeats`` runs
+goes to the vertex positions and colors. Times are wall-clock medians over ``--repeats`` runs
 after one warm-up. "bbox pairs" counts the (pixel, triangle) pairs the rasterizer evaluates (pixel
 centres inside the triangles' screen bounding boxes), "covered" the pixels with a triangle.
 
@@ -33,7 +33,7 @@ CAMERA = dict(elevation=15.0, azimuth=30.0, distance=1.75, fovy=55.0)
 
 
 def benchmark_mesh(subdivisions: int):
-    """``verts [V,3]`` (radius 0.5), ``faces [F,3]`` and colours ``[V,3]`` of an icosphere."""
+    """``verts [V,3]`` (radius 0.5), ``faces [F,3]`` and colors ``[V,3]`` of an icosphere."""
     import trimesh
 
     m = trimesh.creation.icosphere(subdivisions=subdivisions)

@@ -1,9 +1,9 @@
 """Quality of text-to-3D on the shapes world, measured against the ground truth.
 
 Runs one guidance loss with one representation over a fixed prompt set (held-in and held-out
-(shape, colour) pairs of the built-in prior) and several seeds, evaluates each run with
+(shape, color) pairs of the built-in prior) and several seeds, evaluates each run with
 :mod:`threedistill.shapes.evaluate`, and writes a markdown table and a JSON file of silhouette IoU,
-colour error, prompt accuracy (the shipped classifier), view consistency (mug), diversity across
+color error, prompt accuracy (the shipped classifier), view consistency (mug), diversity across
 seeds (1 - pairwise silhouette IoU; pairwise RGB difference), steps and wall time.
 
     python benchmarks/shapes_quality.py --out bench-out/vsd-nerf --config vsd-nerf
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             held_out = parse_prompt(prompt).held_out
             rows.append({"prompt": prompt, "seed": seed, "held_out": held_out, **{k: v for k, v in m.items() if k != "prompt"},
                          "wall_s": timing.get("wall_s"), "steps": m["step"]})
-            print(f"  IoU {m['iou']:.3f} colour err {m['colour_error']:.3f} -> '{m['predicted']}'", file=sys.stderr)
+            print(f"  IoU {m['iou']:.3f} color err {m['color_error']:.3f} -> '{m['predicted']}'", file=sys.stderr)
             run_cfg, rep, _ = load_trained_representation(run_dir)
             renders.append(eval_renders(rep, run_cfg.camera)[:2])
         diversity[prompt] = seed_diversity(renders)
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     for split, sel in (("held_in", [r for r in rows if not r["held_out"]]), ("held_out", [r for r in rows if r["held_out"]]),
                        ("all", rows)):
         if sel:
-            summary[split] = {k: mean(k, sel) for k in ("iou", "colour_error", "prompt_correct", "shape_correct",
-                                                         "colour_correct", "view_consistency", "silhouette_diversity",
+            summary[split] = {k: mean(k, sel) for k in ("iou", "color_error", "prompt_correct", "shape_correct",
+                                                         "color_correct", "view_consistency", "silhouette_diversity",
                                                          "appearance_diversity", "wall_s", "steps")}
             summary[split]["runs"] = len(sel)
     device = str(resolve_device(cfg0.run.device))
@@ -112,20 +112,20 @@ def main(argv=None) -> int:
              f"prior `{cfg0.prior.name}`, config `{' + '.join(args.config or ['defaults'])}`, {len(args.prompts)} prompts "
              f"x seeds {args.seeds}, device {device}, torch threads {torch.get_num_threads()}, "
              f"overrides: `{' '.join(args.overrides) or 'none'}`", "",
-             "| prompt | seed | held out | IoU | colour err | classified as | correct | view cons. | steps | wall s |",
+             "| prompt | seed | held out | IoU | color err | classified as | correct | view cons. | steps | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vc = f"{r['view_consistency']:.2f}" if "view_consistency" in r else ""
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
         lines.append(f"| {r['prompt']} | {r['seed']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | "
-                     f"{r['colour_error']:.3f} | {r['predicted']} | {'yes' if r['prompt_correct'] else 'no'} | {vc} | "
+                     f"{r['color_error']:.3f} | {r['predicted']} | {'yes' if r['prompt_correct'] else 'no'} | {vc} | "
                      f"{r['steps']} | {wall} |")
-    lines += ["", "| split | runs | mean IoU | mean colour err | prompt acc | shape acc | colour acc | view cons. | "
+    lines += ["", "| split | runs | mean IoU | mean color err | prompt acc | shape acc | color acc | view cons. | "
                   "seed div. (silhouette) | seed div. (RGB) | mean wall s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for split, s in summary.items():
-        lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['colour_error']:.3f} | {s['prompt_correct']:.2f} | "
-                     f"{s['shape_correct']:.2f} | {s['colour_correct']:.2f} | {s['view_consistency']:.2f} | "
+        lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['color_error']:.3f} | {s['prompt_correct']:.2f} | "
+                     f"{s['shape_correct']:.2f} | {s['color_correct']:.2f} | {s['view_consistency']:.2f} | "
                      f"{s['silhouette_diversity']:.3f} | {s['appearance_diversity']:.3f} | {s['wall_s']:.0f} |")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)

@@ -72,7 +72,7 @@ def test_row_ids_are_stable_when_lines_move(tmp_path):
 
 @pytest.mark.parametrize("name, text, needle", [
     ("bad.jsonl", '{"prompt": "a red cube"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
-    ("bad.jsonl", '{"prompt": "a red cube", "colour": "red"}\n', "unknown key(s) colour"),
+    ("bad.jsonl", '{"prompt": "a red cube", "color": "red"}\n', "unknown key(s) color"),
     ("bad.jsonl", '{"prompt": "a red cube", "seed": -1}\n', "'seed' must be a non-negative integer"),
     ("bad.jsonl", '{"prompt": "  "}\n', "needs a non-empty 'prompt'"),
     ("bad.jsonl", '{"prompt": "a", "id": "A B"}\n', "'id' must be a slug"),

@@ -45,7 +45,7 @@ def test_generate_writes_every_output(tmp_path, tiny_sd_path, capsys):
     assert all(20 <= l["t"] <= 980 for l in lines)
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "finished" and status["step"] == 50
-    # The mesh reloads in trimesh: PLY with vertex colours, GLB and OBJ (+ MTL + PNG) with the baked texture.
+    # The mesh reloads in trimesh: PLY with vertex colors, GLB and OBJ (+ MTL + PNG) with the baked texture.
     ply = trimesh.load(run / "model.ply", force="mesh")
     assert len(ply.faces) > 0 and ply.visual.kind == "vertex"
     assert (run / "model.mtl").is_file() and (run / "model.png").is_file()

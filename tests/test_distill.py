@@ -101,8 +101,8 @@ def test_parameters_change_and_prior_stays_frozen(tiny_sd_path, tmp_path):
 
 class OraclePrior:
     """An analytic pixel-space 'diffusion model' whose data distribution is one flat image per
-    prompt colour: eps(x_t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar) is the exact noise for the
-    target x*. The text embedding carries the target colour (red/blue prompt, grey for ""), so
+    prompt color: eps(x_t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar) is the exact noise for the
+    target x*. The text embedding carries the target color (red/blue prompt, grey for ""), so
     CFG, prompts and the SDS sign are all exercised: distillation must pull renders to x*."""
 
     from threedistill.priors.base import DiffusionPrior as _Base
@@ -115,10 +115,10 @@ class OraclePrior:
             self.num_train_timesteps, self.is_latent, self.image_resolution, self.name = 1000, False, 32, "oracle"
 
         def encode_text(self, prompts):
-            colours = {"red": (1.0, 0.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+            colors = {"red": (1.0, 0.0, 0.0), "blue": (0.0, 0.0, 1.0)}
             rows = []
             for p in prompts:
-                rgb = next((c for k, c in colours.items() if k in p), (0.5, 0.5, 0.5))
+                rgb = next((c for k, c in colors.items() if k in p), (0.5, 0.5, 0.5))
                 rows.append(torch.tensor(rgb)[None, :] * 2 - 1)
             return torch.stack(rows), None
 
@@ -137,10 +137,10 @@ class OraclePrior:
             return (batch_size, 3, 32, 32)
 
 
-@pytest.mark.parametrize("colour, channel", [("red", 0), ("blue", 2)])
-def test_sds_distills_the_prompted_colour(tmp_path, colour, channel):
+@pytest.mark.parametrize("color, channel", [("red", 0), ("blue", 2)])
+def test_sds_distills_the_prompted_color(tmp_path, color, channel):
     """End to end: NeRF + SDS + the loop converge to what the prior wants (independent of weights)."""
-    cfg = load_config(overrides=[f"run.prompt=a {colour} ball", f"run.out_dir={tmp_path}", "run.name=r", *FAST,
+    cfg = load_config(overrides=[f"run.prompt=a {color} ball", f"run.out_dir={tmp_path}", "run.name=r", *FAST,
                                  "run.steps=60", "guidance.guidance_scale=3", "representation.nerf.background=white",
                                  "representation.nerf.lambda_sparsity=0", "representation.nerf.lambda_orient=0"])
     d = Distiller(cfg, prior=OraclePrior.Impl())
@@ -149,18 +149,18 @@ def test_sds_distills_the_prompted_colour(tmp_path, colour, channel):
 
     cams = preview_cameras(32)
 
-    def foreground_colour():
+    def foreground_color():
         with torch.no_grad():
             out = d.representation.render(cams, training=False)
         mask = (out.alpha > 0.5).expand_as(out.rgb)
         assert mask.any()
         return torch.stack([out.rgb[:, c][mask[:, c]].mean() for c in range(3)])
 
-    before = foreground_colour()
+    before = foreground_color()
     d.run()
-    after = foreground_colour()
+    after = foreground_color()
     others = [c for c in range(3) if c != channel]
-    # The object takes the prompted colour: its albedo inside, and its rendered pixels.
+    # The object takes the prompted color: its albedo inside, and its rendered pixels.
     albedo = d.representation.albedo(torch.zeros(1, 3))[0]
     assert albedo[channel] > 0.6 and all(albedo[c] < 0.4 for c in others), albedo
     margin_before = before[channel] - before[others].max()

@@ -1,7 +1,7 @@
 """Export: marching cubes, mesh files (GLB/OBJ/PLY, Y-up), turntable video, images, atomic writes.
 
 An analytic sphere stands in for a trained representation: its surface, volume, centre and
-colours are known exactly, and its centre has distinct x, y, z so an axis mix-up shows.
+colors are known exactly, and its centre has distinct x, y, z so an axis mix-up shows.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_extracted_sphere_geometry(sphere_mesh):
     assert (outward > 0).mean() > 0.99
 
 
-def test_extracted_vertex_colours_follow_albedo(sphere_mesh):
+def test_extracted_vertex_colors_follow_albedo(sphere_mesh):
     colors = np.asarray(sphere_mesh.visual.vertex_colors)
     assert colors.dtype == np.uint8 and colors.shape == (len(sphere_mesh.vertices), 4)
     assert (colors[:, 3] == 255).all()
@@ -165,7 +165,7 @@ def test_y_up_rotation_puts_front_at_plus_z_and_up_at_plus_y():
 
 
 def _reload_colors(path: Path, fmt: str, loaded: trimesh.Trimesh) -> np.ndarray:
-    """sRGB uint8 vertex colours as written (GLB stores them linear, in the geometry's
+    """sRGB uint8 vertex colors as written (GLB stores them linear, in the geometry's
     ``vertex_attributes`` because of its material; ``force="mesh"`` drops them)."""
     if fmt != "glb":
         return np.asarray(loaded.visual.vertex_colors)[:, :3].astype(int)
@@ -388,9 +388,9 @@ def test_bake_texture_covers_charts_and_dilates(textured_mesh):
 
     tex = np.asarray(textured_mesh.visual.material.baseColorTexture)
     assert tex.shape == (TEX, TEX, 3) and tex.dtype == np.uint8
-    # Every texel is a surface colour (dilated, then the mean colour): no black background.
+    # Every texel is a surface color (dilated, then the mean color): no black background.
     assert tex.sum(-1).min() > 0
-    # Seam copies share positions; colours for PLY come along.
+    # Seam copies share positions; colors for PLY come along.
     assert len(textured_mesh.vertex_attributes["color"]) == len(textured_mesh.vertices)
     # _dilate grows a filled texel by one ring per pass, then fills the rest with the mean.
     img = np.zeros((7, 7, 3), np.float32)
@@ -399,7 +399,7 @@ def test_bake_texture_covers_charts_and_dilates(textured_mesh):
     img[0, 0], filled[0, 0] = 40.0, True
     out = _dilate(img, filled, passes=1)
     assert (out[2:5, 2:5] == 100.0).all() and out[0, 1, 0] == 40.0
-    assert out[6, 6, 0] == pytest.approx((9 * 100.0 + 4 * 40.0) / 13)  # unreached: the mean filled colour
+    assert out[6, 6, 0] == pytest.approx((9 * 100.0 + 4 * 40.0) / 13)  # unreached: the mean filled color
 
 
 def test_textured_glb_reloads_with_texture_uvs_and_material(tmp_path, textured_mesh):
@@ -453,7 +453,7 @@ def test_textured_obj_writes_mtl_and_png_with_relative_references(tmp_path, text
                                    np.asarray(loaded.vertices))
 
 
-def test_textured_mesh_ply_has_welded_vertex_colours(tmp_path, textured_mesh):
+def test_textured_mesh_ply_has_welded_vertex_colors(tmp_path, textured_mesh):
     path = save_mesh(textured_mesh, tmp_path / "model.ply")
     loaded = trimesh.load(path, force="mesh")
     assert loaded.visual.kind == "vertex" and loaded.is_watertight and loaded.volume > 0
@@ -479,7 +479,7 @@ def _validate_gltf(path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("textured", [True, False], ids=["texture", "vertex-colours"])
+@pytest.mark.parametrize("textured", [True, False], ids=["texture", "vertex-colors"])
 def test_glb_passes_the_khronos_validator(tmp_path, textured_mesh, sphere_mesh, textured):
     path = save_mesh(textured_mesh if textured else sphere_mesh, tmp_path / "model.glb")
     report = _validate_gltf(path)
@@ -539,17 +539,17 @@ def test_cli_export_texture_size_and_no_texture(tmp_path, monkeypatch, capsys):
     assert "--texture-size must be between 16 and 8192" in capsys.readouterr().err
 
 
-def test_bake_texture_from_vertex_colours_without_a_representation():
-    """An explicit mesh (the mesh representation's export) bakes its own vertex colours."""
+def test_bake_texture_from_vertex_colors_without_a_representation():
+    """An explicit mesh (the mesh representation's export) bakes its own vertex colors."""
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
     rgb = np.stack([np.rint((sphere.vertices[:, k] / 0.4 + 1.0) * 127.5) for k in range(3)], axis=1).astype(np.uint8)
     sphere.visual.vertex_colors = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
     out = bake_texture(None, sphere, texture_size=128)
     uv = np.asarray(out.visual.uv)
     got = _sample_texture(out.visual.material.baseColorTexture, uv)
-    # independent: the colour the input mesh had at each (seam-split) vertex position
+    # independent: the color the input mesh had at each (seam-split) vertex position
     idx = sphere.kdtree.query(out.vertices)[1]
     assert np.abs(got - rgb[idx].astype(int)).max() <= 12  # nearest texel of a linear ramp
     assert np.abs(got - rgb[idx].astype(int)).mean() <= 3
-    with pytest.raises(ValueError, match="vertex colours"):
+    with pytest.raises(ValueError, match="vertex colors"):
         bake_texture(None, trimesh.creation.icosphere(subdivisions=1), texture_size=64)

@@ -1,6 +1,6 @@
 """Fidelity check (``export --check``): an exported mesh file read back and rendered against the
 representation it came from; small errors for faithful files, clearly larger ones for corrupted
-colours or a flipped texture."""
+colors or a flipped texture."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_textured_glb_is_faithful_and_corruption_shows(meshes, tmp_path):
     assert loaded.kind == "texture"
     np.testing.assert_allclose((loaded.vertices.min(0) + loaded.vertices.max(0)) / 2, CENTRE, atol=0.01)  # Z-up world
     good = fidelity_check(rep, path, CAMS)
-    assert good["colour"] == "texture" and good["views"] == 8 and len(good["per_view"]) == 8
+    assert good["color"] == "texture" and good["views"] == 8 and len(good["per_view"]) == 8
     assert good["silhouette_iou"] > 0.95
     assert good["rgb_mae"] < 0.02 and good["rgb_mae_both"] < 0.02 and good["psnr"] > 22
     assert min(v["silhouette_iou"] for v in good["per_view"]) > 0.95
@@ -57,16 +57,16 @@ def test_textured_glb_is_faithful_and_corruption_shows(meshes, tmp_path):
         assert bad["psnr"] < good["psnr"] - 6
 
 
-def test_ply_vertex_colours_are_faithful_and_shuffling_shows(meshes, tmp_path):
+def test_ply_vertex_colors_are_faithful_and_shuffling_shows(meshes, tmp_path):
     rep, mesh, _ = meshes
     path = save_mesh(mesh, tmp_path / "model.ply")
     good = fidelity_check(rep, path, CAMS)
-    assert good["colour"] == "vertex"
+    assert good["color"] == "vertex"
     assert good["silhouette_iou"] > 0.95 and good["rgb_mae"] < 0.025
 
     shuffled = mesh.copy()
-    colours = np.asarray(mesh.visual.vertex_colors).copy()
-    shuffled.visual.vertex_colors = colours[np.random.default_rng(0).permutation(len(colours))]
+    colors = np.asarray(mesh.visual.vertex_colors).copy()
+    shuffled.visual.vertex_colors = colors[np.random.default_rng(0).permutation(len(colors))]
     bad = fidelity_check(rep, save_mesh(shuffled, tmp_path / "bad.ply"), CAMS)
     assert bad["silhouette_iou"] > 0.95
     assert bad["rgb_mae"] > 5 * good["rgb_mae"] and bad["rgb_mae"] > 0.1
@@ -131,7 +131,7 @@ def test_export_check_cli(tmp_path, tiny_sd_path, capsys):
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("check:")]
     assert len(line) == 1 and "model.glb" in line[0] and "IoU" in line[0]
     result = json.loads((run / "export_check.json").read_text())
-    assert result["mesh"].endswith("model.glb") and result["colour"] == "texture" and result["views"] == 8
+    assert result["mesh"].endswith("model.glb") and result["color"] == "texture" and result["views"] == 8
     assert result["resolution"] == [128, 128] and result["shading"] == "albedo" and result["step"] == 2
     assert 0.0 <= result["silhouette_iou"] <= 1.0 and 0.0 <= result["rgb_mae"] <= 1.0
     assert Image.open(run / "export_check.png").size == (8 * 128, 3 * 128)

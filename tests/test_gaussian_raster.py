@@ -84,7 +84,7 @@ def test_rasterize_matches_dense_reference_with_gradients(strip_width):
     for name, a, b in zip(("means", "quats", "scales", "opacities", "colors", "background"), g_fast, g_ref):
         assert b.abs().max() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()), msg=name)
-    assert g_fast[4][5].abs().max() == 0  # the invisible Gaussian's colour gets no gradient
+    assert g_fast[4][5].abs().max() == 0  # the invisible Gaussian's color gets no gradient
 
 
 def test_batch_equals_cameras_one_at_a_time_and_background_shapes():

@@ -66,7 +66,7 @@ def test_shape_init_falls_back_to_sphere(caplog):
     assert any("sphere" in r.message for r in caplog.records)
 
 
-def test_file_init_reads_points_and_colours(tmp_path):
+def test_file_init_reads_points_and_colors(tmp_path):
     rng = np.random.default_rng(0)
     pts = rng.uniform(-0.2, 0.2, (50, 3))
     cols = np.tile(np.array([[255, 0, 0, 255]], np.uint8), (50, 1))

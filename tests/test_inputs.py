@@ -94,7 +94,7 @@ def test_the_interface_answers_generic_questions():
     assert mesh.explicit_surface() is not None and gauss.explicit_surface() is None and nerf.explicit_surface() is None
     assert gauss.extra_outputs() == ("splat",) and mesh.extra_outputs() == () and nerf.extra_outputs() == ()
     assert gauss.progress_stats() == {"gaussians": 20} and mesh.progress_stats() == {}
-    assert gauss.evaluation_ambient() is None  # unlit colours
+    assert gauss.evaluation_ambient() is None  # unlit colors
     assert mesh.evaluation_ambient() == pytest.approx(0.1) and nerf.evaluation_ambient() == pytest.approx(0.1)
     assert torch.equal(mesh.evaluation_background(cams), torch.zeros(4, 3, 8, 8))
     assert torch.equal(gauss.evaluation_background(cams), torch.ones(4, 3, 8, 8))

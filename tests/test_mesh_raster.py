@@ -208,7 +208,7 @@ def test_antialias_gives_boundary_vertices_gradients():
     plain = render_mesh(verts, faces, cam, colors, bg, antialiased=False)
     assert plain["alpha"].grad_fn is None  # coverage alone carries no gradient
     (g_plain,) = torch.autograd.grad(losses(plain)[1], verts)
-    assert g_plain.abs().max() < 1e-9  # constant colour: the barycentric gradients cancel
+    assert g_plain.abs().max() < 1e-9  # constant color: the barycentric gradients cancel
 
     smooth = render_mesh(verts, faces, cam, colors, bg)
     # Away from the outline the image is unchanged; along it, values lie between fg and bg.

@@ -55,7 +55,7 @@ def test_file_init_comes_back_in_place(tmp_path):
         d = torch.cdist(rep.vertices.detach().double(), back.base_vertices.double())
         assert float(d.min(dim=1).values.max()) < 1e-5, fmt  # same world positions (Y-up file undone)
         match = d.argmin(dim=1)
-        tol = 0.03 if fmt == "glb" else 0.003  # GLB stores linear 8-bit colours (coarse in the darks)
+        tol = 0.03 if fmt == "glb" else 0.003  # GLB stores linear 8-bit colors (coarse in the darks)
         assert float((rep.colors.detach() - back.colors.detach()[match]).abs().max()) < tol, fmt
         assert back.faces.shape == rep.faces.shape
 
@@ -97,7 +97,7 @@ def test_run_init_extracts_the_surface_of_a_gaussians_run(gaussians_run):
     assert rep.base_vertices.shape == (len(ref.vertices), 3) and rep.faces.shape == (len(ref.faces), 3)
     assert np.allclose(rep.base_vertices.numpy(), ref.vertices, atol=1e-5)
     ref_rgb = np.asarray(ref.visual.vertex_colors)[:, :3] / 255.0
-    assert np.allclose(rep.colors.detach().numpy(), ref_rgb, atol=1e-3)  # red-ish cube colours kept
+    assert np.allclose(rep.colors.detach().numpy(), ref_rgb, atol=1e-3)  # red-ish cube colors kept
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -137,8 +137,8 @@ def test_albedo_mode_and_background_draws_match_nerf_conventions():
     cams = preview_cameras(16)[:1]
     out = rep.render(cams, step=0, generator=torch.Generator().manual_seed(3))  # ambient-only: albedo
     g = torch.Generator().manual_seed(3)
-    colour = torch.rand(1, 3, generator=g)  # albedo mode draws nothing, the background one colour
-    assert torch.allclose(out.rgb[0, :, 0, 0], colour[0])
+    color = torch.rand(1, 3, generator=g)  # albedo mode draws nothing, the background one color
+    assert torch.allclose(out.rgb[0, :, 0, 0], color[0])
     assert torch.allclose(out.rgb[0, :, 8, 8], torch.full((3,), 0.5), atol=1e-6)  # unlit grey albedo
 
 
@@ -188,7 +188,7 @@ def test_regularizers_weights_and_schedules():
     assert "laplacian" not in rep.regularizers(out, 0)  # zero weight at step 0 is left out
 
 
-def test_gradients_reach_offsets_and_colours():
+def test_gradients_reach_offsets_and_colors():
     rep = _mesh("representation.mesh.ambient_only_steps=0", "representation.mesh.albedo_prob=0")
     cams = CameraSampler(load_config(None, []).camera, 16).sample(torch.Generator().manual_seed(0))
     out = rep.render(cams, step=1, generator=torch.Generator().manual_seed(1))
@@ -232,7 +232,7 @@ def test_generate_with_a_mesh_and_resume_exactly(tmp_path, tiny_sd_path):
     full = tmp_path / "full"
     scene = trimesh.load(full / "model.glb")
     assert sum(len(g.faces) for g in scene.geometry.values()) == 320  # the mesh's own triangles
-    (geom,) = scene.geometry.values()  # with its vertex colours baked into a texture
+    (geom,) = scene.geometry.values()  # with its vertex colors baked into a texture
     assert geom.visual.material.baseColorTexture.size == (1024, 1024)
     assert gen("part", "run.steps=2", "export.formats=[]") == 0
     part = tmp_path / "part"

@@ -209,13 +209,13 @@ def test_ray_box_intersect_hits_and_misses():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_constant_density_box_matches_closed_form(monkeypatch, training):
-    sigma0, colour = 1.5, torch.tensor([0.2, 0.6, 0.9])
+    sigma0, color = 1.5, torch.tensor([0.2, 0.6, 0.9])
     model = small_nerf("representation.nerf.background=black", "representation.nerf.lambda_orient=0",
                        "representation.nerf.num_samples=64")
 
     def constant_field(x):  # sigma0 everywhere (the renderer clips rays to the cube)
         sigma = torch.full_like(x[:, 0], sigma0) + 0.0 * x[:, 0]
-        return sigma, colour.expand(x.shape[0], 3)
+        return sigma, color.expand(x.shape[0], 3)
 
     monkeypatch.setattr(model, "_field", constant_field)
     cams = cameras(res=8, elevation=(20.0,), azimuth=(40.0,), distance=2.2, fovy=60.0)
@@ -229,7 +229,7 @@ def test_constant_density_box_matches_closed_form(monkeypatch, training):
     alpha_ref = 1.0 - torch.exp(-sigma0 * L)
     torch.testing.assert_close(out.alpha.reshape(-1), alpha_ref, atol=2e-4, rtol=0)
     if training:
-        torch.testing.assert_close(out.rgb.permute(0, 2, 3, 1).reshape(-1, 3), colour * alpha_ref[:, None],
+        torch.testing.assert_close(out.rgb.permute(0, 2, 3, 1).reshape(-1, 3), color * alpha_ref[:, None],
                                    atol=2e-4, rtol=0)
 
     # Expected distance for a homogeneous segment [t0, t0 + L], background at `far`:
@@ -357,11 +357,11 @@ def test_backgrounds(background):
         assert torch.allclose(corner_eval, torch.zeros(3)) and torch.allclose(corner_train, torch.zeros(3))
     elif background == "random":
         assert torch.allclose(corner_eval, torch.ones(3))
-        # one solid colour for the whole image
+        # one solid color for the whole image
         assert torch.allclose(tr.rgb[0, :, 0, 0], tr.rgb[0, :, -1, -1])
         assert not torch.allclose(corner_train, torch.ones(3))
     else:
-        # learned background varies with the direction; training replaced it by a solid colour (p=1)
+        # learned background varies with the direction; training replaced it by a solid color (p=1)
         assert not torch.allclose(ev.rgb[0, :, 0, 0], ev.rgb[0, :, -1, 0], atol=1e-4)
         assert torch.allclose(tr.rgb[0, :, 0, 0], tr.rgb[0, :, -1, -1])
 

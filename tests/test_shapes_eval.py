@@ -4,7 +4,7 @@ the ground-truth metrics and the ``eval`` / ``prior eval`` commands.
 References are computed independently in the tests: the UNet and text encoder are reloaded with
 diffusers / transformers ``from_pretrained`` and called directly, captions are built with
 ``view_prompt``, and ground-truth metrics are checked on renders whose answer is known by construction
-(the ground truth itself, a wrong shape, a wrong colour, a mirrored or two-handled mug).
+(the ground truth itself, a wrong shape, a wrong color, a mirrored or two-handled mug).
 
 Rendering the 16 evaluation views at 64x64 costs up to a second per shape on a CPU, so each
 ground-truth render is done once (module fixtures).
@@ -30,7 +30,7 @@ from threedistill.shapes.evaluate import (EVAL_AZIMUTHS, EVAL_ELEVATIONS, eval_c
 from threedistill.shapes.prior import (ASSETS_DIR, SHIPPED_PRIOR, PriorTrainConfig, PriorTrainer, build_models,
                                        caption_table, min_snr_weights, render_views, save_pipeline)
 from threedistill.shapes.render import render_mesh, render_shape
-from threedistill.shapes.world import (BACKGROUND, COLOUR_NAMES, COLOURS, SHAPES, ShapePrompt, all_prompts,
+from threedistill.shapes.world import (BACKGROUND, COLOR_NAMES, COLORS, SHAPES, ShapePrompt, all_prompts,
                                        mirrored_mug, parse_prompt)
 
 CPU = torch.device("cpu")
@@ -118,8 +118,8 @@ def test_tokenizer_has_one_token_per_shapes_word(shapes_pipeline):
         assert tok.tokenize("a red cube, front view") == expected
         ids = tok("a red cube, front view").input_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == len(expected) + 2
-        # Every shape, colour and view word is one token too, except "torus" (BPE splits it; see prior.py).
-        for word in SHAPES + COLOUR_NAMES + tuple(CAMERA_VIEW_LABELS) + ("an",):
+        # Every shape, color and view word is one token too, except "torus" (BPE splits it; see prior.py).
+        for word in SHAPES + COLOR_NAMES + tuple(CAMERA_VIEW_LABELS) + ("an",):
             if word != "torus":
                 assert tok.tokenize(word) == [word + "</w>"], word
     assert prior.max_text_tokens == 16
@@ -215,7 +215,7 @@ def test_trainer_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     prior = DiffusersPrior(part / "pipeline", CPU)
     assert prior.is_latent is False and prior.image_resolution == 64
 
-    # The dataset: 2 prompts x 1 image, uint8, white background in the corners, the object in colour.
+    # The dataset: 2 prompts x 1 image, uint8, white background in the corners, the object in color.
     data = torch.load(part / "dataset.pt")
     images = data["images"]
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64)
@@ -228,7 +228,7 @@ def test_trainer_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     for img, p in zip(images.int(), TINY_PROMPTS):
         fg = (img != 255).any(0)
         assert fg.sum() > 100
-        dominant = COLOURS[p.colour].index(max(COLOURS[p.colour]))  # red -> R, blue -> B
+        dominant = COLORS[p.color].index(max(COLORS[p.color]))  # red -> R, blue -> B
         mean = img[:, fg].float().mean(1)
         assert mean.argmax().item() == dominant, (p.text, mean)
 
@@ -273,10 +273,10 @@ def gt64(cams64):
     """Ground truth as score_images specifies it (diffuse, headlight, ambient 0.1), rendered once."""
     cache = {}
 
-    def get(shape, colour):
-        if (shape, colour) not in cache:
-            cache[shape, colour] = render_shape(shape, colour, cams64, shading="diffuse", ambient=0.1)
-        return cache[shape, colour]
+    def get(shape, color):
+        if (shape, color) not in cache:
+            cache[shape, color] = render_shape(shape, color, cams64, shading="diffuse", ambient=0.1)
+        return cache[shape, color]
 
     return get
 
@@ -291,13 +291,13 @@ def test_eval_cameras_layout(cams64):
     assert torch.allclose(cams64.light_positions, cams64.positions)  # headlight
 
 
-@pytest.mark.parametrize("shape,colour", [("mug", "red"), ("cube", "blue"), ("cone", "green")])
-def test_ground_truth_scores_perfectly(shape, colour, cams64, gt64):
-    gt = gt64(shape, colour)
-    r = score_images(ShapePrompt(shape, colour), gt.rgb, gt.mask, cams64)
-    assert r["prompt"] == f"a {colour} {shape}"
+@pytest.mark.parametrize("shape,color", [("mug", "red"), ("cube", "blue"), ("cone", "green")])
+def test_ground_truth_scores_perfectly(shape, color, cams64, gt64):
+    gt = gt64(shape, color)
+    r = score_images(ShapePrompt(shape, color), gt.rgb, gt.mask, cams64)
+    assert r["prompt"] == f"a {color} {shape}"
     assert r["iou"] == 1.0
-    assert abs(r["colour_error"]) <= 1e-6
+    assert abs(r["color_error"]) <= 1e-6
     assert "prompt_correct" not in r  # no classifier given
     if shape == "mug":
         assert r["view_consistency"] == 1.0
@@ -305,34 +305,34 @@ def test_ground_truth_scores_perfectly(shape, colour, cams64, gt64):
         assert "view_consistency" not in r
 
 
-def test_wrong_shape_and_wrong_colour_score_worse(cams64, gt64):
+def test_wrong_shape_and_wrong_color_score_worse(cams64, gt64):
     cube = gt64("cube", "red")
     as_sphere = score_images(ShapePrompt("sphere", "red"), cube.rgb, cube.mask, cams64)
     assert as_sphere["iou"] < 0.85
-    assert as_sphere["colour_error"] > 0.05  # sphere pixels the cube misses show background
+    assert as_sphere["color_error"] > 0.05  # sphere pixels the cube misses show background
     as_blue = score_images(ShapePrompt("cube", "blue"), cube.rgb, cube.mask, cams64)
     assert as_blue["iou"] == 1.0
-    assert as_blue["colour_error"] > 0.1
+    assert as_blue["color_error"] > 0.1
     # Independent value: mean |red - blue| over the blue cube's pixels, channels averaged.
     blue = gt64("cube", "blue")
     fg = blue.mask[:, 0] > 0.5
     expected = (cube.rgb - blue.rgb).abs().mean(1)[fg].mean().item()
-    assert as_blue["colour_error"] == pytest.approx(expected, abs=1e-6)
+    assert as_blue["color_error"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_empty_render_scores_zero_iou_and_background_colour_error(cams64, gt64):
+def test_empty_render_scores_zero_iou_and_background_color_error(cams64, gt64):
     cube = gt64("cube", "green")
     empty_rgb = torch.tensor(BACKGROUND).view(1, 3, 1, 1).expand_as(cube.rgb).clone()
     r = score_images(ShapePrompt("cube", "green"), empty_rgb, torch.zeros_like(cube.mask), cams64)
     assert r["iou"] == 0.0
     fg = cube.mask[:, 0] > 0.5
     expected = (1.0 - cube.rgb).abs().mean(1)[fg].mean().item()
-    assert r["colour_error"] == pytest.approx(expected, abs=1e-6)
+    assert r["color_error"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_mirrored_and_two_handled_mugs_are_view_inconsistent(cams64, gt64):
     cams, mug = cams64, gt64("mug", "red")
-    mirror = render_mesh(mirrored_mug(), COLOURS["red"], cams, shading="diffuse", ambient=0.1)
+    mirror = render_mesh(mirrored_mug(), COLORS["red"], cams, shading="diffuse", ambient=0.1)
     r = score_images(ShapePrompt("mug", "red"), mirror.rgb, mirror.mask, cams)
     assert r["view_consistency"] == 0.0
     assert r["iou"] < 1.0
@@ -372,10 +372,10 @@ def fresh_gt():
     for i, p in enumerate(all_prompts()):
         imgs, _ = render_views(p, 2, g, albedo_prob=0.3)
         views = [azimuths[i % 6], 8 + azimuths[(i + 3) % 6]]  # elevation 5 and elevation 30
-        imgs = torch.cat([imgs, render_shape(p.shape, p.colour, cams[views]).rgb])
+        imgs = torch.cat([imgs, render_shape(p.shape, p.color, cams[views]).rgb])
         images.append((imgs * 255).round().to(torch.uint8))
         s_idx += [SHAPES.index(p.shape)] * len(imgs)
-        c_idx += [COLOUR_NAMES.index(p.colour)] * len(imgs)
+        c_idx += [COLOR_NAMES.index(p.color)] * len(imgs)
     return torch.cat(images), torch.tensor(s_idx), torch.tensor(c_idx)
 
 
@@ -386,9 +386,9 @@ def test_classifier_reads_fresh_ground_truth(classifier, fresh_gt, monkeypatch):
     with torch.no_grad():
         ls, lc = classifier(images.float() / 255.0)
     shape_acc = (ls.argmax(-1) == s_idx).float().mean().item()
-    colour_acc = (lc.argmax(-1) == c_idx).float().mean().item()
+    color_acc = (lc.argmax(-1) == c_idx).float().mean().item()
     assert shape_acc >= 0.95, shape_acc
-    assert colour_acc >= 0.95, colour_acc
+    assert color_acc >= 0.95, color_acc
     # classifier_accuracy computes the same numbers from the same data.
     seen = {}
 
@@ -399,20 +399,20 @@ def test_classifier_reads_fresh_ground_truth(classifier, fresh_gt, monkeypatch):
     monkeypatch.setattr(classifier_mod, "make_classifier_data", fake_data)
     acc = classifier_mod.classifier_accuracy(classifier, seed=4242, images_per_prompt=4)
     assert seen == {"n": 4, "seed": 4242}
-    assert acc["shape"] == pytest.approx(shape_acc) and acc["colour"] == pytest.approx(colour_acc)
+    assert acc["shape"] == pytest.approx(shape_acc) and acc["color"] == pytest.approx(color_acc)
     assert acc["images"] == len(images) == 36 * 4
-    assert acc["both"] <= min(acc["shape"], acc["colour"])
+    assert acc["both"] <= min(acc["shape"], acc["color"])
 
 
 def test_score_images_with_classifier(classifier, cams64, gt64):
     red = gt64("cube", "red")
     r = score_images(ShapePrompt("cube", "red"), red.rgb, red.mask, cams64, classifier=classifier)
     assert r["predicted"] == "a red cube"
-    assert (r["prompt_correct"], r["shape_correct"], r["colour_correct"]) == (1.0, 1.0, 1.0)
+    assert (r["prompt_correct"], r["shape_correct"], r["color_correct"]) == (1.0, 1.0, 1.0)
     blue = gt64("cube", "blue")
     r = score_images(ShapePrompt("cube", "red"), blue.rgb, blue.mask, cams64, classifier=classifier)
     assert r["predicted"] == "a blue cube"
-    assert (r["prompt_correct"], r["shape_correct"], r["colour_correct"]) == (0.0, 1.0, 0.0)
+    assert (r["prompt_correct"], r["shape_correct"], r["color_correct"]) == (0.0, 1.0, 0.0)
     mug = gt64("mug", "red")
     r = score_images(ShapePrompt("mug", "red"), mug.rgb, mug.mask, cams64, classifier=classifier)
     assert r["prompt_correct"] == 1.0
@@ -424,9 +424,9 @@ def test_score_images_with_classifier(classifier, cams64, gt64):
 class GroundTruthRep(Representation):
     """Renders the exact ground truth of one prompt (diffuse, the cameras' own light)."""
 
-    def __init__(self, shape, colour, ambient_light=0.1):
+    def __init__(self, shape, color, ambient_light=0.1):
         super().__init__()
-        self.shape, self.colour, self.ambient_light = shape, colour, ambient_light
+        self.shape, self.color, self.ambient_light = shape, color, ambient_light
         self.calls = []
 
     def evaluation_ambient(self):
@@ -434,7 +434,7 @@ class GroundTruthRep(Representation):
 
     def render(self, cameras, step=0, generator=None, training=True):
         self.calls.append((cameras, training))
-        gt = render_shape(self.shape, self.colour, cameras, shading="diffuse", ambient=self.ambient_light)
+        gt = render_shape(self.shape, self.color, cameras, shading="diffuse", ambient=self.ambient_light)
         return RenderOutput(rgb=gt.rgb, alpha=gt.mask, depth=torch.zeros_like(gt.mask))
 
     def regularizers(self, out, step):
@@ -447,20 +447,20 @@ class GroundTruthRep(Representation):
 class RecordingClassifier:
     """Stands in for the shipped classifier: records its input and names a fixed prediction."""
 
-    def __init__(self, shape, colour):
-        self.shape, self.colour, self.images = shape, colour, None
+    def __init__(self, shape, color):
+        self.shape, self.color, self.images = shape, color, None
 
     def predict(self, images):
         self.images = images
         n = images.shape[0]
-        return {"shapes": [self.shape] * n, "colours": [self.colour] * n, "shape": self.shape, "colour": self.colour}
+        return {"shapes": [self.shape] * n, "colors": [self.color] * n, "shape": self.shape, "color": self.color}
 
 
 def test_evaluate_representation_of_ground_truth(cams64, gt64):
     rep = GroundTruthRep("cube", "blue")
     clf = RecordingClassifier("cube", "blue")
     r = evaluate_representation(rep, "a blue cube, front view", camera_cfg=CameraConfig(), classifier=clf)
-    assert r["iou"] == 1.0 and abs(r["colour_error"]) <= 1e-6
+    assert r["iou"] == 1.0 and abs(r["color_error"]) <= 1e-6
     assert r["prompt"] == "a blue cube" and r["predicted"] == "a blue cube" and r["prompt_correct"] == 1.0
     (cams, training), = rep.calls
     assert training is False
@@ -471,31 +471,31 @@ def test_evaluate_representation_of_ground_truth(cams64, gt64):
     # The representation's own ambient term shades the reference: GT with ambient 0.3 scores 0 error.
     bright = GroundTruthRep("cube", "blue", ambient_light=0.3)
     r = evaluate_representation(bright, ShapePrompt("cube", "blue"), classifier=RecordingClassifier("cube", "red"))
-    assert r["iou"] == 1.0 and abs(r["colour_error"]) <= 1e-6
-    assert r["prompt_correct"] == 0.0 and r["colour_correct"] == 0.0 and r["shape_correct"] == 1.0
-    # Same render scored against the default ambient: a real (non-zero) colour error.
+    assert r["iou"] == 1.0 and abs(r["color_error"]) <= 1e-6
+    assert r["prompt_correct"] == 0.0 and r["color_correct"] == 0.0 and r["shape_correct"] == 1.0
+    # Same render scored against the default ambient: a real (non-zero) color error.
     gt_bright = bright.render(cams64, training=False)
-    assert score_images(ShapePrompt("cube", "blue"), gt_bright.rgb, gt_bright.alpha, cams64)["colour_error"] > 0.01
+    assert score_images(ShapePrompt("cube", "blue"), gt_bright.rgb, gt_bright.alpha, cams64)["color_error"] > 0.01
 
 
 class UnlitGroundTruthRep(GroundTruthRep):
-    """Renders the ground truth's flat colours, as the Gaussians render (evaluation_ambient None)."""
+    """Renders the ground truth's flat colors, as the Gaussians render (evaluation_ambient None)."""
 
     def evaluation_ambient(self):
         return None
 
     def render(self, cameras, step=0, generator=None, training=True):
-        gt = render_shape(self.shape, self.colour, cameras, shading="albedo")
+        gt = render_shape(self.shape, self.color, cameras, shading="albedo")
         return RenderOutput(rgb=gt.rgb, alpha=gt.mask, depth=torch.zeros_like(gt.mask))
 
 
 def test_an_unlit_representation_is_scored_against_an_unlit_ground_truth(cams64):
     rep = UnlitGroundTruthRep("cube", "blue")
     r = evaluate_representation(rep, ShapePrompt("cube", "blue"), classifier=RecordingClassifier("cube", "blue"))
-    assert r["iou"] == 1.0 and abs(r["colour_error"]) <= 1e-6
+    assert r["iou"] == 1.0 and abs(r["color_error"]) <= 1e-6
     # Against the lit ground truth (what the Gaussians were compared with before) the same render errs.
     flat = rep.render(cams64, training=False)
-    assert score_images(ShapePrompt("cube", "blue"), flat.rgb, flat.alpha, cams64)["colour_error"] > 0.01
+    assert score_images(ShapePrompt("cube", "blue"), flat.rgb, flat.alpha, cams64)["color_error"] > 0.01
 
 
 def test_evaluate_representation_rejects_unparseable_prompt():
@@ -555,10 +555,39 @@ def test_seed_diversity(cams64, gt64):
     d = seed_diversity([(cube.rgb, cube.mask), (sphere.rgb, sphere.mask)])
     assert d["silhouette_diversity"] == pytest.approx(1 - ((a & b).sum() / (a | b).sum()).item())
     assert d["silhouette_diversity"] > 0.05
-    recolour = seed_diversity([(cube.rgb, cube.mask), (blue.rgb, blue.mask)])
-    assert recolour["silhouette_diversity"] == 0.0
-    assert recolour["appearance_diversity"] == pytest.approx((cube.rgb - blue.rgb).abs().mean(1)[a[:, 0]].mean().item())
+    recolor = seed_diversity([(cube.rgb, cube.mask), (blue.rgb, blue.mask)])
+    assert recolor["silhouette_diversity"] == 0.0
+    assert recolor["appearance_diversity"] == pytest.approx((cube.rgb - blue.rgb).abs().mean(1)[a[:, 0]].mean().item())
     # Three results: the mean over the three pairs.
     three = seed_diversity([(cube.rgb, cube.mask), (cube.rgb, cube.mask), (sphere.rgb, sphere.mask)])
     assert three["silhouette_diversity"] == pytest.approx(2 / 3 * d["silhouette_diversity"])
     assert seed_diversity([(cube.rgb, cube.mask)])["silhouette_diversity"] != seed_diversity([(cube.rgb, cube.mask)])["silhouette_diversity"]  # NaN
+
+
+def test_files_from_before_the_color_spelling_still_load(tmp_path):
+    """Classifier weights and batch manifests written with "colour" names load under "color"."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from threedistill.batch.manifest import Manifest
+    from threedistill.batch.rows import BatchRow
+    from threedistill.shapes.classifier import ShapesClassifier, load_classifier
+
+    model = ShapesClassifier()
+    old_state = {k.replace("color_head.", "colour_head."): v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.startswith("colour_head.") for k in old_state)
+    save_file(old_state, str(tmp_path / "old.safetensors"))
+    loaded = load_classifier(tmp_path / "old.safetensors")
+    assert torch.equal(loaded.color_head.weight, model.color_head.weight)
+
+    row = BatchRow(id="r1", prompt="a red cube", seed=0)
+    out = tmp_path / "batch"
+    out.mkdir()
+    entry = {**row.to_dict(), "run_dir": "r1", "state": "done", "attempts": 1, "error": None, "history": [],
+             "wall_s": 1.0, "step": 5, "outputs": {}, "metrics": {"iou": 0.5, "colour_error": 0.25}}
+    from threedistill.batch.manifest import MANIFEST
+
+    (out / MANIFEST).write_text(json.dumps(entry) + "\n")
+    manifest = Manifest.open(out, [row])
+    assert manifest.rows()[0]["metrics"] == {"iou": 0.5, "color_error": 0.25}

@@ -14,7 +14,7 @@ import trimesh
 
 from threedistill.cameras import make_cameras, orbit_cameras
 from threedistill.shapes.render import ray_mesh_hits, render_mesh, render_shape
-from threedistill.shapes.world import (BACKGROUND, COLOUR_NAMES, COLOURS, HELD_OUT, SHAPES, all_prompts,
+from threedistill.shapes.world import (BACKGROUND, COLOR_NAMES, COLORS, HELD_OUT, SHAPES, all_prompts,
                                        held_out_prompts, mirrored_mug, parse_prompt, prompt_for, shape_mesh,
                                        training_prompts)
 
@@ -163,10 +163,10 @@ def test_world_cube_normals_are_exact_face_normals():
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Colours
+# 3. Colors
 # ----------------------------------------------------------------------------------------------
-def test_albedo_shading_is_flat_colour_over_background():
-    albedo = COLOURS["green"]
+def test_albedo_shading_is_flat_color_over_background():
+    albedo = COLORS["green"]
     cams = orbit_cameras(3, 32, elevation=20.0)
     for shape in ("torus", "cone"):
         gt = render_shape(shape, "green", cams, shading="albedo")
@@ -263,36 +263,36 @@ def test_sphere_normals_match_hit_position(fine_sphere):
 # 5. The world: prompts, held-out pairs, sizes, the mug's handle
 # ----------------------------------------------------------------------------------------------
 def test_prompt_sets():
-    assert len(SHAPES) == 6 and len(COLOUR_NAMES) == 6 and set(COLOURS) == set(COLOUR_NAMES)
+    assert len(SHAPES) == 6 and len(COLOR_NAMES) == 6 and set(COLORS) == set(COLOR_NAMES)
     prompts = all_prompts()
     texts = [p.text for p in prompts]
     assert len(prompts) == 36 and len(set(texts)) == 36
-    assert {(p.shape, p.colour) for p in prompts} == {(s, c) for s in SHAPES for c in COLOUR_NAMES}
+    assert {(p.shape, p.color) for p in prompts} == {(s, c) for s in SHAPES for c in COLOR_NAMES}
     train = training_prompts()
     held = held_out_prompts()
     assert len(held) == len(HELD_OUT) and len(train) == 36 - len(HELD_OUT)
-    assert {(p.shape, p.colour) for p in held} == set(HELD_OUT)
-    train_pairs = {(p.shape, p.colour) for p in train}
+    assert {(p.shape, p.color) for p in held} == set(HELD_OUT)
+    train_pairs = {(p.shape, p.color) for p in train}
     assert not (train_pairs & set(HELD_OUT))
     assert all(not p.held_out for p in train) and all(p.held_out for p in held)
     for s, c in HELD_OUT:
         assert prompt_for(s, c) not in {p.text for p in train}
     for p in prompts:
-        assert all(0.0 <= x <= 1.0 for x in p.albedo) and p.albedo == COLOURS[p.colour]
+        assert all(0.0 <= x <= 1.0 for x in p.albedo) and p.albedo == COLORS[p.color]
     assert BACKGROUND == (1.0, 1.0, 1.0)
 
 
 def test_parse_prompt_round_trip_and_rejects():
     for shape in SHAPES:
-        for colour in COLOUR_NAMES:
-            text = prompt_for(shape, colour)
-            assert text == f"a {colour} {shape}"
+        for color in COLOR_NAMES:
+            text = prompt_for(shape, color)
+            assert text == f"a {color} {shape}"
             for variant in (text, text + ", front view", text + ", overhead view", text.upper(), "  " + text + "  "):
                 p = parse_prompt(variant)
                 assert p is not None, variant
-                assert (p.shape, p.colour) == (shape, colour), variant
+                assert (p.shape, p.color) == (shape, color), variant
                 assert p.text == text
-    assert parse_prompt("an orange torus").colour == "orange"
+    assert parse_prompt("an orange torus").color == "orange"
     for bad in ("a dog", "a red dog", "a dog, front view", "a cube", "red", "", "a pink cube", "a red cube dog"):
         assert parse_prompt(bad) is None, bad
 
@@ -334,7 +334,7 @@ def test_mug_handle_points_to_plus_y():
     W = 48
     cams = _cams([0.0, 0.0, 15.0, 15.0], [0.0, 180.0, 0.0, 180.0], W)
     mug = render_shape("mug", "red", cams, shading="albedo").mask[:, 0] > 0.5
-    mir = render_mesh(mirrored_mug(), COLOURS["red"], cams, shading="albedo").mask[:, 0] > 0.5
+    mir = render_mesh(mirrored_mug(), COLORS["red"], cams, shading="albedo").mask[:, 0] > 0.5
     # Front views (0, 2): +Y is the image's right, so the handle sticks out further on the right;
     # back views (1, 3): on the left. The mirrored mug is the other way round.
     for b, (right, left) in enumerate(_extent_right_left(mug, W)):
@@ -361,7 +361,7 @@ def test_mug_handle_points_to_plus_y():
 def test_every_shape_renders_from_orbit_views():
     cams = orbit_cameras(4, 24)
     for shape in SHAPES:
-        gt = render_shape(shape, COLOUR_NAMES[0], cams)
+        gt = render_shape(shape, COLOR_NAMES[0], cams)
         assert gt.rgb.shape == (4, 3, 24, 24) and gt.mask.shape == (4, 1, 24, 24)
         assert gt.depth.shape == (4, 1, 24, 24) and gt.normal.shape == (4, 3, 24, 24)
         area = gt.mask.sum((1, 2, 3))

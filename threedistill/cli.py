@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resolution", type=int, help="marching-cubes grid size (default export.mesh_resolution)")
     e.add_argument("--threshold", type=float, help="density iso level (default from the representation config)")
     e.add_argument("--texture-size", type=int, metavar="N",
-                   help="baked base-colour texture size for glb/obj (default export.texture_size)")
+                   help="baked base-color texture size for glb/obj (default export.texture_size)")
     e.add_argument("--no-texture", action="store_true",
-                   help="vertex colours instead of a baked texture (as export.texture=false)")
+                   help="vertex colors instead of a baked texture (as export.texture=false)")
     e.add_argument("--output", help="output file (default RUN_DIR/model.<format>)")
     e.add_argument("--check", action="store_true",
                    help="render the written mesh file (the first format) and the run's representation from 8 "
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--grid", help="write a PNG grid of the samples (one row per prompt) here")
     pe.add_argument("--json", help="write the per-prompt table as JSON here")
-    pc = prs.add_parser("train-classifier", help="train the shapes-world shape/colour classifier used by eval")
+    pc = prs.add_parser("train-classifier", help="train the shapes-world shape/color classifier used by eval")
     pc.add_argument("out_file", help="output .safetensors file (metadata goes next to it as .json)")
     pc.add_argument("--steps", type=int, default=1500)
     pc.add_argument("--seed", type=int, default=0)
@@ -328,7 +328,7 @@ def cmd_prior(args) -> int:
         if args.steps <= 0:
             raise UserError(f"--steps must be > 0, got {args.steps}")
         acc = train_classifier(args.out_file, steps=args.steps, seed=args.seed)
-        print(f"classifier: {args.out_file} (fresh ground truth: shape {acc['shape']:.3f}, colour {acc['colour']:.3f}, "
+        print(f"classifier: {args.out_file} (fresh ground truth: shape {acc['shape']:.3f}, color {acc['color']:.3f}, "
               f"both {acc['both']:.3f} of {acc['images']} images)")
         return 0
     raise UserError("give a prior command: train, eval or train-classifier (see `threedistill prior --help`)")
@@ -348,17 +348,17 @@ def _prior_eval(args) -> int:
     with tqdm(total=len(prompts), desc="sampling the prior", unit="prompt") as bar:
         rows = evaluate_prior_samples(prior, prompts, n_per_prompt=args.samples, steps=args.steps,
                                       guidance_scale=args.guidance_scale, seed=args.seed, progress=bar.update)
-    print(f"{'prompt':<24} {'held out':<9} {'shape':>6} {'colour':>7} {'both':>6}")
+    print(f"{'prompt':<24} {'held out':<9} {'shape':>6} {'color':>7} {'both':>6}")
     for r in rows:
-        print(f"{r['prompt']:<24} {'yes' if r['held_out'] else '':<9} {r['shape_acc']:>6.2f} {r['colour_acc']:>7.2f} {r['acc']:>6.2f}")
+        print(f"{r['prompt']:<24} {'yes' if r['held_out'] else '':<9} {r['shape_acc']:>6.2f} {r['color_acc']:>7.2f} {r['acc']:>6.2f}")
     summary = {}
     for split, held in (("held_in", False), ("held_out", True)):
         part = [r for r in rows if r["held_out"] == held]
-        summary[split] = {k: sum(r[k] for r in part) / len(part) for k in ("shape_acc", "colour_acc", "acc")}
+        summary[split] = {k: sum(r[k] for r in part) / len(part) for k in ("shape_acc", "color_acc", "acc")}
         summary[split]["prompts"] = len(part)
         s = summary[split]
         print(f"{split}: {s['prompts']} prompts x {args.samples} samples: shape {s['shape_acc']:.3f}, "
-              f"colour {s['colour_acc']:.3f}, both {s['acc']:.3f}")
+              f"color {s['color_acc']:.3f}, both {s['acc']:.3f}")
     if args.grid:
         save_image(torch.cat([r["images"] for r in rows]), args.grid, nrow=args.samples)
         print(f"grid: {args.grid}")
@@ -381,7 +381,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0
     for d, r in zip(args.run_dirs, results):
-        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f}, colour error {r['colour_error']:.3f}, "
+        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f}, color error {r['color_error']:.3f}, "
                 f"classified as '{r['predicted']}' ({'correct' if r['prompt_correct'] else 'wrong'})")
         if "view_consistency" in r:
             line += f", view consistency {r['view_consistency']:.2f}"

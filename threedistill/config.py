@@ -109,8 +109,8 @@ class ExportConfig:
     mesh_resolution: int = 128
     # Keep connected components with at least this fraction of the largest one's faces.
     min_component_ratio: float = 0.05
-    # GLB/OBJ: UV-unwrap (xatlas) and bake the albedo into a texture_size^2 base-colour PNG;
-    # false: vertex colours only. PLY always has vertex colours.
+    # GLB/OBJ: UV-unwrap (xatlas) and bake the albedo into a texture_size^2 base-color PNG;
+    # false: vertex colors only. PLY always has vertex colors.
     texture: bool = True
     texture_size: int = 1024
     turntable: bool = True

@@ -3,12 +3,12 @@
 Representations read only their own config group and plain files (``init=file:PATH``, besides
 their built-in shapes). Two inputs name something outside the run instead; the pipeline turns
 them into mesh arrays (:func:`threedistill.meshio.write_mesh_arrays`: float64 vertices, int64
-faces, float32 colours, lossless) in the run folder's ``inputs/`` before construction:
+faces, float32 colors, lossless) in the run folder's ``inputs/`` before construction:
 
 * ``init=run:RUN_DIR`` (the mesh refine stage): the surface of that run's newest checkpoint,
   its own triangles when it has them (:meth:`~threedistill.representations.Representation.explicit_surface`),
   else its density's isosurface at ``init_mesh_resolution`` (else the run's
-  ``export.mesh_resolution``) with colours from its albedo. The global torch RNG is left as it was.
+  ``export.mesh_resolution``) with colors from its albedo. The global torch RNG is left as it was.
 * ``init=shape`` (Gaussians): the shapes-world mesh that ``run.prompt`` names (``"a red cube"``);
   a prompt that names none falls back to ``init=sphere`` with a logged warning.
 
@@ -78,7 +78,7 @@ def resolve_inputs(cfg: Config, into: RunFolder) -> Config:
 
 def surface_of_run(run_dir: Path, key: str, resolution: Optional[int],
                    device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colours ``[V,3]`` float32
+    """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colors ``[V,3]`` float32
     sRGB (or None) of the trained run in ``run_dir`` (module docstring)."""
     source = RunFolder(run_dir)
     if not source.is_run():

@@ -4,7 +4,7 @@ Two kinds of file:
 
 * **Exchange files** (``.glb``/``.gltf``/``.obj``/``.ply`` and anything else trimesh reads), Y-up
   as :func:`threedistill.export.save_mesh` writes them (:data:`Z_UP_TO_Y_UP`). A scene is
-  flattened with its node transforms. Vertex colours are sRGB in [0,1]: PLY/OBJ colours as
+  flattened with its node transforms. Vertex colors are sRGB in [0,1]: PLY/OBJ colors as
   stored (/255), glTF ``COLOR_0`` (linear by the spec) converted back with
   :func:`linear_to_srgb`. A file may also be a point cloud (no faces).
 * **Mesh arrays** (``.npz``, :func:`write_mesh_arrays`): ``vertices [V,3]`` float64 in the world
@@ -69,8 +69,8 @@ class MeshData:
 
 
 def vertex_colors(geom, linear: bool) -> Optional[np.ndarray]:
-    """Vertex colours ``[V,3]`` float32 sRGB in [0,1] of a trimesh mesh or point cloud, or None.
-    ``linear``: the stored colours are linear (glTF ``COLOR_0``) and are converted to sRGB."""
+    """Vertex colors ``[V,3]`` float32 sRGB in [0,1] of a trimesh mesh or point cloud, or None.
+    ``linear``: the stored colors are linear (glTF ``COLOR_0``) and are converted to sRGB."""
     raw = None
     visual = getattr(geom, "visual", None)  # a trimesh object, not a representation
     if visual is not None and visual.kind == "vertex":
@@ -129,7 +129,7 @@ def read_mesh_parts(path: Union[str, Path], key: str) -> List[Tuple[object, np.n
 
 def read_mesh(path: Union[str, Path], key: str) -> MeshData:
     """Read an exchange file or mesh arrays (module docstring). Several geometries are merged
-    (colours kept when every part has them); a file whose parts mix triangles and points keeps
+    (colors kept when every part has them); a file whose parts mix triangles and points keeps
     its triangles."""
     path = _check_file(path, key)
     if path.suffix.lower() == MESH_ARRAYS_SUFFIX:
@@ -139,14 +139,14 @@ def read_mesh(path: Union[str, Path], key: str) -> MeshData:
     meshes = [(g, v) for g, v in parts if len(getattr(g, "faces", ())) > 0]
     if meshes:
         parts = meshes
-    verts, faces, colours, offset = [], [], [], 0
+    verts, faces, colors, offset = [], [], [], 0
     for g, v in parts:
         verts.append(v)
         f = np.asarray(getattr(g, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
         faces.append(f + offset)
-        colours.append(vertex_colors(g, linear))
+        colors.append(vertex_colors(g, linear))
         offset += len(v)
-    cols = np.concatenate(colours) if all(c is not None for c in colours) else None
+    cols = np.concatenate(colors) if all(c is not None for c in colors) else None
     data = MeshData(np.concatenate(verts), np.concatenate(faces), cols, y_up=True)
     if not np.isfinite(data.vertices).all():
         raise UserError(f"{key}: '{path}' has non-finite coordinates")

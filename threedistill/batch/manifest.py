@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List
 from threedistill.atomic import atomic_write_text
 from threedistill.batch.rows import BatchRow
 from threedistill.errors import UserError
+from threedistill.shapes.evaluate import upgrade_metric_names
 
 MANIFEST = "batch.jsonl"
 STATES = ("pending", "running", "done", "failed")
@@ -44,6 +45,7 @@ class Manifest:
                     continue
                 try:
                     e = json.loads(line)
+                    e["metrics"] = upgrade_metric_names(e.get("metrics"))
                     old[e["id"]] = e
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise UserError(f"{path}:{n}: not a manifest entry; move the file away to start the batch afresh") from None

@@ -18,7 +18,7 @@ MESH_KEYS = ("glb", "obj", "ply", "splat")
 def _metrics_cells(m: Optional[Dict[str, Any]]) -> List[str]:
     if not m or "iou" not in m:
         return ["", "", ""]
-    return [f"{m['iou']:.3f}", f"{m['colour_error']:.3f}",
+    return [f"{m['iou']:.3f}", f"{m['color_error']:.3f}",
             f"{m['predicted']} ({'right' if m['prompt_correct'] else 'wrong'})"]
 
 
@@ -36,7 +36,7 @@ def batch_totals(rows: List[Dict[str, Any]], wall_s: Optional[float]) -> Dict[st
         out["batch_wall_s"] = round(wall_s, 1)
     if scored:
         out["mean_iou"] = round(sum(m["iou"] for m in scored) / len(scored), 4)
-        out["mean_colour_error"] = round(sum(m["colour_error"] for m in scored) / len(scored), 4)
+        out["mean_color_error"] = round(sum(m["color_error"] for m in scored) / len(scored), 4)
         out["prompt_accuracy"] = round(sum(bool(m["prompt_correct"]) for m in scored) / len(scored), 4)
         out["scored_rows"] = len(scored)
     return out
@@ -53,9 +53,9 @@ def write_summary(manifest: Manifest, title: str, wall_s: Optional[float] = None
              + ".", ""]
     if "mean_iou" in t:
         lines += [f"Shapes-world ground truth over {t['scored_rows']} finished rows: mean silhouette IoU "
-                  f"{t['mean_iou']:.3f}, mean colour error {t['mean_colour_error']:.3f}, "
+                  f"{t['mean_iou']:.3f}, mean color error {t['mean_color_error']:.3f}, "
                   f"prompt accuracy {t['prompt_accuracy']:.2f}.", ""]
-    lines += ["| id | prompt | seed | state | attempts | steps | time | IoU | colour err | classified as | mesh | error |",
+    lines += ["| id | prompt | seed | state | attempts | steps | time | IoU | color err | classified as | mesh | error |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = r["outputs"].get("glb") or next((r["outputs"][k] for k in MESH_KEYS if k in r["outputs"]), "")
@@ -95,7 +95,7 @@ def write_gallery(manifest: Manifest, title: str, wall_s: Optional[float] = None
         if (manifest.path.parent / r["run_dir"]).is_dir():
             links.append(f'<a href="{e(r["run_dir"])}/">folder</a>')
         m = r.get("metrics") if r.get("metrics") and "iou" in r["metrics"] else None
-        metric = (f'<div>IoU {m["iou"]:.3f} · colour err {m["colour_error"]:.3f} · '
+        metric = (f'<div>IoU {m["iou"]:.3f} · color err {m["color_error"]:.3f} · '
                   f'{e(m["predicted"])} ({"right" if m["prompt_correct"] else "wrong"})</div>') if m else ""
         err = f'<div class="err">{e(r["error"])}</div>' if r.get("error") else ""
         cards.append(

@@ -131,7 +131,7 @@ def _shapes_metrics(run_dir: Path, cfg, result: Dict[str, Any]) -> Optional[Dict
     except UserError as e:
         result["eval_error"] = f"evaluation: {e}"
         return None
-    keep = ("iou", "colour_error", "predicted", "prompt_correct", "view_consistency")
+    keep = ("iou", "color_error", "predicted", "prompt_correct", "view_consistency")
     return {k: r[k] for k in keep if k in r}
 
 

@@ -19,7 +19,7 @@ def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: I
 
     With ``export_cfg.texture`` (default true) the surface is UV-unwrapped once and ``rep.albedo``
     is baked into a ``export_cfg.texture_size`` texture (:func:`bake_texture`) for GLB and OBJ
-    (OBJ also writes ``model.mtl`` and ``model.png``); PLY always has vertex colours. Returns the
+    (OBJ also writes ``model.mtl`` and ``model.png``); PLY always has vertex colors. Returns the
     written mesh paths; nothing is extracted when ``formats`` is empty."""
     fmts: List[str] = []
     for fmt in formats:
@@ -41,12 +41,12 @@ def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], r
                       texture_size: Optional[int] = None):
     """The meshes the ``formats`` are written from: ``(mesh, textured)``.
 
-    ``mesh`` (world frame, vertex colours) is the representation's own triangles when it has
+    ``mesh`` (world frame, vertex colors) is the representation's own triangles when it has
     an :meth:`~threedistill.representations.Representation.explicit_surface` (the mesh
     representation), else its density's isosurface
     (:func:`extract_mesh` at ``resolution`` / ``threshold``, defaults from ``export_cfg`` and the
-    representation). ``textured`` is that mesh UV-unwrapped with a baked base-colour texture
-    (:func:`bake_texture`: from ``rep.albedo``, or from the mesh's own vertex colours for an
+    representation). ``textured`` is that mesh UV-unwrapped with a baked base-color texture
+    (:func:`bake_texture`: from ``rep.albedo``, or from the mesh's own vertex colors for an
     explicit mesh) when ``texture`` (default ``export_cfg.texture``) and a format other than PLY is
     asked for; else None. PLY is always written from ``mesh``."""
     mesh = rep.explicit_surface()

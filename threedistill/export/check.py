@@ -1,7 +1,7 @@
 """Fidelity check: how closely an exported mesh file reproduces the representation it came from.
 
 :func:`fidelity_check` reads a written mesh file back from disk (GLB with its baked texture or
-``COLOR_0``, OBJ with its MTL/PNG or ``v x y z r g b`` colours, PLY vertex colours), renders it
+``COLOR_0``, OBJ with its MTL/PNG or ``v x y z r g b`` colors, PLY vertex colors), renders it
 with the pure-torch rasterizer (:mod:`threedistill.representations.mesh_raster`) from the same
 cameras as the representation's evaluation render (``training=False``) and measures the
 difference, so "the mesh looks worse than the renders" becomes a number.
@@ -10,9 +10,9 @@ What is compared
 ----------------
 * **Frame.** Files are Y-up; they are rotated back to the world frame (+Z up) with the inverse of
   :data:`~threedistill.export.mesh.Z_UP_TO_Y_UP`.
-* **Colour space.** Both images are in the space the representation renders and bakes in: its
-  albedo values, written unchanged as 8-bit "sRGB" texture and vertex colours. Texture texels and
-  PLY/OBJ colours are used as stored (/255); GLB ``COLOR_0`` is linear by the glTF spec and is
+* **Color space.** Both images are in the space the representation renders and bakes in: its
+  albedo values, written unchanged as 8-bit "sRGB" texture and vertex colors. Texture texels and
+  PLY/OBJ colors are used as stored (/255); GLB ``COLOR_0`` is linear by the glTF spec and is
   converted back (:func:`~threedistill.export.mesh.linear_to_srgb`); a ``baseColorFactor`` other
   than white multiplies in linear space, as glTF viewers do.
 * **Texture lookup.** UVs are interpolated per pixel (perspective-correct) and the texture is read
@@ -22,7 +22,7 @@ What is compared
   render ``diffuse`` with a headlight at evaluation, so the mesh gets
   ``albedo * (ambient + (1 - ambient) max(0, n . l))`` with ``l`` towards the camera and ``n``
   the interpolated smooth vertex normal (the same :func:`~threedistill.representations.nerf.shade`);
-  the others (Gaussians: colours only) are compared unlit (albedo). The NeRF's normals come from
+  the others (Gaussians: colors only) are compared unlit (albedo). The NeRF's normals come from
   its density gradient and the mesh's from its triangles, so some shading difference remains.
 * **Background.** The representation's evaluation background: white (``white``, ``random``),
   black (``black``), or the NeRF's learned ``mlp`` background along each pixel's ray.
@@ -32,7 +32,7 @@ Metrics (over all views together; per view in ``per_view``)
 -------------------------------------------------------------
 ``silhouette_iou``: intersection over union of the two masks ``alpha > 0.5``; ``rgb_mae``: mean
 absolute RGB difference (channels in [0, 1]) over the pixels of the union of the two silhouettes;
-``rgb_mae_both``: the same over the intersection (colour/texture error without the silhouette
+``rgb_mae_both``: the same over the intersection (color/texture error without the silhouette
 mismatch); ``psnr``: ``-10 log10(MSE)`` over the union (dB).
 """
 
@@ -73,7 +73,7 @@ def check_cameras(distance: float = 1.75, fovy: float = 55.0, resolution: int = 
 class ExportedMesh:
     """A mesh file read back into the world frame: ``vertices [V,3]`` (float64, +Z up), ``faces
     [F,3]`` and either ``uv [V,2]`` with ``texture [H,W,3]`` (floats in [0,1], rows top to bottom)
-    or ``colors [V,3]`` (in [0,1], the representation's colour space), or neither."""
+    or ``colors [V,3]`` (in [0,1], the representation's color space), or neither."""
 
     def __init__(self, vertices, faces, uv=None, texture=None, colors=None, kind: str = "none"):
         self.vertices, self.faces, self.uv, self.texture, self.colors = vertices, faces, uv, texture, colors
@@ -89,7 +89,7 @@ def _factor_rgb(material) -> Optional[np.ndarray]:
     return None if np.allclose(f, 1.0) else f
 
 
-def _geometry_colours(g, from_gltf: bool):
+def _geometry_colors(g, from_gltf: bool):
     """(uv, texture, colors) of one trimesh geometry (see :class:`ExportedMesh`)."""
     visual = g.visual
     if visual.kind == "texture":
@@ -127,11 +127,11 @@ def _geometry_colours(g, from_gltf: bool):
 
 def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
     """Read a GLB/OBJ/PLY mesh file (as :func:`~threedistill.export.save_mesh` writes them) back
-    into the world frame with its colours (module docstring). Several geometries are merged; if
-    they disagree on the kind of colour, the colours are dropped."""
+    into the world frame with its colors (module docstring). Several geometries are merged; if
+    they disagree on the kind of color, the colors are dropped."""
     path = Path(path)
     from_gltf = path.suffix.lower() in (".glb", ".gltf")
-    parts = [(v, np.asarray(g.faces, dtype=np.int64), *_geometry_colours(g, from_gltf))
+    parts = [(v, np.asarray(g.faces, dtype=np.int64), *_geometry_colors(g, from_gltf))
              for g, v in read_mesh_parts(path, "fidelity check") if len(getattr(g, "faces", ()))]
     if not parts:
         raise UserError(f"fidelity check: '{path}' holds no triangles")
@@ -154,7 +154,7 @@ def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
 # ----------------------------------------------------------------------------------------------
 def eval_shading(rep: Representation) -> Optional[float]:
     """The ambient term of the representation's evaluation shading (diffuse with a headlight), or
-    None when it renders unlit colours (:meth:`Representation.evaluation_ambient`)."""
+    None when it renders unlit colors (:meth:`Representation.evaluation_ambient`)."""
     ambient = rep.evaluation_ambient()
     return None if ambient is None else float(ambient)
 
@@ -179,7 +179,7 @@ def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: t
                          ambient: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """``rgb [B,3,H,W]`` (over ``background [B,3,H,W]``) and ``alpha [B,1,H,W]`` of a mesh read
     with :func:`load_exported_mesh`, shaded as the representation's evaluation render (``ambient``:
-    diffuse with a headlight; None: unlit). Colourless meshes render white."""
+    diffuse with a headlight; None: unlit). Colorless meshes render white."""
     verts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
     faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
     frags = rasterize_triangles(verts, faces, cameras)
@@ -227,7 +227,7 @@ def fidelity_check(rep: Representation, mesh_path: Union[str, Path], cameras: Op
     """Render the mesh file ``mesh_path`` and ``rep`` (``training=False``) from ``cameras``
     (default :func:`check_cameras`) and compare them (module docstring). Returns a JSON-ready dict:
     ``silhouette_iou``, ``rgb_mae``, ``rgb_mae_both``, ``psnr``, ``views``, ``resolution``,
-    ``colour`` (texture / vertex / none), ``shading`` and ``per_view`` (elevation, azimuth and the
+    ``color`` (texture / vertex / none), ``shading`` and ``per_view`` (elevation, azimuth and the
     four metrics per view). With ``return_images`` it also holds ``images``: ``rep_rgb``,
     ``mesh_rgb`` ``[B,3,H,W]`` tensors (not JSON)."""
     cameras = check_cameras() if cameras is None else cameras
@@ -252,7 +252,7 @@ def fidelity_check(rep: Representation, mesh_path: Union[str, Path], cameras: Op
                          **_metrics(rep_rgb[s], rep_alpha[s], m["rgb"][s], m["alpha"][s])})
     result.update({
         "mesh": str(mesh_path), "views": len(cams), "resolution": [cams.height, cams.width],
-        "colour": mesh.kind, "shading": "albedo" if ambient is None else f"diffuse headlight (ambient {ambient:g})",
+        "color": mesh.kind, "shading": "albedo" if ambient is None else f"diffuse headlight (ambient {ambient:g})",
         "per_view": per_view,
     })
     if return_images:

@@ -105,7 +105,7 @@ def extract_mesh(
     min_component_ratio: float = 0.05,
     chunk: int = 2**18,
 ) -> trimesh.Trimesh:
-    """Extract the ``threshold`` isosurface of ``rep.density`` as a vertex-coloured mesh.
+    """Extract the ``threshold`` isosurface of ``rep.density`` as a vertex-colored mesh.
 
     * The density is sampled at the ``resolution^3`` corners of a regular grid spanning exactly
       ``[-rep.bounds, rep.bounds]^3`` (no grad, ``chunk`` points at a time, on the
@@ -115,7 +115,7 @@ def extract_mesh(
     * Faces are wound so normals point from high to low density (outward).
     * Connected components with fewer than ``min_component_ratio`` times the largest
       component's faces (floaters) are dropped.
-    * Vertex colours are ``rep.albedo(vertices)`` as uint8 RGBA (sRGB, alpha 255).
+    * Vertex colors are ``rep.albedo(vertices)`` as uint8 RGBA (sRGB, alpha 255).
 
     ``threshold`` defaults to ``rep.isosurface_threshold``. The mesh is in world coordinates
     (+Z up, front +X). Raises :class:`UserError` if the density never exceeds ``threshold``.
@@ -203,7 +203,7 @@ def _unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding:
     uv = np.clip(np.asarray(uv, dtype=np.float64), 0.0, 1.0)
     # xatlas leaves (near-)zero-area slivers out of every chart, at UV (0, 0). Give their
     # vertices the UV of a charted copy of the same input vertex, so they sample the surface
-    # colour of where they are rather than whatever lies at the atlas corner.
+    # color of where they are rather than whatever lies at the atlas corner.
     t = uv[new_faces]
     charted = np.abs((t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1])
                      - (t[:, 1, 1] - t[:, 0, 1]) * (t[:, 2, 0] - t[:, 0, 0])) > 0
@@ -287,8 +287,8 @@ def _rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, max_candidates: 
 
 def _dilate(image: np.ndarray, filled: np.ndarray, passes: int) -> np.ndarray:
     """Grow the filled texels ``passes`` texels outwards (each new texel: the mean of its filled
-    8-neighbours), then fill what is still empty with the mean colour, so bilinear filtering
-    and mip-mapping at chart borders never pick up a background colour."""
+    8-neighbours), then fill what is still empty with the mean color, so bilinear filtering
+    and mip-mapping at chart borders never pick up a background color."""
     image = image.copy()
     filled = filled.copy()
     H, W = filled.shape
@@ -323,20 +323,20 @@ def bake_texture(
     dilation: int = 8,
     chunk: int = 2**18,
 ) -> trimesh.Trimesh:
-    """UV-unwrap a world-frame mesh (xatlas) and bake ``rep.albedo`` into a base-colour texture
-    (``rep=None``: the mesh's own vertex colours, interpolated with the same barycentrics).
+    """UV-unwrap a world-frame mesh (xatlas) and bake ``rep.albedo`` into a base-color texture
+    (``rep=None``: the mesh's own vertex colors, interpolated with the same barycentrics).
 
     Every texel whose centre lies in a UV triangle (or within half a texel diagonal of one: the
     border texels bilinear filtering reads) gets ``rep.albedo`` at the world position with the
     same (clamped) barycentric coordinates (no grad, ``chunk`` points at a time); charts are then
-    dilated ``dilation`` texels and the rest of the texture is filled with the mean colour.
+    dilated ``dilation`` texels and the rest of the texture is filled with the mean color.
     ``padding`` (texels between charts) defaults to ``max(2, texture_size // 256)``.
 
     Returns a new mesh, split along the UV seams, whose visual is a
     :class:`trimesh.visual.TextureVisuals` with ``uv`` and a non-metallic, rough
     :class:`~trimesh.visual.material.PBRMaterial` whose ``baseColorTexture`` is the
     ``texture_size``-square RGB (sRGB 8-bit) image, and ``vertex_attributes["color"]`` holds
-    the input's vertex colours (sRGB RGBA uint8) for formats without textures (PLY).
+    the input's vertex colors (sRGB RGBA uint8) for formats without textures (PLY).
     """
     texture_size = int(texture_size)
     if texture_size < 16:
@@ -353,19 +353,19 @@ def bake_texture(
 
     if rep is None:
         if mesh.visual.kind != "vertex":
-            raise ValueError("bake_texture: without a representation the mesh needs vertex colours")
+            raise ValueError("bake_texture: without a representation the mesh needs vertex colors")
         vc = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3][vmapping]
-        colours = np.einsum("nk,nkd->nd", barys, vc[faces[face_ids]])
+        colors = np.einsum("nk,nkd->nd", barys, vc[faces[face_ids]])
     else:
         device = _module_device(rep)
         was_training = rep.training
         rep.eval()
         try:
-            colours = _albedo_rgba(rep, points, int(chunk), device)[:, :3]
+            colors = _albedo_rgba(rep, points, int(chunk), device)[:, :3]
         finally:
             rep.train(was_training)
     image = np.zeros((texture_size * texture_size, 3), np.float32)
-    image[texels] = colours.astype(np.float32)
+    image[texels] = colors.astype(np.float32)
     filled = np.zeros(texture_size * texture_size, bool)
     filled[texels] = True
     image = _dilate(image.reshape(texture_size, texture_size, 3), filled.reshape(texture_size, texture_size),
@@ -405,7 +405,7 @@ def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray]) -> bytes:
     """GLB with COLOR_0 (linear, as glTF requires) and a non-metallic material.
 
     Without a material glTF viewers use the spec default (metallic = 1), which renders vertex
-    colours dark; trimesh only writes a material for texture visuals, so the colours go in as
+    colors dark; trimesh only writes a material for texture visuals, so the colors go in as
     a vertex attribute of a UV-less texture visual."""
     out = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False)
     material = trimesh.visual.material.PBRMaterial(
@@ -449,7 +449,7 @@ def _texture_image(mesh: trimesh.Trimesh) -> Image.Image:
     if img is None:
         img = getattr(mat, "image", None)
     if img is None:
-        raise ValueError("textured mesh has no base-colour image")
+        raise ValueError("textured mesh has no base-color image")
     return img.convert("RGB")
 
 
@@ -464,8 +464,8 @@ def _is_textured(mesh: trimesh.Trimesh) -> bool:
             and len(mesh.visual.uv) == len(mesh.vertices))
 
 
-def _welded_vertex_coloured(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """A textured (seam-split) mesh as a welded vertex-coloured one: the colours of
+def _welded_vertex_colored(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A textured (seam-split) mesh as a welded vertex-colored one: the colors of
     ``vertex_attributes["color"]`` (from :func:`bake_texture`), else the texture at each UV."""
     colors = mesh.vertex_attributes.get("color")
     if colors is None or len(colors) != len(mesh.vertices):
@@ -495,13 +495,13 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     * OBJ: ``v``/``vt``/``vn`` lines with ``mtllib <stem>.mtl``; ``<stem>.mtl`` (``Kd 1 1 1``,
       ``map_Kd <stem>.png``) and ``<stem>.png`` are written next to it, referenced by bare
       file name so the three files can be moved or zipped together.
-    * PLY: welded again, with vertex colours (PLY has no standard texture reference).
+    * PLY: welded again, with vertex colors (PLY has no standard texture reference).
 
-    A vertex-coloured mesh (:func:`extract_mesh`, ``export.texture=false``) keeps its colours:
+    A vertex-colored mesh (:func:`extract_mesh`, ``export.texture=false``) keeps its colors:
 
     * GLB: ``COLOR_0`` (RGBA8, normalized) converted from sRGB to linear as glTF specifies, with
       a white, non-metallic, rough material and smooth vertex normals. (trimesh reads the
-      colours back into ``visual.vertex_attributes["color"]`` of the scene's geometry;
+      colors back into ``visual.vertex_attributes["color"]`` of the scene's geometry;
       ``trimesh.load(..., force="mesh")`` drops them.)
     * OBJ: ``v x y z r g b`` lines (sRGB floats in [0, 1]) and smooth ``vn`` normals; no
       material file.
@@ -514,7 +514,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     y_up = to_y_up(mesh)
     textured = _is_textured(y_up)
     if textured and fmt == "ply":
-        y_up, textured = _welded_vertex_coloured(y_up), False
+        y_up, textured = _welded_vertex_colored(y_up), False
     rgba = None
     if y_up.visual.kind == "vertex":
         rgba = np.asarray(y_up.visual.vertex_colors, dtype=np.uint8)

@@ -103,8 +103,8 @@ class Representation(ABC, torch.nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no density field")
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
-        """Base colour in [0,1] at world points ``[N,3]`` -> ``[N,3]``."""
-        raise NotImplementedError(f"{type(self).__name__} has no colour field")
+        """Base color in [0,1] at world points ``[N,3]`` -> ``[N,3]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no color field")
 
     @property
     def isosurface_threshold(self) -> float:
@@ -117,7 +117,7 @@ class Representation(ABC, torch.nn.Module):
 
     def explicit_surface(self) -> Optional[Any]:
         """The surface to export when the representation has its own triangles: a
-        ``trimesh.Trimesh`` in the world frame (+Z up) with uint8 sRGB vertex colours. None (the
+        ``trimesh.Trimesh`` in the world frame (+Z up) with uint8 sRGB vertex colors. None (the
         default) means "extract the isosurface of :meth:`density` at :attr:`isosurface_threshold`"
         (marching cubes, :func:`threedistill.export.extract_mesh`)."""
         return None
@@ -137,7 +137,7 @@ class Representation(ABC, torch.nn.Module):
     # -- evaluation (deterministic renders, ``training=False``) ----------------------------------
     def evaluation_ambient(self) -> Optional[float]:
         """How evaluation renders are lit: the ambient term of diffuse shading with the light at
-        the camera (the NeRF and the mesh), or None when they show unlit colours (the default,
+        the camera (the NeRF and the mesh), or None when they show unlit colors (the default,
         e.g. the Gaussians). A reference to compare with (a ground truth, an exported mesh) is
         shaded the same way."""
         return None

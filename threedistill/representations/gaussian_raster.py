@@ -38,8 +38,8 @@ For a pixel centre p and Gaussian i, with d = p - mean2d_i::
 Invalid Gaussians (behind the near plane, degenerate covariance) contribute nothing.
 **No early termination**: gsplat drops the Gaussian that would take a pixel's T below 1e-4, and
 everything behind it; neither function here does. In such (near-opaque) pixels the results differ
-from gsplat by up to the dropped remainder of T, about 1e-4 / (1 - alpha_i) times a colour; our
-gradients stay smooth there. Colours are composited as given (any real values).
+from gsplat by up to the dropped remainder of T, about 1e-4 / (1 - alpha_i) times a color; our
+gradients stay smooth there. Colors are composited as given (any real values).
 
 Footprint and radii
 -------------------
@@ -62,7 +62,7 @@ How :func:`rasterize` finds and composites the pairs
 3. ``log T`` is a segmented exclusive cumulative sum of ``log1p(-alpha)`` along each strip's
    pairs (one global cumulative sum in float64 minus the running sum at the segment start; a custom
    autograd function whose backward is the reversed scan), ``T = exp(log T)``, and the per-pixel
-   sums of ``alpha T (colour, z)`` are segment reductions.
+   sums of ``alpha T (color, z)`` are segment reductions.
 
 The pairs the exact rule keeps are the same as in :func:`rasterize_dense` (same float operations in
 the shared alpha function), so the two agree to float rounding (~1e-7). Two invisible numerical

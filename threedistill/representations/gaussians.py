@@ -1,5 +1,5 @@
 """3D Gaussian Splatting as a score-distillation representation (DreamGaussian / GaussianDreamer
-style, colours only: no spherical harmonics, no lighting).
+style, colors only: no spherical harmonics, no lighting).
 
 Parameters (all ``nn.Parameter``; N changes with densification)
 ---------------------------------------------------------------
@@ -12,14 +12,14 @@ Initialization (``representation.gaussians.init``; random draws from torch's glo
 * ``sphere``: ``num_points`` points uniform in the ball of radius ``init_radius``.
 * ``file:PATH``: the vertices of a point cloud (or points sampled uniformly on a mesh) read
   with :func:`threedistill.meshio.read_mesh` (coordinates as stored), randomly subsampled to
-  ``num_points`` if there are more; their vertex colours when present.
+  ``num_points`` if there are more; their vertex colors when present.
 * ``shape`` (the shapes-world mesh that ``run.prompt`` names, ``"a red cube"``; any other
   prompt falls back to ``sphere`` with a logged warning) is resolved by the pipeline
   (:func:`threedistill.inputs.resolve_inputs`) into a ``file:`` of that mesh before the
   Gaussians are built, so they sample points on it as on any mesh file.
 
 Scales start at the mean distance to the 3 nearest neighbours (isotropic), rotations at the
-identity, opacities at ``init_opacity``, colours grey-ish (``0.5 +- 0.05``) unless read from a file.
+identity, opacities at ``init_opacity``, colors grey-ish (``0.5 +- 0.05``) unless read from a file.
 
 Rendering
 ---------
@@ -53,7 +53,7 @@ Export
 ``density(x) = sum_i opacity_i exp(-0.5 d_i^T Sigma_i^-1 d_i)`` (``d_i = x - mu_i``), evaluated
 by brute force, a chunk of points at a time, over the Gaussians within 5 standard deviations of
 the chunk's bounding box (the rest add < 4e-6 x opacity), as one matrix product per chunk (the
-quadratic form expanded into monomials of ``x``); ``albedo(x)`` is the mean colour weighted by
+quadratic form expanded into monomials of ``x``); ``albedo(x)`` is the mean color weighted by
 the same terms. :meth:`save_splat_ply` / :meth:`load_splat_ply` read and write the standard 3DGS
 PLY layout (SH degree 0).
 """
@@ -198,30 +198,30 @@ def _numpy_seed() -> int:
 
 
 def _load_init_file(path_str: str, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Points ``[M,3]`` (M <= n) and colours ``[M,3]`` in [0,1] (or None) from a mesh or point-cloud
-    file (:func:`threedistill.meshio.read_mesh`): ``n`` points sampled on a mesh's surface (colours:
-    the mean of the sampled face's vertex colours), a point cloud's points (a random subset of
+    """Points ``[M,3]`` (M <= n) and colors ``[M,3]`` in [0,1] (or None) from a mesh or point-cloud
+    file (:func:`threedistill.meshio.read_mesh`): ``n`` points sampled on a mesh's surface (colors:
+    the mean of the sampled face's vertex colors), a point cloud's points (a random subset of
     ``n`` when it has more)."""
     import trimesh
 
     key = "representation.gaussians.init"
     data = read_mesh(path_str, key)
-    colours = None
+    colors = None
     if len(data.faces) > 0:
         mesh = trimesh.Trimesh(vertices=data.vertices, faces=data.faces, process=False)
         pts, face_idx = trimesh.sample.sample_surface(mesh, n, seed=_numpy_seed())
         if data.colors is not None:
-            colours = data.colors[data.faces[face_idx]].mean(axis=1)
+            colors = data.colors[data.faces[face_idx]].mean(axis=1)
     else:
-        pts, colours = data.vertices, data.colors
+        pts, colors = data.vertices, data.colors
         if len(pts) > n:
             keep = torch.randperm(len(pts))[:n].numpy()
             pts = pts[keep]
-            colours = colours[keep] if colours is not None else None
+            colors = colors[keep] if colors is not None else None
     pts_t = torch.as_tensor(np.asarray(pts, dtype=np.float32))
     if not torch.isfinite(pts_t).all():
         raise UserError(f"{key}: '{path_str}' has non-finite point coordinates")
-    return pts_t, (torch.as_tensor(np.asarray(colours, dtype=np.float32)) if colours is not None else None)
+    return pts_t, (torch.as_tensor(np.asarray(colors, dtype=np.float32)) if colors is not None else None)
 
 
 def read_splat_ply(path: Union[str, Path]) -> Dict[str, np.ndarray]:
@@ -281,16 +281,16 @@ class Gaussians(Representation, Appearance):
         self._isosurface_threshold = float(c.isosurface_threshold)
         self.strategy = DensifyStrategy.from_group(c, seed=int(context.seed), steps=int(context.steps))
 
-        means, colours = self._initial_points(c, context)
+        means, colors = self._initial_points(c, context)
         n = means.shape[0]
-        if colours is None:
-            colours = 0.5 + 0.1 * (torch.rand(n, 3) - 0.5)
+        if colors is None:
+            colors = 0.5 + 0.1 * (torch.rand(n, 3) - 0.5)
         scales = knn_mean_distance(means).clamp_min(1e-4)
         self.means = nn.Parameter(means.float())
         self.log_scales = nn.Parameter(torch.log(scales)[:, None].repeat(1, 3).float())
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
         self.opacity_logits = nn.Parameter(clamped_logit(torch.full((n,), float(c.init_opacity))))
-        self.color_logits = nn.Parameter(clamped_logit(colours.float()))
+        self.color_logits = nn.Parameter(clamped_logit(colors.float()))
         # Densification statistics (see the module docstring); buffers, so checkpoints hold them.
         state = DensifyState.zeros(n)
         self.register_buffer("grad2d_sum", state.grad2d_sum)
@@ -480,7 +480,7 @@ class Gaussians(Representation, Appearance):
         c = (mu * b).sum(-1)
         return A6, b.T.contiguous(), c
 
-    def _kernel_fields(self, points: torch.Tensor, want_colour: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _kernel_fields(self, points: torch.Tensor, want_color: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``sum_i w_i`` ``[P]`` and ``sum_i w_i c_i`` ``[P,3]`` with ``w_i = o_i exp(-q_i(x)/2)``.
 
         Points go ``chunk_points`` at a time; per chunk, Gaussians whose ``cutoff_sigmas`` x
@@ -506,21 +506,21 @@ class Gaussians(Representation, Appearance):
             q = (mono @ A6[:, near] - 2.0 * (x @ b[:, near]) + c[near]).clamp_min(0.0)  # [P,n]
             w = torch.exp(-0.5 * q) * opac[near]
             dens.append(w.sum(-1))
-            if want_colour:
+            if want_color:
                 rgb.append(w @ cols[near])
         d = torch.cat(dens).to(points.dtype) if dens else points.new_zeros(0)
-        return d, (torch.cat(rgb).to(points.dtype) if want_colour and rgb else
-                   (points.new_zeros(0, 3) if want_colour else None))
+        return d, (torch.cat(rgb).to(points.dtype) if want_color and rgb else
+                   (points.new_zeros(0, 3) if want_color else None))
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
         """``sum_i opacity_i exp(-0.5 d_i^T Sigma_i^-1 d_i)`` at world points ``[P,3]`` -> ``[P]``
         (no autograd; chunked)."""
-        return self._kernel_fields(points, want_colour=False)[0]
+        return self._kernel_fields(points, want_color=False)[0]
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
-        """Mean Gaussian colour weighted by each Gaussian's density term at ``points [P,3]`` ->
+        """Mean Gaussian color weighted by each Gaussian's density term at ``points [P,3]`` ->
         ``[P,3]`` in [0,1] (grey 0.5 where no Gaussian reaches)."""
-        d, rgb = self._kernel_fields(points, want_colour=True)
+        d, rgb = self._kernel_fields(points, want_color=True)
         assert rgb is not None
         grey = torch.full_like(rgb, 0.5)
         return torch.where(d[:, None] > 1e-12, rgb / d.clamp_min(1e-12)[:, None], grey).clamp(0.0, 1.0)
@@ -561,7 +561,7 @@ class Gaussians(Representation, Appearance):
 
     def load_splat_ply(self, path: Union[str, Path]) -> None:
         """Replace every parameter with a splat PLY's in place (N may change: build the optimizer after).
-        Means, log-scales, quaternions and opacity logits are restored exactly; colours up to the
+        Means, log-scales, quaternions and opacity logits are restored exactly; colors up to the
         float32 rounding of ``logit(0.5 + SH_C0 f_dc)``."""
         a = read_splat_ply(path)
         dev = self.means.device

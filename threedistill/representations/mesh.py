@@ -1,5 +1,5 @@
 """An explicit triangle mesh as a score-distillation representation (Magic3D / Fantasia3D-style
-refinement stage, vertex colours only: no UV texture, no remeshing).
+refinement stage, vertex colors only: no UV texture, no remeshing).
 
 Parameters (``nn.Parameter``; the topology is fixed)
 ---------------------------------------------------
@@ -17,18 +17,18 @@ Initialization (``representation.mesh.init``)
   with its transforms). Exchange files are Y-up (:func:`threedistill.export.mesh.save_mesh`): the
   inverse of ``Z_UP_TO_Y_UP`` brings them back to the Z-up world, so a mesh exported by
   ``save_mesh`` comes back in place, and positions are welded (files split vertices along seams).
-  Vertex colours (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is
+  Vertex colors (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is
   converted back). Mesh arrays (``.npz``) are taken exactly as they are.
 * ``run:RUN_DIR`` (a previous NeRF / Gaussians / mesh run's surface: ``init_mesh_resolution``,
   else the run's ``export.mesh_resolution``) is resolved by the pipeline
   (:func:`threedistill.inputs.resolve_inputs`) into mesh arrays before the mesh is built.
 
-Colours start grey (0.5) unless the source has colours.
+Colors start grey (0.5) unless the source has colors.
 
 Rendering
 ---------
 :func:`threedistill.representations.mesh_raster.render_mesh` (antialiased) with per-camera vertex
-colours composited over a solid background
+colors composited over a solid background
 (:func:`threedistill.representations.common.solid_background`: white / black / random, random
 draws from the render generator while training). Shading follows the NeRF
 (:func:`threedistill.representations.common.draw_shading_mode` and
@@ -56,7 +56,7 @@ Regularizers
 
 Export
 ------
-:meth:`export_mesh` (the :meth:`explicit_surface`) returns the current triangles (world frame) with vertex colours;
+:meth:`export_mesh` (the :meth:`explicit_surface`) returns the current triangles (world frame) with vertex colors;
 :func:`threedistill.export.export_run_meshes` and ``threedistill export`` use it instead of marching
 cubes. There is no density field.
 """
@@ -224,7 +224,7 @@ def _load_file(path_str: str, key: str) -> Tuple[np.ndarray, np.ndarray, Optiona
 
 
 def initial_mesh(c, from_checkpoint: bool = False) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """World vertices ``[V,3]``, faces ``[F,3]`` and colours ``[V,3]`` in [0,1] (or None) for the
+    """World vertices ``[V,3]``, faces ``[F,3]`` and colors ``[V,3]`` in [0,1] (or None) for the
     ``representation.mesh`` config ``c`` (module docstring). ``from_checkpoint``: the sphere, as
     the checkpoint replaces the whole mesh."""
     import trimesh
@@ -254,7 +254,7 @@ def initial_mesh(c, from_checkpoint: bool = False) -> Tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------------------------
 @register("mesh")
 class Mesh(Representation, Appearance):
-    """Vertex-coloured triangle mesh (see the module docstring). Built as ``Mesh(c, context, device)``
+    """Vertex-colored triangle mesh (see the module docstring). Built as ``Mesh(c, context, device)``
     from its config group ``representation.mesh`` (the context is unused but for
     ``from_checkpoint``)."""
 
@@ -269,12 +269,12 @@ class Mesh(Representation, Appearance):
         self._lambda_laplacian = plain_schedule(c.lambda_laplacian)
         self._lambda_normal_consistency = plain_schedule(c.lambda_normal_consistency)
 
-        verts, faces, colours = initial_mesh(c, context.from_checkpoint)
+        verts, faces, colors = initial_mesh(c, context.from_checkpoint)
         v = torch.as_tensor(np.asarray(verts, dtype=np.float32))
         self.register_buffer("base_vertices", v)
         self.register_buffer("faces", torch.as_tensor(np.asarray(faces, dtype=np.int64)))
         self.offsets = nn.Parameter(torch.zeros_like(v))
-        logits = (clamped_logit(torch.as_tensor(np.asarray(colours, dtype=np.float32))) if colours is not None
+        logits = (clamped_logit(torch.as_tensor(np.asarray(colors, dtype=np.float32))) if colors is not None
                   else torch.zeros_like(v))
         self.color_logits = nn.Parameter(logits)
         self.register_buffer("edges", torch.zeros(0, 2, dtype=torch.int64), persistent=False)
@@ -318,14 +318,14 @@ class Mesh(Representation, Appearance):
         bg = self._solid_background(B, training, generator, dev)
         verts, albedo = self.vertices, self.colors
         if mode == "albedo":
-            colours = albedo
+            colors = albedo
         else:
             lights = (cameras.light_positions if training else cameras.positions).to(verts.dtype)
             vn = vertex_normals(verts, self.faces)
             flat = lambda t: t.expand(B, V, 3).reshape(B * V, 3)  # noqa: E731
-            colours = self._shade(flat(albedo), flat(vn), flat(verts), lights[:, None, :].expand(B, V, 3).reshape(B * V, 3),
+            colors = self._shade(flat(albedo), flat(vn), flat(verts), lights[:, None, :].expand(B, V, 3).reshape(B * V, 3),
                                   mode).reshape(B, V, 3)
-        r = render_mesh(verts, self.faces, cameras, colours, bg, antialiased=True)
+        r = render_mesh(verts, self.faces, cameras, colors, bg, antialiased=True)
 
         hit = (r["tri_id"] >= 0)[:, None].to(verts.dtype)  # [B,1,H,W]
         _, rays_d = cameras.rays()  # unit world directions [B,H,W,3]
@@ -353,7 +353,7 @@ class Mesh(Representation, Appearance):
         return terms
 
     def param_groups(self, optim_cfg) -> List[dict]:
-        """Offsets and colour logits, each with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
+        """Offsets and color logits, each with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
         params = {"offsets": self.offsets, "colors": self.color_logits}
         return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
                 for name, p in params.items()]
@@ -368,7 +368,7 @@ class Mesh(Representation, Appearance):
     @torch.no_grad()
     def export_mesh(self):
         """The current mesh as a :class:`trimesh.Trimesh` in the world frame (+Z up) with uint8
-        sRGB RGBA vertex colours (``save_mesh`` converts it to Y-up on writing)."""
+        sRGB RGBA vertex colors (``save_mesh`` converts it to Y-up on writing)."""
         import trimesh
 
         rgba = np.full((self.base_vertices.shape[0], 4), 255, dtype=np.uint8)

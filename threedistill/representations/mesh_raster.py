@@ -8,8 +8,8 @@ Four functions, used in this order by :func:`render_mesh`:
 * :func:`interpolate` -- vertex attributes at the pixels (differentiable w.r.t. the attributes and,
   through the barycentrics, the vertices).
 * :func:`antialias` -- silhouette-edge antialiasing, which is what gives the vertices gradients
-  from coverage (alpha) and from colour jumps at the object's outline.
-* :func:`render_mesh` -- rgb, alpha, depth, normal and triangle ids of a vertex-coloured mesh.
+  from coverage (alpha) and from color jumps at the object's outline.
+* :func:`render_mesh` -- rgb, alpha, depth, normal and triangle ids of a vertex-colored mesh.
 
 Projection
 ----------
@@ -62,9 +62,9 @@ double its gradient). With ``t`` in [0, 1] the crossing point along the segment 
 
 All increments are computed from the input image ``I`` and summed (a pixel with several silhouette
 neighbours gets several). The image is unchanged in value away from silhouettes; at silhouettes
-``d out / d t = +-(I_p - I_q)`` carries the colour/coverage jump to the edge's vertices, which a
+``d out / d t = +-(I_p - I_q)`` carries the color/coverage jump to the edge's vertices, which a
 plain rasterized image (piecewise constant coverage) cannot. Interior edges between visible
-triangles are not blended (their colours are continuous for vertex attributes).
+triangles are not blended (their colors are continuous for vertex attributes).
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def render_mesh(
     antialiased: bool = True,
     near: float = NEAR_PLANE,
 ) -> dict:
-    """Render a vertex-coloured mesh: ``verts [V,3]``, ``faces [F,3]``, ``colors [V,3]`` or ``[B,V,3]``,
+    """Render a vertex-colored mesh: ``verts [V,3]``, ``faces [F,3]``, ``colors [V,3]`` or ``[B,V,3]``,
     ``background [3]`` or ``[B,3]``. Returns a dict of ``rgb [B,3,H,W]`` (composited over the
     background), ``alpha [B,1,H,W]`` (coverage; both antialiased unless ``antialiased=False``),
     ``depth [B,1,H,W]`` (camera-space z, 0 where empty), ``normal [B,3,H,W]`` (unit world face normal

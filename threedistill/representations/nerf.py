@@ -24,8 +24,8 @@ p = textureless_prob), else ``diffuse``: ``albedo * (ambient + (1 - ambient) * m
 Background
 ----------
 ``mlp``: a small MLP on the frequency-encoded ray direction (sigmoid output); while training it is
-replaced, with probability ``random_background_prob`` per image, by a random solid colour.
-``white`` / ``black``: solid. ``random``: a random solid colour per image while training, white at
+replaced, with probability ``random_background_prob`` per image, by a random solid color.
+``white`` / ``black``: solid. ``random``: a random solid color per image while training, white at
 evaluation. All randomness comes from the ``generator`` passed to :meth:`NeRF.render`.
 
 Ray marching (two back ends, same math)
@@ -534,7 +534,7 @@ class NeRF(Representation, Appearance):
 
     @torch.no_grad()
     def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
-        """White, black, or the background MLP's colour along each pixel's ray (``[B,3,H,W]``, CPU)."""
+        """White, black, or the background MLP's color along each pixel's ray (``[B,3,H,W]``, CPU)."""
         B, H, W = len(cameras), cameras.height, cameras.width
         if self.background_mode == "black":
             return torch.zeros(B, 3, H, W)

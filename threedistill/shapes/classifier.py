@@ -1,7 +1,7 @@
-"""A small shape-and-colour classifier of shapes-world images: our analogue of CLIP R-precision.
+"""A small shape-and-color classifier of shapes-world images: our analogue of CLIP R-precision.
 
-A 5-layer CNN with two heads (shape, colour) trained on exact ground-truth renders of all 36
-(shape, colour) pairs (it is a measuring instrument, so held-out pairs are included) from the
+A 5-layer CNN with two heads (shape, color) trained on exact ground-truth renders of all 36
+(shape, color) pairs (it is a measuring instrument, so held-out pairs are included) from the
 camera sampler's distribution plus the evaluation cameras, with both shadings and mild
 augmentation (blur, noise, a small shift, a slightly tinted background) so that it reads blurry
 NeRF renders and diffusion samples too. Shipped as ``assets/shapes-classifier.safetensors``.
@@ -24,7 +24,7 @@ from threedistill.errors import MissingWeightsError
 from threedistill.priors import ASSETS_DIR
 from threedistill.shapes.prior import render_views
 from threedistill.shapes.render import render_shape
-from threedistill.shapes.world import COLOUR_NAMES, SHAPES, all_prompts
+from threedistill.shapes.world import COLOR_NAMES, SHAPES, all_prompts
 
 CLASSIFIER_FILE = "shapes-classifier.safetensors"
 INPUT_SIZE = 64
@@ -41,15 +41,15 @@ class ShapesClassifier(nn.Module):
                        nn.GroupNorm(8, chans[i + 1]), nn.SiLU()]
         self.features = nn.Sequential(*layers)
         self.shape_head = nn.Linear(4 * w, len(SHAPES))
-        self.colour_head = nn.Linear(4 * w, len(COLOUR_NAMES))
+        self.color_head = nn.Linear(4 * w, len(COLOR_NAMES))
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``images [B,3,H,W]`` in [0,1] (resized to 64x64) -> (shape logits, colour logits)."""
+        """``images [B,3,H,W]`` in [0,1] (resized to 64x64) -> (shape logits, color logits)."""
         x = images.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
         h = self.features(x * 2.0 - 1.0).mean(dim=(2, 3))
-        return self.shape_head(h), self.colour_head(h)
+        return self.shape_head(h), self.color_head(h)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Dict[str, object]:
@@ -59,9 +59,9 @@ class ShapesClassifier(nn.Module):
         ps, pc = ls.log_softmax(-1), lc.log_softmax(-1)
         return {
             "shapes": [SHAPES[i] for i in ps.argmax(-1).tolist()],
-            "colours": [COLOUR_NAMES[i] for i in pc.argmax(-1).tolist()],
+            "colors": [COLOR_NAMES[i] for i in pc.argmax(-1).tolist()],
             "shape": SHAPES[int(ps.mean(0).argmax())],
-            "colour": COLOUR_NAMES[int(pc.mean(0).argmax())],
+            "color": COLOR_NAMES[int(pc.mean(0).argmax())],
         }
 
 
@@ -73,7 +73,9 @@ def load_classifier(path: Optional[str | Path] = None, device: torch.device | st
         raise MissingWeightsError(f"shapes classifier not found at '{path}' (train it with "
                                   f"`threedistill prior train-classifier {path}`)")
     model = ShapesClassifier()
-    model.load_state_dict(load_file(str(path)))
+    # Files written before the spelling became "color" name the head ``colour_head``.
+    state = {k.replace("colour_head.", "color_head."): v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -94,7 +96,7 @@ def _augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def make_classifier_data(images_per_prompt: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ground-truth renders of all 36 prompts: (images uint8, shape index, colour index)."""
+    """Ground-truth renders of all 36 prompts: (images uint8, shape index, color index)."""
     g = torch.Generator().manual_seed(seed)
     images, s_idx, c_idx = [], [], []
     for p in all_prompts():
@@ -103,10 +105,10 @@ def make_classifier_data(images_per_prompt: int, seed: int) -> Tuple[torch.Tenso
         start = float(torch.rand(1, generator=g)) * 360.0
         for elev in (5.0, 30.0):
             cams = orbit_cameras(8, INPUT_SIZE, elevation=elev, start_azimuth=start)
-            imgs = torch.cat([imgs, render_shape(p.shape, p.colour, cams).rgb])
+            imgs = torch.cat([imgs, render_shape(p.shape, p.color, cams).rgb])
         images.append((imgs * 255).round().to(torch.uint8))
         s_idx += [SHAPES.index(p.shape)] * len(imgs)
-        c_idx += [COLOUR_NAMES.index(p.colour)] * len(imgs)
+        c_idx += [COLOR_NAMES.index(p.color)] * len(imgs)
     return torch.cat(images), torch.tensor(s_idx), torch.tensor(c_idx)
 
 
@@ -141,7 +143,7 @@ def train_classifier(out: str | Path, steps: int = 1500, batch_size: int = 64, i
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    meta = {"shapes": list(SHAPES), "colours": list(COLOUR_NAMES), "steps": steps, "batch_size": batch_size,
+    meta = {"shapes": list(SHAPES), "colors": list(COLOR_NAMES), "steps": steps, "batch_size": batch_size,
             "train_images": len(images), "train_seconds": round(time.time() - t0, 1), "fresh_accuracy": acc}
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return acc
@@ -154,5 +156,5 @@ def classifier_accuracy(model: ShapesClassifier, seed: int = 1000, images_per_pr
     ls, lc = model(images.float() / 255.0)
     s_ok = ls.argmax(-1) == s_idx
     c_ok = lc.argmax(-1) == c_idx
-    return {"shape": s_ok.float().mean().item(), "colour": c_ok.float().mean().item(),
+    return {"shape": s_ok.float().mean().item(), "color": c_ok.float().mean().item(),
             "both": (s_ok & c_ok).float().mean().item(), "images": len(images)}

@@ -5,20 +5,20 @@ field of view; the light at the camera, as in every evaluation render) a represe
 compared with the exact render of the object its prompt names:
 
 * ``iou``: silhouette IoU of ``alpha > 0.5`` against the ground-truth mask, pooled over views.
-* ``colour_error``: mean absolute RGB error (0..1) over the ground-truth foreground pixels, both
+* ``color_error``: mean absolute RGB error (0..1) over the ground-truth foreground pixels, both
   images shaded identically on the shapes-world background: the ground truth is lit the way the
   representation's evaluation render is (:meth:`~threedistill.representations.Representation.evaluation_ambient`:
   diffuse with a headlight at its ambient term for the NeRF and the mesh, unlit albedo for the
   Gaussians); a missing part of the object counts as background there.
-* ``prompt_correct``: the shipped classifier's shape and colour, pooled over views, both match the
-  prompt (the analogue of CLIP R-precision); ``shape_correct`` / ``colour_correct`` separately.
+* ``prompt_correct``: the shipped classifier's shape and color, pooled over views, both match the
+  prompt (the analogue of CLIP R-precision); ``shape_correct`` / ``color_correct`` separately.
 * ``view_consistency`` (mug only): the fraction of views whose handle is on the correct side:
   the ground-truth handle region is more than half covered and the mirrored mug's handle region
   (where a Janus or mirrored result puts it) less than half. 1 for the ground truth, 0 for a
   mirrored or two-handled mug.
 
 Ground truth scores 1 / 0 / correct / 1 by construction (tests check that, and that wrong shapes
-and colours score clearly worse).
+and colors score clearly worse).
 
 Across seeds of one prompt, :func:`seed_diversity` measures how different the results are (mode
 collapse vs. variety): one minus the mean pairwise silhouette IoU, and the mean pairwise RGB
@@ -42,6 +42,14 @@ EVAL_ELEVATIONS = (5.0, 30.0)
 EVAL_RESOLUTION = 64
 
 
+
+def upgrade_metric_names(metrics: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Metrics written before the spelling became "color" (``colour_error``, ``colour_correct``,
+    ``colour_acc``...) under today's names, so old batch manifests and eval files still read."""
+    if not metrics:
+        return metrics
+    return {k.replace("colour", "color"): v for k, v in metrics.items()}
+
 def eval_cameras(resolution: int = EVAL_RESOLUTION, distance: float = 1.75, fovy: float = 55.0) -> CameraBatch:
     elev = torch.tensor([e for e in EVAL_ELEVATIONS for _ in EVAL_AZIMUTHS])
     azim = torch.tensor([a for _ in EVAL_ELEVATIONS for a in EVAL_AZIMUTHS])
@@ -58,22 +66,22 @@ def score_images(prompt: ShapePrompt, rgb: torch.Tensor, alpha: torch.Tensor, ca
     rgb, alpha = rgb.detach().float().cpu(), alpha.detach().float().cpu()
     cameras = cameras.to("cpu")
     if ambient is None:
-        gt = render_shape(prompt.shape, prompt.colour, cameras, shading="albedo")
+        gt = render_shape(prompt.shape, prompt.color, cameras, shading="albedo")
     else:
-        gt = render_shape(prompt.shape, prompt.colour, cameras, shading="diffuse", ambient=ambient)
+        gt = render_shape(prompt.shape, prompt.color, cameras, shading="diffuse", ambient=ambient)
     pred = alpha > 0.5
     truth = gt.mask > 0.5
     union = (pred | truth).sum().item()
     iou = (pred & truth).sum().item() / union if union else 1.0
     diff = (rgb - gt.rgb).abs().mean(dim=1, keepdim=True)
-    colour_error = diff[truth].mean().item()
-    out: Dict[str, Any] = {"prompt": prompt.text, "iou": iou, "colour_error": colour_error}
+    color_error = diff[truth].mean().item()
+    out: Dict[str, Any] = {"prompt": prompt.text, "iou": iou, "color_error": color_error}
     if classifier is not None:
         pred_cls = classifier.predict(rgb)
-        out["predicted"] = f"a {pred_cls['colour']} {pred_cls['shape']}"
+        out["predicted"] = f"a {pred_cls['color']} {pred_cls['shape']}"
         out["shape_correct"] = float(pred_cls["shape"] == prompt.shape)
-        out["colour_correct"] = float(pred_cls["colour"] == prompt.colour)
-        out["prompt_correct"] = float(out["shape_correct"] and out["colour_correct"])
+        out["color_correct"] = float(pred_cls["color"] == prompt.color)
+        out["prompt_correct"] = float(out["shape_correct"] and out["color_correct"])
     if prompt.shape == FRONTED_SHAPE:
         out["view_consistency"] = view_consistency(pred, cameras)
     return out
@@ -105,7 +113,7 @@ def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, amb
     if isinstance(prompt, str):
         parsed = parse_prompt(prompt)
         if parsed is None:
-            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <colour> <shape>'); "
+            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <color> <shape>'); "
                             "evaluation needs a known ground-truth object")
         prompt = parsed
     rgb, alpha, cams = eval_renders(rep, camera_cfg, resolution)
@@ -152,7 +160,7 @@ def evaluate_prior_samples(prior, prompts: List[ShapePrompt], n_per_prompt: int 
                            guidance_scale: float = 7.5, seed: int = 0, classifier=None,
                            progress=None) -> List[Dict[str, Any]]:
     """Sample ``n_per_prompt`` images per prompt from a 2D prior and classify each one: per prompt,
-    the fraction of samples whose shape, colour and both are those of the prompt."""
+    the fraction of samples whose shape, color and both are those of the prompt."""
     if classifier is None:
         classifier = load_classifier()
     rows = []
@@ -161,9 +169,9 @@ def evaluate_prior_samples(prior, prompts: List[ShapePrompt], n_per_prompt: int 
         images = prior.sample(p.text, n=n_per_prompt, steps=steps, guidance_scale=guidance_scale, generator=g).cpu()
         pred = classifier.predict(images)
         s_ok = [s == p.shape for s in pred["shapes"]]
-        c_ok = [c == p.colour for c in pred["colours"]]
+        c_ok = [c == p.color for c in pred["colors"]]
         rows.append({"prompt": p.text, "held_out": p.held_out, "samples": n_per_prompt,
-                     "shape_acc": sum(s_ok) / n_per_prompt, "colour_acc": sum(c_ok) / n_per_prompt,
+                     "shape_acc": sum(s_ok) / n_per_prompt, "color_acc": sum(c_ok) / n_per_prompt,
                      "acc": sum(a and b for a, b in zip(s_ok, c_ok)) / n_per_prompt,
                      "images": images})
         if progress is not None:

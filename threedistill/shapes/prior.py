@@ -67,7 +67,7 @@ class PriorTrainConfig:
     # (or for score distillation), stop dominating the loss; converges ~3x faster. 0 = plain MSE.
     min_snr_gamma: float = 5.0
     # "v_prediction" (default) or "epsilon". The cosine schedule's terminal SNR is ~2e-9, where an
-    # epsilon model cannot tell x0 from x_T: its first sampling steps guess the image's colours at
+    # epsilon model cannot tell x0 from x_T: its first sampling steps guess the image's colors at
     # random (samples came out on random tinted backgrounds after 1000 steps). v = sqrt(abar) eps -
     # sqrt(1 - abar) x0 stays well posed there (Salimans & Ho 2022; Lin et al. 2023).
     prediction_type: str = "v_prediction"
@@ -137,8 +137,8 @@ def render_views(prompt: ShapePrompt, n: int, generator: torch.Generator, albedo
     ambient = NerfConfig.ambient_light if ambient is None else ambient
     cams = CameraSampler(camera_cfg, resolution).sample(generator, batch_size=n)
     albedo_mask = torch.rand(n, generator=generator) < albedo_prob
-    gt = render_shape(prompt.shape, prompt.colour, cams, shading="diffuse", ambient=ambient)
-    # Albedo shading is the uniform colour over the (same) mask.
+    gt = render_shape(prompt.shape, prompt.color, cams, shading="diffuse", ambient=ambient)
+    # Albedo shading is the uniform color over the (same) mask.
     bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     flat = gt.mask * torch.tensor(prompt.albedo).view(1, 3, 1, 1) + (1.0 - gt.mask) * bg
     images = torch.where(albedo_mask[:, None, None, None], flat, gt.rgb)

@@ -92,7 +92,7 @@ def ray_mesh_hits(rays_o: torch.Tensor, rays_d: torch.Tensor, vertices: torch.Te
 def render_mesh(mesh, albedo: Sequence[float], cameras: CameraBatch, shading: str = "diffuse",
                 ambient: float = 0.1, light_positions: Optional[torch.Tensor] = None,
                 background: Sequence[float] = BACKGROUND) -> GroundTruth:
-    """Render a uniformly coloured mesh from ``cameras``; see the module docstring for the model.
+    """Render a uniformly colored mesh from ``cameras``; see the module docstring for the model.
 
     ``shading``: "diffuse" or "albedo". ``light_positions [B,3]`` default to the batch's own
     ``cameras.light_positions`` (the camera position for evaluation cameras).
@@ -113,16 +113,16 @@ def render_mesh(mesh, albedo: Sequence[float], cameras: CameraBatch, shading: st
     x = rays_o + rays_d * t_safe[:, None]
     base = torch.as_tensor(albedo, dtype=torch.float32, device=dev).expand(x.shape[0], 3)
     if shading == "albedo":
-        colour = base
+        color = base
     else:
         lights = light_positions if light_positions is not None else cameras.light_positions
         lights = lights.to(dev).repeat_interleave(H * W, dim=0)
         l_dir = F.normalize(lights - x, dim=-1, eps=1e-12)
         lambert = (normal * l_dir).sum(-1, keepdim=True).clamp_min(0.0)
-        colour = base * (ambient + (1.0 - ambient) * lambert)
-    bg = torch.as_tensor(background, dtype=torch.float32, device=dev).expand_as(colour)
+        color = base * (ambient + (1.0 - ambient) * lambert)
+    bg = torch.as_tensor(background, dtype=torch.float32, device=dev).expand_as(color)
     hitf = hit[:, None].float()
-    rgb = colour * hitf + bg * (1.0 - hitf)
+    rgb = color * hitf + bg * (1.0 - hitf)
     normal_img = torch.where(hit[:, None], (normal + 1.0) / 2.0, torch.full_like(normal, 0.5))
 
     def image(a: torch.Tensor) -> torch.Tensor:
@@ -131,9 +131,9 @@ def render_mesh(mesh, albedo: Sequence[float], cameras: CameraBatch, shading: st
     return GroundTruth(rgb=image(rgb), mask=image(hitf), depth=image(t_safe[:, None]), normal=image(normal_img))
 
 
-def render_shape(shape: str, colour_or_albedo, cameras: CameraBatch, **kwargs) -> GroundTruth:
-    """:func:`render_mesh` of a shapes-world shape; ``colour_or_albedo`` is a colour name or RGB."""
-    from threedistill.shapes.world import COLOURS
+def render_shape(shape: str, color_or_albedo, cameras: CameraBatch, **kwargs) -> GroundTruth:
+    """:func:`render_mesh` of a shapes-world shape; ``color_or_albedo`` is a color name or RGB."""
+    from threedistill.shapes.world import COLORS
 
-    albedo = COLOURS[colour_or_albedo] if isinstance(colour_or_albedo, str) else colour_or_albedo
+    albedo = COLORS[color_or_albedo] if isinstance(color_or_albedo, str) else color_or_albedo
     return render_mesh(shape_mesh(shape), albedo, cameras, **kwargs)

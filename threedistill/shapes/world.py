@@ -1,7 +1,7 @@
-"""The shapes world: one coloured object per scene, with known ground truth.
+"""The shapes world: one colored object per scene, with known ground truth.
 
 Six shapes (sphere, cube, cylinder, cone, torus and a mug whose handle gives it a distinct front
-and back) times six colours make 36 prompts of the form ``"a red cube"``. A few (shape, colour)
+and back) times six colors make 36 prompts of the form ``"a red cube"``. A few (shape, color)
 pairs are held out of the prior's training data (:data:`HELD_OUT`) to measure compositional
 generalization.
 
@@ -23,8 +23,8 @@ import numpy as np
 
 SHAPES: Tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus", "mug")
 
-#: Albedo of each colour name (RGB in [0, 1]).
-COLOURS: Dict[str, Tuple[float, float, float]] = {
+#: Albedo of each color name (RGB in [0, 1]).
+COLORS: Dict[str, Tuple[float, float, float]] = {
     "red": (0.86, 0.12, 0.10),
     "orange": (0.96, 0.52, 0.08),
     "yellow": (0.95, 0.85, 0.12),
@@ -32,13 +32,13 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
     "blue": (0.14, 0.32, 0.90),
     "purple": (0.55, 0.20, 0.76),
 }
-COLOUR_NAMES: Tuple[str, ...] = tuple(COLOURS)
+COLOR_NAMES: Tuple[str, ...] = tuple(COLORS)
 
 #: Background of every shapes-world image (white), the same as ``representation.nerf.background: white``.
 BACKGROUND: Tuple[float, float, float] = (1.0, 1.0, 1.0)
 
-#: (shape, colour) pairs the prior never sees in training: one per shape except the mug, whose
-#: view consistency is measured on its held-in colours, and every colour but one at least once.
+#: (shape, color) pairs the prior never sees in training: one per shape except the mug, whose
+#: view consistency is measured on its held-in colors, and every color but one at least once.
 HELD_OUT: Tuple[Tuple[str, str], ...] = (
     ("sphere", "purple"),
     ("cube", "yellow"),
@@ -54,28 +54,28 @@ FRONTED_SHAPE = "mug"
 @dataclass(frozen=True)
 class ShapePrompt:
     shape: str
-    colour: str
+    color: str
 
     @property
     def text(self) -> str:
-        return prompt_for(self.shape, self.colour)
+        return prompt_for(self.shape, self.color)
 
     @property
     def held_out(self) -> bool:
-        return (self.shape, self.colour) in HELD_OUT
+        return (self.shape, self.color) in HELD_OUT
 
     @property
     def albedo(self) -> Tuple[float, float, float]:
-        return COLOURS[self.colour]
+        return COLORS[self.color]
 
 
-def prompt_for(shape: str, colour: str) -> str:
-    return f"a {colour} {shape}"
+def prompt_for(shape: str, color: str) -> str:
+    return f"a {color} {shape}"
 
 
 def all_prompts() -> List[ShapePrompt]:
-    """All 36 (shape, colour) pairs, shapes-major."""
-    return [ShapePrompt(s, c) for s in SHAPES for c in COLOUR_NAMES]
+    """All 36 (shape, color) pairs, shapes-major."""
+    return [ShapePrompt(s, c) for s in SHAPES for c in COLOR_NAMES]
 
 
 def training_prompts() -> List[ShapePrompt]:
@@ -86,25 +86,25 @@ def held_out_prompts() -> List[ShapePrompt]:
     return [p for p in all_prompts() if p.held_out]
 
 
-_PROMPT_RE = re.compile(r"^\s*(?:an?\s+)?(?P<colour>[a-z]+)\s+(?P<shape>[a-z]+)\s*(?:,.*)?$", re.IGNORECASE)
+_PROMPT_RE = re.compile(r"^\s*(?:an?\s+)?(?P<color>[a-z]+)\s+(?P<shape>[a-z]+)\s*(?:,.*)?$", re.IGNORECASE)
 
 
 def parse_prompt(prompt: str) -> Optional[ShapePrompt]:
     """``"a red cube"`` (optionally with a ``", front view"`` suffix) -> ShapePrompt; None if the
-    prompt does not name one shapes-world colour and shape."""
+    prompt does not name one shapes-world color and shape."""
     m = _PROMPT_RE.match(prompt)
     if not m:
         return None
-    shape, colour = m.group("shape").lower(), m.group("colour").lower()
-    if shape not in SHAPES or colour not in COLOURS:
+    shape, color = m.group("shape").lower(), m.group("color").lower()
+    if shape not in SHAPES or color not in COLORS:
         return None
-    return ShapePrompt(shape, colour)
+    return ShapePrompt(shape, color)
 
 
 def vocabulary() -> List[str]:
     """Every word the shapes-world prompts use (with the prior's view suffixes)."""
     words = ["a", "an", "view", "front", "side", "back", "overhead"]
-    return words + list(SHAPES) + list(COLOUR_NAMES)
+    return words + list(SHAPES) + list(COLOR_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------
