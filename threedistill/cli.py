@@ -381,8 +381,12 @@ def cmd_eval(args) -> int:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0
     for d, r in zip(args.run_dirs, results):
-        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f}, color error {r['color_error']:.3f}, "
+        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f} (shape IoU {r['shape_iou']:.3f}, "
+                f"size {r['size']:.2f}), haze {r['haze']:.3f}, color error {r['color_error']:.3f}, "
+                f"color noise {r['color_noise']:+.3f}, "
                 f"classified as '{r['predicted']}' ({'correct' if r['prompt_correct'] else 'wrong'})")
+        if "floaters" in r:
+            line += f", floaters {r['floaters']:.3f}"
         if "view_consistency" in r:
             line += f", view consistency {r['view_consistency']:.2f}"
         print(line)

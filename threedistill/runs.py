@@ -35,8 +35,9 @@ from threedistill.checkpoint import latest_checkpoint, load_checkpoint
 from threedistill.config import Config, load_run_config_file, to_yaml
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.meshio import read_mesh
 from threedistill.representations import RepresentationContext, build_representation
-from threedistill.shapes.evaluate import evaluate_representation
+from threedistill.shapes.evaluate import evaluate_representation, floater_fraction
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -279,6 +280,10 @@ class RunFolder:
         cfg, rep, step = self.load_representation()
         result = evaluate_representation(rep, str(cfg.run.prompt), camera_cfg=cfg.camera, classifier=classifier)
         result["step"] = step
+        exported = next((p for p in (self.mesh_path(f) for f in ("glb", "obj", "ply")) if p.is_file()), None)
+        if exported is not None:
+            mesh = read_mesh(exported, "evaluation")
+            result["floaters"] = floater_fraction(mesh.vertices, mesh.faces)
         if write:
             atomic_write_text(self.eval_path, json.dumps(result, indent=2) + "\n")
         return result
