@@ -670,3 +670,22 @@ def test_ground_truth_scores_perfect_on_the_new_metrics():
     m = score_images(p, gt.rgb, gt.mask, cams, ambient=0.1)
     assert m["size"] == pytest.approx(1.0) and m["shape_iou"] == pytest.approx(1.0)
     assert m["haze"] == 0.0 and abs(m["color_noise"]) < 1e-9
+
+
+def test_cli_eval_of_a_run_prints_and_writes_the_new_metrics(tmp_path, capsys):
+    import json
+
+    from threedistill.runs import RunFolder
+
+    assert main(["generate", "a red cube", "--out", str(tmp_path), "run.name=r", "run.steps=2", "run.resolution=16",
+                 "run.progress=false", "run.device=cpu", "export.turntable=false", "export.texture=false",
+                 "export.mesh_resolution=32", "representation.nerf.num_samples=8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    saved = json.loads(RunFolder(tmp_path / "r").eval_path.read_text())
+    for key in ("shape_iou", "size", "haze", "color_noise"):
+        assert key in saved
+    assert f"shape IoU {saved['shape_iou']:.3f}" in line and f"size {saved['size']:.2f}" in line
+    if "floaters" in saved:  # the 2-step blob may have no surface to export
+        assert 0.0 <= saved["floaters"] <= 1.0 and "floaters" in line
