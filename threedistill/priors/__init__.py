@@ -11,6 +11,7 @@ read per run by the guidance, so runs that differ only there share one loaded pr
 
 from __future__ import annotations
 
+import importlib.resources
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -23,8 +24,9 @@ from threedistill.errors import MissingWeightsError
 from threedistill.priors.base import DiffusionPrior, PriorConfig, PromptEmbeddings, view_prompt
 from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, resolve_pipeline_path
 
-#: The repository's ``assets/`` folder (next to ``configs/``): the shipped prior and classifier.
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
+#: The shipped weights (the shapes prior and the evaluation classifier): package data of
+#: ``threedistill`` (``threedistill/assets``), found from any working directory, in a clone or a wheel.
+ASSETS_DIR = Path(str(importlib.resources.files("threedistill") / "assets"))
 #: Where the shipped shapes-world prior (the built-in name ``shapes``) lives: a diffusers pipeline
 #: folder trained by ``threedistill prior train`` (:mod:`threedistill.shapes.prior`).
 SHIPPED_PRIOR = ASSETS_DIR / "shapes-prior"
@@ -34,9 +36,8 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
     """The shipped shapes-world prior: an ordinary pipeline folder, loaded by the generic loader."""
     if not (SHIPPED_PRIOR / "model_index.json").is_file():
         raise MissingWeightsError(
-            f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it ships with the repository: use an "
-            f"editable install of a full clone, `pip install -e .`, or train one with `threedistill prior train DIR` "
-            f"and set prior.name=DIR/pipeline)")
+            f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it is package data of threedistill: "
+            f"reinstall the package, or train one with `threedistill prior train DIR` and set prior.name=DIR/pipeline)")
     return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes")
 
 

@@ -25,9 +25,9 @@ class PriorConfig:
     """The ``prior`` config group: which frozen diffusion model :func:`~threedistill.priors.load_prior`
     loads, and how its prompts are built."""
 
-    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
-    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
-    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sd.yaml
+    # A built-in name ("shapes": the shipped shapes-world prior, package data in
+    # threedistill/assets/shapes-prior), a local diffusers pipeline folder, or a Hugging Face hub id
+    # (downloaded into the cache on first use unless offline: HF_HUB_OFFLINE=1 or offline=true). The other defaults suit "shapes"; threedistill/presets/sd.yaml
     # holds the Stable Diffusion settings.
     name: str = "shapes"
     revision: Optional[str] = None
