@@ -352,7 +352,7 @@ def test_mirrored_and_two_handled_mugs_are_view_inconsistent(cams64, gt64):
 def classifier():
     if not CLASSIFIER_PATH.is_file():
         pytest.skip(f"shipped classifier not found at {CLASSIFIER_PATH} "
-                    "(train it with `threedistill prior train-classifier assets/shapes-classifier.safetensors`)")
+                    "(train it with `threedistill prior train-classifier threedistill/assets/shapes-classifier.safetensors`)")
     from threedistill.shapes.classifier import load_classifier
 
     return load_classifier()

@@ -12,6 +12,7 @@
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
+    threedistill presets
     threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
                             [--checkpoint-every N] [--seed N] [--init-from PIPELINE] [--device auto|cpu|cuda[:N]]
     threedistill prior eval [--prior NAME] [--samples N] [--steps N] [--guidance-scale X] [--seed N]
@@ -33,7 +34,7 @@ from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch import run_batch
-from threedistill.config import PriorConfig, is_override
+from threedistill.config import PriorConfig, is_override, list_presets
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="distill one prompt into a 3D asset (a run folder)")
     g.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
     g.add_argument("--config", "-c", action="append",
-                   help="YAML config file or preset name from configs/ (repeatable, merged in order: "
+                   help="YAML config file or preset name (`threedistill presets` lists them; repeatable, merged in order: "
                         "e.g. -c vsd-nerf -c sd)")
     g.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="prompts .txt (one per line), or .jsonl / .csv rows with prompt, "
                                                 "seed, preset, overrides, id")
     b.add_argument("--config", "-c", action="append",
-                   help="YAML config file or preset name from configs/ for every row (repeatable, merged in order)")
+                   help="YAML config file or preset name (`threedistill presets`) for every row (repeatable, merged in order)")
     b.add_argument("--out", "-o", help="batch folder: runs, batch.jsonl, summary.md, index.html (default: run.out_dir = outputs)")
     b.add_argument("--seeds", type=int, default=1, help="seeds per input row (seed, seed+1, ...; default 1)")
     b.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--checkpoint-every", type=int)
     pt.add_argument("--seed", type=int)
     pt.add_argument("--init-from", metavar="PIPELINE", help="start a new training folder from these weights "
-                    "(e.g. assets/shapes-prior, to train the shipped prior further)")
+                    "(e.g. shapes: the shipped prior, to train the shipped prior further)")
     pt.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     pe = prs.add_parser("eval", help="classify the prior's own samples for every shapes-world prompt")
     pe.add_argument("--prior", default="shapes", help="prior name or pipeline folder (default: shapes)")
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--out", "-o", "--outputs", dest="out", default="outputs",
                     help="outputs folder: runs are written and read here only (default outputs)")
+    sub.add_parser("presets", help="list the shipped presets (for -c NAME) with what each one is")
     return parser
 
 
@@ -174,6 +176,14 @@ def cmd_app(args) -> int:
     except ImportError as e:
         raise UserError(f"the web app needs gradio ({e}); install it with `pip install gradio`") from None
     launch(args.host, args.port, args.out)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    presets = list_presets()
+    width = max(len(name) for name, _ in presets)
+    for name, description in presets:
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -413,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval, "app": cmd_app}
+                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets}
     try:
         return handlers[args.command](args)
     except UserError as e:

@@ -42,7 +42,7 @@ DOWNLOADS_DIR = ".downloads"
 
 
 def list_presets() -> List[str]:
-    """Loss x representation presets in configs/ (``<loss>-<representation>``)."""
+    """Loss x representation presets (``<loss>-<representation>``, package data in threedistill/presets)."""
     return sorted(p.stem for p in Path(CONFIG_DIR).glob("*-*.yaml"))
 
 

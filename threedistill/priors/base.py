@@ -10,6 +10,7 @@ learned-variance outputs are converted inside :meth:`predict_noise`.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from threedistill.cameras import VIEW_LABELS
+from threedistill.errors import UserError
 from threedistill.groups import check_choice
 
 
@@ -25,12 +27,17 @@ class PriorConfig:
     """The ``prior`` config group: which frozen diffusion model :func:`~threedistill.priors.load_prior`
     loads, and how its prompts are built."""
 
-    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
-    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
-    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sd.yaml
+    # A built-in name ("shapes": the shipped shapes-world prior, package data in
+    # threedistill/assets/shapes-prior), a local diffusers pipeline folder, or a Hugging Face hub id
+    # (downloaded into the cache on first use unless offline: HF_HUB_OFFLINE=1 or offline=true). The other defaults suit "shapes"; threedistill/presets/sd.yaml
     # holds the Stable Diffusion settings.
     name: str = "shapes"
+    # A branch, tag or commit of a hub repo (None: main).
     revision: Optional[str] = None
+    # Weights variant of a hub repo or folder, e.g. "fp16" (half the download; None: the plain weights).
+    variant: Optional[str] = None
+    # Never download: hub ids come from the local cache only (as with HF_HUB_OFFLINE=1).
+    offline: bool = False
     # "auto": fp16 on CUDA, fp32 on CPU.
     dtype: str = "auto"
     # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
@@ -44,6 +51,10 @@ class PriorConfig:
         group's path in the whole config). Also called unbound on a structured config node:
         ``PriorConfig.validate(cfg.prior, "prior")``."""
         check_choice(self.dtype, f"{key}.dtype", ("auto", "fp32", "fp16", "bf16"))
+        variant = self.variant
+        if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
+            raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "
+                            f"or null for the plain weights)")
 
 
 @dataclass
