@@ -174,16 +174,16 @@ def test_launch_refuses_a_public_address_without_a_login(manager, monkeypatch, c
     monkeypatch.delenv(AUTH_ENV, raising=False)
     for host in ("0.0.0.0", "192.168.1.10", "::"):
         with pytest.raises(UserError) as e:
-            launch(host, 7999, manager=manager)
+            launch(host, 7999, manager=manager, prevent_thread_lock=True)
         assert "--auth" in str(e.value) and "--insecure" in str(e.value) and "\n" not in str(e.value)
     assert calls == []  # refused before anything was served
-    launch("0.0.0.0", 7999, manager=manager, insecure=True)
+    launch("0.0.0.0", 7999, manager=manager, insecure=True, prevent_thread_lock=True)
     assert "WARNING" in capsys.readouterr().err
     assert calls[0]["server_name"] == "0.0.0.0" and calls[0]["allowed_paths"] == [str(manager.outputs)]
     assert calls[0]["auth"] is None and calls[0]["max_file_size"] == 0
-    launch("0.0.0.0", 7999, manager=manager, auth=("alice", "pw"))
+    launch("0.0.0.0", 7999, manager=manager, auth=("alice", "pw"), prevent_thread_lock=True)
     assert "WARNING" not in capsys.readouterr().err and calls[1]["auth"] == [("alice", "pw")]
-    launch(manager=manager)
+    launch(manager=manager, prevent_thread_lock=True)
     assert "WARNING" not in capsys.readouterr().err and calls[2]["server_name"] == "127.0.0.1"
 
 
@@ -554,3 +554,32 @@ def test_a_saved_job_that_no_longer_validates_is_listed_failed(tmp_path):
         assert OutputsFolder(tmp_path).read_queue() == []
     finally:
         m.shutdown()
+
+
+def test_a_stopped_server_resumes_its_jobs(tmp_path):
+    """A server stopped gracefully (Ctrl+C: JobManager.shutdown) stops its job at a step with a
+    checkpoint and keeps the queue; the next one continues from that step."""
+    from threedistill.runs import OutputsFolder
+
+    long = quick(prompt="a gray cube", overrides=QUICK.replace("run.steps=6", "run.steps=400"))
+    m = JobManager(tmp_path)
+    a, b = m.submit(long), m.submit(quick(prompt="a black cube"))
+    end = time.time() + 60
+    while m.status(a)["step"] < 2 and time.time() < end:
+        time.sleep(0.05)
+    m.shutdown()
+    stopped_at = m.status(a)["step"]
+    assert m.status(a)["status"] == STOPPED and 2 <= stopped_at < 400
+    assert [e["id"] for e in OutputsFolder(tmp_path).read_queue()] == [a, b]
+    m2 = JobManager(tmp_path)
+    try:
+        end = time.time() + 60
+        while m2.status(a)["start_step"] is None and time.time() < end:
+            time.sleep(0.05)
+        assert m2.status(a)["start_step"] == stopped_at and m2.status(b)["status"] == QUEUED
+        m2.cancel(b)
+        m2.cancel(a)
+        assert m2.wait(a, timeout=60)["status"] == STOPPED
+        assert OutputsFolder(tmp_path).read_queue() == []
+    finally:
+        m2.shutdown()

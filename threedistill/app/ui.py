@@ -386,6 +386,11 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, outputs: str | Pa
                             prevent_thread_lock=prevent_thread_lock, quiet=quiet, share=False, show_error=True,
                             ssr_mode=False, auth=[tuple(auth)] if auth else None, max_file_size=0,
                             app_kwargs={"middleware": [Middleware(_NoUploads)]})
+    if not prevent_thread_lock:
+        # Ctrl+C closed the server: stop the running job at its next step with a checkpoint; the
+        # saved queue keeps it and the waiting ones for the next start.
+        print("stopping the running job (it resumes when the app starts again)...", file=sys.stderr, flush=True)
+        manager.shutdown()
     return demo, manager, url
 
 
