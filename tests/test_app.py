@@ -484,9 +484,12 @@ def test_a_killed_server_resumes_its_queue(tmp_path):
 
     out = tmp_path / "outputs"
     base = "\n".join(["run.resolution=16", "run.preview_every=50", "camera.batch_size=1", "export.formats=[glb]",
-                      "export.turntable=false", "export.mesh_resolution=24"])
+                      "export.turntable=false", "export.mesh_resolution=24", "export.texture=false",
+                      "representation.nerf.num_samples=16",
+                      "representation.nerf.n_levels=4", "representation.nerf.log2_hashmap_size=10",
+                      "representation.nerf.max_resolution=32"])
     # a checkpoint on every step by time (checkpoint_every_s), none by the step cadence
-    long = base + "\nrun.steps=150\nrun.checkpoint_every=100000\nrun.checkpoint_every_s=0.000001"
+    long = base + "\nrun.steps=40\nrun.checkpoint_every=100000\nrun.checkpoint_every_s=0.000001"
     short = base + "\nrun.steps=3"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
@@ -497,7 +500,7 @@ def test_a_killed_server_resumes_its_queue(tmp_path):
         end, folder = time.time() + 180, None
         while time.time() < end:
             runs = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            if runs and (RunFolder(runs[0]).latest_checkpoint() or 0) >= 5:
+            if runs and (RunFolder(runs[0]).latest_checkpoint() or 0) >= 3:
                 folder = RunFolder(runs[0])
                 break
             assert proc.poll() is None, proc.stderr.read()
@@ -509,18 +512,18 @@ def test_a_killed_server_resumes_its_queue(tmp_path):
     saved = {e["id"]: e for e in OutputsFolder(out).read_queue()}
     assert saved[a]["status"] == RUNNING and saved[a]["run_name"] == folder.name and saved[b]["status"] == QUEUED
     at_kill = folder.latest_checkpoint()
-    assert 5 <= at_kill < 150
+    assert 3 <= at_kill < 40
 
     m = JobManager(out)
     try:
         assert m.status(a)["resume_of"] == folder.name and m.status(b)["status"] == QUEUED
         ja = m.wait(a, timeout=300)
         assert ja["status"] == FINISHED, ja["error"]
-        assert ja["start_step"] == at_kill and ja["step"] == 150 and ja["run_name"] == folder.name
+        assert ja["start_step"] == at_kill and ja["step"] == 40 and ja["run_name"] == folder.name
         steps = [json.loads(l)["step"] for l in folder.metrics_path.read_text().splitlines()]
-        assert steps == list(range(1, 151))  # every step once: the killed steps were redone, no others
+        assert steps == list(range(1, 41))  # every step once: the killed steps were redone, no others
         # the time-based checkpoints replace each other: only the final one is left
-        assert sorted(p.name for p in folder.checkpoints_dir.glob("*.json")) == ["step_000150.json"]
+        assert sorted(p.name for p in folder.checkpoints_dir.glob("*.json")) == ["step_000040.json"]
         assert folder.mesh_path("glb").is_file() and folder.read_status()["status"] == "finished"
         jb = m.wait(b, timeout=120)
         assert jb["status"] == FINISHED and jb["start_step"] == 0 and jb["step"] == 3, jb["error"]

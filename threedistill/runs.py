@@ -18,6 +18,8 @@ Layout (``<run.out_dir>/<run.name>``)::
     refine/              a refine stage: a run folder of its own
 
 No other module spells a file name of this layout: they ask a :class:`RunFolder` for the path.
+The files a server keeps beside the run folders in its outputs root (the web app's saved job
+queue) belong to :class:`OutputsFolder`.
 Run folders written by older versions load as they are (the layout has only grown).
 """
 
