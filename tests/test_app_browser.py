@@ -228,3 +228,36 @@ def test_generate_shows_viewer_video_and_downloads(app, page, tmp_path):
     time.sleep(2 * POLL_SECONDS + 1)  # two polls of the page
     assert other["run_name"] in title.inner_text(), title.inner_text()
 
+
+
+def test_resume_button_continues_a_stopped_run(app, page):
+    """A run stopped mid-way, picked in History: Resume queues it, the page follows it, and it
+    continues from the step it stopped at."""
+    url, manager = app
+    long = {"prompt": "a blue cube", "prior": "shapes", "overrides": QUICK_API.replace("run.steps=6", "run.steps=400")}
+    jid = manager.submit(long)
+    end = time.time() + 60
+    while manager.status(jid)["step"] < 2 and time.time() < end:
+        time.sleep(0.05)
+    manager.cancel(jid)
+    stopped = manager.wait(jid, timeout=60)
+    assert stopped["status"] == "stopped", stopped
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Past runs (outputs folder)").click()
+    page.get_by_role("option", name=f"{stopped['run_name']} — stopped", exact=False).click()
+    page.get_by_role("button", name="Resume").click()
+    page.locator("#resume-msg").get_by_text(f"Resuming {stopped['run_name']}").wait_for()
+    new = next(j for j in manager.jobs() if j["resume_of"] == stopped["run_name"])
+    progress = page.locator("#progress")
+    progress.get_by_text("a blue cube").wait_for()
+    end = time.time() + 60
+    while manager.status(new["id"])["start_step"] is None and time.time() < end:
+        time.sleep(0.1)
+    assert manager.status(new["id"])["start_step"] == stopped["step"]
+    progress.get_by_text("running").wait_for(timeout=TIMEOUT_MS)
+    shot = artifacts_dir() / "app_browser_resume.png"
+    page.screenshot(path=str(shot), full_page=True)
+    manager.cancel(new["id"])
+    assert manager.wait(new["id"], timeout=60)["status"] == "stopped"
+    # a stopped run offers Resume in its progress line
+    progress.get_by_text("Resume it").wait_for(timeout=TIMEOUT_MS)

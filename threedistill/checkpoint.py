@@ -41,6 +41,21 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))
+                  and checkpoint_paths(ckpt_dir, int(m.group(1)))[0].is_file())
+
+
+def remove_checkpoint(ckpt_dir: Path, step: int) -> None:
+    """Delete the checkpoint of ``step``: its JSON first, so it stops counting before its tensors go."""
+    st_path, json_path = checkpoint_paths(ckpt_dir, step)
+    json_path.unlink(missing_ok=True)
+    st_path.unlink(missing_ok=True)
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     sd = opt.state_dict()
     tensors: Dict[str, torch.Tensor] = {}

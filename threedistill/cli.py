@@ -11,7 +11,7 @@
                             [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
-    threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
+    threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR] [--auth USER:PASSWORD] [--insecure]
     threedistill presets
     threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
                             [--checkpoint-every N] [--seed N] [--init-from PIPELINE] [--device auto|cpu|cuda[:N]]
@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--out", "-o", "--outputs", dest="out", default="outputs",
                     help="outputs folder: runs are written and read here only (default outputs)")
+    ap.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                    help="require this login (default: $THREEDISTILL_AUTH when set); needed to bind a non-loopback "
+                         "address")
+    ap.add_argument("--insecure", action="store_true",
+                    help="serve a non-loopback address without a login (anyone who reaches it can use it)")
     sub.add_parser("presets", help="list the shipped presets (for -c NAME) with what each one is")
     return parser
 
@@ -172,10 +177,10 @@ def cmd_app(args) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        from threedistill.app.ui import launch
+        from threedistill.app.ui import launch, resolve_auth
     except ImportError as e:
         raise UserError(f"the web app needs gradio ({e}); install it with `pip install gradio`") from None
-    launch(args.host, args.port, args.out)
+    launch(args.host, args.port, args.out, auth=resolve_auth(args.auth), insecure=args.insecure)
     return 0
 
 

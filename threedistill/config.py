@@ -16,6 +16,7 @@ start_step, end_step]``) are described in :mod:`threedistill.groups`.
 from __future__ import annotations
 
 import importlib.resources
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,10 @@ class RunConfig:
     name: Optional[str] = None
     preview_every: int = 100
     checkpoint_every: int = 250
+    # Also checkpoint when this many seconds have passed since the last checkpoint (0: off), so a
+    # killed run loses at most about this much work; the web app sets 30. Such a checkpoint is
+    # replaced by the next one unless its step is on the checkpoint_every cadence.
+    checkpoint_every_s: float = 0.0
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
 
@@ -99,6 +104,10 @@ class RunConfig:
         for name in ("steps", "resolution", "preview_every", "checkpoint_every"):
             check_positive(getattr(self, name), f"{key}.{name}")
         check_positive(self.seed, f"{key}.seed", allow_zero=True)
+        check_positive(self.checkpoint_every_s, f"{key}.checkpoint_every_s", allow_zero=True)
+        if not math.isfinite(float(self.checkpoint_every_s)):
+            raise UserError(f"config key '{key}.checkpoint_every_s' must be a finite number of seconds, "
+                            f"got {self.checkpoint_every_s}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 

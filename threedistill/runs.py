@@ -4,7 +4,8 @@ Layout (``<run.out_dir>/<run.name>``)::
 
     config.yaml          the resolved config
     run.json             status (running / exporting / finished / stopped / interrupted), prompt,
-                         step, timings, outputs; links to a refine stage ("refine") / its coarse run ("coarse")
+                         step, timings, outputs, export_pending (stopped after its last step, before
+                         its outputs were all written: resuming it writes them); links to a refine stage ("refine") / its coarse run ("coarse")
     metrics.jsonl        one JSON object per step
     previews/            step_XXXXXX.png (front | side | back | overhead)
     checkpoints/         step_XXXXXX.safetensors + .json (see :mod:`threedistill.checkpoint`)
@@ -17,12 +18,15 @@ Layout (``<run.out_dir>/<run.name>``)::
     refine/              a refine stage: a run folder of its own
 
 No other module spells a file name of this layout: they ask a :class:`RunFolder` for the path.
+The files a server keeps beside the run folders in its outputs root (the web app's saved job
+queue) belong to :class:`OutputsFolder`.
 Run folders written by older versions load as they are (the layout has only grown).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +42,8 @@ from threedistill.errors import UserError
 from threedistill.meshio import read_mesh
 from threedistill.representations import RepresentationContext, build_representation
 from threedistill.shapes.evaluate import evaluate_representation, floater_fraction
+
+log = logging.getLogger(__name__)
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -217,7 +223,7 @@ class RunFolder:
         entries = {"status": status, "prompt": prompt, "step": step, "steps": steps,
                    "updated": datetime.now().isoformat(timespec="seconds")}
         entries.update(extra)
-        return self.update_status(entries, drop=("export_error",))
+        return self.update_status(entries, drop=("export_error", "export_pending"))
 
     def link_refine_stage(self, refine: "RunFolder") -> None:
         """Record in both ``run.json`` s that ``refine`` is this run's refine stage."""
@@ -289,10 +295,52 @@ class RunFolder:
         return result
 
 
+class OutputsFolder:
+    """An outputs root that a server (the web app) owns: the run folders in it, and the server's
+    own files, whose names start with a dot so they are never taken for runs.
+
+    ``.queue.json``: the app's job queue (queued jobs and the running one, with its run folder's
+    name once it started), rewritten atomically on every change and read back at start-up."""
+
+    QUEUE = ".queue.json"
+    QUEUE_VERSION = 1
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    @property
+    def queue_path(self) -> Path:
+        return self.path / self.QUEUE
+
+    def run(self, name: str) -> RunFolder:
+        return RunFolder(self.path / name)
+
+    def read_queue(self) -> List[Dict[str, Any]]:
+        """The saved queue's entries, oldest first; [] when there is none. An unreadable file is
+        kept aside as ``.queue.json.bad`` (with a one-line warning) and read as empty."""
+        if not self.queue_path.is_file():
+            return []
+        try:
+            data = json.loads(self.queue_path.read_text(encoding="utf-8"))
+            jobs = data["jobs"] if isinstance(data, dict) else None
+            if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+                raise ValueError("no list of jobs")
+            return jobs
+        except (OSError, ValueError, KeyError) as e:
+            bad = self.queue_path.with_name(self.QUEUE + ".bad")
+            self.queue_path.replace(bad)
+            log.warning("the saved job queue %s is unreadable (%s); kept as %s, starting with an empty queue",
+                        self.queue_path, str(e).splitlines()[0] if str(e) else type(e).__name__, bad)
+            return []
+
+    def write_queue(self, jobs: Sequence[Dict[str, Any]]) -> None:
+        atomic_write_text(self.queue_path, json.dumps({"version": self.QUEUE_VERSION, "jobs": list(jobs)}, indent=1))
+
+
 def load_trained_representation(run_dir: Union[str, Path], overrides: Sequence[str] = (),
                                 device: Optional[str] = None) -> Tuple[Config, Any, int]:
     """:meth:`RunFolder.load_representation` of the folder ``run_dir``."""
     return RunFolder(run_dir).load_representation(overrides, device)
 
 
-__all__ = ["RunFolder", "slugify", "load_trained_representation"]
+__all__ = ["RunFolder", "OutputsFolder", "slugify", "load_trained_representation"]
