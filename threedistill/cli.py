@@ -42,7 +42,7 @@ from threedistill.export import build_export_mesh, render_turntable, save_image,
 from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
 from threedistill.pipeline import RunRequest, prepare_config, prepare_run, run_prepared
 from threedistill.plots import write_curves
-from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, sample_preview, write_preview
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, image_format, sample_preview, write_preview
 from threedistill.priors import load_prior
 from threedistill.runs import RunFolder
 from threedistill.shapes.classifier import load_classifier, train_classifier
@@ -401,8 +401,7 @@ def cmd_preview(args) -> int:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out '{out}': folder '{out.parent}' does not exist")
+    image_format(out)  # a bad --out fails before the prior is loaded
     cfg = prepare_config(RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides))
     preview = sample_preview(cfg, samples=args.samples, steps=args.steps)
     write_preview(preview, out)

@@ -121,8 +121,9 @@ def preview_image(preview: Preview):
     return canvas
 
 
-def write_preview(preview: Preview, path: Union[str, Path]) -> Path:
-    """Write :func:`preview_image` to ``path`` (PNG, or the format of its suffix) atomically."""
+def image_format(path: Union[str, Path]) -> str:
+    """The PIL format of the image file ``path`` will be (by its suffix), checked before any sampling:
+    :class:`UserError` when the suffix is no image's or the folder does not exist."""
     from PIL import Image
 
     path = Path(path)
@@ -131,6 +132,13 @@ def write_preview(preview: Preview, path: Union[str, Path]) -> Path:
         raise UserError(f"--out '{path}': unknown image suffix (use .png)")
     if not path.parent.is_dir():
         raise UserError(f"--out '{path}': folder '{path.parent}' does not exist")
+    return fmt
+
+
+def write_preview(preview: Preview, path: Union[str, Path]) -> Path:
+    """Write :func:`preview_image` to ``path`` (PNG, or the format of its suffix) atomically."""
+    fmt = image_format(path)
+    path = Path(path)
     image = preview_image(preview)
     with atomic_write(path, "wb") as f:
         image.save(f, format=fmt)
@@ -138,4 +146,4 @@ def write_preview(preview: Preview, path: Union[str, Path]) -> Path:
 
 
 __all__ = ["PREVIEW_VIEWS", "DEFAULT_SAMPLES", "DEFAULT_STEPS", "Preview", "sample_preview", "preview_image",
-           "write_preview"]
+           "image_format", "write_preview"]
