@@ -28,7 +28,7 @@ from threedistill.distill import Distiller
 from threedistill.errors import UserError
 from threedistill.pipeline import PreflightError, RunRequest, prepare_run, then_refine
 from threedistill.plots import write_curves
-from threedistill.preview import Preview, sample_preview
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, Preview, sample_preview
 from threedistill.priors import PriorCache
 from threedistill.runs import RunFolder, slugify
 
@@ -397,7 +397,8 @@ class JobManager:
         return runs
 
     # -- the 2D prompt check and the curves ----------------------------------------------------------
-    def preview(self, settings: JobSettings | Dict[str, Any], samples: int = 3, steps: int = 8) -> Preview:
+    def preview(self, settings: JobSettings | Dict[str, Any], samples: int = DEFAULT_SAMPLES,
+                steps: int = DEFAULT_STEPS) -> Preview:
         """The prior's samples for the form's settings (:func:`~threedistill.preview.sample_preview`):
         validated like a submission (:class:`ValidationError` naming the field), the prior shared
         with the jobs. Runs now, in the caller's thread; queues nothing."""

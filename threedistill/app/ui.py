@@ -25,12 +25,14 @@ from typing import Any, Dict, List, Optional, Sequence
 from threedistill.app.jobs import (ACTIVE, FIELDS, JobManager, ValidationError,
                                    list_presets)
 from threedistill.errors import UserError
-from threedistill.preview import preview_image
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, preview_image
 from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
 #: A running job's curves are drawn again at most this often (a figure costs a fraction of a second).
 CURVES_EVERY_S = 6.0
+#: The Preview button's grid: samples per view and DDIM steps (threedistill preview's defaults).
+PREVIEW_SAMPLES, PREVIEW_STEPS = DEFAULT_SAMPLES, DEFAULT_STEPS
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 OVERRIDES_HELP = ("# YAML or key=value lines, applied after the preset and the fields above, e.g.\n"
@@ -220,7 +222,7 @@ def build_ui(manager: JobManager):
             if isinstance(settings.get("overrides"), str) and settings["overrides"].strip() == OVERRIDES_HELP.strip():
                 settings["overrides"] = ""
             try:
-                pv = manager.preview(settings)
+                pv = manager.preview(settings, samples=PREVIEW_SAMPLES, steps=PREVIEW_STEPS)
             except ValidationError as e:
                 return None, f"⚠ {e.field.replace('_', ' ')}: {e.message}"
             except UserError as e:
