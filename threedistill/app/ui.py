@@ -30,7 +30,7 @@ from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
 #: A running job's curves are drawn again at most this often (a figure costs a fraction of a second).
-CURVES_EVERY_S = 6.0
+CURVES_EVERY_S = 10.0
 #: The Preview button's grid: samples per view and DDIM steps (threedistill preview's defaults).
 PREVIEW_SAMPLES, PREVIEW_STEPS = DEFAULT_SAMPLES, DEFAULT_STEPS
 DEFAULT_HOST = "127.0.0.1"
