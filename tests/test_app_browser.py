@@ -277,4 +277,4 @@ def test_preview_button_and_curves(app, page, monkeypatch):
     curves = page.locator("#result-curves img")
     curves.wait_for()
     assert wait_drawn(curves)
-    page.screenshot(path=str(shot), full_page=True)
+    page.screenshot(path=str(artifacts_dir() / "app_browser_history_curves.png"), full_page=True)

@@ -29,8 +29,9 @@ from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, preview_image
 from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
-#: A running job's curves are drawn again at most this often (a figure costs a fraction of a second).
-CURVES_EVERY_S = 10.0
+#: The live curves' poll: a running job's curves are drawn again this often (a figure costs a
+#: fraction of a second of CPU, taken from the running job).
+CURVES_EVERY_S = 6.0
 #: The Preview button's grid: samples per view and DDIM steps (threedistill preview's defaults).
 PREVIEW_SAMPLES, PREVIEW_STEPS = DEFAULT_SAMPLES, DEFAULT_STEPS
 DEFAULT_HOST = "127.0.0.1"
@@ -130,14 +131,15 @@ def build_ui(manager: JobManager):
                     preview_btn = gr.Button("Preview", elem_id="preview-button")
                     cancel = gr.Button("Cancel", variant="stop")
                 prompt_check = gr.Image(label="Preview: the prior's 2D samples per view (rows) at this guidance scale",
-                                        type="pil", interactive=False, elem_id="prompt-preview", height=300)
+                                        type="pil", interactive=False, elem_id="prompt-preview", height=470,
+                                        show_label=False)  # the grid has its own title line
                 prompt_check_msg = gr.Markdown("", elem_id="prompt-preview-message")
             with gr.Column(scale=1):
                 progress = gr.HTML(_progress_html(None), elem_id="progress")
                 preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="preview",
                                    height=280)
                 live_curves = gr.Image(label="Live curves (running job)", type="filepath", interactive=False,
-                                       elem_id="live-curves", height=300)
+                                       elem_id="live-curves", height=440)
                 jobs = gr.Dataframe(headers=["job", "prompt", "preset", "status", "progress"], label="Jobs on this server",
                                     interactive=False, value=_jobs_table(manager))
         gr.Markdown("## Result")
@@ -147,7 +149,7 @@ def build_ui(manager: JobManager):
             splat = gr.Model3D(label="Gaussians (splat PLY)", height=360, visible=False)
             video = gr.Video(label="Turntable", height=360, elem_id="result-video")
         result_curves = gr.Image(label="Curves", type="filepath", interactive=False, elem_id="result-curves",
-                                 height=420)
+                                 height=560)
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("Config used", open=False):
             config_used = gr.Code(language="yaml", interactive=False)
@@ -246,19 +248,35 @@ def build_ui(manager: JobManager):
             jid = job["id"] if job else None
             prev = job["preview"] if job and job["preview"] else None
             out = [jid, _progress_html(job), prev if prev else gr.skip(), _jobs_table(manager)]
-            # the followed job's curves, drawn again while it runs (at most every CURVES_EVERY_S)
-            live = curves_of(jid, CURVES_EVERY_S) if job and job.get("run_dir") else None
             ref = job["run_name"] if job and job["status"] not in ACTIVE and job.get("run_name") else None
             if ref and ref != shown_ref:  # a run just ended (or a fresh page): show it, and list it in History
-                return out + [ref] + list(results(ref)) + list(history_update()) + [live or gr.skip()]
-            return out + [shown_ref] + [gr.skip()] * (len(result_outputs) + 2) + [live or gr.skip()]
+                return out + [ref] + list(results(ref)) + list(history_update())
+            return out + [shown_ref] + [gr.skip()] * (len(result_outputs) + 2)
 
         timer = gr.Timer(POLL_SECONDS)
-        tick_outputs = [job_id, progress, preview, jobs, shown] + result_outputs + [gallery, history_pick, live_curves]
+        tick_outputs = [job_id, progress, preview, jobs, shown] + result_outputs + [gallery, history_pick]
         timer.tick(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private", show_progress="hidden")
         demo.load(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private")
         demo.load(history_update, outputs=[gallery, history_pick], api_visibility="private")
         refresh.click(history_update, outputs=[gallery, history_pick], api_visibility="private")
+
+        def live_tick(jid):
+            """The followed job's curves (as ``tick`` picks the job), drawn again when it logged steps."""
+            job = None
+            if jid:
+                try:
+                    job = manager.status(jid)
+                except UserError:
+                    job = None
+            job = job or manager.active_job()
+            live = curves_of(job["id"], CURVES_EVERY_S - 1) if job and job.get("run_dir") else None
+            return live or gr.skip()
+
+        # its own, slower timer: drawing a figure must not hold up the progress poll
+        curves_timer = gr.Timer(CURVES_EVERY_S)
+        curves_timer.tick(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private",
+                          show_progress="hidden")
+        demo.load(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private")
 
         def pick(name):
             return list(results(name))
