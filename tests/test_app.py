@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from threedistill.app.jobs import CANCELLED, FINISHED, QUEUED, RUNNING, STOPPED, JobManager, ValidationError, parse_overrides
 
@@ -274,7 +275,7 @@ def test_gradio_api_submit_status_outputs(client):
     import trimesh
 
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/submit", "/status", "/cancel", "/outputs", "/history"} <= set(api)
+    assert {"/submit", "/status", "/cancel", "/outputs", "/history", "/preview", "/curves"} <= set(api)
 
     bad = client.predict("", "", "sds-nerf", "shapes", 0, None, None, None, "", api_name="/submit")
     assert bad["ok"] is False and bad["field"] == "prompt" and "empty" in bad["error"]
@@ -289,8 +290,9 @@ def test_gradio_api_submit_status_outputs(client):
             break
         time.sleep(0.5)
     assert s["status"] == FINISHED, s
-    title, glb, splat, video, files, config = client.predict(r["job_id"], api_name="/outputs")
+    title, glb, splat, video, files, config, curves = client.predict(r["job_id"], api_name="/outputs")
     assert Path(glb).is_file() and Path(glb).suffix == ".glb"
+    assert Image.open(curves).format == "PNG"  # the run's curves, shown with its results
     mesh = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 0
     assert any(str(f).endswith(".zip") for f in files)
@@ -586,3 +588,53 @@ def test_a_stopped_server_resumes_its_jobs(tmp_path):
         assert OutputsFolder(tmp_path).read_queue() == []
     finally:
         m2.shutdown()
+
+
+def test_manager_preview_and_curves(manager):
+    """The Preview button's samples (the form's settings, validated like a job; nothing queued) and a
+    run's curves, drawn again only when its metrics are newer (and not more often than asked)."""
+    import os
+
+    from threedistill.errors import UserError
+    from threedistill.runs import RunFolder
+
+    before = (len(manager.jobs()), len(run_dirs(manager.outputs)))
+    pv = manager.preview(quick("a blue sphere", guidance_scale=6, negative_prompt="green"), samples=2, steps=1)
+    assert pv.prompts == ["a blue sphere, front view", "a blue sphere, side view", "a blue sphere, back view"]
+    assert pv.guidance_scale == 6.0 and pv.negative_prompt == "green" and pv.images.shape[:2] == (3, 2)
+    with pytest.raises(ValidationError) as e:
+        manager.preview(quick(""))
+    assert e.value.field == "prompt"
+    assert (len(manager.jobs()), len(run_dirs(manager.outputs))) == before
+
+    job = manager.wait(manager.submit(quick("a red torus", overrides=QUICK + "\nexport.formats=[]\nexport.turntable=false")))
+    assert job["status"] == FINISHED, job["error"]
+    folder = RunFolder(job["run_dir"])
+    png = manager.curves(job["id"])
+    assert png == str(folder.curves_path) and Image.open(png).format == "PNG"
+    assert manager.curves(job["run_name"]) == png
+    drawn = os.stat(png).st_mtime_ns
+    later = time.time() + 5
+    os.utime(folder.metrics_path, (later, later))  # new metrics arrived
+    manager.curves(job["id"], min_age_s=3600)
+    assert os.stat(png).st_mtime_ns == drawn  # too soon: the last figure is kept
+    manager.curves(job["id"])
+    assert os.stat(png).st_mtime_ns > drawn
+    with pytest.raises(UserError):
+        manager.curves("../..")
+
+
+def test_gradio_api_preview_and_curves(client, manager, monkeypatch):
+    from threedistill.app import ui
+
+    monkeypatch.setattr(ui, "PREVIEW_SAMPLES", 2)
+    monkeypatch.setattr(ui, "PREVIEW_STEPS", 1)
+    image, message = client.predict("a red cube", "", "sds-nerf", "shapes", 0, None, 7, None, "", api_name="/preview")
+    grid = Image.open(image)
+    assert grid.size[0] > 2 * 128 and grid.size[1] > 3 * 128  # 2 columns, 3 rows of >= 128 px cells
+    assert "a red cube, front view" in message and "CFG 7" in message and "1 DDIM steps" in message
+    image, message = client.predict("", "", "sds-nerf", "shapes", 0, None, None, None, "", api_name="/preview")
+    assert image is None and "prompt" in message and "empty" in message
+    run = next(r for r in manager.history() if r["status"] == "finished")
+    assert Image.open(client.predict(run["name"], api_name="/curves")).format == "PNG"
+    assert client.predict("../..", api_name="/curves") is None

@@ -261,3 +261,53 @@ def test_resume_button_continues_a_stopped_run(app, page):
     assert manager.wait(new["id"], timeout=60)["status"] == "stopped"
     # a stopped run offers Resume in its progress line
     progress.get_by_text("Resume it").wait_for(timeout=TIMEOUT_MS)
+
+
+def test_preview_button_and_curves(app, page, monkeypatch):
+    """Preview draws the 2D grid for the form's prompt and guidance scale (no job queued); the running
+    job's curves appear live, and a run picked in History shows its curves with its results."""
+    from threedistill.app import ui
+
+    url, manager = app
+    monkeypatch.setattr(ui, "PREVIEW_SAMPLES", 3)  # in-process server: the handler reads these per click
+    monkeypatch.setattr(ui, "PREVIEW_STEPS", 4)
+    before = len(manager.jobs())
+    page.get_by_label("Prompt", exact=True).fill("a blue sphere")
+    page.get_by_label("Guidance scale (blank: preset)").fill("7")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    grid = page.locator("#prompt-preview img")
+    grid.wait_for(timeout=TIMEOUT_MS)
+    assert wait_drawn(grid), "the preview grid stayed blank"
+    message = page.locator("#prompt-preview-message")
+    message.get_by_text("a blue sphere, back view").wait_for()
+    assert "CFG 7" in message.inner_text() and "4 DDIM steps" in message.inner_text()
+    assert len(manager.jobs()) == before  # a preview queues nothing
+
+    # a longer job: the page follows it and draws its curves while it runs
+    jid = manager.submit({"prompt": "a red torus", "prior": "shapes", "overrides": QUICK_API.replace(
+        "run.steps=6", "run.steps=400") + "\nexport.formats=[]\nexport.turntable=false"})
+    live = page.locator("#live-curves img")
+    live.wait_for(timeout=TIMEOUT_MS)
+    assert manager.status(jid)["status"] == "running"  # drawn while the job runs
+    assert wait_drawn(live)
+    first = live.get_attribute("src")
+    deadline = time.monotonic() + 30
+    while live.get_attribute("src") == first and time.monotonic() < deadline:  # redrawn as steps arrive
+        time.sleep(1.0)
+    assert live.get_attribute("src") != first, "the live curves were not redrawn"
+    shot = artifacts_dir() / "app_browser_preview_curves.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+    manager.cancel(jid)
+    job = manager.wait(jid, timeout=120)
+    assert job["status"] == "stopped", job
+
+    # a run picked in History shows its curves in the result panel
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Past runs (outputs folder)").click()
+    page.get_by_role("option", name=job["run_name"], exact=False).click()
+    page.locator("#result-title").get_by_text(job["run_name"]).wait_for()
+    curves = page.locator("#result-curves img")
+    curves.wait_for()
+    assert wait_drawn(curves)
+    page.screenshot(path=str(artifacts_dir() / "app_browser_history_curves.png"), full_page=True)

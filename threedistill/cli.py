@@ -11,6 +11,8 @@
                             [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
+    threedistill preview "PROMPT" [-c PRESET|FILE ...] [--out FILE] [--samples N] [--steps N] [key=value ...]
+    threedistill plot RUN_DIR [--out FILE]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR] [--auth USER:PASSWORD] [--insecure]
     threedistill presets
     threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
@@ -39,7 +41,9 @@ from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
 from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
-from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.pipeline import RunRequest, prepare_config, prepare_run, run_prepared
+from threedistill.plots import write_curves
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, image_format, sample_preview, write_preview
 from threedistill.priors import load_prior
 from threedistill.runs import RunFolder
 from threedistill.shapes.classifier import load_classifier, train_classifier
@@ -131,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score runs of shapes-world prompts against the ground truth")
     ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    pv = sub.add_parser("preview", help="check a prompt in 2D first: the prior's samples for the prompt under each "
+                                         "view suffix (front/side/back), at the run's CFG, as one image grid")
+    pv.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
+    pv.add_argument("--config", "-c", action="append",
+                    help="YAML config file or preset name from configs/ (repeatable, as for generate): its prior, "
+                         "negative prompt and guidance.guidance_scale are used")
+    pv.add_argument("--out", "-o", default="preview.png", help="the grid image to write (default preview.png)")
+    pv.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                    help=f"samples per view, the grid's columns (default {DEFAULT_SAMPLES})")
+    pv.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    _add_overrides(pv)
+
+    pl = sub.add_parser("plot", help="draw a run's curves (loss, grad norm, t, lr, Gaussians, time per step, "
+                                     "evaluation) into RUN_DIR/curves.png")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", "-o", help="the PNG to write (default RUN_DIR/curves.png)")
 
     pr = sub.add_parser("prior", help="train or check the built-in shapes prior")
     prs = pr.add_subparsers(dest="prior_command", metavar="PRIOR_COMMAND")
@@ -384,6 +405,32 @@ def _prior_eval(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    if args.prompt is not None and is_override(args.prompt):
+        raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
+                        "put the prompt first, e.g. threedistill preview \"a red cube\" guidance.guidance_scale=20")
+    for name in ("samples", "steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    out = Path(args.out)
+    image_format(out)  # a bad --out fails before the prior is loaded
+    cfg = prepare_config(RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides))
+    preview = sample_preview(cfg, samples=args.samples, steps=args.steps)
+    write_preview(preview, out)
+    rows = ", ".join(f"'{p}'" for p in preview.prompts)
+    print(f"preview: {out} ({len(preview.prompts)} rows: {rows}; {args.samples} samples each; prior {preview.prior}, "
+          f"CFG {preview.guidance_scale:g}, {preview.steps} DDIM steps; {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    print(f"curves: {write_curves(args.run_dir, args.out)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -428,7 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets}
+                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets, "preview": cmd_preview, "plot": cmd_plot}
     try:
         return handlers[args.command](args)
     except UserError as e:

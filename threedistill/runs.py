@@ -14,6 +14,7 @@ Layout (``<run.out_dir>/<run.name>``)::
     turntable.mp4
     export_check.json    ``threedistill export --check`` (and export_check.png with --check-images)
     eval.json            ``threedistill eval`` (shapes-world prompts)
+    curves.png           ``threedistill plot`` and the web app's curves (:mod:`threedistill.plots`)
     inputs/              inputs from elsewhere (another run's surface, a shapes-world mesh) as mesh arrays
     refine/              a refine stage: a run folder of its own
 
@@ -66,6 +67,7 @@ class RunFolder:
     EXPORT_CHECK = "export_check.json"
     EXPORT_CHECK_IMAGES = "export_check.png"
     EVAL = "eval.json"
+    CURVES = "curves.png"
     REFINE = "refine"
     INPUTS = "inputs"
 
@@ -144,6 +146,11 @@ class RunFolder:
     @property
     def eval_path(self) -> Path:
         return self.path / self.EVAL
+
+    @property
+    def curves_path(self) -> Path:
+        """The run's curves figure (:func:`threedistill.plots.write_curves`)."""
+        return self.path / self.CURVES
 
     @property
     def inputs_dir(self) -> Path:

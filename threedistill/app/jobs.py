@@ -34,6 +34,8 @@ from threedistill.devices import OOM_HINT, out_of_memory, resolve_device
 from threedistill.distill import Distiller
 from threedistill.errors import UserError
 from threedistill.pipeline import PreflightError, RunRequest, is_complete, prepare_run, run_prepared, then_refine
+from threedistill.plots import write_curves
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, Preview, sample_preview
 from threedistill.priors import PriorCache
 from threedistill.runs import OutputsFolder, RunFolder, slugify
 
@@ -535,6 +537,33 @@ class JobManager:
                          "mtime": folder.status_path.stat().st_mtime})
         runs.sort(key=lambda r: r["mtime"], reverse=True)
         return runs
+
+    # -- the 2D prompt check and the curves ----------------------------------------------------------
+    def preview(self, settings: JobSettings | Dict[str, Any], samples: int = DEFAULT_SAMPLES,
+                steps: int = DEFAULT_STEPS) -> Preview:
+        """The prior's samples for the form's settings (:func:`~threedistill.preview.sample_preview`):
+        validated like a submission (:class:`ValidationError` naming the field), the prior shared
+        with the jobs. Runs now, in the caller's thread; queues nothing."""
+        _, cfg = self.validate(settings)
+        return sample_preview(cfg, samples=samples, steps=steps, priors=self._priors)
+
+    def curves(self, name_or_job_id: str, min_age_s: float = 0.0) -> Optional[str]:
+        """The run's ``curves.png`` (by job id or run name), drawn again when its metrics are newer,
+        but not more often than every ``min_age_s`` seconds (a running job's page polls); None while
+        the run has no metrics yet."""
+        folder = RunFolder(self.run_dir(name_or_job_id))
+        png = self.safe_path(folder.curves_path)
+        metrics = folder.metrics_path
+        if not metrics.is_file():
+            return None
+        if png.is_file():
+            made = png.stat().st_mtime
+            if made >= metrics.stat().st_mtime or time.time() - made < min_age_s:
+                return str(png)
+        try:
+            return str(write_curves(folder, png))
+        except UserError:
+            return None  # the run has not logged a step yet
 
     # -- files ------------------------------------------------------------------------------------
     def safe_path(self, path: str | Path) -> Path:

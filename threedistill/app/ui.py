@@ -9,7 +9,12 @@ unless ``--insecure`` says so. Gradio's upload route is closed: the page takes n
 
 The page polls the manager every two seconds (a ``gr.Timer``), so a reloaded or reopened page
 shows the running job. Named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/outputs``,
-``/history``, ``/resume``) let ``gradio_client`` drive the same manager.
+``/history``, ``/resume``, ``/preview``, ``/curves``) let ``gradio_client`` drive the same manager.
+
+Preview samples the form's prior for the form's prompt per view suffix at the form's guidance
+scale (the 2D prompt check, :mod:`threedistill.preview`) without queueing a job; the live curves
+(:mod:`threedistill.plots`) follow the running job on the same poll, and the result panel shows the
+curves of the run it shows (a finished job or a run picked in History).
 """
 
 import argparse
@@ -24,9 +29,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from threedistill.app.jobs import (ACTIVE, FIELDS, JobManager, ValidationError,
                                    list_presets)
 from threedistill.errors import UserError
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, preview_image
 from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
+#: The live curves' poll: a running job's curves are drawn again this often (a figure costs a
+#: fraction of a second of CPU, taken from the running job).
+CURVES_EVERY_S = 6.0
+#: The Preview button's grid: samples per view and DDIM steps (threedistill preview's defaults).
+PREVIEW_SAMPLES, PREVIEW_STEPS = DEFAULT_SAMPLES, DEFAULT_STEPS
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 #: The environment variable holding ``USER:PASSWORD`` when ``--auth`` is not given.
@@ -127,11 +138,18 @@ def build_ui(manager: JobManager):
                     err_box("overrides")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary")
+                    preview_btn = gr.Button("Preview", elem_id="preview-button")
                     cancel = gr.Button("Cancel", variant="stop")
+                prompt_check = gr.Image(label="Preview: the prior's 2D samples per view (rows) at this guidance scale",
+                                        type="pil", interactive=False, elem_id="prompt-preview", height=470,
+                                        show_label=False)  # the grid has its own title line
+                prompt_check_msg = gr.Markdown("", elem_id="prompt-preview-message")
             with gr.Column(scale=1):
                 progress = gr.HTML(_progress_html(None), elem_id="progress")
                 preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="preview",
                                    height=280)
+                live_curves = gr.Image(label="Live curves (running job)", type="filepath", interactive=False,
+                                       elem_id="live-curves", height=440)
                 jobs = gr.Dataframe(headers=["job", "prompt", "preset", "status", "progress"], label="Jobs on this server",
                                     interactive=False, value=_jobs_table(manager))
         gr.Markdown("## Result")
@@ -140,6 +158,8 @@ def build_ui(manager: JobManager):
             model = gr.Model3D(label="Mesh (GLB)", height=360, elem_id="result-glb")
             splat = gr.Model3D(label="Gaussians (splat PLY)", height=360, visible=False)
             video = gr.Video(label="Turntable", height=360, elem_id="result-video")
+        result_curves = gr.Image(label="Curves", type="filepath", interactive=False, elem_id="result-curves",
+                                 height=560)
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("Config used", open=False):
             config_used = gr.Code(language="yaml", interactive=False)
@@ -151,22 +171,29 @@ def build_ui(manager: JobManager):
         resume_msg = gr.Markdown("", elem_id="resume-msg")
         gallery = gr.Gallery(label="History", columns=6, height=220, allow_preview=False)
         run_ref = gr.Textbox(visible=False)  # a job id or run name: the /outputs endpoint's input
+        curves_ref = gr.Textbox(visible=False)  # a job id or run name: the /curves endpoint's input
 
         # -- handlers ---------------------------------------------------------------------------
         def results(ref: Optional[str]):
             """(title, glb, splat, video, downloads, config) of a run, by job id or run name."""
             if not ref:
-                return "", None, gr.update(value=None, visible=False), None, None, ""
+                return "", None, gr.update(value=None, visible=False), None, None, "", None
             try:
                 o = manager.run_outputs(ref)
             except UserError as e:
-                return f"*{e}*", None, gr.update(value=None, visible=False), None, None, ""
+                return f"*{e}*", None, gr.update(value=None, visible=False), None, None, "", None
             files = [o[k] for k in ("glb", "obj", "ply", "splat", "config", "zip") if o.get(k)]
             cfg_text = Path(o["config"]).read_text(encoding="utf-8") if o.get("config") else ""
             return (f"`{Path(o['run_dir']).name}`", o["glb"], gr.update(value=o["splat"], visible=bool(o["splat"])),
-                    o["turntable"], files, cfg_text)
+                    o["turntable"], files, cfg_text, curves_of(ref))
 
-        result_outputs = [result_title, model, splat, video, downloads, config_used]
+        def curves_of(ref: Optional[str], min_age_s: float = 0.0) -> Optional[str]:
+            try:
+                return manager.curves(ref, min_age_s) if ref else None
+            except UserError:
+                return None
+
+        result_outputs = [result_title, model, splat, video, downloads, config_used, result_curves]
 
         def history_update():
             runs = manager.history()
@@ -203,6 +230,24 @@ def build_ui(manager: JobManager):
 
         cancel.click(on_cancel, inputs=[job_id], outputs=[progress], api_visibility="private")
 
+        def on_preview(*values):
+            """The 2D prompt check of the form's settings: (grid image, message)."""
+            settings = dict(zip(FIELDS, values))
+            if isinstance(settings.get("overrides"), str) and settings["overrides"].strip() == OVERRIDES_HELP.strip():
+                settings["overrides"] = ""
+            try:
+                pv = manager.preview(settings, samples=PREVIEW_SAMPLES, steps=PREVIEW_STEPS)
+            except ValidationError as e:
+                return None, f"⚠ {e.field.replace('_', ' ')}: {e.message}"
+            except UserError as e:
+                return None, f"⚠ {e}"
+            rows = ", ".join(f"*{p}*" for p in pv.prompts)
+            return preview_image(pv), (f"{rows}: {pv.images.shape[1]} samples each, prior `{pv.prior}`, "
+                                       f"CFG {pv.guidance_scale:g}, {pv.steps} DDIM steps")
+
+        preview_btn.click(on_preview, inputs=[prompt, negative, preset, prior, seed, steps, scale, resolution, overrides],
+                          outputs=[prompt_check, prompt_check_msg], api_name="preview")
+
         def tick(jid, shown_ref):
             job = None
             if jid:
@@ -226,6 +271,24 @@ def build_ui(manager: JobManager):
         demo.load(tick, inputs=[job_id, shown], outputs=tick_outputs, api_visibility="private")
         demo.load(history_update, outputs=[gallery, history_pick], api_visibility="private")
         refresh.click(history_update, outputs=[gallery, history_pick], api_visibility="private")
+
+        def live_tick(jid):
+            """The followed job's curves (as ``tick`` picks the job), drawn again when it logged steps."""
+            job = None
+            if jid:
+                try:
+                    job = manager.status(jid)
+                except UserError:
+                    job = None
+            job = job or manager.active_job()
+            live = curves_of(job["id"], CURVES_EVERY_S - 1) if job and job.get("run_dir") else None
+            return live or gr.skip()
+
+        # its own, slower timer: drawing a figure must not hold up the progress poll
+        curves_timer = gr.Timer(CURVES_EVERY_S)
+        curves_timer.tick(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private",
+                          show_progress="hidden")
+        demo.load(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private")
 
         def pick(name):
             return list(results(name))
@@ -253,6 +316,7 @@ def build_ui(manager: JobManager):
 
         # -- named API endpoints (gradio_client) -----------------------------------------------------
         run_ref.submit(results, inputs=[run_ref], outputs=result_outputs, api_name="outputs")
+        curves_ref.submit(curves_of, inputs=[curves_ref], outputs=[result_curves], api_name="curves")
 
         def submit(prompt: str, negative_prompt: str = "", preset: str = "sds-nerf", prior: str = "shapes",
                    seed: Optional[float] = None, steps: Optional[float] = None, guidance_scale: Optional[float] = None,
