@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import re
 import threading
 import time
 import uuid
@@ -151,11 +152,17 @@ def parse_overrides(text: str) -> List[str]:
 
 
 def _field_for_message(message: str) -> str:
-    """Which form field a config error message is about (the rest go to the advanced panel)."""
+    """Which form field a config error message is about (the rest go to the advanced panel): the
+    field of the config key the message names, else the first form word it mentions."""
+    fields = (("run.steps", "steps"), ("run.seed", "seed"), ("run.resolution", "resolution"),
+              ("guidance.guidance_scale", "guidance_scale"), ("prior.negative_prompt", "negative_prompt"),
+              ("run.prompt", "prompt"), ("prior.name", "prior"))
+    named = re.search(r"config keys? '([^']+)'", message)
+    if named is not None:
+        key = named.group(1)
+        return next((name for k, name in fields if key == k), "overrides")
     m = message.lower()
-    for key, name in (("run.steps", "steps"), ("run.seed", "seed"), ("run.resolution", "resolution"),
-                      ("guidance.guidance_scale", "guidance_scale"), ("negative_prompt", "negative_prompt"),
-                      ("prompt", "prompt"), ("prior", "prior"), ("preset", "preset")):
+    for key, name in (*fields, ("negative_prompt", "negative_prompt"), ("prompt", "prompt"), ("prior", "prior")):
         if key in m:
             return name
     return "overrides"
