@@ -247,9 +247,10 @@ def _format_omegaconf_error(err: Exception, source: Optional[str] = None) -> str
     return f"bad config: {msg}"
 
 
-#: A check of each file a config is read from (the path, resolved; raises
-#: :class:`~threedistill.errors.UserError`): the path policy's seam in :func:`load_config`.
-ReadCheck = Callable[[Path], None]
+#: A check of each file a config is read from (the path, resolved, and the name the user gave, for
+#: the message; raises :class:`~threedistill.errors.UserError`): the path policy's seam in
+#: :func:`load_config`.
+ReadCheck = Callable[[Path, str], None]
 
 
 def preset_names() -> List[str]:
@@ -272,10 +273,10 @@ def resolve_config_path(path_or_name: str, read_check: Optional[ReadCheck] = Non
     for cand in candidates:
         if cand.is_file():
             if read_check is not None:
-                read_check(cand.resolve())
+                read_check(cand.resolve(), name)
             return cand
     if read_check is not None:
-        read_check(Path(name).expanduser().resolve())  # a policy that refuses says so, whether it exists or not
+        read_check(Path(name).expanduser().resolve(), name)  # a policy that refuses says so, whether it exists or not
     raise UserError(f"config file {shown(name)} not found (give a YAML path or a preset in {CONFIG_DIR})")
 
 
@@ -333,7 +334,7 @@ def _load_config_file(path: Path, chain: tuple = (), read_check: Optional[ReadCh
     if path.resolve() in chain:
         raise UserError(f"config file '{path}' extends itself (through {' -> '.join(p.name for p in chain)})")
     if read_check is not None:
-        read_check(path.resolve())
+        read_check(path.resolve(), str(path))
     loaded = _read_yaml(path)
     if loaded is None:
         loaded = OmegaConf.create({})

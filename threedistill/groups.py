@@ -143,7 +143,7 @@ def check_bounds(node: Any, key: str, bounds: Bounds) -> None:
         for v in values:
             number = v if isinstance(v, (int, float)) else float(v)  # parse_schedule took it
             if not lo <= number <= hi:  # NaN compares false: refused too
-                raise UserError(f"config key '{full}' must lie within [{lo:g}, {hi:g}], got {shown(v)}")
+                raise UserError(f"config key '{full}' must lie within [{shown(lo)}, {shown(hi)}], got {shown(v)}")
 
 
 def check_storable(node: Any, key: str = "", interpolations_only: bool = False) -> None:
