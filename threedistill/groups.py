@@ -122,15 +122,20 @@ MAX_STEPS = 1_000_000
 Bounds = Mapping[str, Tuple[float, float]]
 
 
-def check_bounds(node: Any, key: str, bounds: Bounds) -> None:
+def check_bounds(node: Any, key: str, bounds: Bounds, optional: Iterable[str] = ()) -> None:
     """Each ``name`` of ``bounds`` in ``node`` (a number, a schedule or None) lies within its
     ``(lo, hi)``: one line naming ``key.name`` otherwise. Every number a user can set has a bound,
-    so a typo (``run.steps=10**30``) is refused before it holds a worker or reaches a file."""
+    so a typo (``run.steps=10**30``) is refused before it holds a worker or reaches a file.
+    ``optional``: the names that may be null (the others are numbers; a scheduled key is typed
+    ``Any``, so only this check stops a null there)."""
+    optional = set(optional)
     for name, (lo, hi) in bounds.items():
         value = node[name] if isinstance(node, (dict, DictConfig)) else getattr(node, name)
         full = f"{key}.{name}"
         if value is None:
-            continue
+            if name in optional:
+                continue
+            raise UserError(f"config key '{full}' must be a number, got null")
         if isinstance(value, (ListConfig, list, tuple)):
             start, end, s0, s1 = parse_schedule(value, full)  # type: ignore[misc]
             values = (start, end)

@@ -89,6 +89,7 @@ class GuidanceConfig:
         looked up (:func:`build_guidance`)."""
         for name in ("guidance_scale", "t_min", "t_max", "grad_clip", "weight", "delta_t", "negative_weight"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
+        check_bounds(self, key, GUIDANCE_BOUNDS, optional=("grad_clip",))  # first: nulls and non-numbers
         for name in ("t_min", "t_max"):
             start, end, _, _ = parse_schedule(getattr(self, name), f"{key}.{name}")  # type: ignore[misc]
             for v in (start, end):
@@ -101,7 +102,6 @@ class GuidanceConfig:
         for name in ("camera_dropout", "esd_lambda"):
             check_unit(getattr(self, name), f"{key}.{name}")
         check_schedule_min(self.guidance_scale, f"{key}.guidance_scale")
-        check_bounds(self, key, GUIDANCE_BOUNDS)
         start, end, _, _ = parse_schedule(self.delta_t, f"{key}.delta_t")  # type: ignore[misc]
         if min(start, end) < 0:
             raise UserError(f"config key '{key}.delta_t' must be >= 0 (integer timesteps), got {self.delta_t}")

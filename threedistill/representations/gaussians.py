@@ -175,7 +175,7 @@ class GaussiansConfig(BackgroundConfig):
                      "prune_opacity", "prune_scale", "opacity_reset_every"):
             check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
         check_positive(self.max_gaussians, f"{key}.max_gaussians")
-        check_bounds(self, key, GAUSSIANS_BOUNDS)
+        check_bounds(self, key, GAUSSIANS_BOUNDS, optional=("densify_until",))
         if self.densify_until is not None and self.densify_until < 0:
             raise UserError(f"config key '{key}.densify_until' must be >= 0 or null, got {self.densify_until}")
         if not 0.0 < self.init_opacity < 1.0:

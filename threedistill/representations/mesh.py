@@ -131,7 +131,7 @@ class MeshConfig(ShadingConfig):
         for name in ("lambda_laplacian", "lambda_normal_consistency"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.init_radius, f"{key}.init_radius")
-        check_bounds(self, key, MESH_BOUNDS)
+        check_bounds(self, key, MESH_BOUNDS, optional=("init_mesh_resolution",))
         check_radius(self, key)
         for name in ("lr_offsets", "lr_colors", "ambient_only_steps"):
             check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
