@@ -103,8 +103,10 @@ def shown(value: Any, limit: int = 60) -> str:
     if isinstance(value, (list, tuple, ListConfig)):
         text = "[" + ", ".join(shown(v, limit) for v in list(value)[:8]) + (", ..." if len(value) > 8 else "") + "]"
         return text if len(text) <= limit else text[: limit - 3] + "..."
-    text = repr(str(value)) if isinstance(value, str) else str(value)
-    text = text.replace("\n", " ").replace("\r", " ")
+    if isinstance(value, str):  # quoted, cut inside the quotes
+        text = value.replace("\n", " ").replace("\r", " ")
+        return "'" + (text if len(text) <= limit else text[: limit - 3] + "...") + "'"
+    text = str(value).replace("\n", " ").replace("\r", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

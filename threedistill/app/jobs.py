@@ -136,7 +136,7 @@ def parse_overrides(text: str) -> List[str]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            out.append(f"{prefix}={json.dumps(node)}")
+            out.append(f"{prefix}={json.dumps(node, default=str)}")  # default: YAML dates
 
     walk("", data)
     return out
@@ -180,6 +180,12 @@ def build_config(s: JobSettings, outputs: Path, priors: Optional[Sequence[str]] 
     is always the outputs folder and ``run.name`` a plain slug, so no user text ever places a run
     outside it.
     """
+    for name in ("prompt", "negative_prompt", "preset", "prior", "overrides"):  # raw API calls may send anything
+        value = getattr(s, name)
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(name, f"{name.replace('_', ' ')} must be text, got {type(value).__name__}")
+        if value is not None and (len(value) > 100_000 or "\x00" in value):
+            raise ValidationError(name, f"{name.replace('_', ' ')} is too long or holds a NUL character")
     if "\n" in (s.negative_prompt or "") or "\r" in (s.negative_prompt or ""):
         raise ValidationError("negative_prompt", "the negative prompt must be a single line")
     presets = list_presets()
