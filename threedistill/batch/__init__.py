@@ -91,7 +91,7 @@ def check_batch_flags(**flags: Optional[int]) -> None:
         if value is None and name in ("workers", "threads"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise UserError(f"--{name} must be a whole number from {lo} to {hi}, got {value}")
+            raise UserError(f"--{name} must be >= {lo} and <= {hi} (a whole number), got {value}")
 
 
 def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequence[str] = (), overrides: Sequence[str] = (),
