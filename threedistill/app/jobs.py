@@ -161,9 +161,10 @@ _CHECK_FIELDS = {"prompt": "prompt", "prior": "prior", "refine": "overrides", "p
                  "run_folder": "overrides"}
 
 
-def build_config(s: JobSettings, outputs: Path):
+def build_config(s: JobSettings, outputs: Path, warnings: Optional[List[str]] = None):
     """The validated run config for ``s`` (raises :class:`ValidationError` naming the field), by
-    :func:`~threedistill.pipeline.prepare_run`.
+    :func:`~threedistill.pipeline.prepare_run`; its warnings (a prompt the prior cannot follow)
+    are appended to ``warnings`` when given.
 
     ``run.out_dir`` is always the app's outputs folder; ``run.name`` may only be a plain slug, so
     no user text ever places a run outside it.
@@ -196,7 +197,8 @@ def build_config(s: JobSettings, outputs: Path):
     request = RunRequest(prompt=s.prompt, configs=[s.preset], values=form, seed=seed, steps=steps,
                          resolution=resolution, overrides=overrides,
                          defaults={"run": {"progress": False}, "export": {"formats": ["glb", "obj", "ply"]}},
-                         path_policy=_app_paths(outputs))
+                         path_policy=_app_paths(outputs),
+                         on_warning=None if warnings is None else warnings.append)
     try:
         cfg, _ = prepare_run(request)  # the folder is named when the job starts
     except PreflightError as e:
@@ -224,6 +226,7 @@ class Job:
     preview: Optional[str] = None
     outputs: Dict[str, str] = field(default_factory=dict)
     error: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)  # prepare_run's, shown beside the job
     run_dir: Optional[str] = None
     run_name: Optional[str] = None
     created: float = field(default_factory=time.time)
@@ -298,18 +301,20 @@ class JobManager:
         self._closed = False
 
     # -- submitting ---------------------------------------------------------------------------
-    def validate(self, settings: JobSettings | Dict[str, Any]):
+    def validate(self, settings: JobSettings | Dict[str, Any], warnings: Optional[List[str]] = None):
         s = settings if isinstance(settings, JobSettings) else JobSettings.from_dict(settings)
-        return s, build_config(s, self.outputs)
+        return s, build_config(s, self.outputs, warnings)
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
-        s, cfg = self.validate(settings)
+        warnings: List[str] = []
+        s, cfg = self.validate(settings, warnings)
         try:
             device = str(resolve_device(cfg.run.device))
         except UserError as e:
             raise ValidationError("overrides", str(e)) from None
-        job = Job(id=uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps), cfg=cfg)
+        job = Job(id=uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps), cfg=cfg,
+                  warnings=warnings)
         with self._lock:
             if self._closed:
                 raise UserError("the job manager is shut down")
