@@ -31,7 +31,7 @@ def _pad_to_even(frame: np.ndarray) -> np.ndarray:
 
 
 def render_turntable(
-    rep: Representation,
+    rep: Optional[Representation],
     path: Union[str, Path],
     frames: int = 60,
     fps: int = 24,
@@ -57,10 +57,13 @@ def render_turntable(
     if frames < 1:
         raise ValueError(f"render_turntable: frames must be >= 1, got {frames}")
     path = Path(path)
-    device = _module_device(rep)
+    if rep is None and render is None:
+        raise ValueError("render_turntable: give a representation or a frame renderer")
+    device = _module_device(rep) if render is None else torch.device("cpu")
     cams = orbit_cameras(frames, resolution, elevation=elevation, distance=distance, fovy=fovy).to(device)
-    was_training = rep.training
-    rep.eval()
+    was_training = rep.training if rep is not None else False
+    if rep is not None:
+        rep.eval()
     try:
         with atomic_path(path) as tmp:
             writer = iio.get_writer(
@@ -73,7 +76,7 @@ def render_turntable(
                 for i in tqdm(range(frames), desc="turntable", unit="frame", disable=not progress,
                               leave=False):
                     with torch.no_grad():
-                        rgb = rep.render(cams[i], training=False).rgb if render is None else render(cams[i].to("cpu"))
+                        rgb = rep.render(cams[i], training=False).rgb if render is None else render(cams[i])
                     frame = _to_uint8_hwc(rgb[0])
                     if frame.ndim == 2:
                         frame = np.repeat(frame[..., None], 3, axis=-1)
@@ -81,7 +84,8 @@ def render_turntable(
             finally:
                 writer.close()
     finally:
-        rep.train(was_training)
+        if rep is not None:
+            rep.train(was_training)
     return path
 
 
