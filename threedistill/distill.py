@@ -268,13 +268,13 @@ class Distiller:
             from tqdm import tqdm
 
             # No total (which stages run depends on the representation): the stage's name and the time.
-            bar = tqdm(desc="export", unit="stage", dynamic_ncols=True, bar_format="{desc}: {postfix} [{elapsed}]")
+            bar = tqdm(desc="export", unit="stage", dynamic_ncols=True, bar_format="{desc} [{elapsed}]")
 
         def stage(name: str) -> None:
             """Each export stage as it starts: on the bar, and in the log."""
             log.info("export: %s", name)
             if bar is not None:
-                bar.set_postfix_str(name, refresh=False)
+                bar.set_description_str(f"export: {name}", refresh=False)
                 bar.update(1)
 
         try:
@@ -297,7 +297,7 @@ class Distiller:
                 outputs["turntable"] = str(p)
         finally:
             if bar is not None:
-                bar.set_postfix_str("done" if error is None else "failed", refresh=False)
+                bar.set_description_str("export: done" if error is None else "export: failed", refresh=False)
                 bar.update(1)
                 bar.close()
         return outputs, error
