@@ -92,8 +92,9 @@ class RunConfig:
     checkpoint_every: int = 250
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
-    # torch's CPU threads: auto (OMP_NUM_THREADS when set, else the cores the load average leaves
-    # free, at least 1: a busy machine does not make the threads spin against each other) or N.
+    # torch's CPU threads: auto (OMP_NUM_THREADS when set, else half the cores, fewer when the load
+    # average leaves less free, at least 1: a busy machine does not make the threads spin against
+    # each other) or N.
     threads: Any = "auto"
 
     def validate(self, key: str = "run") -> None:

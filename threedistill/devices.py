@@ -43,11 +43,13 @@ def choose_threads(setting: Any = "auto", environ: Optional[dict] = None,
     """How many threads torch should use on the CPU, and why (one phrase for the log).
 
     ``setting`` is ``run.threads``: a positive number is taken as it is; ``auto`` respects
-    ``OMP_NUM_THREADS`` when the user set it, else takes the cores left over by the processes
-    already running: the usable cores (:func:`usable_cores`) minus the 1-minute load average,
-    rounded, at least 1. torch's default (one thread per core) makes its threads spin against
-    any other busy process: on 2 cores beside one competing process a run became several times
-    slower, where one thread keeps its idle speed."""
+    ``OMP_NUM_THREADS`` when the user set it, else takes half the usable cores
+    (:func:`usable_cores`), fewer when the processes already running leave less free (the
+    cores minus the 1-minute load average, rounded), at least 1. torch's default (one thread
+    per core) makes its threads spin against any other busy process: on 2 cores beside other
+    busy processes a step took 6 s at torch's 2 threads and 0.4-0.6 s at one. Half the cores
+    also leaves room for a process that starts after the run (the load average has not seen it
+    yet)."""
     environ = os.environ if environ is None else environ
     if setting is not None and str(setting).strip().lower() != "auto":
         return int(setting), "run.threads"
@@ -56,7 +58,7 @@ def choose_threads(setting: Any = "auto", environ: Optional[dict] = None,
         return int(env), "OMP_NUM_THREADS"
     n = (cores or usable_cores)()
     busy = (load or _load_average)()
-    free = max(1, min(n, int(n - busy + 0.5)))
+    free = max(1, min(n // 2, int(n - busy + 0.5)))
     return free, f"{n} core(s), load average {busy:.2f}"
 
 
