@@ -148,7 +148,9 @@ def test_local_batch_with_two_workers_and_a_bad_row(tmp_path, tiny_sd_path):
         assert e["attempts"] == 1 and e["step"] == 3 and e["wall_s"] > 0
         assert e["history"][0]["start_step"] == 0 and e["history"][0]["outcome"] == "done"
         assert (out / e["outputs"]["glb"]).is_file() and (out / e["outputs"]["gif"]).is_file()
-    assert "ply" in m["a blue sphere"]["outputs"] and "ply" not in m["a red cube"]["outputs"]
+    # A row's overrides apply to that row only: the default formats are glb, obj and ply.
+    assert "ply" in m["a blue sphere"]["outputs"] and "obj" not in m["a blue sphere"]["outputs"]
+    assert {"glb", "obj", "ply"} <= set(m["a red cube"]["outputs"])
     summary = (out / "summary.md").read_text()
     assert "4 rows: 2 done, 2 failed" in summary and "run.stepz" in summary
     _check_gallery(out, n_images=2)

@@ -40,7 +40,8 @@ from threedistill.batch import check_batch_flags, run_batch
 from threedistill.config import EXPORT_BOUNDS, PriorConfig, is_override, list_presets
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
-from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
+from threedistill.export import (build_export_mesh, export_placement, render_turntable, save_image, save_mesh,
+                                 texture_paths)
 from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
 from threedistill.pipeline import RunRequest, prepare_config, prepare_run, run_prepared
 from threedistill.plots import write_curves
@@ -242,8 +243,19 @@ def cmd_generate(args) -> int:
                             "put the prompt first, e.g. threedistill generate \"a red cube\" run.steps=500")
         request = RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides,
                              out_dir=args.out or None)
-    _print_results(run_prepared(*prepare_run(request)))
+    request.on_warning = _warn
+    _print_results(_run_with_folder_first(*prepare_run(request)))
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _run_with_folder_first(cfg, folder: RunFolder):
+    """Say where the run goes before the (slow) build, then run it."""
+    print(f"run folder: {folder.path}", flush=True)
+    return run_prepared(cfg, folder)
 
 
 def cmd_refine(args) -> int:
@@ -252,8 +264,8 @@ def cmd_refine(args) -> int:
         raise UserError(f"the run folder is missing: '{args.run_dir}' is a key=value override; "
                         "put the run folder first, e.g. threedistill refine outputs/my-run run.steps=400")
     request = RunRequest(refine_of=Path(args.run_dir), configs=[args.config] if args.config else [],
-                         overrides=args.overrides)
-    _print_results(run_prepared(*prepare_run(request)))
+                         overrides=args.overrides, on_warning=_warn)
+    _print_results(_run_with_folder_first(*prepare_run(request)))
     return 0
 
 
@@ -304,7 +316,7 @@ def cmd_export(args) -> int:
                                        texture=texture, texture_size=texture_size)
     for fmt, out in zip(formats, outs):
         written = textured if textured is not None and fmt != "ply" else mesh
-        save_mesh(written, out, fmt)
+        save_mesh(written, out, fmt, export_placement(mesh, fmt, cfg.export))
         extra = ""
         if written is textured:
             extra = f", {texture_size}px texture"

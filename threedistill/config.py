@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from threedistill.cameras import CameraConfig
+from threedistill.devices import check_threads
 from threedistill.errors import UserError
 from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_storable, parse_schedule, shown
 from threedistill.groups import plain_schedule, scheduled  # noqa: F401  (re-exported)
@@ -111,6 +112,8 @@ class RunConfig:
     out_dir: str = "outputs"
     name: Optional[str] = None
     preview_every: int = 100
+    # Previews render each view at max(resolution, preview_resolution) px (large enough to watch).
+    preview_resolution: int = 128
     checkpoint_every: int = 250
     # Also checkpoint when this many seconds have passed since the last checkpoint (0: off), so a
     # killed run loses at most about this much work; the web app sets 30. Such a checkpoint is
@@ -118,11 +121,15 @@ class RunConfig:
     checkpoint_every_s: float = 0.0
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
+    # torch's CPU threads: auto (OMP_NUM_THREADS when set, else half the cores, fewer when the load
+    # average leaves less free, at least 1: a busy machine does not make the threads spin against
+    # each other) or N.
+    threads: Any = "auto"
 
     def validate(self, key: str = "run") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
         unbound on a structured config node: ``RunConfig.validate(cfg.run, "run")``)."""
-        for name in ("steps", "resolution", "preview_every", "checkpoint_every"):
+        for name in ("steps", "resolution", "preview_every", "preview_resolution", "checkpoint_every"):
             check_positive(getattr(self, name), f"{key}.{name}")
         check_positive(self.seed, f"{key}.seed", allow_zero=True)
         check_bounds(self, key, RUN_BOUNDS)
@@ -130,6 +137,7 @@ class RunConfig:
         if not math.isfinite(float(self.checkpoint_every_s)):
             raise UserError(f"config key '{key}.checkpoint_every_s' must be a finite number of seconds, "
                             f"got {self.checkpoint_every_s}")
+        check_threads(self.threads, f"{key}.threads")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got {shown(self.device)}")
 
@@ -145,7 +153,16 @@ EXPORT_BOUNDS = {"mesh_resolution": (8, 1024), "min_component_ratio": (0.0, 1.0)
 @dataclass
 class ExportConfig:
     # Mesh formats written at the end of a run: any of glb, obj, ply.
-    formats: List[str] = field(default_factory=lambda: ["glb"])
+    formats: List[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
+    # The files' up axis: auto (GLB and OBJ Y-up, PLY Z-up: each imports upright in Blender with
+    # its importer's defaults), y or z (OBJ and PLY; GLB is always Y-up, as glTF specifies).
+    up_axis: str = "auto"
+    # The files' origin (the pivot in Blender and other tools): base (the bottom face's centre:
+    # the object stands on the ground), center (the bounding box's centre) or world (as trained).
+    origin: str = "base"
+    # The object's height in the files, in metres (1 unit = 1 m in glTF and Blender); null keeps
+    # the world scale.
+    size: Optional[float] = None
     # Gaussians only: also write splat.ply (the standard 3DGS layout splat viewers read).
     splat: bool = True
     mesh_resolution: int = 128
@@ -156,10 +173,16 @@ class ExportConfig:
     texture: bool = True
     texture_size: int = 1024
     turntable: bool = True
-    turntable_frames: int = 60
+    # 96 frames at 24 fps: a 4 s orbit, 256 px.
+    turntable_frames: int = 96
     turntable_fps: int = 24
-    turntable_resolution: int = 128
+    turntable_resolution: int = 256
     turntable_elevation: float = 15.0
+    # What the turntable shows: auto (the exported mesh file when one is written, shaded like the
+    # export check over white, so the video shows the asset you get; the representation's own
+    # render for one that writes an extra output of its own, the Gaussians' splat), mesh or
+    # representation.
+    turntable_of: str = "auto"
 
     def validate(self, key: str = "export") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
@@ -169,6 +192,11 @@ class ExportConfig:
         if not 16 <= self.texture_size <= 8192:
             raise UserError(f"config key '{key}.texture_size' must be between 16 and 8192, got {shown(self.texture_size)}")
         check_bounds(self, key, EXPORT_BOUNDS)
+        check_choice(str(self.up_axis).lower(), f"{key}.up_axis", ("auto", "y", "z"))
+        check_choice(str(self.turntable_of), f"{key}.turntable_of", ("auto", "mesh", "representation"))
+        check_choice(str(self.origin).lower(), f"{key}.origin", ("base", "center", "world"))
+        if self.size is not None and not float(self.size) > 0:
+            raise UserError(f"config key '{key}.size' must be > 0 (the object's height in metres) or null, got {self.size}")
         for fmt in self.formats:
             if fmt not in ("glb", "obj", "ply"):
                 raise UserError(f"config key '{key}.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")

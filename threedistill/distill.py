@@ -22,9 +22,10 @@ from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER
                                   step_generator)
 from threedistill.checkpoint import checkpoint_steps, load_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
-from threedistill.devices import resolve_device
+from threedistill.devices import choose_threads, resolve_device
 from threedistill.errors import UserError
 from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
+from threedistill.export.check import mesh_frame_renderer
 from threedistill.groups import scheduled
 from threedistill.guidance import build_guidance
 from threedistill.priors import PriorCache
@@ -83,6 +84,17 @@ def check_writable_location(path: Path) -> None:
         raise UserError(f"output folder '{path}' is not writable ('{probe}' is a file); choose another with --out")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{path}' is not writable (no permission on '{probe}'); choose another with --out")
+
+
+#: The weight of the newest step in the progress bar's smoothed loss (about the last 20 steps).
+LOSS_EMA_WEIGHT = 0.05
+
+
+def smoothed(ema: Optional[float], value: float, weight: float = LOSS_EMA_WEIGHT) -> float:
+    """One step of an exponential moving average (the first value starts it). Score-distillation
+    losses swing over orders of magnitude from step to step (the noise level t is random); the
+    average shows the trend."""
+    return float(value) if ema is None else (1.0 - weight) * ema + weight * float(value)
 
 
 class _Timer:
@@ -161,6 +173,11 @@ class Distiller:
         if self._built:
             return
         cfg = self.cfg
+        # torch's CPU threads (process-wide), chosen before anything heavy runs.
+        self.threads, why = choose_threads(cfg.run.threads)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        log.info("torch CPU threads: %d (%s)", self.threads, why)
         torch.manual_seed(cfg.run.seed)
         if self._prior is None:
             self._prior = self.priors.get(cfg.prior, self.device)
@@ -226,7 +243,8 @@ class Distiller:
     @torch.no_grad()
     def save_preview(self, step: int) -> Path:
         c = self.cfg.camera
-        cams = preview_cameras(self.cfg.run.resolution, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
+        size = max(int(self.cfg.run.resolution), int(self.cfg.run.preview_resolution))
+        cams = preview_cameras(size, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
         out = self.representation.render(cams, step=step, training=False)
         path = self.folder.preview_path(step)
         save_image(image_grid(out.rgb.clamp(0, 1).cpu(), nrow=4), path)
@@ -272,22 +290,55 @@ class Distiller:
             self._export_stopped = self._export_stopped or self._stop
             return self._export_stopped
 
-        # The splat PLY and the video first: they cannot fail on a missing surface, the mesh can.
-        if e.splat and "splat" in self.representation.extra_outputs() and not stopped():
-            outputs["splat"] = str(self.representation.write_extra_output("splat", self.folder.splat_path))
-        if e.turntable and not stopped():
-            p = render_turntable(self.representation, self.folder.turntable_path, frames=e.turntable_frames,
-                                 fps=e.turntable_fps, resolution=e.turntable_resolution,
-                                 elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
-                                 progress=self.cfg.run.progress)
-            outputs["turntable"] = str(p)
-        if e.formats and not stopped():
-            try:
-                for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
-                    outputs[p.suffix.lstrip(".")] = str(p)
-            except UserError as err:
-                error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"
+        bar = None
+        if self.cfg.run.progress:
+            from tqdm import tqdm
+
+            # No total (which stages run depends on the representation): the stage's name and the time.
+            bar = tqdm(desc="export", unit="stage", dynamic_ncols=True, bar_format="{desc} [{elapsed}]")
+
+        def stage(name: str) -> None:
+            """Each export stage as it starts: on the bar, and in the log."""
+            log.info("export: %s", name)
+            if bar is not None:
+                bar.set_description_str(f"export: {name}", refresh=False)
+                bar.update(1)
+
+        try:
+            # The splat PLY first, then the meshes, then the video (of the mesh file when one was written).
+            if e.splat and "splat" in self.representation.extra_outputs() and not stopped():
+                stage("splat")
+                outputs["splat"] = str(self.representation.write_extra_output("splat", self.folder.splat_path))
+            if e.formats and not stopped():
+                try:
+                    for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e, stage=stage):
+                        outputs[p.suffix.lstrip(".")] = str(p)
+                except UserError as err:
+                    error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"
+            if e.turntable and not stopped():
+                stage("turntable")
+                p = render_turntable(self.representation, self.folder.turntable_path, frames=e.turntable_frames,
+                                     fps=e.turntable_fps, resolution=e.turntable_resolution,
+                                     elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
+                                     progress=self.cfg.run.progress, render=self._turntable_renderer(outputs))
+                outputs["turntable"] = str(p)
+        finally:
+            if bar is not None:
+                bar.set_description_str("export: done" if error is None else "export: failed", refresh=False)
+                bar.update(1)
+                bar.close()
         return outputs, error
+
+    def _turntable_renderer(self, outputs: Dict[str, str]):
+        """What the turntable shows (``export.turntable_of``): a frame renderer of the written mesh
+        file (GLB, else OBJ, else PLY), or None for the representation's own render."""
+        of = str(self.cfg.export.turntable_of)
+        if of == "auto":
+            of = "representation" if self.representation.extra_outputs() else "mesh"
+        written = next((outputs[k] for k in ("glb", "obj", "ply") if k in outputs), None)
+        if of != "mesh" or written is None:
+            return None
+        return mesh_frame_renderer(written, self.representation.evaluation_ambient())
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -319,6 +370,7 @@ class Distiller:
             cb.on_start(self)
 
         totals: Dict[str, float] = {}
+        loss_ema: Optional[float] = None
         t_begin = time.perf_counter()
         bar = None
         if cfg.run.progress:
@@ -341,8 +393,9 @@ class Distiller:
                     self.step = step + 1
                     metrics.write(json.dumps(stats) + "\n")
                     metrics.flush()
+                    loss_ema = smoothed(loss_ema, stats["loss"])
                     if bar is not None:
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", t=int(stats["t"]),
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", loss_ema=f"{loss_ema:.3g}", t=int(stats["t"]),
                                         **self.representation.progress_stats(), refresh=False)
                         bar.update(1)
                     for cb in self.callbacks:

@@ -3,7 +3,9 @@
 Two kinds of file:
 
 * **Exchange files** (``.glb``/``.gltf``/``.obj``/``.ply`` and anything else trimesh reads), Y-up
-  as :func:`threedistill.export.save_mesh` writes them (:data:`Z_UP_TO_Y_UP`). A scene is
+  as :func:`threedistill.export.save_mesh` writes them by default (:data:`Z_UP_TO_Y_UP`); a file
+  written with another placement (``export.up_axis``/``origin``/``size``) records it
+  (:func:`world_to_file`), and :func:`file_to_world` brings it back. A scene is
   flattened with its node transforms. Vertex colors are sRGB in [0,1]: PLY/OBJ colors as
   stored (/255), glTF ``COLOR_0`` (linear by the spec) converted back with
   :func:`linear_to_srgb`. A file may also be a point cloud (no faces).
@@ -39,6 +41,77 @@ Z_UP_TO_Y_UP = np.array(
      [1.0, 0.0, 0.0, 0.0],
      [0.0, 0.0, 0.0, 1.0]]
 )
+
+#: The name under which a written file records its placement (the 4x4 world -> file matrix,
+#: row-major): a GLB's ``asset.extras``, a comment line of an OBJ or a PLY header.
+PLACEMENT_TAG = "threedistill_world_to_file"
+
+
+def placement_comment(world_to_file: np.ndarray) -> str:
+    """The text after the comment marker (``#`` in OBJ, ``comment`` in PLY) that records a file's
+    placement: :data:`PLACEMENT_TAG` and the 16 numbers."""
+    return PLACEMENT_TAG + " " + " ".join(repr(float(x)) for x in np.asarray(world_to_file, dtype=np.float64).ravel())
+
+
+def _parse_numbers(text: str) -> Optional[np.ndarray]:
+    try:
+        vals = [float(x) for x in text.split()[:16]]
+    except ValueError:
+        return None
+    if len(vals) != 16 or not np.all(np.isfinite(vals)):
+        return None
+    m = np.array(vals).reshape(4, 4)
+    return m if abs(np.linalg.det(m[:3, :3])) > 1e-12 else None
+
+
+def world_to_file(path: Union[str, Path]) -> np.ndarray:
+    """The placement a mesh file was written with (world -> file coordinates, 4x4): what the
+    file records under :data:`PLACEMENT_TAG` (``export.up_axis``, ``origin``, ``size``), else
+    :data:`Z_UP_TO_Y_UP` (any other Y-up file, and ours written before placements were recorded)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return Z_UP_TO_Y_UP.copy()
+    found: Optional[np.ndarray] = None
+    if suffix == ".glb" and head[:4] == b"glTF" and len(head) >= 20:
+        import json
+        import struct
+
+        length, kind = struct.unpack("<II", head[12:20])
+        if kind == 0x4E4F534A:  # "JSON"
+            try:
+                with open(path, "rb") as f:
+                    f.seek(20)
+                    tree = json.loads(f.read(length))
+                values = tree.get("asset", {}).get("extras", {}).get(PLACEMENT_TAG)
+                found = _parse_numbers(" ".join(str(v) for v in values)) if isinstance(values, list) else None
+            except (ValueError, OSError, AttributeError):
+                found = None
+    elif suffix in (".obj", ".ply"):
+        text = head.split(b"end_header")[0] if suffix == ".ply" else head
+        for line in text.decode("latin-1").splitlines()[:64]:
+            words = line.strip().lstrip("#").split(None, 1)
+            if words and words[0] == "comment" and len(words) > 1:
+                words = words[1].split(None, 1)
+            if len(words) == 2 and words[0] == PLACEMENT_TAG:
+                found = _parse_numbers(words[1])
+                break
+    return Z_UP_TO_Y_UP.copy() if found is None else found
+
+
+def file_to_world(path: Union[str, Path]) -> np.ndarray:
+    """The inverse of :func:`world_to_file`: file coordinates back to the world frame (4x4)."""
+    return np.linalg.inv(world_to_file(path))
+
+
+def apply_transform(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``points [N,3]`` through the affine 4x4 ``matrix``."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ m[:3, :3].T + m[:3, 3]
+
 
 #: The suffix of lossless mesh-array files (:func:`write_mesh_arrays`).
 MESH_ARRAYS_SUFFIX = ".npz"
@@ -179,5 +252,6 @@ def write_mesh_arrays(path: Union[str, Path], vertices: np.ndarray, faces: np.nd
     return atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["MeshData", "read_mesh", "read_mesh_parts", "vertex_colors", "write_mesh_arrays", "linear_to_srgb",
+__all__ = ["PLACEMENT_TAG", "placement_comment", "world_to_file", "file_to_world", "apply_transform",
+           "MeshData", "read_mesh", "read_mesh_parts", "vertex_colors", "write_mesh_arrays", "linear_to_srgb",
            "srgb_to_linear", "Z_UP_TO_Y_UP", "MESH_ARRAYS_SUFFIX"]

@@ -25,6 +25,7 @@ the last one the final asset.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ from threedistill.groups import shown
 from threedistill.priors import BUILTIN_PRIORS, PriorCache, check_prior_available
 from threedistill.representations import representation_class
 from threedistill.runs import RunFolder, slugify
+from threedistill.shapes.world import COLOR_NAMES, SHAPES, parse_prompt
+
+log = logging.getLogger(__name__)
 
 #: The refine stage's folder inside the coarse run's folder.
 REFINE_DIR = RunFolder.REFINE
@@ -276,6 +280,27 @@ class RunRequest:
     resume: Optional[Union[str, Path]] = None
     refine_of: Optional[Union[str, Path]] = None
     path_policy: Optional[Union[PathPolicy, Callable[[Config, RunFolder], None]]] = None
+    #: Where :func:`prepare_run`'s warnings go (one line each; the run still starts): the app
+    #: shows them beside the job, the CLI prints them; default: this module's logger.
+    on_warning: Optional[Callable[[str], None]] = None
+
+
+#: The built-in prior that knows only the shapes world's prompts.
+SHAPES_PRIOR = "shapes"
+
+
+def prompt_warnings(cfg: Config) -> List[str]:
+    """What is doubtful about a run's prompt before it starts (warnings, not errors): with the
+    built-in ``shapes`` prior, a prompt that is not one of the shapes world's 36 prompts
+    (:func:`threedistill.shapes.world.parse_prompt`), which the prior cannot follow."""
+    prompt = str(cfg.run.prompt)
+    if str(cfg.prior.name) != SHAPES_PRIOR or parse_prompt(prompt) is not None:
+        return []
+    n = len(COLOR_NAMES) * len(SHAPES)
+    return [f"the built-in prior 'shapes' knows only the {n} prompts \"a <color> <shape>\" "
+            f"(colors: {', '.join(COLOR_NAMES)}; shapes: {', '.join(SHAPES)}), so '{prompt}' will give "
+            f"a shape that does not follow it; for other prompts use a real diffusion model: -c sd "
+            f"(Stable Diffusion 2.1-base, a GPU advised) or prior.name=<hub id or pipeline folder>"]
 
 
 class PreflightError(UserError):
@@ -392,7 +417,8 @@ def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
     from, every path the config names, the run folder; :class:`PathPolicy`), the config
     (validation), the prompt, the run folder (an explicit ``run.name`` that already holds a run is
     refused), the refine section of a chained config, and that the prior's weights can be found
-    (none loaded). Creates nothing. Raises :class:`PreflightError` (a :class:`UserError`) naming
+    (none loaded); then each of :func:`prompt_warnings` goes to ``request.on_warning`` (before any
+    step: a warning, the run may still start). Creates nothing. Raises :class:`PreflightError` (a :class:`UserError`) naming
     the check."""
     policy = _policy(request)
     if request.refine_of is not None:
@@ -417,6 +443,8 @@ def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
         cfg, folder = _prepare_new(request)  # checks the paths itself, before the folder is named
     _check("refine", lambda: check_refine(cfg, policy))
     _check("prior", lambda: check_prior_available(cfg.prior))
+    for warning in prompt_warnings(cfg):
+        (request.on_warning or log.warning)(warning)
     return cfg, folder
 
 
@@ -445,7 +473,8 @@ def then_refine(d: Distiller, callbacks: Sequence[Callback] = ()) -> List[RunRes
     results = [result]
     if result.status == "finished" and d.cfg.refine.enabled:
         # A finished run that chains a refine stage: resuming it means its refine stage.
-        cfg, folder = prepare_run(RunRequest(resume=d.run_dir))
+        # Its prompt was warned about (if at all) when the coarse run was prepared.
+        cfg, folder = prepare_run(RunRequest(resume=d.run_dir, on_warning=log.debug))
         results.append(_run_refine(RunFolder(d.run_dir.resolve()), cfg, folder, callbacks, d.priors))
     return results
 
@@ -516,7 +545,7 @@ def start_refine(coarse_dir: Path, config: Optional[str] = None, overrides: Sequ
     return run_prepared(cfg, folder, callbacks, priors)[-1]
 
 
-__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "AppPathPolicy", "prepare_run",
-           "prepare_config", "run_prepared",
+__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "prompt_warnings", "SHAPES_PRIOR", "PreflightError", "PathPolicy",
+           "AppPathPolicy", "prepare_run", "prepare_config", "run_prepared",
            "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain", "start_refine",
            "is_complete", "refine_dir_of", "coarse_of"]

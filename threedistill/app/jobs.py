@@ -199,13 +199,14 @@ _CHECK_FIELDS = {"prompt": "prompt", "prior": "prior", "refine": "overrides", "p
                  "run_folder": "overrides"}
 
 
-def build_config(s: JobSettings, outputs: Path, priors: Optional[Sequence[str]] = None):
+def build_config(s: JobSettings, outputs: Path, priors: Optional[Sequence[str]] = None,
+                 warnings: Optional[List[str]] = None):
     """The validated run config for ``s`` (raises :class:`ValidationError` naming the field), by
     :func:`~threedistill.pipeline.prepare_run` under the app's path policy
     (:class:`~threedistill.pipeline.AppPathPolicy`): a job reads only inside ``outputs``, the
     shipped presets and the ``priors`` offered (default :func:`list_prior_choices`); ``run.out_dir``
     is always the outputs folder and ``run.name`` a plain slug, so no user text ever places a run
-    outside it.
+    outside it. Its warnings (a prompt the prior cannot follow) are appended to ``warnings`` when given.
     """
     for name in ("prompt", "negative_prompt", "preset", "prior", "overrides"):  # raw API calls may send anything
         value = getattr(s, name)
@@ -242,7 +243,8 @@ def build_config(s: JobSettings, outputs: Path, priors: Optional[Sequence[str]] 
                          resolution=resolution, overrides=overrides,
                          defaults={"run": {"progress": False, "checkpoint_every_s": CHECKPOINT_EVERY_S},
                                    "export": {"formats": ["glb", "obj", "ply"]}},
-                         path_policy=AppPathPolicy(outputs, list_prior_choices() if priors is None else priors))
+                         path_policy=AppPathPolicy(outputs, list_prior_choices() if priors is None else priors),
+                         on_warning=None if warnings is None else warnings.append)
     try:
         cfg, _ = prepare_run(request)  # the folder is named when the job starts
     except PreflightError as e:
@@ -272,6 +274,7 @@ class Job:
     preview: Optional[str] = None
     outputs: Dict[str, str] = field(default_factory=dict)
     error: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)  # prepare_run's, shown beside the job
     run_dir: Optional[str] = None
     run_name: Optional[str] = None
     created: float = field(default_factory=time.time)
@@ -378,9 +381,9 @@ class JobManager:
             self._restore()
 
     # -- submitting ---------------------------------------------------------------------------
-    def validate(self, settings: JobSettings | Dict[str, Any]):
+    def validate(self, settings: JobSettings | Dict[str, Any], warnings: Optional[List[str]] = None):
         s = settings if isinstance(settings, JobSettings) else JobSettings.from_dict(settings)
-        return s, build_config(s, self.outputs, self.priors)
+        return s, build_config(s, self.outputs, self.priors, warnings)
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
@@ -388,13 +391,14 @@ class JobManager:
 
     def _new_job(self, settings: JobSettings | Dict[str, Any], job_id: Optional[str] = None,
                  created: Optional[float] = None) -> Job:
-        s, cfg = self.validate(settings)
+        warnings: List[str] = []
+        s, cfg = self.validate(settings, warnings)
         try:
             device = str(resolve_device(cfg.run.device))
         except UserError as e:
             raise ValidationError("overrides", str(e)) from None
         return Job(id=job_id or uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps),
-                   cfg=cfg, created=created or time.time())
+                   cfg=cfg, created=created or time.time(), warnings=warnings)
 
     def _enqueue(self, job: Job) -> str:
         with self._lock:

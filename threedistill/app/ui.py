@@ -51,6 +51,12 @@ def _progress_html(job: Optional[Dict[str, Any]]) -> str:
         return "<p>No job yet: enter a prompt and press Generate.</p>"
     st = job["status"]
     head = f"<b>{html.escape(job['settings']['prompt'])}</b> &mdash; {st}"
+    warned = "".join(f"<p class='job-warning' style='color:#b45309'>⚠ {html.escape(w)}</p>"
+                     for w in job.get("warnings") or ())
+    return _job_html(job, st, head) + warned
+
+
+def _job_html(job: Dict[str, Any], st: str, head: str) -> str:
     if st == "queued":
         return f"<p>{head}: position {job['position']} in the queue</p>"
     if st == "running":
@@ -68,6 +74,16 @@ def _progress_html(job: Optional[Dict[str, Any]]) -> str:
         note = (" &middot; stopped during the export, its outputs are not all written: Resume it (History) to write them"
                 if job.get("export_pending") else " &middot; Resume it (History) to continue from its checkpoint")
     return f"<p>{head} at step {job['step']} / {job['steps']}{run}{note}</p>"
+
+
+def front_view(preview: str):
+    """The first (front) view of a preview strip (views side by side, each as tall as the strip):
+    a history thumbnail that shows the object instead of the whole strip squeezed into a square."""
+    from PIL import Image
+
+    with Image.open(preview) as im:
+        h = im.height
+        return im.crop((0, 0, min(h, im.width), h)).convert("RGB")
 
 
 def _jobs_table(manager: JobManager) -> List[List[Any]]:
@@ -153,7 +169,7 @@ def build_ui(manager: JobManager):
             refresh = gr.Button("Refresh", scale=1)
             resume = gr.Button("Resume", scale=1, elem_id="resume")
         resume_msg = gr.Markdown("", elem_id="resume-msg")
-        gallery = gr.Gallery(label="History", columns=6, height=220, allow_preview=False)
+        gallery = gr.Gallery(label="History", columns=6, height=220, allow_preview=False, object_fit="contain")
         run_ref = gr.Textbox(visible=False)  # a job id or run name: the /outputs endpoint's input
         curves_ref = gr.Textbox(visible=False)  # a job id or run name: the /curves endpoint's input
 
@@ -181,7 +197,7 @@ def build_ui(manager: JobManager):
 
         def history_update():
             runs = manager.history()
-            items = [(r["preview"], f"{r['prompt']} ({r['status']})") for r in runs if r["preview"]]
+            items = [(front_view(r["preview"]), f"{r['prompt']} ({r['status']})") for r in runs if r["preview"]]
             choices = [(f"{r['name']} — {r['status']}", r["name"]) for r in runs]
             return gr.update(value=items), gr.update(choices=choices)
 

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Callable, Iterable, List, Optional, Union
 
 from threedistill.errors import UserError
-from threedistill.export.mesh import MESH_FORMATS, bake_texture, extract_mesh, save_mesh, texture_paths, to_y_up
+from threedistill.export.mesh import (MESH_FORMATS, bake_texture, export_placement, extract_mesh, placement,
+                                     save_mesh, texture_paths, to_y_up)
 from threedistill.export.video import image_grid, render_turntable, save_image
 from threedistill.representations.base import Representation
 from threedistill.runs import RunFolder
 
 
+#: Told the name of each export stage as it starts (a progress bar, log lines).
+Stage = Callable[[str], None]
+
+
+def _no_stage(name: str) -> None:
+    return None
+
+
 def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: Iterable[str],
-                      export_cfg, threshold: Optional[float] = None) -> List[Path]:
+                      export_cfg, threshold: Optional[float] = None, stage: Stage = _no_stage) -> List[Path]:
     """Extract the surface once (``export_cfg.mesh_resolution``, ``min_component_ratio``) and
     write ``out_dir/model.<fmt>`` for each of ``formats`` (glb, obj, ply; duplicates ignored).
 
     With ``export_cfg.texture`` (default true) the surface is UV-unwrapped once and ``rep.albedo``
     is baked into a ``export_cfg.texture_size`` texture (:func:`bake_texture`) for GLB and OBJ
-    (OBJ also writes ``model.mtl`` and ``model.png``); PLY always has vertex colors. Returns the
-    written mesh paths; nothing is extracted when ``formats`` is empty."""
+    (OBJ also writes ``model.mtl`` and ``model.png``); PLY always has vertex colors. Each file
+    is placed by ``export_cfg``'s ``up_axis``, ``origin`` and ``size``
+    (:func:`~threedistill.export.mesh.export_placement`). ``stage`` is told each stage's name as
+    it starts (surface, UV unwrap and texture bake, write <fmt>). Returns the written mesh
+    paths; nothing is extracted when ``formats`` is empty."""
     fmts: List[str] = []
     for fmt in formats:
         fmt = str(fmt).lower().lstrip(".")
@@ -30,15 +42,19 @@ def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: I
             fmts.append(fmt)
     if not fmts:
         return []
-    mesh, textured = build_export_mesh(rep, export_cfg, fmts, threshold=threshold)
+    mesh, textured = build_export_mesh(rep, export_cfg, fmts, threshold=threshold, stage=stage)
     folder = RunFolder(out_dir)
-    return [save_mesh(mesh if fmt == "ply" or textured is None else textured, folder.mesh_path(fmt), fmt)
-            for fmt in fmts]
+    written = []
+    for fmt in fmts:
+        stage(f"write {fmt}")
+        written.append(save_mesh(mesh if fmt == "ply" or textured is None else textured, folder.mesh_path(fmt), fmt,
+                                 export_placement(mesh, fmt, export_cfg)))
+    return written
 
 
 def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], resolution: Optional[int] = None,
                       threshold: Optional[float] = None, texture: Optional[bool] = None,
-                      texture_size: Optional[int] = None):
+                      texture_size: Optional[int] = None, stage: Stage = _no_stage):
     """The meshes the ``formats`` are written from: ``(mesh, textured)``.
 
     ``mesh`` (world frame, vertex colors) is the representation's own triangles when it has
@@ -51,6 +67,8 @@ def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], r
     asked for; else None. PLY is always written from ``mesh``."""
     mesh = rep.explicit_surface()
     explicit = mesh is not None
+    if not explicit:
+        stage("marching cubes")
     mesh = mesh if explicit else extract_mesh(
         rep, resolution=int(resolution or export_cfg.mesh_resolution), threshold=threshold,
         min_component_ratio=float(export_cfg.min_component_ratio))
@@ -58,11 +76,15 @@ def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], r
     size = int(texture_size or getattr(export_cfg, "texture_size", 1024))
     textured = None
     if texture and any(str(f).lower() != "ply" for f in formats):
+        stage(f"UV unwrap and {size}px texture bake")
         textured = bake_texture(None if explicit else rep, mesh, texture_size=size)
     return mesh, textured
 
 
 __all__ = [
+    "Stage",
+    "placement",
+    "export_placement",
     "build_export_mesh",
     "extract_mesh",
     "bake_texture",

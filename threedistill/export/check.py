@@ -8,8 +8,9 @@ difference, so "the mesh looks worse than the renders" becomes a number.
 
 What is compared
 ----------------
-* **Frame.** Files are Y-up; they are rotated back to the world frame (+Z up) with the inverse of
-  :data:`~threedistill.export.mesh.Z_UP_TO_Y_UP`.
+* **Frame.** Files are brought back to the world frame (+Z up) with the inverse of the placement
+  they record (``export.up_axis``/``origin``/``size``: :func:`~threedistill.meshio.file_to_world`;
+  else of :data:`~threedistill.export.mesh.Z_UP_TO_Y_UP`).
 * **Color space.** Both images are in the space the representation renders and bakes in: its
   albedo values, written unchanged as 8-bit "sRGB" texture and vertex colors. Texture texels and
   PLY/OBJ colors are used as stored (/255); GLB ``COLOR_0`` is linear by the glTF spec and is
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
 from threedistill.export.mesh import _module_device
-from threedistill.meshio import Z_UP_TO_Y_UP, linear_to_srgb, read_mesh_parts, srgb_to_linear
+from threedistill.meshio import apply_transform, file_to_world, linear_to_srgb, read_mesh_parts, srgb_to_linear
 from threedistill.representations.base import Representation
 from threedistill.representations.common import shade
 from threedistill.representations.mesh_raster import antialias, interpolate, rasterize_triangles
@@ -135,10 +136,10 @@ def load_exported_mesh(path: Union[str, Path]) -> ExportedMesh:
              for g, v in read_mesh_parts(path, "fidelity check") if len(getattr(g, "faces", ()))]
     if not parts:
         raise UserError(f"fidelity check: '{path}' holds no triangles")
-    to_world = np.linalg.inv(Z_UP_TO_Y_UP)[:3, :3]
+    to_world = file_to_world(path)
     verts, faces, offset = [], [], 0
     for v, f, *_ in parts:
-        verts.append(v @ to_world.T)
+        verts.append(apply_transform(v, to_world))
         faces.append(f + offset)
         offset += len(v)
     out = ExportedMesh(np.concatenate(verts), np.concatenate(faces))
@@ -204,6 +205,20 @@ def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: t
     rgb = mask * albedo + (1.0 - mask) * background
     both = antialias(torch.cat([rgb, mask], 1), frags, verts, faces, cameras)
     return {"rgb": both[:, :3].clamp(0.0, 1.0), "alpha": both[:, 3:].clamp(0.0, 1.0)}
+
+
+def mesh_frame_renderer(mesh_path: Union[str, Path], ambient: Optional[float]):
+    """A turntable frame renderer (:func:`threedistill.export.render_turntable`'s ``render``) of
+    the mesh file ``mesh_path`` as it was written (texture or vertex colors, its recorded
+    placement undone), over white, shaded like the export check (``ambient``: diffuse with a
+    headlight, :meth:`Representation.evaluation_ambient`; None: its colors unlit)."""
+    mesh = load_exported_mesh(mesh_path)
+
+    def render(camera: CameraBatch) -> torch.Tensor:
+        white = torch.ones(len(camera), 3, camera.height, camera.width)
+        return render_exported_mesh(mesh, camera, white, ambient)["rgb"]
+
+    return render
 
 
 def _metrics(a_rgb, a_alpha, b_rgb, b_alpha) -> Dict[str, float]:
@@ -278,5 +293,5 @@ def format_check(result: dict) -> str:
             f"PSNR {result['psnr']:.1f} dB")
 
 
-__all__ = ["fidelity_check", "check_cameras", "load_exported_mesh", "render_exported_mesh", "comparison_grid",
+__all__ = ["fidelity_check", "mesh_frame_renderer", "check_cameras", "load_exported_mesh", "render_exported_mesh", "comparison_grid",
            "format_check", "eval_background", "eval_shading", "ExportedMesh"]

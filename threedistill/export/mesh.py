@@ -9,7 +9,7 @@ they are written (:func:`save_mesh`, :func:`to_y_up`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import io
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from threedistill.atomic import atomic_write_bytes, atomic_write_text
 from threedistill.errors import UserError
-from threedistill.meshio import Z_UP_TO_Y_UP, linear_to_srgb
+from threedistill.meshio import PLACEMENT_TAG, Z_UP_TO_Y_UP, linear_to_srgb, placement_comment
 from threedistill.meshio import srgb_to_linear as _srgb_to_linear
 from threedistill.representations.base import Representation
 
@@ -386,6 +386,78 @@ def bake_texture(
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
+#: World (Z-up, front +X) -> a Z-up file whose front faces -Y (Blender's front view looks at it):
+#: ``(x, y, z) -> (y, -x, z)``, a rotation about Z (det = +1).
+Z_UP_FRONT_MINUS_Y = np.array(
+    [[0.0, 1.0, 0.0, 0.0],
+     [-1.0, 0.0, 0.0, 0.0],
+     [0.0, 0.0, 1.0, 0.0],
+     [0.0, 0.0, 0.0, 1.0]]
+)
+
+#: ``export.up_axis`` values, ``export.origin`` values.
+UP_AXES = ("auto", "y", "z")
+ORIGINS = ("base", "center", "world")
+
+
+def file_up_axis(fmt: str, up_axis: str = "auto") -> str:
+    """The up axis a ``fmt`` file is written with: GLB is always Y-up (the glTF spec; every
+    importer converts it); ``auto`` is Y-up for OBJ (Blender's OBJ importer converts Y-up,
+    forward -Z, by default) and Z-up for PLY (Blender's PLY importer keeps the file's axes, so a
+    Y-up PLY would lie on its side)."""
+    fmt, up_axis = str(fmt).lower(), str(up_axis).lower()
+    if up_axis not in UP_AXES:
+        raise UserError(f"config key 'export.up_axis' must be auto, y or z, got '{up_axis}'")
+    if fmt == "glb":
+        return "y"
+    if up_axis == "auto":
+        return "z" if fmt == "ply" else "y"
+    return up_axis
+
+
+def placement(vertices: np.ndarray, fmt: str, up_axis: str = "auto", origin: str = "world",
+              size: Optional[float] = None) -> np.ndarray:
+    """The 4x4 world -> file transform of a ``fmt`` file of a mesh with world ``vertices`` [V,3].
+
+    Applied in this order: the pivot moves to the origin (``origin``: ``world`` keeps the world
+    frame's origin, ``center`` takes the bounding box's centre, ``base`` the centre of its
+    bottom face, so the object stands on the ground plane); a uniform scale makes the object
+    ``size`` units (metres) tall (None: the world scale); then the rotation to the file's axes
+    (:func:`file_up_axis`: Y-up is :data:`Z_UP_TO_Y_UP`, front +Z; Z-up is
+    :data:`Z_UP_FRONT_MINUS_Y`, front -Y). Either way the object's front faces Blender's front
+    view after import."""
+    origin = str(origin).lower()
+    if origin not in ORIGINS:
+        raise UserError(f"config key 'export.origin' must be base, center or world, got '{origin}'")
+    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
+    lo, hi = (v.min(0), v.max(0)) if len(v) else (np.zeros(3), np.zeros(3))
+    if origin == "world":
+        pivot = np.zeros(3)
+    else:
+        pivot = (lo + hi) / 2.0
+        if origin == "base":
+            pivot[2] = lo[2]
+    scale = 1.0
+    if size is not None:
+        height = float(hi[2] - lo[2])
+        if not float(size) > 0:
+            raise UserError(f"config key 'export.size' must be > 0 (metres) or null, got {size}")
+        if height <= 0:
+            raise UserError("export.size: the mesh has no height to scale")
+        scale = float(size) / height
+    move = np.eye(4)
+    move[:3, 3] = -pivot
+    rotation = Z_UP_TO_Y_UP if file_up_axis(fmt, up_axis) == "y" else Z_UP_FRONT_MINUS_Y
+    return rotation @ np.diag([scale, scale, scale, 1.0]) @ move
+
+
+def export_placement(mesh: trimesh.Trimesh, fmt: str, export_cfg) -> np.ndarray:
+    """:func:`placement` of ``mesh`` (world frame) with the ``export`` group's ``up_axis``,
+    ``origin`` and ``size``."""
+    return placement(np.asarray(mesh.vertices), fmt, str(getattr(export_cfg, "up_axis", "auto")),
+                     str(getattr(export_cfg, "origin", "world")), getattr(export_cfg, "size", None))
+
+
 def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     """A copy of a world-frame mesh (+Z up, front +X) in the Y-up frame of mesh files.
 
@@ -401,7 +473,33 @@ def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 
 
 
-def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray]) -> bytes:
+def _frame_name(matrix: np.ndarray) -> str:
+    """``"Y-up, front +Z"``: where a world -> file transform sends the world's up (+Z) and front (+X)."""
+    def axis(v) -> str:
+        i = int(np.argmax(np.abs(v)))
+        return ("+" if v[i] > 0 else "-") + "XYZ"[i]
+    r = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    return f"{axis(r[:, 2])[1]}-up, front {axis(r[:, 0])}"
+
+
+def _ply_with_comments(data: bytes, comments: List[str]) -> bytes:
+    """A PLY file's bytes with ``comment`` lines added after its ``format`` line."""
+    end = data.index(b"end_header")
+    lines = data[:end].split(b"\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith(b"format")) + 1
+    lines[at:at] = [f"comment {c}".encode("ascii") for c in comments]
+    return b"\n".join(lines) + data[end:]
+
+
+def _record_placement(matrix: np.ndarray):
+    """A glTF tree post-processor that records the placement in ``asset.extras``."""
+    def record(tree: dict) -> None:
+        extras = tree.setdefault("asset", {}).setdefault("extras", {})
+        extras[PLACEMENT_TAG] = [float(x) for x in np.asarray(matrix, dtype=np.float64).ravel()]
+    return record
+
+
+def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray], matrix: np.ndarray = Z_UP_TO_Y_UP) -> bytes:
     """GLB with COLOR_0 (linear, as glTF requires) and a non-metallic material.
 
     Without a material glTF viewers use the spec default (metallic = 1), which renders vertex
@@ -417,7 +515,7 @@ def _glb_bytes(mesh: trimesh.Trimesh, rgba: Optional[np.ndarray]) -> bytes:
         lin[:, :3] = _srgb_to_linear(lin[:, :3])
         visual.vertex_attributes["color"] = np.rint(lin * 255.0).astype(np.uint8)
     out.visual = visual
-    return trimesh.exchange.gltf.export_glb(out, include_normals=True)
+    return trimesh.exchange.gltf.export_glb(out, include_normals=True, tree_postprocessor=_record_placement(matrix))
 
 
 def _welded_normals(mesh: trimesh.Trimesh) -> np.ndarray:
@@ -429,7 +527,7 @@ def _welded_normals(mesh: trimesh.Trimesh) -> np.ndarray:
     return np.asarray(welded.vertex_normals)[inverse]
 
 
-def _textured_glb_bytes(mesh: trimesh.Trimesh) -> bytes:
+def _textured_glb_bytes(mesh: trimesh.Trimesh, matrix: np.ndarray = Z_UP_TO_Y_UP) -> bytes:
     """GLB with TEXCOORD_0, NORMAL and a metallicRoughness material: the baked sRGB PNG as
     ``baseColorTexture``, metallic 0, roughness 1 (no COLOR_0: it would multiply the texture)."""
     out = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_normals=_welded_normals(mesh),
@@ -440,7 +538,7 @@ def _textured_glb_bytes(mesh: trimesh.Trimesh) -> bytes:
         metallicFactor=0.0, roughnessFactor=1.0, doubleSided=bool(getattr(src, "doubleSided", False)),
     )
     out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(mesh.visual.uv), material=material)
-    return trimesh.exchange.gltf.export_glb(out, include_normals=True)
+    return trimesh.exchange.gltf.export_glb(out, include_normals=True, tree_postprocessor=_record_placement(matrix))
 
 
 def _texture_image(mesh: trimesh.Trimesh) -> Image.Image:
@@ -481,12 +579,17 @@ def texture_paths(path: Union[str, Path]) -> tuple[Path, Path]:
     return path.with_suffix(".mtl"), path.with_suffix(".png")
 
 
-def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] = None) -> Path:
+def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] = None,
+              world_to_file: Optional[np.ndarray] = None) -> Path:
     """Write a world-frame mesh (as returned by :func:`extract_mesh` or :func:`bake_texture`)
     to ``path`` atomically.
 
-    ``fmt`` (glb, obj, ply) defaults to the file suffix. The mesh is rotated to Y-up first
-    (:func:`to_y_up`: ``(x, y, z) -> (y, z, x)``).
+    ``fmt`` (glb, obj, ply) defaults to the file suffix. The mesh is moved into the file's frame
+    first by ``world_to_file`` (4x4; :func:`placement` / :func:`export_placement`), default
+    :data:`Z_UP_TO_Y_UP` (Y-up: ``(x, y, z) -> (y, z, x)``, :func:`to_y_up`). The transform is
+    recorded in the file (:func:`threedistill.meshio.world_to_file` reads it: a GLB's
+    ``asset.extras``, an OBJ comment, a PLY header comment), so the mesh readers bring any
+    placement back to the world frame.
 
     A textured mesh (:func:`bake_texture`) is written as:
 
@@ -511,7 +614,11 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in MESH_FORMATS:
         raise UserError(f"unknown mesh format '{fmt}' for {path} (use glb, obj or ply)")
-    y_up = to_y_up(mesh)
+    matrix = Z_UP_TO_Y_UP if world_to_file is None else np.asarray(world_to_file, dtype=np.float64)
+    y_up = mesh.copy()
+    y_up.apply_transform(matrix)
+    tag = placement_comment(matrix)
+    frame = _frame_name(matrix)
     textured = _is_textured(y_up)
     if textured and fmt == "ply":
         y_up, textured = _welded_vertex_colored(y_up), False
@@ -519,7 +626,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     if y_up.visual.kind == "vertex":
         rgba = np.asarray(y_up.visual.vertex_colors, dtype=np.uint8)
     if fmt == "glb":
-        atomic_write_bytes(path, _textured_glb_bytes(y_up) if textured else _glb_bytes(y_up, rgba))
+        atomic_write_bytes(path, _textured_glb_bytes(y_up, matrix) if textured else _glb_bytes(y_up, rgba, matrix))
     elif fmt == "obj" and textured:
         mtl_path, png_path = texture_paths(path)
         out = trimesh.Trimesh(vertices=y_up.vertices, faces=y_up.faces, vertex_normals=_welded_normals(y_up),
@@ -528,7 +635,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
             uv=np.asarray(y_up.visual.uv), material=trimesh.visual.material.SimpleMaterial(name="albedo"))
         text = trimesh.exchange.obj.export_obj(
             out, include_normals=True, include_color=False, include_texture=True, write_texture=False,
-            mtl_name=mtl_path.name, header="threedistill (Y-up, front +Z)",
+            mtl_name=mtl_path.name, header=f"threedistill ({frame})\n# {tag}",
         )
         if f"mtllib {mtl_path.name}" not in text:  # pragma: no cover - a trimesh behaviour change
             raise RuntimeError("trimesh wrote no mtllib line for a textured OBJ")
@@ -541,15 +648,16 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
     elif fmt == "obj":
         text = trimesh.exchange.obj.export_obj(
             y_up, include_normals=True, include_color=rgba is not None, include_texture=False,
-            write_texture=False, header="threedistill (Y-up, front +Z)",
+            write_texture=False, header=f"threedistill ({frame})\n# {tag}",
         )
         atomic_write_text(path, text)
     else:
         data = trimesh.exchange.ply.export_ply(y_up, encoding="binary", vertex_normal=False,
                                                 include_attributes=False)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, _ply_with_comments(data, [f"threedistill ({frame})", tag]))
     return path
 
 
-__all__ = ["extract_mesh", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
+__all__ = ["placement", "export_placement", "file_up_axis", "UP_AXES", "ORIGINS", "Z_UP_FRONT_MINUS_Y",
+           "extract_mesh", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
            "Z_UP_TO_Y_UP"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
 from threedistill.atomic import atomic_path, atomic_write
-from threedistill.cameras import orbit_cameras
+from threedistill.cameras import CameraBatch, orbit_cameras
 from threedistill.export.mesh import _module_device
 from threedistill.representations.base import Representation
 
@@ -31,7 +31,7 @@ def _pad_to_even(frame: np.ndarray) -> np.ndarray:
 
 
 def render_turntable(
-    rep: Representation,
+    rep: Optional[Representation],
     path: Union[str, Path],
     frames: int = 60,
     fps: int = 24,
@@ -40,12 +40,15 @@ def render_turntable(
     distance: float = 1.75,
     fovy: float = 55.0,
     progress: bool = True,
+    render: Optional[Callable[[CameraBatch], torch.Tensor]] = None,
 ) -> Path:
     """Render ``frames`` views on one orbit (:func:`orbit_cameras`, starting at the front) and
     write them to ``path`` as an H.264 / yuv420p mp4 (plays in browsers and the web app).
 
-    Frames are rendered one at a time without gradients (``rep.render(..., training=False)``,
-    the deterministic evaluation render). An odd ``resolution`` is padded by one pixel to an
+    Frames are rendered one at a time without gradients: ``render(camera)`` (one camera, on the
+    CPU -> ``[1,3,H,W]`` in [0,1]; e.g. the exported mesh file:
+    :func:`threedistill.export.check.mesh_frame_renderer`) when given, else the representation's
+    deterministic evaluation render (``rep.render(..., training=False)``). An odd ``resolution`` is padded by one pixel to an
     even size (yuv420p). The file is written under a temporary ``.mp4`` name and renamed."""
     import imageio.v2 as iio
     from tqdm.auto import tqdm
@@ -54,10 +57,13 @@ def render_turntable(
     if frames < 1:
         raise ValueError(f"render_turntable: frames must be >= 1, got {frames}")
     path = Path(path)
-    device = _module_device(rep)
+    if rep is None and render is None:
+        raise ValueError("render_turntable: give a representation or a frame renderer")
+    device = _module_device(rep) if render is None else torch.device("cpu")
     cams = orbit_cameras(frames, resolution, elevation=elevation, distance=distance, fovy=fovy).to(device)
-    was_training = rep.training
-    rep.eval()
+    was_training = rep.training if rep is not None else False
+    if rep is not None:
+        rep.eval()
     try:
         with atomic_path(path) as tmp:
             writer = iio.get_writer(
@@ -70,15 +76,16 @@ def render_turntable(
                 for i in tqdm(range(frames), desc="turntable", unit="frame", disable=not progress,
                               leave=False):
                     with torch.no_grad():
-                        out = rep.render(cams[i], training=False)
-                    frame = _to_uint8_hwc(out.rgb[0])
+                        rgb = rep.render(cams[i], training=False).rgb if render is None else render(cams[i])
+                    frame = _to_uint8_hwc(rgb[0])
                     if frame.ndim == 2:
                         frame = np.repeat(frame[..., None], 3, axis=-1)
                     writer.append_data(_pad_to_even(np.ascontiguousarray(frame[..., :3])))
             finally:
                 writer.close()
     finally:
-        rep.train(was_training)
+        if rep is not None:
+            rep.train(was_training)
     return path
 
 

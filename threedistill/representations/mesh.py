@@ -15,8 +15,9 @@ Initialization (``representation.mesh.init``)
   has vertices to move).
 * ``file:PATH``: a mesh read with :func:`threedistill.meshio.read_mesh` (a scene is flattened
   with its transforms). Exchange files are Y-up (:func:`threedistill.export.mesh.save_mesh`): the
-  inverse of ``Z_UP_TO_Y_UP`` brings them back to the Z-up world, so a mesh exported by
-  ``save_mesh`` comes back in place, and positions are welded (files split vertices along seams).
+  inverse of the placement the file records (:func:`threedistill.meshio.file_to_world`; else of
+  ``Z_UP_TO_Y_UP``) brings them back to the Z-up world, so a mesh exported by ``save_mesh`` (any
+  ``export.up_axis``/``origin``/``size``) comes back in place, and positions are welded (files split vertices along seams).
   Vertex colors (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is
   converted back). Mesh arrays (``.npz``) are taken exactly as they are.
 * ``run:RUN_DIR`` (a previous NeRF / Gaussians / mesh run's surface: ``init_mesh_resolution``,
@@ -64,6 +65,7 @@ cubes. There is no density field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -73,7 +75,7 @@ from torch import nn
 from threedistill.cameras import CameraBatch
 from threedistill.groups import Scheduled, check_bounds, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
-from threedistill.meshio import Z_UP_TO_Y_UP, read_mesh
+from threedistill.meshio import apply_transform, file_to_world, read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     Appearance,
@@ -226,8 +228,7 @@ def _load_file(path_str: str, key: str) -> Tuple[np.ndarray, np.ndarray, Optiona
         summed = np.zeros((len(uniq), 3))
         np.add.at(summed, inverse, cols)
         cols = summed / np.bincount(inverse, minlength=len(uniq))[:, None]
-    to_world = np.linalg.inv(Z_UP_TO_Y_UP)[:3, :3]
-    verts = uniq @ to_world.T
+    verts = apply_transform(uniq, file_to_world(Path(path_str).expanduser()))
     faces = inverse[faces]
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     return verts, faces[keep], cols
