@@ -7,20 +7,28 @@ Layout in ``<run>/checkpoints/``::
 
 The JSON is written last, so a checkpoint counts only once its JSON exists; both files are
 written atomically. The frozen prior is never saved. Nothing here uses pickle.
+
+A checkpoint that does not load (a truncated, empty or garbage file, a bad sidecar, a tensor of
+the wrong shape) is skipped by :func:`load_latest_checkpoint` with a one-line warning, and the one
+before it is used; when none loads, the error is one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from threedistill.atomic import atomic_path, atomic_write_text
 from threedistill.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})\.json$")
 
@@ -29,16 +37,23 @@ def checkpoint_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
     return ckpt_dir / f"step_{step:06d}.safetensors", ckpt_dir / f"step_{step:06d}.json"
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[int]:
-    """The newest complete checkpoint step in ``ckpt_dir`` (None if there is none)."""
+def checkpoint_steps(ckpt_dir: Path) -> List[int]:
+    """The steps of the complete checkpoints (both files present) in ``ckpt_dir``, newest first."""
     if not ckpt_dir.is_dir():
-        return None
+        return []
     steps = []
     for p in ckpt_dir.iterdir():
         m = _NAME.match(p.name)
         if m and checkpoint_paths(ckpt_dir, int(m.group(1)))[0].is_file():
             steps.append(int(m.group(1)))
-    return max(steps) if steps else None
+    return sorted(steps, reverse=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[int]:
+    """The newest complete checkpoint step in ``ckpt_dir`` (None if there is none); whether it
+    loads is :func:`load_latest_checkpoint`'s question."""
+    steps = checkpoint_steps(ckpt_dir)
+    return steps[0] if steps else None
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -98,14 +113,38 @@ def save_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
     return json_path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Refuse optimizer state whose tensors do not fit the parameters (torch would only fail at
+    the next step): every state tensor with dimensions (Adam's moments) has its parameter's shape."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, kv in state["state"].items():
+        if not 0 <= pid < len(params):
+            raise ValueError(f"optimizer state for parameter {pid} of {len(params)}")
+        for k, v in kv.items():
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
+                raise ValueError(f"optimizer state {pid}.{k} has shape {tuple(v.shape)}, its parameter "
+                                 f"{tuple(params[pid].shape)}")
+
+
 def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, guidance: Optional[torch.nn.Module],
                     optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> Dict[str, Any]:
+    """Load the checkpoint of ``step`` into the modules (and ``optimizer``); returns its JSON.
+
+    A checkpoint that does not load raises a one-line :class:`UserError`; the modules may then
+    hold part of it (load another checkpoint into them, or drop them)."""
     st_path, json_path = checkpoint_paths(ckpt_dir, step)
     try:
         meta = json.loads(json_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{json_path.name} holds no JSON object")
         tensors = load_file(str(st_path), device="cpu")  # optimizer "step" must stay on CPU
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint '{st_path}' is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(f"checkpoint '{st_path}' is unreadable ({_first_line(e)})") from None
 
     def sub(prefix: str) -> Dict[str, torch.Tensor]:
         n = len(prefix) + 1
@@ -115,11 +154,42 @@ def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
         representation.load_state_dict(sub("representation"))
         if guidance is not None:
             guidance.load_state_dict(sub("guidance"))
-    except RuntimeError as e:
+        if optimizer is not None:
+            state = _unflatten_optimizer(tensors, meta["optimizer"])
+            _check_optimizer_state(optimizer, state)
+            optimizer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise UserError(
-            f"checkpoint '{st_path}' does not match this configuration ({str(e).splitlines()[0]}); "
+            f"checkpoint '{st_path}' does not match this configuration ({_first_line(e)}); "
             "resume with the run's own config.yaml"
         ) from None
-    if optimizer is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     return meta
+
+
+def load_latest_checkpoint(ckpt_dir: Path, representation: torch.nn.Module, guidance: Optional[torch.nn.Module],
+                           optimizer: Optional[torch.optim.Optimizer],
+                           device: torch.device) -> Optional[Tuple[int, Dict[str, Any]]]:
+    """``(step, meta)`` of the newest checkpoint in ``ckpt_dir`` that loads (see
+    :func:`load_checkpoint`), None when there is no checkpoint at all.
+
+    Newer ones that do not load are skipped, each with a one-line warning (logged), once an older
+    one has loaded. Every load replaces the whole state (strict ``load_state_dict``, the whole
+    optimizer state), so what a skipped checkpoint left in the modules is overwritten: the result
+    equals loading the older checkpoint directly. When none loads: one :class:`UserError` line
+    naming the newest checkpoint's problem."""
+    steps = checkpoint_steps(ckpt_dir)
+    failures: List[Tuple[int, str]] = []
+    for step in steps:
+        try:
+            meta = load_checkpoint(ckpt_dir, step, representation, guidance, optimizer, device)
+        except UserError as e:
+            failures.append((step, str(e)))
+            continue
+        for bad, why in failures:
+            log.warning("skipped checkpoint step %d in '%s': %s; using step %d", bad, ckpt_dir, why, step)
+        return step, meta
+    if not failures:
+        return None
+    step, why = failures[0]
+    fix = "" if "does not match" in why else f"; remove '{ckpt_dir}' to start the run again from step 0"
+    raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' loads; the newest, step {step}: {why}{fix}")
