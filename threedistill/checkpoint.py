@@ -113,9 +113,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
     return json_path
 
 
+class CheckpointError(UserError):
+    """A checkpoint that does not load: ``reason`` says why in a few words, ``mismatch`` whether it
+    was read but does not fit the modules (else the files are unreadable)."""
+
+    def __init__(self, message: str, reason: str, mismatch: bool):
+        super().__init__(message)
+        self.reason, self.mismatch = reason, mismatch
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    """The exception's type and its first informative line (torch's state-dict errors start with
+    a header line, "Error(s) in loading state_dict for X:")."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -138,13 +151,17 @@ def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
     A checkpoint that does not load raises a one-line :class:`UserError`; the modules may then
     hold part of it (load another checkpoint into them, or drop them)."""
     st_path, json_path = checkpoint_paths(ckpt_dir, step)
+    path = json_path
     try:
         meta = json.loads(json_path.read_text())
         if not isinstance(meta, dict):
-            raise ValueError(f"{json_path.name} holds no JSON object")
+            raise ValueError("it holds no JSON object")
+        path = st_path
         tensors = load_file(str(st_path), device="cpu")  # optimizer "step" must stay on CPU
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(f"checkpoint '{st_path}' is unreadable ({_first_line(e)})") from None
+        why = f"{path.name}: {_first_line(e)}"
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({_first_line(e)})", f"unreadable {why}",
+                              False) from None
 
     def sub(prefix: str) -> Dict[str, torch.Tensor]:
         n = len(prefix) + 1
@@ -159,10 +176,9 @@ def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
             _check_optimizer_state(optimizer, state)
             optimizer.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise UserError(
-            f"checkpoint '{st_path}' does not match this configuration ({_first_line(e)}); "
-            "resume with the run's own config.yaml"
-        ) from None
+        why = _first_line(e)
+        raise CheckpointError(f"checkpoint '{st_path}' does not match this configuration ({why}); "
+                              "resume with the run's own config.yaml", f"does not fit: {why}", True) from None
     return meta
 
 
@@ -178,18 +194,21 @@ def load_latest_checkpoint(ckpt_dir: Path, representation: torch.nn.Module, guid
     equals loading the older checkpoint directly. When none loads: one :class:`UserError` line
     naming the newest checkpoint's problem."""
     steps = checkpoint_steps(ckpt_dir)
-    failures: List[Tuple[int, str]] = []
+    failures: List[CheckpointError] = []
     for step in steps:
         try:
             meta = load_checkpoint(ckpt_dir, step, representation, guidance, optimizer, device)
-        except UserError as e:
-            failures.append((step, str(e)))
+        except CheckpointError as e:
+            failures.append(e)
             continue
-        for bad, why in failures:
-            log.warning("skipped checkpoint step %d in '%s': %s; using step %d", bad, ckpt_dir, why, step)
+        for bad, e in zip(steps, failures):
+            log.warning("skipped checkpoint step %d of '%s' (%s); using step %d", bad, ckpt_dir, e.reason, step)
         return step, meta
     if not failures:
         return None
-    step, why = failures[0]
-    fix = "" if "does not match" in why else f"; remove '{ckpt_dir}' to start the run again from step 0"
-    raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' loads; the newest, step {step}: {why}{fix}")
+    newest = failures[0]
+    if all(e.mismatch for e in failures):  # most likely a changed config, not damage
+        raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' fits this configuration; the newest: "
+                        f"{newest}")
+    raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' loads (the newest, step {steps[0]}: "
+                    f"{newest.reason}); remove '{ckpt_dir}' to start the run again from step 0")

@@ -11,6 +11,7 @@
                             [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
+    threedistill list [OUT_DIR]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
     threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
                             [--checkpoint-every N] [--seed N] [--init-from PIPELINE] [--device auto|cpu|cuda[:N]]
@@ -33,7 +34,7 @@ from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch import run_batch
-from threedistill.config import PriorConfig, is_override
+from threedistill.config import PriorConfig, is_override, load_config
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     _add_overrides(b)
 
+    ls = sub.add_parser("list", help="the runs in an outputs folder: status (a run whose process died is "
+                                     "interrupted), step, prompt")
+    ls.add_argument("out_dir", nargs="?", default=None, metavar="OUT_DIR",
+                    help="outputs folder (default: run.out_dir = outputs)")
+
     ev = sub.add_parser("eval", help="score runs of shapes-world prompts against the ground truth")
     ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -199,6 +205,13 @@ def cmd_generate(args) -> int:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
         request = RunRequest(resume=Path(args.resume), overrides=args.overrides)
+        cfg, folder = prepare_run(request)
+        info = folder.read_status()
+        if info:
+            print(f"resuming {folder.path}: {info.get('status', 'unknown')} at step {info.get('step', '?')} of "
+                  f"{info.get('steps', '?')}", file=sys.stderr)
+        _print_results(run_prepared(cfg, folder))
+        return 0
     else:
         if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
@@ -369,6 +382,27 @@ def _prior_eval(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    """One line per run (and refine stage): name, status as it stands now, step, prompt."""
+    out = Path(args.out_dir) if args.out_dir else Path(load_config(None).run.out_dir)
+    if not out.is_dir():
+        raise UserError(f"outputs folder '{out}' does not exist")
+    rows = []
+    for folder in RunFolder.find(out):
+        for stage, name in ((folder, folder.name), (folder.refine, f"{folder.name}/{RunFolder.REFINE}")):
+            info = stage.read_status()
+            if info:
+                rows.append((name, str(info.get("status", "unknown")), f"{info.get('step', 0)}/{info.get('steps', 0)}",
+                             str(info.get("prompt", ""))))
+    if not rows:
+        print(f"no runs in '{out}'")
+        return 0
+    width = max(len(r[0]) for r in rows)
+    for name, status, step, prompt in rows:
+        print(f"{name:<{width}}  {status:<11}  {step:>11}  {prompt}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -409,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval, "app": cmd_app}
+                "eval": cmd_eval, "app": cmd_app, "list": cmd_list}
     try:
         return handlers[args.command](args)
     except UserError as e:

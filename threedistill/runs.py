@@ -217,6 +217,24 @@ class RunFolder:
             path, i = out / f"{base}-{i}", i + 1
         return cls(path)
 
+    @classmethod
+    def find(cls, out_dir: Union[str, Path]) -> List["RunFolder"]:
+        """The run folders (those with a run.json) directly in ``out_dir``, most recently updated
+        first; hidden folders are skipped."""
+        out = Path(out_dir)
+        if not out.is_dir():
+            return []
+        found = [cls(d) for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        found = [f for f in found if f.has_status()]
+
+        def updated(f: "RunFolder") -> float:
+            try:
+                return f.status_path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        return sorted(found, key=updated, reverse=True)
+
     # -- paths ------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
