@@ -43,12 +43,12 @@ def main(argv=None) -> int:
     import torch
 
     from threedistill.config import load_config
-    from threedistill.distill import Distiller, read_run_status, resolve_device, slugify
-    from threedistill.priors import load_prior
+    from threedistill.devices import resolve_device
+    from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+    from threedistill.priors import PriorCache
+    from threedistill.runs import RunFolder, slugify
     from threedistill.shapes.classifier import load_classifier
-    from threedistill.distill import load_trained_representation
-    from threedistill.inputs import prepare_inputs
-    from threedistill.shapes.evaluate import eval_renders, evaluate_run, seed_diversity
+    from threedistill.shapes.evaluate import eval_renders, seed_diversity
     from threedistill.shapes.world import parse_prompt
 
     for p in args.prompts:
@@ -61,34 +61,38 @@ def main(argv=None) -> int:
                  f"run.device={args.device}", "export.turntable=false", "run.progress=false", *args.overrides]
     cfg0 = load_config(args.config, overrides, base={"run": {"prompt": args.prompts[0]}})
     guidance_name, rep_name = cfg0.guidance.name, cfg0.representation.name
-    prior = load_prior(cfg0.prior, resolve_device(cfg0.run.device))
+    priors = PriorCache()
     classifier = load_classifier()
     rows = []
     diversity = {}
     for prompt in args.prompts:
         renders = []
         for seed in args.seeds:
-            run_dir = out / f"{slugify(prompt)}-seed{seed}"
-            status = read_run_status(run_dir).get("status")
-            if status != "finished":
-                if (run_dir / "config.yaml").is_file():
-                    d = Distiller.resume(run_dir, prior=prior)
+            folder = RunFolder(out / f"{slugify(prompt)}-seed{seed}")
+            wall_file = folder.path / "bench_wall.json"  # this benchmark's own file, beside the run's
+            final = folder.refine if cfg0.refine.enabled else folder
+            if not final.is_finished():
+                if folder.is_run():
+                    cfg, prepared = prepare_run(RunRequest(resume=folder.path))
                 else:
-                    cfg = load_config(args.config, overrides + [f"run.seed={seed}"], base={"run": {"prompt": prompt}})
-                    d = Distiller(cfg, run_dir=run_dir, prior=prior)
-                prepare_inputs(d)  # e.g. representation.gaussians.init=shape -> a file in the run folder
+                    cfg, prepared = prepare_run(RunRequest(prompt=prompt, configs=list(args.config or []),
+                                                           overrides=overrides + [f"run.seed={seed}"],
+                                                           run_dir=folder.path))
                 t0 = time.time()
-                result = d.run()
+                results = run_prepared(cfg, prepared, priors=priors)
                 wall = time.time() - t0
-                (run_dir / "bench_wall.json").write_text(json.dumps({"wall_s": wall, "steps": result.step}))
-                print(f"{prompt} seed {seed}: {result.status} in {wall:.0f} s", file=sys.stderr)
-            timing = json.loads((run_dir / "bench_wall.json").read_text()) if (run_dir / "bench_wall.json").is_file() else {}
-            m = evaluate_run(run_dir, classifier=classifier)
+                wall_file.write_text(json.dumps({"wall_s": wall, "steps": results[-1].step}))
+                print(f"{prompt} seed {seed}: {results[-1].status} in {wall:.0f} s", file=sys.stderr)
+            timing = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
+            m = final.evaluate(classifier=classifier)
+            if final is not folder:  # a chain: the coarse stage's numbers beside the refined ones
+                coarse = folder.evaluate(classifier=classifier)
+                m.update({f"coarse_{k}": coarse[k] for k in ("iou", "color_error", "shape_iou")})
             held_out = parse_prompt(prompt).held_out
             rows.append({"prompt": prompt, "seed": seed, "held_out": held_out, **{k: v for k, v in m.items() if k != "prompt"},
                          "wall_s": timing.get("wall_s"), "steps": m["step"]})
             print(f"  IoU {m['iou']:.3f} color err {m['color_error']:.3f} -> '{m['predicted']}'", file=sys.stderr)
-            run_cfg, rep, _ = load_trained_representation(run_dir)
+            run_cfg, rep, _ = final.load_representation()
             renders.append(eval_renders(rep, run_cfg.camera)[:2])
         diversity[prompt] = seed_diversity(renders)
         for r in rows:
@@ -103,30 +107,41 @@ def main(argv=None) -> int:
     for split, sel in (("held_in", [r for r in rows if not r["held_out"]]), ("held_out", [r for r in rows if r["held_out"]]),
                        ("all", rows)):
         if sel:
-            summary[split] = {k: mean(k, sel) for k in ("iou", "color_error", "prompt_correct", "shape_correct",
-                                                         "color_correct", "view_consistency", "silhouette_diversity",
-                                                         "appearance_diversity", "wall_s", "steps")}
+            summary[split] = {k: mean(k, sel) for k in ("iou", "shape_iou", "size", "color_error", "prompt_correct",
+                                                         "shape_correct", "color_correct", "view_consistency", "haze",
+                                                         "color_noise", "floaters", "coarse_iou", "coarse_color_error",
+                                                         "silhouette_diversity", "appearance_diversity", "wall_s",
+                                                         "steps")}
             summary[split]["runs"] = len(sel)
     device = str(resolve_device(cfg0.run.device))
     lines = [f"# Shapes-world quality: {guidance_name} + {rep_name}", "",
              f"prior `{cfg0.prior.name}`, config `{' + '.join(args.config or ['defaults'])}`, {len(args.prompts)} prompts "
              f"x seeds {args.seeds}, device {device}, torch threads {torch.get_num_threads()}, "
              f"overrides: `{' '.join(args.overrides) or 'none'}`", "",
-             "| prompt | seed | held out | IoU | color err | classified as | correct | view cons. | steps | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| prompt | seed | held out | IoU | shape IoU | size | color err | classified as | correct | view cons. | "
+             "haze | color noise | floaters | steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vc = f"{r['view_consistency']:.2f}" if "view_consistency" in r else ""
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
+        fl = f"{r['floaters']:.3f}" if "floaters" in r else ""
         lines.append(f"| {r['prompt']} | {r['seed']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | "
+                     f"{r['shape_iou']:.3f} | {r['size']:.2f} | "
                      f"{r['color_error']:.3f} | {r['predicted']} | {'yes' if r['prompt_correct'] else 'no'} | {vc} | "
-                     f"{r['steps']} | {wall} |")
-    lines += ["", "| split | runs | mean IoU | mean color err | prompt acc | shape acc | color acc | view cons. | "
-                  "seed div. (silhouette) | seed div. (RGB) | mean wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+                     f"{r['haze']:.3f} | {r['color_noise']:+.3f} | {fl} | {r['steps']} | {wall} |")
+    lines += ["", "| split | runs | mean IoU | shape IoU | size | mean color err | prompt acc | shape acc | color acc | "
+                  "view cons. | haze | color noise | floaters | seed div. (silhouette) | seed div. (RGB) | mean wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for split, s in summary.items():
-        lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['color_error']:.3f} | {s['prompt_correct']:.2f} | "
+        lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['shape_iou']:.3f} | {s['size']:.2f} | "
+                     f"{s['color_error']:.3f} | {s['prompt_correct']:.2f} | "
                      f"{s['shape_correct']:.2f} | {s['color_correct']:.2f} | {s['view_consistency']:.2f} | "
+                     f"{s['haze']:.3f} | {s['color_noise']:+.3f} | {s['floaters']:.3f} | "
                      f"{s['silhouette_diversity']:.3f} | {s['appearance_diversity']:.3f} | {s['wall_s']:.0f} |")
+    if any("coarse_iou" in r for r in rows):
+        lines += ["", "Refine stage against its coarse run (per prompt): IoU coarse -> refined, color error coarse -> refined", ""]
+        lines += [f"- {r['prompt']} seed {r['seed']}: IoU {r['coarse_iou']:.3f} -> {r['iou']:.3f}, "
+                  f"color error {r['coarse_color_error']:.3f} -> {r['color_error']:.3f}" for r in rows if "coarse_iou" in r]
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "summary": summary, "runs": rows}, indent=2) + "\n")

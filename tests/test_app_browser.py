@@ -228,3 +228,86 @@ def test_generate_shows_viewer_video_and_downloads(app, page, tmp_path):
     time.sleep(2 * POLL_SECONDS + 1)  # two polls of the page
     assert other["run_name"] in title.inner_text(), title.inner_text()
 
+
+
+def test_resume_button_continues_a_stopped_run(app, page):
+    """A run stopped mid-way, picked in History: Resume queues it, the page follows it, and it
+    continues from the step it stopped at."""
+    url, manager = app
+    long = {"prompt": "a blue cube", "prior": "shapes", "overrides": QUICK_API.replace("run.steps=6", "run.steps=400")}
+    jid = manager.submit(long)
+    end = time.time() + 60
+    while manager.status(jid)["step"] < 2 and time.time() < end:
+        time.sleep(0.05)
+    manager.cancel(jid)
+    stopped = manager.wait(jid, timeout=60)
+    assert stopped["status"] == "stopped", stopped
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Past runs (outputs folder)").click()
+    page.get_by_role("option", name=f"{stopped['run_name']} — stopped", exact=False).click()
+    page.get_by_role("button", name="Resume").click()
+    page.locator("#resume-msg").get_by_text(f"Resuming {stopped['run_name']}").wait_for()
+    new = next(j for j in manager.jobs() if j["resume_of"] == stopped["run_name"])
+    progress = page.locator("#progress")
+    progress.get_by_text("a blue cube").wait_for()
+    end = time.time() + 60
+    while manager.status(new["id"])["start_step"] is None and time.time() < end:
+        time.sleep(0.1)
+    assert manager.status(new["id"])["start_step"] == stopped["step"]
+    progress.get_by_text("running").wait_for(timeout=TIMEOUT_MS)
+    shot = artifacts_dir() / "app_browser_resume.png"
+    page.screenshot(path=str(shot), full_page=True)
+    manager.cancel(new["id"])
+    assert manager.wait(new["id"], timeout=60)["status"] == "stopped"
+    # a stopped run offers Resume in its progress line
+    progress.get_by_text("Resume it").wait_for(timeout=TIMEOUT_MS)
+
+
+def test_preview_button_and_curves(app, page, monkeypatch):
+    """Preview draws the 2D grid for the form's prompt and guidance scale (no job queued); the running
+    job's curves appear live, and a run picked in History shows its curves with its results."""
+    from threedistill.app import ui
+
+    url, manager = app
+    monkeypatch.setattr(ui, "PREVIEW_SAMPLES", 3)  # in-process server: the handler reads these per click
+    monkeypatch.setattr(ui, "PREVIEW_STEPS", 4)
+    before = len(manager.jobs())
+    page.get_by_label("Prompt", exact=True).fill("a blue sphere")
+    page.get_by_label("Guidance scale (blank: preset)").fill("7")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    grid = page.locator("#prompt-preview img")
+    grid.wait_for(timeout=TIMEOUT_MS)
+    assert wait_drawn(grid), "the preview grid stayed blank"
+    message = page.locator("#prompt-preview-message")
+    message.get_by_text("a blue sphere, back view").wait_for()
+    assert "CFG 7" in message.inner_text() and "4 DDIM steps" in message.inner_text()
+    assert len(manager.jobs()) == before  # a preview queues nothing
+
+    # a longer job: the page follows it and draws its curves while it runs
+    jid = manager.submit({"prompt": "a red torus", "prior": "shapes", "overrides": QUICK_API.replace(
+        "run.steps=6", "run.steps=400") + "\nexport.formats=[]\nexport.turntable=false"})
+    live = page.locator("#live-curves img")
+    live.wait_for(timeout=TIMEOUT_MS)
+    assert manager.status(jid)["status"] == "running"  # drawn while the job runs
+    assert wait_drawn(live)
+    first = live.get_attribute("src")
+    deadline = time.monotonic() + 30
+    while live.get_attribute("src") == first and time.monotonic() < deadline:  # redrawn as steps arrive
+        time.sleep(1.0)
+    assert live.get_attribute("src") != first, "the live curves were not redrawn"
+    shot = artifacts_dir() / "app_browser_preview_curves.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+    manager.cancel(jid)
+    job = manager.wait(jid, timeout=120)
+    assert job["status"] == "stopped", job
+
+    # a run picked in History shows its curves in the result panel
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Past runs (outputs folder)").click()
+    page.get_by_role("option", name=job["run_name"], exact=False).click()
+    page.locator("#result-title").get_by_text(job["run_name"]).wait_for()
+    curves = page.locator("#result-curves img")
+    curves.wait_for()
+    assert wait_drawn(curves)
+    page.screenshot(path=str(artifacts_dir() / "app_browser_history_curves.png"), full_page=True)

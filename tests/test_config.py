@@ -71,7 +71,7 @@ def test_presets_load():
     from threedistill.config import CONFIG_DIR
 
     presets = sorted(CONFIG_DIR.glob("*.yaml"))
-    assert presets, "configs/ should ship presets"
+    assert presets, "threedistill/presets/ should ship presets"
     for p in presets:
         load_config(p)
 

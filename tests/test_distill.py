@@ -166,3 +166,107 @@ def test_sds_distills_the_prompted_color(tmp_path, color, channel):
     margin_before = before[channel] - before[others].max()
     margin_after = after[channel] - after[others].max()
     assert abs(margin_before) < 0.1 and margin_after > 0.12, (before, after)
+
+
+def _checkpoint_snapshots(d):
+    from threedistill.checkpoint import checkpoint_steps
+
+    class Snap(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_checkpoint(self, dist, step, path):
+            self.seen.append((step, checkpoint_steps(dist.folder.checkpoints_dir)))
+
+    return Snap()
+
+
+def test_time_based_checkpoints_replace_each_other(tiny_sd_path, tmp_path):
+    """run.checkpoint_every_s: a checkpoint whenever that much time passed (here: every step); such
+    a checkpoint is removed once a newer one is written, those on the step cadence are kept."""
+    snap = _checkpoint_snapshots(None)
+    cfg = _cfg(tiny_sd_path, tmp_path, "run.steps=5", "run.checkpoint_every=3", "run.checkpoint_every_s=1e-9")
+    assert Distiller(cfg, callbacks=[snap]).run().status == "finished"
+    assert snap.seen == [(1, [1]), (2, [2]), (3, [3]), (4, [3, 4]), (5, [3, 5])]
+    # off by default (the CLI): only the step cadence and the final checkpoint
+    snap = _checkpoint_snapshots(None)
+    cfg = _cfg(tiny_sd_path, tmp_path / "b", "run.steps=5", "run.checkpoint_every=3")
+    assert cfg.run.checkpoint_every_s == 0
+    Distiller(cfg, callbacks=[snap]).run()
+    assert snap.seen == [(3, [3]), (5, [3, 5])]
+
+
+def test_resuming_from_a_time_based_checkpoint_cleans_up_and_matches(tiny_sd_path, tmp_path):
+    """A run interrupted after time-based checkpoints resumes from the newest; the superseded ones
+    go, and the result equals an uninterrupted run's (the per-step random streams)."""
+    from threedistill.checkpoint import checkpoint_steps, save_checkpoint
+
+    extra = ("run.steps=6", "run.checkpoint_every=100", "run.checkpoint_every_s=1e-9")
+    Distiller(_cfg(tiny_sd_path, tmp_path / "ref", *extra)).run()
+    with pytest.raises(KeyboardInterrupt):
+        Distiller(_cfg(tiny_sd_path, tmp_path, *extra), callbacks=[Recorder(interrupt_at=4)]).run()
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert checkpoint_steps(ckpts) == [4]
+    # as if killed between writing a checkpoint and removing the one before it: an older one is left
+    d = Distiller.resume(tmp_path / "r")
+    d.build()
+    save_checkpoint(ckpts, 2, d.representation, d.guidance, d.optimizer)
+    snap = _checkpoint_snapshots(None)
+    d = Distiller.resume(tmp_path / "r", callbacks=[snap])
+    assert d.run().status == "finished"
+    assert snap.seen == [(5, [5]), (6, [6])]
+    _, ref, _ = load_trained_representation(tmp_path / "ref" / "r")
+    _, got, _ = load_trained_representation(tmp_path / "r")
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("bad", ["-1", "inf", "nan"])
+def test_checkpoint_every_s_is_checked(tiny_sd_path, tmp_path, bad):
+    from threedistill.errors import UserError
+
+    with pytest.raises(UserError, match="run.checkpoint_every_s"):
+        _cfg(tiny_sd_path, tmp_path, f"run.checkpoint_every_s={bad}")
+
+
+def test_stop_during_the_export_leaves_the_outputs_pending(tiny_sd_path, tmp_path, monkeypatch):
+    """A stop requested while the turntable renders ends the export before the meshes: the run is
+    `stopped` with export_pending; resuming it writes the outputs without training again."""
+    import threedistill.distill as distill_mod
+
+    real = distill_mod.render_turntable
+    holder = {}
+
+    def turntable_then_stop(*a, **kw):
+        out = real(*a, **kw)
+        holder["d"].request_stop()  # as if Cancel came while the video rendered
+        return out
+
+    monkeypatch.setattr(distill_mod, "render_turntable", turntable_then_stop)
+    cfg = _cfg(tiny_sd_path, tmp_path, "run.steps=2", "export.formats=[ply]", "export.turntable=true",
+               "export.turntable_frames=2", "export.turntable_resolution=16", "export.mesh_resolution=24")
+    d = holder["d"] = Distiller(cfg)
+    result = d.run()
+    from threedistill.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "r")
+    info = folder.read_status()
+    assert result.status == "stopped" and result.step == 2 and "ply" not in result.outputs
+    assert info["status"] == "stopped" and info["export_pending"] is True and info["step"] == 2
+    assert folder.turntable_path.is_file() and not folder.mesh_path("ply").is_file()
+    metrics = folder.metrics_path.read_text()
+    monkeypatch.setattr(distill_mod, "render_turntable", real)
+    rec = Recorder()
+    result = Distiller.resume(folder.path, callbacks=[rec]).run()
+    assert result.status == "finished" and folder.mesh_path("ply").is_file()
+    assert not any(e[0] == "step" for e in rec.events) and folder.metrics_path.read_text() == metrics
+    assert "export_pending" not in folder.read_status()
+
+
+def test_stop_at_the_last_step_leaves_the_outputs_pending(tiny_sd_path, tmp_path):
+    cfg = _cfg(tiny_sd_path, tmp_path, "run.steps=3")
+    result = Distiller(cfg, callbacks=[Recorder(stop_at=3)]).run()
+    from threedistill.runs import RunFolder
+
+    info = RunFolder(tmp_path / "r").read_status()
+    assert result.status == "stopped" and info["export_pending"] is True and info["step"] == 3

@@ -7,6 +7,7 @@ merged in by hand and whose class embedding is a copy of the camera MLP.
 """
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from diffusers import UNet2DConditionModel
 
 from threedistill.cameras import make_cameras
 from threedistill.config import load_config
-from threedistill.errors import UserError
 from threedistill.guidance import build_guidance
 from threedistill.priors import load_prior
 
@@ -112,9 +112,22 @@ def test_nfsd_matches_formula_on_both_sides_of_t200(prior):
     assert torch.allclose(out.grad, torch.cat(rows), atol=1e-5, rtol=1e-4)
 
 
-def test_nfsd_needs_a_negative_prompt(prior):
-    with pytest.raises(UserError, match="negative prompt"):
-        _guidance(prior, "nfsd")
+def test_nfsd_without_a_negative_prompt_uses_the_papers_and_says_so(prior, caplog):
+    """NFSD needs a negative prompt; with none set it is the paper's fixed one: the same gradient as
+    when that prompt is given explicitly, and a log line naming it."""
+    from threedistill.guidance.nfsd import PAPER_NEGATIVE_PROMPT
+
+    images, t, noise, *_ = _setup(prior, seed=3)
+    with caplog.at_level(logging.WARNING, logger="threedistill"):
+        implicit = _guidance(prior, "nfsd")(images, _cams(), 0, t=t, noise=noise)
+    assert any(PAPER_NEGATIVE_PROMPT in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="threedistill"):
+        explicit = _guidance(prior, "nfsd", negative=PAPER_NEGATIVE_PROMPT)(images, _cams(), 0, t=t, noise=noise)
+    assert not caplog.records  # a prompt that was set is not announced
+    other = _guidance(prior, "nfsd", negative=NEGATIVE)(images, _cams(), 0, t=t, noise=noise)
+    assert torch.equal(implicit.grad, explicit.grad)
+    assert not torch.allclose(implicit.grad, other.grad)  # the negative prompt does enter the gradient
 
 
 # ---------------------------------------------------------------------------------------------

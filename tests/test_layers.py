@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "threedistill"
 #: Highest first. A module belongs to the first prefix (package path) that it starts with.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("front ends", ("threedistill.cli", "threedistill.app", "threedistill.batch", "threedistill.__main__")),
-    ("pipeline", ("threedistill.pipeline", "threedistill.inputs")),
-    ("loop", ("threedistill.distill", "threedistill.export")),
+    ("pipeline", ("threedistill.pipeline", "threedistill.inputs", "threedistill.preview")),
+    ("loop", ("threedistill.distill", "threedistill.export", "threedistill.plots")),
     ("runs", ("threedistill.runs", "threedistill.config")),
     ("components", ("threedistill.guidance", "threedistill.representations", "threedistill.shapes")),
     ("base", ("threedistill.priors", "threedistill.groups", "threedistill.checkpoint", "threedistill.cameras",

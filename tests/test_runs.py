@@ -77,7 +77,7 @@ NOT_YET: set = set()
 def test_only_runs_py_spells_the_layout():
     names = {RunFolder.CONFIG, RunFolder.STATUS, RunFolder.METRICS, RunFolder.PREVIEWS, RunFolder.CHECKPOINTS,
              RunFolder.SPLAT, RunFolder.TURNTABLE, RunFolder.EXPORT_CHECK, RunFolder.EXPORT_CHECK_IMAGES,
-             RunFolder.EVAL, "model.glb", "model.obj", "model.ply"}  # ("refine" is also a command and a key)
+             RunFolder.EVAL, RunFolder.CURVES, "model.glb", "model.obj", "model.ply"}  # ("refine" is also a command and a key)
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()

@@ -12,6 +12,7 @@ ground-truth render is done once (module fixtures).
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -351,7 +352,7 @@ def test_mirrored_and_two_handled_mugs_are_view_inconsistent(cams64, gt64):
 def classifier():
     if not CLASSIFIER_PATH.is_file():
         pytest.skip(f"shipped classifier not found at {CLASSIFIER_PATH} "
-                    "(train it with `threedistill prior train-classifier assets/shapes-classifier.safetensors`)")
+                    "(train it with `threedistill prior train-classifier threedistill/assets/shapes-classifier.safetensors`)")
     from threedistill.shapes.classifier import load_classifier
 
     return load_classifier()
@@ -591,3 +592,100 @@ def test_files_from_before_the_color_spelling_still_load(tmp_path):
     (out / MANIFEST).write_text(json.dumps(entry) + "\n")
     manifest = Manifest.open(out, [row])
     assert manifest.rows()[0]["metrics"] == {"iou": 0.5, "color_error": 0.25}
+
+
+def _disc(n_views: int, size: int, cx: float, cy: float, r: float) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    m = ((xs - cx) ** 2 + (ys - cy) ** 2 <= r * r).float()
+    return m[None, None].expand(n_views, 1, size, size).clone()
+
+
+def test_size_shape_iou_and_haze_tell_size_from_shape():
+    from threedistill.shapes.evaluate import silhouette_metrics
+
+    truth = _disc(3, 64, 31.5, 31.5, 16.0)
+    # The right shape at 70% of the size, off-centre: IoU is poor, shape IoU near 1, size ~0.49.
+    small = _disc(3, 64, 25.0, 36.0, 11.2)
+    m = silhouette_metrics(small, truth)
+    area_ratio = small.sum().item() / truth.sum().item()
+    assert m["size"] == pytest.approx(area_ratio)
+    assert 0.4 < m["size"] < 0.6
+    iou = ((small > 0.5) & (truth > 0.5)).sum().item() / ((small > 0.5) | (truth > 0.5)).sum().item()
+    assert iou < 0.5 and m["shape_iou"] > 0.93
+    # A wrong shape of the right area (a square) keeps a clearly lower shape IoU.
+    square = torch.zeros_like(truth)
+    half = int(round((torch.pi * 16.0 ** 2) ** 0.5 / 2))
+    square[..., 32 - half:32 + half, 32 - half:32 + half] = 1.0
+    assert silhouette_metrics(square, truth)["shape_iou"] < m["shape_iou"] - 0.04
+    # Haze: alpha outside the dilated silhouette, per true pixel; none for the truth itself.
+    assert silhouette_metrics(truth, truth)["haze"] == 0.0
+    fog = truth.clone()
+    fog[..., :4, :] = 0.25  # a faint band far from the disc: 4 rows x 64 px x 0.25 per view
+    assert silhouette_metrics(fog, truth)["haze"] == pytest.approx(3 * 4 * 64 * 0.25 / truth.sum().item())
+
+
+def test_color_noise_measures_speckle_not_shading():
+    from threedistill.shapes.evaluate import high_frequency_energy
+
+    mask = _disc(2, 64, 31.5, 31.5, 20.0) > 0.5
+    ys = torch.linspace(0, 1, 64)[None, None, :, None].expand(2, 3, 64, 64)
+    smooth = 0.3 + 0.5 * ys  # a shading gradient: almost no high frequency
+    g = torch.Generator().manual_seed(0)
+    speckled = smooth.clone()
+    dots = torch.rand(2, 1, 64, 64, generator=g) < 0.1
+    speckled[dots.expand_as(speckled)] = 0.0
+    e_smooth, e_speckled = high_frequency_energy(smooth, mask), high_frequency_energy(speckled, mask)
+    assert e_smooth < 1e-3
+    # Independent estimate: a dark dot on a bright field differs from its 3x3 mean by 8/9 of the
+    # field, its 8 neighbours each by 1/9 of it; 10% dots, ~0.55 mean field.
+    assert e_speckled > 0.05 and e_speckled > 50 * e_smooth
+
+
+def test_floater_fraction_counts_area_off_the_main_piece():
+    import trimesh
+
+    from threedistill.shapes.evaluate import floater_fraction
+
+    main = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    speck = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
+    speck.apply_translation((2.0, 0.0, 0.0))
+    both = trimesh.util.concatenate([main, speck])
+    assert floater_fraction(main.vertices, main.faces) == 0.0
+    assert floater_fraction(both.vertices, both.faces) == pytest.approx(0.06 / 6.06)
+    # UV seams duplicate vertices: welding by position keeps one piece.
+    split = trimesh.Trimesh(vertices=main.vertices[main.faces].reshape(-1, 3),
+                            faces=np.arange(len(main.faces) * 3).reshape(-1, 3), process=False)
+    assert floater_fraction(split.vertices, split.faces) == 0.0
+
+
+def test_ground_truth_scores_perfect_on_the_new_metrics():
+    from threedistill.shapes.evaluate import eval_cameras, score_images
+    from threedistill.shapes.render import render_shape
+    from threedistill.shapes.world import parse_prompt
+
+    p = parse_prompt("a green mug")
+    cams = eval_cameras(48)
+    gt = render_shape(p.shape, p.color, cams, shading="diffuse", ambient=0.1)
+    m = score_images(p, gt.rgb, gt.mask, cams, ambient=0.1)
+    assert m["size"] == pytest.approx(1.0) and m["shape_iou"] == pytest.approx(1.0)
+    assert m["haze"] == 0.0 and abs(m["color_noise"]) < 1e-9
+
+
+def test_cli_eval_of_a_run_prints_and_writes_the_new_metrics(tmp_path, capsys):
+    import json
+
+    from threedistill.runs import RunFolder
+
+    assert main(["generate", "a red cube", "--out", str(tmp_path), "run.name=r", "run.steps=2", "run.resolution=16",
+                 "run.progress=false", "run.device=cpu", "export.turntable=false", "export.texture=false",
+                 "export.mesh_resolution=32", "representation.nerf.num_samples=8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    saved = json.loads(RunFolder(tmp_path / "r").eval_path.read_text())
+    for key in ("shape_iou", "size", "haze", "color_noise"):
+        assert key in saved
+    assert f"shape IoU {saved['shape_iou']:.3f}" in line and f"size {saved['size']:.2f}" in line
+    if "floaters" in saved:  # the 2-step blob may have no surface to export
+        assert 0.0 <= saved["floaters"] <= 1.0 and "floaters" in line

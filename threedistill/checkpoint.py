@@ -37,23 +37,26 @@ def checkpoint_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
     return ckpt_dir / f"step_{step:06d}.safetensors", ckpt_dir / f"step_{step:06d}.json"
 
 
-def checkpoint_steps(ckpt_dir: Path) -> List[int]:
-    """The steps of the complete checkpoints (both files present) in ``ckpt_dir``, newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    steps = []
-    for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
-        if m and checkpoint_paths(ckpt_dir, int(m.group(1)))[0].is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps, reverse=True)
-
-
 def latest_checkpoint(ckpt_dir: Path) -> Optional[int]:
     """The newest complete checkpoint step in ``ckpt_dir`` (None if there is none); whether it
     loads is :func:`load_latest_checkpoint`'s question."""
     steps = checkpoint_steps(ckpt_dir)
-    return steps[0] if steps else None
+    return steps[-1] if steps else None
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))
+                  and checkpoint_paths(ckpt_dir, int(m.group(1)))[0].is_file())
+
+
+def remove_checkpoint(ckpt_dir: Path, step: int) -> None:
+    """Delete the checkpoint of ``step``: its JSON first, so it stops counting before its tensors go."""
+    st_path, json_path = checkpoint_paths(ckpt_dir, step)
+    json_path.unlink(missing_ok=True)
+    st_path.unlink(missing_ok=True)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -193,7 +196,7 @@ def load_latest_checkpoint(ckpt_dir: Path, representation: torch.nn.Module, guid
     optimizer state), so what a skipped checkpoint left in the modules is overwritten: the result
     equals loading the older checkpoint directly. When none loads: one :class:`UserError` line
     naming the newest checkpoint's problem."""
-    steps = checkpoint_steps(ckpt_dir)
+    steps = checkpoint_steps(ckpt_dir)[::-1]  # newest first
     failures: List[CheckpointError] = []
     for step in steps:
         try:

@@ -12,7 +12,10 @@
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
     threedistill list [OUT_DIR]
-    threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR]
+    threedistill preview "PROMPT" [-c PRESET|FILE ...] [--out FILE] [--samples N] [--steps N] [key=value ...]
+    threedistill plot RUN_DIR [--out FILE]
+    threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR] [--auth USER:PASSWORD] [--insecure]
+    threedistill presets
     threedistill prior train OUT_DIR [--steps N] [--batch-size N] [--lr X] [--images-per-prompt N]
                             [--checkpoint-every N] [--seed N] [--init-from PIPELINE] [--device auto|cpu|cuda[:N]]
     threedistill prior eval [--prior NAME] [--samples N] [--steps N] [--guidance-scale X] [--seed N]
@@ -34,12 +37,14 @@ from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch import run_batch
-from threedistill.config import PriorConfig, is_override, load_config
+from threedistill.config import PriorConfig, is_override, list_presets, load_config
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
 from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
-from threedistill.pipeline import RunRequest, prepare_run, run_prepared
+from threedistill.pipeline import RunRequest, prepare_config, prepare_run, run_prepared
+from threedistill.plots import write_curves
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, image_format, sample_preview, write_preview
 from threedistill.priors import load_prior
 from threedistill.runs import RunFolder
 from threedistill.shapes.classifier import load_classifier, train_classifier
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="distill one prompt into a 3D asset (a run folder)")
     g.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
     g.add_argument("--config", "-c", action="append",
-                   help="YAML config file or preset name from configs/ (repeatable, merged in order: "
+                   help="YAML config file or preset name (`threedistill presets` lists them; repeatable, merged in order: "
                         "e.g. -c vsd-nerf -c sd)")
     g.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="prompts .txt (one per line), or .jsonl / .csv rows with prompt, "
                                                 "seed, preset, overrides, id")
     b.add_argument("--config", "-c", action="append",
-                   help="YAML config file or preset name from configs/ for every row (repeatable, merged in order)")
+                   help="YAML config file or preset name (`threedistill presets`) for every row (repeatable, merged in order)")
     b.add_argument("--out", "-o", help="batch folder: runs, batch.jsonl, summary.md, index.html (default: run.out_dir = outputs)")
     b.add_argument("--seeds", type=int, default=1, help="seeds per input row (seed, seed+1, ...; default 1)")
     b.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -137,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    pv = sub.add_parser("preview", help="check a prompt in 2D first: the prior's samples for the prompt under each "
+                                         "view suffix (front/side/back), at the run's CFG, as one image grid")
+    pv.add_argument("prompt", nargs="?", default=None, help='the text prompt, e.g. "a red cube"')
+    pv.add_argument("--config", "-c", action="append",
+                    help="YAML config file or preset name from configs/ (repeatable, as for generate): its prior, "
+                         "negative prompt and guidance.guidance_scale are used")
+    pv.add_argument("--out", "-o", default="preview.png", help="the grid image to write (default preview.png)")
+    pv.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                    help=f"samples per view, the grid's columns (default {DEFAULT_SAMPLES})")
+    pv.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    _add_overrides(pv)
+
+    pl = sub.add_parser("plot", help="draw a run's curves (loss, grad norm, t, lr, Gaussians, time per step, "
+                                     "evaluation) into RUN_DIR/curves.png")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", "-o", help="the PNG to write (default RUN_DIR/curves.png)")
+
     pr = sub.add_parser("prior", help="train or check the built-in shapes prior")
     prs = pr.add_subparsers(dest="prior_command", metavar="PRIOR_COMMAND")
     pt = prs.add_parser("train", help="train the shapes-world prior (resumable: run again to continue)")
@@ -148,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--checkpoint-every", type=int)
     pt.add_argument("--seed", type=int)
     pt.add_argument("--init-from", metavar="PIPELINE", help="start a new training folder from these weights "
-                    "(e.g. assets/shapes-prior, to train the shipped prior further)")
+                    "(e.g. shapes: the shipped prior, to train the shipped prior further)")
     pt.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     pe = prs.add_parser("eval", help="classify the prior's own samples for every shapes-world prompt")
     pe.add_argument("--prior", default="shapes", help="prior name or pipeline folder (default: shapes)")
@@ -167,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--out", "-o", "--outputs", dest="out", default="outputs",
                     help="outputs folder: runs are written and read here only (default outputs)")
+    ap.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                    help="require this login (default: $THREEDISTILL_AUTH when set); needed to bind a non-loopback "
+                         "address")
+    ap.add_argument("--insecure", action="store_true",
+                    help="serve a non-loopback address without a login (anyone who reaches it can use it)")
+    sub.add_parser("presets", help="list the shipped presets (for -c NAME) with what each one is")
     return parser
 
 
@@ -176,10 +204,18 @@ def cmd_app(args) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        from threedistill.app.ui import launch
+        from threedistill.app.ui import launch, resolve_auth
     except ImportError as e:
         raise UserError(f"the web app needs gradio ({e}); install it with `pip install gradio`") from None
-    launch(args.host, args.port, args.out)
+    launch(args.host, args.port, args.out, auth=resolve_auth(args.auth), insecure=args.insecure)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    presets = list_presets()
+    width = max(len(name) for name, _ in presets)
+    for name, description in presets:
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -403,6 +439,32 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    if args.prompt is not None and is_override(args.prompt):
+        raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
+                        "put the prompt first, e.g. threedistill preview \"a red cube\" guidance.guidance_scale=20")
+    for name in ("samples", "steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    out = Path(args.out)
+    image_format(out)  # a bad --out fails before the prior is loaded
+    cfg = prepare_config(RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides))
+    preview = sample_preview(cfg, samples=args.samples, steps=args.steps)
+    write_preview(preview, out)
+    rows = ", ".join(f"'{p}'" for p in preview.prompts)
+    print(f"preview: {out} ({len(preview.prompts)} rows: {rows}; {args.samples} samples each; prior {preview.prior}, "
+          f"CFG {preview.guidance_scale:g}, {preview.steps} DDIM steps; {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    print(f"curves: {write_curves(args.run_dir, args.out)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -415,8 +477,12 @@ def cmd_eval(args) -> int:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0
     for d, r in zip(args.run_dirs, results):
-        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f}, color error {r['color_error']:.3f}, "
+        line = (f"{d}: '{r['prompt']}' step {r['step']}: IoU {r['iou']:.3f} (shape IoU {r['shape_iou']:.3f}, "
+                f"size {r['size']:.2f}), haze {r['haze']:.3f}, color error {r['color_error']:.3f}, "
+                f"color noise {r['color_noise']:+.3f}, "
                 f"classified as '{r['predicted']}' ({'correct' if r['prompt_correct'] else 'wrong'})")
+        if "floaters" in r:
+            line += f", floaters {r['floaters']:.3f}"
         if "view_consistency" in r:
             line += f", view consistency {r['view_consistency']:.2f}"
         print(line)
@@ -443,7 +509,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval, "app": cmd_app, "list": cmd_list}
+                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets, "preview": cmd_preview, "plot": cmd_plot,
+                "list": cmd_list}
     try:
         return handlers[args.command](args)
     except UserError as e:

@@ -15,10 +15,12 @@ start_step, end_step]``) are described in :mod:`threedistill.groups`.
 
 from __future__ import annotations
 
+import importlib.resources
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,7 +38,9 @@ from threedistill.representations import (  # noqa: F401  (the groups re-exporte
     RepresentationConfig,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The presets (``<loss>-<representation>.yaml`` and overlays), package data of ``threedistill``: found
+#: from any working directory, in a clone or an installed wheel alike.
+CONFIG_DIR = Path(str(importlib.resources.files("threedistill") / "presets"))
 
 #: A ``key=value`` config override: a dotted key (letters, digits, underscores; not starting with a
 #: digit or a dot), ``=``, the value (OmegaConf's dotlist syntax, e.g. ``guidance.t_max=[0.98,0.5,0,5000]``).
@@ -77,7 +81,7 @@ class OptimConfig:
 class RunConfig:
     prompt: str = ""
     # 800 steps at 32 px suit the shapes prior on a CPU (about 3 minutes on 2 cores); the prior sees
-    # renders resized to its own resolution (64 px). configs/sd.yaml: 10000 steps at 64 px.
+    # renders resized to its own resolution (64 px). threedistill/presets/sd.yaml: 10000 steps at 64 px.
     steps: int = 800
     seed: int = 0
     resolution: int = 32
@@ -87,6 +91,10 @@ class RunConfig:
     name: Optional[str] = None
     preview_every: int = 100
     checkpoint_every: int = 250
+    # Also checkpoint when this many seconds have passed since the last checkpoint (0: off), so a
+    # killed run loses at most about this much work; the web app sets 30. Such a checkpoint is
+    # replaced by the next one unless its step is on the checkpoint_every cadence.
+    checkpoint_every_s: float = 0.0
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
 
@@ -96,6 +104,10 @@ class RunConfig:
         for name in ("steps", "resolution", "preview_every", "checkpoint_every"):
             check_positive(getattr(self, name), f"{key}.{name}")
         check_positive(self.seed, f"{key}.seed", allow_zero=True)
+        check_positive(self.checkpoint_every_s, f"{key}.checkpoint_every_s", allow_zero=True)
+        if not math.isfinite(float(self.checkpoint_every_s)):
+            raise UserError(f"config key '{key}.checkpoint_every_s' must be a finite number of seconds, "
+                            f"got {self.checkpoint_every_s}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
@@ -185,21 +197,38 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(err).__name__:
         m = re.search(r"Key '([^']+)'", msg)
         name = key or (m.group(1) if m else "?")
-        return f"unknown config key '{name}' (see configs/ or `threedistill generate --help`)"
+        return f"unknown config key '{name}' (see `threedistill presets` or `threedistill generate --help`)"
     if key:
         return f"bad value for config key '{key}': {msg}"
     return f"bad config: {msg}"
 
 
 def resolve_config_path(path_or_name: str) -> Path:
-    """A YAML path, or a preset name from ``configs/`` (``sds-nerf`` -> ``configs/sds-nerf.yaml``)."""
+    """A YAML path, or a preset name (``sds-nerf`` -> ``threedistill/presets/sds-nerf.yaml``, see :func:`list_presets`)."""
     p = Path(path_or_name)
     if p.is_file():
         return p
     for cand in (CONFIG_DIR / path_or_name, CONFIG_DIR / f"{path_or_name}.yaml"):
         if cand.is_file():
             return cand
-    raise UserError(f"config file '{path_or_name}' not found (give a YAML path or a preset in {CONFIG_DIR})")
+    raise UserError(f"config file '{path_or_name}' not found (give a YAML path or a preset name: "
+                    f"{', '.join(p for p, _ in list_presets())})")
+
+
+def list_presets() -> List[Tuple[str, str]]:
+    """``(name, description)`` of every shipped preset, sorted by name; the description is the first
+    comment line of its YAML (what ``threedistill presets`` prints)."""
+    presets = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml"), key=lambda p: p.stem):
+        first = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                first = line.lstrip("#").strip()
+                break
+            if line.strip():
+                break
+        presets.append((path.stem, first))
+    return presets
 
 
 #: Keys that older versions wrote into run folders and that no longer exist: ignored when a saved

@@ -20,7 +20,7 @@ import torch
 
 from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
                                   step_generator)
-from threedistill.checkpoint import load_latest_checkpoint, save_checkpoint
+from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 class Callback:
     """Override what you need. ``distiller.request_stop()`` ends the run after the current step
-    (a checkpoint is written, the run stays resumable)."""
+    (a checkpoint is written, the run stays resumable); during the export, before the next output
+    (the run is ``stopped`` with ``export_pending``: resuming it writes the outputs)."""
 
     def on_start(self, distiller: "Distiller") -> None: ...
 
@@ -139,6 +140,10 @@ class Distiller:
         self._stop = False
         self.step = 0
         self._built = False
+        # A checkpoint written by run.checkpoint_every_s off the checkpoint_every cadence: the next
+        # checkpoint replaces it (so a long run keeps one such file, not one per interval).
+        self._transient_checkpoint: Optional[int] = None
+        self._export_stopped = False
 
     @classmethod
     def resume(cls, run_dir: Union[Path, RunFolder], overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
@@ -227,12 +232,27 @@ class Distiller:
         save_image(image_grid(out.rgb.clamp(0, 1).cpu(), nrow=4), path)
         return path
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int, transient: bool = False) -> Path:
+        """Write the checkpoint of ``step``. A ``transient`` one (time-based, off the
+        ``run.checkpoint_every`` cadence) is removed once a newer checkpoint is written."""
         path = save_checkpoint(self.folder.checkpoints_dir, step, self.representation, self.guidance, self.optimizer,
                                extra={"prompt": self.cfg.run.prompt, "seed": self.cfg.run.seed})
+        old, self._transient_checkpoint = self._transient_checkpoint, (step if transient else None)
+        if old is not None and old != step:
+            remove_checkpoint(self.folder.checkpoints_dir, old)
         for cb in self.callbacks:
             cb.on_checkpoint(self, step, path)
         return path
+
+    def _forget_transient_checkpoints(self, loaded: int) -> None:
+        """After resuming from ``loaded``: the older checkpoints off the ``run.checkpoint_every``
+        cadence (time-based, or written by a stop) are superseded, and so is ``loaded`` itself
+        once a newer one is written: the same one-file budget as in an uninterrupted run."""
+        every = int(self.cfg.run.checkpoint_every)
+        for step in checkpoint_steps(self.folder.checkpoints_dir):
+            if step < loaded and step % every != 0:
+                remove_checkpoint(self.folder.checkpoints_dir, step)
+        self._transient_checkpoint = loaded if loaded % every != 0 else None
 
     def _write_status(self, status: str, **extra) -> None:
         self.folder.set_status(status, self.cfg.run.prompt, self.step, self.cfg.run.steps, **extra)
@@ -245,16 +265,23 @@ class Distiller:
         error: Optional[str] = None
         e, c = self.cfg.export, self.cfg.camera
         self.representation.eval()
+        self._export_stopped = False
+
+        def stopped() -> bool:
+            """A stop requested: end before the next output (each one is written atomically)."""
+            self._export_stopped = self._export_stopped or self._stop
+            return self._export_stopped
+
         # The splat PLY and the video first: they cannot fail on a missing surface, the mesh can.
-        if e.splat and "splat" in self.representation.extra_outputs():
+        if e.splat and "splat" in self.representation.extra_outputs() and not stopped():
             outputs["splat"] = str(self.representation.write_extra_output("splat", self.folder.splat_path))
-        if e.turntable:
+        if e.turntable and not stopped():
             p = render_turntable(self.representation, self.folder.turntable_path, frames=e.turntable_frames,
                                  fps=e.turntable_fps, resolution=e.turntable_resolution,
                                  elevation=e.turntable_elevation, distance=c.eval_distance, fovy=c.eval_fovy,
                                  progress=self.cfg.run.progress)
             outputs["turntable"] = str(p)
-        if e.formats:
+        if e.formats and not stopped():
             try:
                 for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e):
                     outputs[p.suffix.lstrip(".")] = str(p)
@@ -286,6 +313,7 @@ class Distiller:
                                             self.optimizer, self.device)
             if loaded is not None:
                 start = loaded[0]
+                self._forget_transient_checkpoints(start)
         self.step = start
         self.folder.write_config(cfg)
         self.folder.truncate_metrics(start)
@@ -302,6 +330,7 @@ class Distiller:
         try:
             for cb in self.callbacks:
                 cb.on_start(self)
+
             totals: Dict[str, float] = {}
             t_begin = time.perf_counter()
             bar = None
@@ -310,6 +339,8 @@ class Distiller:
 
                 bar = tqdm(total=cfg.run.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
             status = "finished"
+            every_s = float(cfg.run.checkpoint_every_s or 0.0)
+            last_checkpoint_t = time.perf_counter()
             try:
                 with open(self.folder.metrics_path, "a", encoding="utf-8") as metrics:
                     for step in range(start, cfg.run.steps):
@@ -333,8 +364,13 @@ class Distiller:
                             p = self.save_preview(self.step)
                             for cb in self.callbacks:
                                 cb.on_preview(self, self.step, p)
-                        if self.step % cfg.run.checkpoint_every == 0 and self.step != cfg.run.steps:
-                            self.save_checkpoint(self.step)
+                        if self.step != cfg.run.steps:
+                            if self.step % cfg.run.checkpoint_every == 0:
+                                self.save_checkpoint(self.step)
+                                last_checkpoint_t = time.perf_counter()
+                            elif every_s > 0 and time.perf_counter() - last_checkpoint_t >= every_s and not self._stop:
+                                self.save_checkpoint(self.step, transient=True)
+                                last_checkpoint_t = time.perf_counter()
                         if self._stop:
                             status = "stopped"
                             break
@@ -357,7 +393,13 @@ class Distiller:
                 self._write_status("exporting", timings=timings)
                 outputs, export_error = self.export()
                 timings["export_s"] = round(time.perf_counter() - t_exp, 3)
-            extra = {"export_error": export_error} if export_error else {}
+            extra: Dict[str, object] = {"export_error": export_error} if export_error else {}
+            if status == "finished" and self._export_stopped:
+                # Stopped during the export: trained to the end (checkpointed), outputs not all written.
+                # Resuming the run (no steps left) writes them.
+                status, export_error = "stopped", None
+            if status == "stopped" and self.step >= cfg.run.steps:
+                extra = {"export_pending": True}
             self._write_status(status, timings=timings, outputs=outputs, **extra)
             ended = True
         except BaseException as e:

@@ -188,7 +188,16 @@ def _prepare_refine(coarse: RunFolder, config: Optional[str], overrides: Sequenc
     return cfg, folder
 
 
-def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
+def prepare_config(request: RunRequest) -> Config:
+    """The validated config of a new-run ``request`` with the checks that need no run folder (the
+    config, the prompt, that the prior's weights can be found): for front ends that sample the
+    prior without a run (``threedistill preview``). Raises :class:`PreflightError` naming the check."""
+    cfg = _new_config(request)
+    _check("prior", lambda: check_prior_available(cfg.prior))
+    return cfg
+
+
+def _new_config(request: RunRequest) -> Config:
     base = OmegaConf.merge(OmegaConf.create(dict(request.defaults)),
                            {"run": {"prompt": request.prompt or "",
                                     **({"out_dir": str(request.out_dir)} if request.out_dir is not None else {})}})
@@ -200,6 +209,11 @@ def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
     cfg = _check("config", lambda: load_config(list(request.configs), list(request.overrides), base=base,
                                                values=values))
     cfg.run.prompt = _check("prompt", lambda: check_prompt(cfg.run.prompt))
+    return cfg
+
+
+def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
+    cfg = _new_config(request)
     if request.run_dir is not None:
         folder = RunFolder(request.run_dir)
     elif cfg.run.name:
@@ -347,6 +361,7 @@ def start_refine(coarse_dir: Path, config: Optional[str] = None, overrides: Sequ
     return run_prepared(cfg, folder, callbacks, priors)[-1]
 
 
-__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "prepare_run", "run_prepared",
+__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "prepare_run", "prepare_config",
+           "run_prepared",
            "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain", "start_refine",
            "is_complete", "refine_dir_of", "coarse_of"]

@@ -4,7 +4,8 @@ Layout (``<run.out_dir>/<run.name>``)::
 
     config.yaml          the resolved config
     run.json             status (running / exporting / finished / stopped / interrupted), prompt,
-                         step, timings, outputs; links to a refine stage ("refine") / its coarse run ("coarse")
+                         step, timings, outputs, export_pending (stopped after its last step, before
+                         its outputs were all written: resuming it writes them); links to a refine stage ("refine") / its coarse run ("coarse")
     metrics.jsonl        one JSON object per step
     previews/            step_XXXXXX.png (front | side | back | overhead)
     checkpoints/         step_XXXXXX.safetensors + .json (see :mod:`threedistill.checkpoint`)
@@ -13,10 +14,13 @@ Layout (``<run.out_dir>/<run.name>``)::
     turntable.mp4
     export_check.json    ``threedistill export --check`` (and export_check.png with --check-images)
     eval.json            ``threedistill eval`` (shapes-world prompts)
+    curves.png           ``threedistill plot`` and the web app's curves (:mod:`threedistill.plots`)
     inputs/              inputs from elsewhere (another run's surface, a shapes-world mesh) as mesh arrays
     refine/              a refine stage: a run folder of its own
 
 No other module spells a file name of this layout: they ask a :class:`RunFolder` for the path.
+The files a server keeps beside the run folders in its outputs root (the web app's saved job
+queue) belong to :class:`OutputsFolder`.
 Run folders written by older versions load as they are (the layout has only grown).
 
 **Who runs a run.** While a run is ``running`` or ``exporting``, run.json also names its runner
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -54,8 +59,11 @@ from threedistill.checkpoint import latest_checkpoint, load_latest_checkpoint
 from threedistill.config import Config, load_run_config_file, to_yaml
 from threedistill.devices import resolve_device
 from threedistill.errors import UserError
+from threedistill.meshio import read_mesh
 from threedistill.representations import RepresentationContext, build_representation
-from threedistill.shapes.evaluate import evaluate_representation
+from threedistill.shapes.evaluate import evaluate_representation, floater_fraction
+
+log = logging.getLogger(__name__)
 
 
 #: run.json statuses of a run that some process is driving now.
@@ -182,6 +190,7 @@ class RunFolder:
     EXPORT_CHECK = "export_check.json"
     EXPORT_CHECK_IMAGES = "export_check.png"
     EVAL = "eval.json"
+    CURVES = "curves.png"
     REFINE = "refine"
     INPUTS = "inputs"
 
@@ -281,6 +290,11 @@ class RunFolder:
         return self.path / self.EVAL
 
     @property
+    def curves_path(self) -> Path:
+        """The run's curves figure (:func:`threedistill.plots.write_curves`)."""
+        return self.path / self.CURVES
+
+    @property
     def inputs_dir(self) -> Path:
         """Inputs from elsewhere resolved into files (:mod:`threedistill.inputs`)."""
         return self.path / self.INPUTS
@@ -368,7 +382,7 @@ class RunFolder:
         any other status drops the runner."""
         entries = {"status": status, "prompt": prompt, "step": step, "steps": steps,
                    "updated": datetime.now().isoformat(timespec="seconds")}
-        drop = ["export_error", "error"]
+        drop = ["export_error", "export_pending", "error"]
         if status in LIVE_STATUSES:
             entries["runner"] = {**_this_process(), "token": self._token}
             entries["heartbeat"] = round(time.time(), 3)
@@ -505,9 +519,55 @@ class RunFolder:
         cfg, rep, step = self.load_representation()
         result = evaluate_representation(rep, str(cfg.run.prompt), camera_cfg=cfg.camera, classifier=classifier)
         result["step"] = step
+        exported = next((p for p in (self.mesh_path(f) for f in ("glb", "obj", "ply")) if p.is_file()), None)
+        if exported is not None:
+            mesh = read_mesh(exported, "evaluation")
+            result["floaters"] = floater_fraction(mesh.vertices, mesh.faces)
         if write:
             atomic_write_text(self.eval_path, json.dumps(result, indent=2) + "\n")
         return result
+
+
+class OutputsFolder:
+    """An outputs root that a server (the web app) owns: the run folders in it, and the server's
+    own files, whose names start with a dot so they are never taken for runs.
+
+    ``.queue.json``: the app's job queue (queued jobs and the running one, with its run folder's
+    name once it started), rewritten atomically on every change and read back at start-up."""
+
+    QUEUE = ".queue.json"
+    QUEUE_VERSION = 1
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    @property
+    def queue_path(self) -> Path:
+        return self.path / self.QUEUE
+
+    def run(self, name: str) -> RunFolder:
+        return RunFolder(self.path / name)
+
+    def read_queue(self) -> List[Dict[str, Any]]:
+        """The saved queue's entries, oldest first; [] when there is none. An unreadable file is
+        kept aside as ``.queue.json.bad`` (with a one-line warning) and read as empty."""
+        if not self.queue_path.is_file():
+            return []
+        try:
+            data = json.loads(self.queue_path.read_text(encoding="utf-8"))
+            jobs = data["jobs"] if isinstance(data, dict) else None
+            if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+                raise ValueError("no list of jobs")
+            return jobs
+        except (OSError, ValueError, KeyError) as e:
+            bad = self.queue_path.with_name(self.QUEUE + ".bad")
+            self.queue_path.replace(bad)
+            log.warning("the saved job queue %s is unreadable (%s); kept as %s, starting with an empty queue",
+                        self.queue_path, str(e).splitlines()[0] if str(e) else type(e).__name__, bad)
+            return []
+
+    def write_queue(self, jobs: Sequence[Dict[str, Any]]) -> None:
+        atomic_write_text(self.queue_path, json.dumps({"version": self.QUEUE_VERSION, "jobs": list(jobs)}, indent=1))
 
 
 def load_trained_representation(run_dir: Union[str, Path], overrides: Sequence[str] = (),
@@ -516,5 +576,5 @@ def load_trained_representation(run_dir: Union[str, Path], overrides: Sequence[s
     return RunFolder(run_dir).load_representation(overrides, device)
 
 
-__all__ = ["RunFolder", "slugify", "load_trained_representation", "runner_alive", "LIVE_STATUSES",
+__all__ = ["RunFolder", "OutputsFolder", "slugify", "load_trained_representation", "runner_alive", "LIVE_STATUSES",
            "HEARTBEAT_EVERY_S", "HEARTBEAT_STALE_S"]

@@ -6,11 +6,18 @@ the manager, not to a browser page, so a reloaded page finds them again. Runs go
 
 Every file the app serves goes through :meth:`JobManager.safe_path`, which only returns paths
 inside the outputs folder.
+
+The queue survives the server: it is saved in the outputs folder
+(:class:`~threedistill.runs.OutputsFolder`) on every change and read back when a manager starts
+there: queued jobs are queued again, and the job that was running resumes from its newest
+checkpoint. The app's runs checkpoint every :data:`CHECKPOINT_EVERY_S` seconds, so a killed
+server loses at most that much work.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -26,13 +33,25 @@ from threedistill.config import CONFIG_DIR
 from threedistill.devices import OOM_HINT, out_of_memory, resolve_device
 from threedistill.distill import Distiller
 from threedistill.errors import UserError
-from threedistill.pipeline import PreflightError, RunRequest, prepare_run, then_refine
+from threedistill.pipeline import PreflightError, RunRequest, is_complete, prepare_run, run_prepared, then_refine
+from threedistill.plots import write_curves
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, Preview, sample_preview
 from threedistill.priors import PriorCache
-from threedistill.runs import RunFolder, slugify
+from threedistill.runs import OutputsFolder, RunFolder, slugify
+
+log = logging.getLogger(__name__)
 
 #: Job states. ``cancelled``: removed from the queue before it started.
 QUEUED, RUNNING, FINISHED, STOPPED, FAILED, CANCELLED = "queued", "running", "finished", "stopped", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
+#: run.json statuses the Resume button continues (``interrupted``: the process running it died).
+RESUMABLE = ("stopped", "interrupted")
+
+#: ``run.checkpoint_every_s`` of the app's runs: a killed server loses at most this many seconds of
+#: steps (plus the step in progress). A checkpoint of the shapes prior's NeRF takes a few
+#: milliseconds to write, and the time-based one replaces the previous one, so 30 s costs nothing
+#: measurable and keeps the loss well under a minute even with a slow step.
+CHECKPOINT_EVERY_S = 30.0
 
 #: The fields of the submit form; a validation error names one of them.
 FIELDS = ("prompt", "negative_prompt", "preset", "prior", "seed", "steps", "guidance_scale", "resolution", "overrides")
@@ -42,7 +61,7 @@ DOWNLOADS_DIR = ".downloads"
 
 
 def list_presets() -> List[str]:
-    """Loss x representation presets in configs/ (``<loss>-<representation>``)."""
+    """Loss x representation presets (``<loss>-<representation>``, package data in threedistill/presets)."""
     return sorted(p.stem for p in Path(CONFIG_DIR).glob("*-*.yaml"))
 
 
@@ -195,7 +214,8 @@ def build_config(s: JobSettings, outputs: Path):
     # preset or the Advanced box says otherwise.
     request = RunRequest(prompt=s.prompt, configs=[s.preset], values=form, seed=seed, steps=steps,
                          resolution=resolution, overrides=overrides,
-                         defaults={"run": {"progress": False}, "export": {"formats": ["glb", "obj", "ply"]}},
+                         defaults={"run": {"progress": False, "checkpoint_every_s": CHECKPOINT_EVERY_S},
+                                   "export": {"formats": ["glb", "obj", "ply"]}},
                          path_policy=_app_paths(outputs))
     try:
         cfg, _ = prepare_run(request)  # the folder is named when the job starts
@@ -231,12 +251,20 @@ class Job:
     ended: Optional[float] = None
     step_time_total: float = 0.0
     step_count: int = 0
+    # A job that continues a run folder of the outputs folder (the Resume button, or the running job
+    # of a server that stopped): that folder's name; None for a new run.
+    resume_of: Optional[str] = None
+    # The step the run started from (its checkpoint's when resumed); None until it starts.
+    start_step: Optional[int] = None
+    # Stopped after its last step, before all its outputs were written: resuming it writes them.
+    export_pending: bool = False
     cfg: Any = field(default=None, repr=False)
+    folder: Any = field(default=None, repr=False)  # the RunFolder a resume job continues
     distiller: Any = field(default=None, repr=False)
     cancel_requested: bool = False
 
     def public(self) -> Dict[str, Any]:
-        hidden = ("cfg", "distiller", "step_time_total", "step_count", "cancel_requested")
+        hidden = ("cfg", "folder", "distiller", "step_time_total", "step_count", "cancel_requested")
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         d["settings"], d["outputs"] = dict(self.settings), dict(self.outputs)
         return d
@@ -260,7 +288,13 @@ class _JobCallback:
             j.distiller = distiller
             j.phase = "refining" if distiller.folder.is_refine_stage() else "distilling"
             j.step = distiller.step
-            if j.cancel_requested:
+            if j.start_step is None:
+                j.start_step = distiller.step
+            if distiller.step >= j.steps:
+                j.phase = "exporting"  # resumed with no step left: its outputs are written now
+            if j.preview is None and distiller.folder.latest_preview() is not None:
+                j.preview = str(distiller.folder.latest_preview())
+            if j.cancel_requested or self.manager._closed:
                 distiller.request_stop()
 
     def on_step(self, distiller, step: int, stats: Dict[str, float]) -> None:
@@ -286,9 +320,12 @@ class _JobCallback:
 class JobManager:
     """Validates submissions and runs them one at a time per device, in submission order."""
 
-    def __init__(self, outputs: str | Path = "outputs"):
+    def __init__(self, outputs: str | Path = "outputs", restore: bool = True):
+        """``restore``: queue again the jobs a previous manager left in this outputs folder's saved
+        queue (the running one resumes from its checkpoint)."""
         self.outputs = Path(outputs).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
+        self._store = OutputsFolder(self.outputs)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._jobs: Dict[str, Job] = {}
@@ -296,6 +333,8 @@ class JobManager:
         self._workers: Dict[str, threading.Thread] = {}
         self._priors = PriorCache()  # every job's prior stays loaded (one server, few priors)
         self._closed = False
+        if restore:
+            self._restore()
 
     # -- submitting ---------------------------------------------------------------------------
     def validate(self, settings: JobSettings | Dict[str, Any]):
@@ -304,24 +343,127 @@ class JobManager:
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
+        return self._enqueue(self._new_job(settings))
+
+    def _new_job(self, settings: JobSettings | Dict[str, Any], job_id: Optional[str] = None,
+                 created: Optional[float] = None) -> Job:
         s, cfg = self.validate(settings)
         try:
             device = str(resolve_device(cfg.run.device))
         except UserError as e:
             raise ValidationError("overrides", str(e)) from None
-        job = Job(id=uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps), cfg=cfg)
+        return Job(id=job_id or uuid.uuid4().hex[:12], settings=asdict(s), device=device, steps=int(cfg.run.steps),
+                   cfg=cfg, created=created or time.time())
+
+    def _enqueue(self, job: Job) -> str:
         with self._lock:
             if self._closed:
                 raise UserError("the job manager is shut down")
             self._jobs[job.id] = job
-            self._queues.setdefault(device, deque()).append(job.id)
-            self._renumber(device)
-            if device not in self._workers:
-                t = threading.Thread(target=self._worker, args=(device,), name=f"threedistill-jobs-{device}", daemon=True)
-                self._workers[device] = t
+            self._queues.setdefault(job.device, deque()).append(job.id)
+            self._renumber(job.device)
+            self._save_queue()
+            if job.device not in self._workers:
+                t = threading.Thread(target=self._worker, args=(job.device,), name=f"threedistill-jobs-{job.device}",
+                                     daemon=True)
+                self._workers[job.device] = t
                 t.start()
             self._wake.notify_all()
         return job.id
+
+    def resume(self, ref: str) -> str:
+        """Queue a job that continues a stopped or interrupted run of the outputs folder (by run
+        name, or by the id of a job of this server) from its newest checkpoint: its remaining steps,
+        then its outputs (and its refine stage when its config chains one). Returns the job's id."""
+        with self._lock:
+            job = self._jobs.get(str(ref))
+            name = job.run_name if job is not None else str(ref)
+        if not name:
+            raise UserError(f"job '{ref}' has not started yet; there is nothing to resume")
+        d = self.run_dir(name)
+        if d.parent != self.outputs:
+            raise UserError(f"'{name}' is not a run of the outputs folder")
+        with self._lock:
+            if any(d.name in (j.run_name, j.resume_of) and j.status in ACTIVE for j in self._jobs.values()):
+                raise UserError(f"run '{d.name}' is already queued or running on this server")
+        folder = RunFolder(d)
+        stage = folder.refine if folder.is_finished() and not is_complete(d) else folder
+        status = stage.status()
+        if is_complete(d):
+            raise UserError(f"run '{d.name}' is finished; there is nothing to resume")
+        if stage is folder.refine and status is None:
+            status = "stopped"  # the coarse run finished; its refine stage has not started yet
+        if status not in RESUMABLE:
+            raise UserError(f"run '{d.name}' is {status or 'unknown'}: only a stopped or interrupted run can be resumed")
+        return self._enqueue(self._resume_job(d.name))
+
+    def _resume_job(self, name: str, job_id: Optional[str] = None, settings: Optional[Dict[str, Any]] = None,
+                    created: Optional[float] = None) -> Job:
+        """A job continuing the run folder ``name`` (its config and the folder checked now, again
+        when it starts)."""
+        cfg, folder = self._prepare_resume(name)
+        if settings is None:
+            settings = asdict(JobSettings(prompt=str(cfg.run.prompt), preset="(resume)", prior=str(cfg.prior.name),
+                                          negative_prompt=str(cfg.prior.negative_prompt or "")))
+        try:
+            device = str(resolve_device(cfg.run.device))
+        except UserError as e:
+            raise ValidationError("overrides", str(e)) from None
+        return Job(id=job_id or uuid.uuid4().hex[:12], settings=settings, device=device, steps=int(cfg.run.steps),
+                   cfg=cfg, folder=folder, resume_of=name, created=created or time.time())
+
+    def _prepare_resume(self, name: str):
+        outputs = self.outputs
+
+        def inside(cfg, folder: RunFolder) -> None:
+            p = folder.path.resolve()
+            if outputs not in p.parents:
+                raise UserError(f"'{folder.path}' is outside the outputs folder")
+
+        return prepare_run(RunRequest(resume=outputs / name, path_policy=inside))
+
+    # -- the saved queue ------------------------------------------------------------------------
+    def _save_queue(self) -> None:
+        """Write the active jobs to the outputs folder (under the lock; not once shut down, so the
+        queue a stopping server leaves is the one it had)."""
+        if self._closed:
+            return
+        entries = []
+        active = [j for j in self._jobs.values() if j.status in ACTIVE]
+        for j in sorted(active, key=lambda j: (j.status != RUNNING, j.position, j.created)):
+            entries.append({"id": j.id, "status": j.status, "settings": j.settings, "created": j.created,
+                            "run_name": j.run_name, "resume_of": j.resume_of})
+        try:
+            self._store.write_queue(entries)
+        except OSError as e:  # a full or read-only disk must not stop the jobs themselves
+            log.warning("could not save the job queue to %s (%s)", self._store.queue_path, e)
+
+    def _restore(self) -> None:
+        """Queue again what the saved queue holds, in its order: a job whose run folder holds a run
+        resumes it (from its newest checkpoint); the others start as submitted. A job that no longer
+        validates is listed as failed, with the reason."""
+        for e in self._store.read_queue():
+            jid = str(e.get("id") or uuid.uuid4().hex[:12])
+            settings = e.get("settings") if isinstance(e.get("settings"), dict) else {}
+            created = e.get("created") if isinstance(e.get("created"), (int, float)) else None
+            name = e.get("run_name") or e.get("resume_of")
+            try:
+                if name and "/" not in str(name) and str(name) not in (".", "..") \
+                        and RunFolder(self.outputs / str(name)).is_run():
+                    job = self._resume_job(str(name), jid, settings or None, created)
+                else:
+                    job = self._new_job(settings, jid, created)
+                self._enqueue(job)
+                log.info("restored job %s (%s)", jid, f"resuming {name}" if job.resume_of else "queued")
+            except UserError as err:
+                prompt = str(settings.get("prompt", "")) if settings else ""
+                failed = Job(id=jid, settings=asdict(JobSettings(prompt=prompt)), device="", status=FAILED,
+                             phase="done", error=f"could not restore this job after a restart: {err}",
+                             run_name=str(name) if name else None, created=created or time.time(), ended=time.time())
+                with self._lock:
+                    self._jobs[jid] = failed
+        with self._lock:
+            self._save_queue()
 
     def cancel(self, job_id: str) -> str:
         """Remove a queued job, or stop a running one after its current step (its files are kept).
@@ -334,6 +476,7 @@ class JobManager:
                     q.remove(job.id)
                 job.status, job.phase, job.position, job.ended = CANCELLED, "done", 0, time.time()
                 self._renumber(job.device)
+                self._save_queue()
             elif job.status == RUNNING:
                 job.cancel_requested = True
                 if job.distiller is not None:
@@ -390,9 +533,37 @@ class JobManager:
             runs.append({"name": d.name, "run_dir": str(d), "status": info.get("status", "unknown"),
                          "prompt": info.get("prompt", ""), "step": info.get("step", 0), "steps": info.get("steps", 0),
                          "updated": info.get("updated", ""), "preview": str(preview) if preview else None,
+                         "export_pending": bool(info.get("export_pending", False)),
                          "mtime": folder.status_path.stat().st_mtime})
         runs.sort(key=lambda r: r["mtime"], reverse=True)
         return runs
+
+    # -- the 2D prompt check and the curves ----------------------------------------------------------
+    def preview(self, settings: JobSettings | Dict[str, Any], samples: int = DEFAULT_SAMPLES,
+                steps: int = DEFAULT_STEPS) -> Preview:
+        """The prior's samples for the form's settings (:func:`~threedistill.preview.sample_preview`):
+        validated like a submission (:class:`ValidationError` naming the field), the prior shared
+        with the jobs. Runs now, in the caller's thread; queues nothing."""
+        _, cfg = self.validate(settings)
+        return sample_preview(cfg, samples=samples, steps=steps, priors=self._priors)
+
+    def curves(self, name_or_job_id: str, min_age_s: float = 0.0) -> Optional[str]:
+        """The run's ``curves.png`` (by job id or run name), drawn again when its metrics are newer,
+        but not more often than every ``min_age_s`` seconds (a running job's page polls); None while
+        the run has no metrics yet."""
+        folder = RunFolder(self.run_dir(name_or_job_id))
+        png = self.safe_path(folder.curves_path)
+        metrics = folder.metrics_path
+        if not metrics.is_file():
+            return None
+        if png.is_file():
+            made = png.stat().st_mtime
+            if made >= metrics.stat().st_mtime or time.time() - made < min_age_s:
+                return str(png)
+        try:
+            return str(write_curves(folder, png))
+        except UserError:
+            return None  # the run has not logged a step yet
 
     # -- files ------------------------------------------------------------------------------------
     def safe_path(self, path: str | Path) -> Path:
@@ -488,32 +659,45 @@ class JobManager:
                 job = self._jobs[q.popleft()]
                 self._renumber(device)
                 job.status, job.position, job.phase, job.started = RUNNING, 0, "loading prior", time.time()
+                self._save_queue()
             self._run(job)
             with self._lock:
                 job.ended = time.time()
                 job.phase = "done"
-                job.cfg = None
+                job.cfg = job.folder = None
                 job.distiller = None
+                self._save_queue()
                 self._wake.notify_all()
 
     def _run(self, job: Job) -> None:
         try:  # job.cfg passed build_config at submit, the refine section included
             self._priors.get(job.cfg.prior, resolve_device(job.cfg.run.device))  # loaded before the run starts
-            # Named now, when the run starts (the naming policy avoids the folders that exist now).
-            folder = RunFolder.new(self.outputs, job.cfg.run.prompt, job.cfg.run.name)
             cb = _JobCallback(self, job)
-            d = Distiller(job.cfg, run_dir=folder, callbacks=[cb], priors=self._priors)
-            with self._lock:
-                job.distiller = d
-                job.run_dir, job.run_name = str(folder.path), folder.name
-                if job.cancel_requested:
-                    d.request_stop()
-            result = then_refine(d, [cb])[-1]  # a chained preset's refine stage runs here too
+            if job.resume_of is not None:
+                # Checked again now: the folder may have changed since the job was queued.
+                cfg, folder = self._prepare_resume(job.resume_of)
+                with self._lock:
+                    job.run_dir, job.run_name, job.steps = str(folder.path), job.resume_of, int(cfg.run.steps)
+                    self._save_queue()
+                results = run_prepared(cfg, folder, [cb], priors=self._priors)
+            else:
+                # Named now, when the run starts (the naming policy avoids the folders that exist now).
+                folder = RunFolder.new(self.outputs, job.cfg.run.prompt, job.cfg.run.name)
+                d = Distiller(job.cfg, run_dir=folder, callbacks=[cb], priors=self._priors)
+                with self._lock:
+                    job.distiller = d
+                    job.run_dir, job.run_name = str(folder.path), folder.name
+                    self._save_queue()  # a restart resumes this folder from its checkpoint
+                    if job.cancel_requested:
+                        d.request_stop()
+                results = then_refine(d, [cb])  # a chained preset's refine stage runs here too
+            result = results[-1]
             with self._lock:
                 job.status = FINISHED if result.status == "finished" else STOPPED
                 job.outputs = dict(result.outputs)
                 job.step = result.step
                 job.eta_s = 0.0 if job.status == FINISHED else None
+                job.export_pending = bool(RunFolder(result.run_dir).read_status().get("export_pending", False))
         except UserError as e:
             with self._lock:
                 job.status, job.error = FAILED, str(e)
@@ -525,12 +709,14 @@ class JobManager:
                 job.status, job.error = FAILED, f"{type(e).__name__}: {msg}"
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the running jobs (after their current step) and the workers."""
+        """Stop the running jobs (after their current step, with a checkpoint) and the workers. The
+        saved queue keeps them: a manager started on this outputs folder again continues them."""
         with self._lock:
-            for jid in list(self._jobs):
-                if self._jobs[jid].status in ACTIVE:
-                    self.cancel(jid)
+            self._save_queue()
             self._closed = True
+            for job in self._jobs.values():
+                if job.status == RUNNING and job.distiller is not None:
+                    job.distiller.request_stop()
             self._wake.notify_all()
             workers = list(self._workers.values())
         for t in workers:

@@ -1,11 +1,20 @@
 """The Gradio page over :class:`~threedistill.app.jobs.JobManager`, and its launcher.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--outputs outputs]
-    threedistill app [--host ...] [--port ...] [--out ...]
+    python app.py [--host 127.0.0.1] [--port 7860] [--outputs outputs] [--auth USER:PASSWORD] [--insecure]
+    threedistill app [--host ...] [--port ...] [--out ...] [--auth USER:PASSWORD] [--insecure]
+
+Bound to another address than loopback, the app refuses to start without a login (``--auth``, or
+the ``THREEDISTILL_AUTH`` environment variable, so the password need not be on the command line)
+unless ``--insecure`` says so. Gradio's upload route is closed: the page takes no files.
 
 The page polls the manager every two seconds (a ``gr.Timer``), so a reloaded or reopened page
 shows the running job. Named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/outputs``,
-``/history``) let ``gradio_client`` drive the same manager.
+``/history``, ``/resume``, ``/preview``, ``/curves``) let ``gradio_client`` drive the same manager.
+
+Preview samples the form's prior for the form's prompt per view suffix at the form's guidance
+scale (the 2D prompt check, :mod:`threedistill.preview`) without queueing a job; the live curves
+(:mod:`threedistill.plots`) follow the running job on the same poll, and the result panel shows the
+curves of the run it shows (a finished job or a run picked in History).
 """
 
 import argparse
@@ -15,16 +24,24 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from threedistill.app.jobs import (ACTIVE, FIELDS, JobManager, ValidationError,
                                    list_presets)
 from threedistill.errors import UserError
+from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, preview_image
 from threedistill.text import format_duration
 
 POLL_SECONDS = 2.0
+#: The live curves' poll: a running job's curves are drawn again this often (a figure costs a
+#: fraction of a second of CPU, taken from the running job).
+CURVES_EVERY_S = 6.0
+#: The Preview button's grid: samples per view and DDIM steps (threedistill preview's defaults).
+PREVIEW_SAMPLES, PREVIEW_STEPS = DEFAULT_SAMPLES, DEFAULT_STEPS
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+#: The environment variable holding ``USER:PASSWORD`` when ``--auth`` is not given.
+AUTH_ENV = "THREEDISTILL_AUTH"
 OVERRIDES_HELP = ("# YAML or key=value lines, applied after the preset and the fields above, e.g.\n"
                   "# run.preview_every=50\n# export.formats=[glb,obj,ply]\n")
 
@@ -62,7 +79,11 @@ def _progress_html(job: Optional[Dict[str, Any]]) -> str:
     if st == "failed":
         return f"<p>{head}: <span style='color:#c00'>{html.escape(job['error'] or '')}</span></p>"
     run = f" &middot; {html.escape(job['run_name'])}" if job.get("run_name") else ""
-    return f"<p>{head} at step {job['step']} / {job['steps']}{run}</p>"
+    note = ""
+    if st == "stopped" and job.get("run_name"):
+        note = (" &middot; stopped during the export, its outputs are not all written: Resume it (History) to write them"
+                if job.get("export_pending") else " &middot; Resume it (History) to continue from its checkpoint")
+    return f"<p>{head} at step {job['step']} / {job['steps']}{run}{note}</p>"
 
 
 def _jobs_table(manager: JobManager) -> List[List[Any]]:
@@ -117,11 +138,18 @@ def build_ui(manager: JobManager):
                     err_box("overrides")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary")
+                    preview_btn = gr.Button("Preview", elem_id="preview-button")
                     cancel = gr.Button("Cancel", variant="stop")
+                prompt_check = gr.Image(label="Preview: the prior's 2D samples per view (rows) at this guidance scale",
+                                        type="pil", interactive=False, elem_id="prompt-preview", height=470,
+                                        show_label=False)  # the grid has its own title line
+                prompt_check_msg = gr.Markdown("", elem_id="prompt-preview-message")
             with gr.Column(scale=1):
                 progress = gr.HTML(_progress_html(None), elem_id="progress")
                 preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="preview",
                                    height=280)
+                live_curves = gr.Image(label="Live curves (running job)", type="filepath", interactive=False,
+                                       elem_id="live-curves", height=440)
                 jobs = gr.Dataframe(headers=["job", "prompt", "preset", "status", "progress"], label="Jobs on this server",
                                     interactive=False, value=_jobs_table(manager))
         gr.Markdown("## Result")
@@ -130,6 +158,8 @@ def build_ui(manager: JobManager):
             model = gr.Model3D(label="Mesh (GLB)", height=360, elem_id="result-glb")
             splat = gr.Model3D(label="Gaussians (splat PLY)", height=360, visible=False)
             video = gr.Video(label="Turntable", height=360, elem_id="result-video")
+        result_curves = gr.Image(label="Curves", type="filepath", interactive=False, elem_id="result-curves",
+                                 height=560)
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("Config used", open=False):
             config_used = gr.Code(language="yaml", interactive=False)
@@ -137,24 +167,33 @@ def build_ui(manager: JobManager):
         with gr.Row():
             history_pick = gr.Dropdown(choices=[], label="Past runs (outputs folder)", allow_custom_value=False, scale=3)
             refresh = gr.Button("Refresh", scale=1)
+            resume = gr.Button("Resume", scale=1, elem_id="resume")
+        resume_msg = gr.Markdown("", elem_id="resume-msg")
         gallery = gr.Gallery(label="History", columns=6, height=220, allow_preview=False)
         run_ref = gr.Textbox(visible=False)  # a job id or run name: the /outputs endpoint's input
+        curves_ref = gr.Textbox(visible=False)  # a job id or run name: the /curves endpoint's input
 
         # -- handlers ---------------------------------------------------------------------------
         def results(ref: Optional[str]):
             """(title, glb, splat, video, downloads, config) of a run, by job id or run name."""
             if not ref:
-                return "", None, gr.update(value=None, visible=False), None, None, ""
+                return "", None, gr.update(value=None, visible=False), None, None, "", None
             try:
                 o = manager.run_outputs(ref)
             except UserError as e:
-                return f"*{e}*", None, gr.update(value=None, visible=False), None, None, ""
+                return f"*{e}*", None, gr.update(value=None, visible=False), None, None, "", None
             files = [o[k] for k in ("glb", "obj", "ply", "splat", "config", "zip") if o.get(k)]
             cfg_text = Path(o["config"]).read_text(encoding="utf-8") if o.get("config") else ""
             return (f"`{Path(o['run_dir']).name}`", o["glb"], gr.update(value=o["splat"], visible=bool(o["splat"])),
-                    o["turntable"], files, cfg_text)
+                    o["turntable"], files, cfg_text, curves_of(ref))
 
-        result_outputs = [result_title, model, splat, video, downloads, config_used]
+        def curves_of(ref: Optional[str], min_age_s: float = 0.0) -> Optional[str]:
+            try:
+                return manager.curves(ref, min_age_s) if ref else None
+            except UserError:
+                return None
+
+        result_outputs = [result_title, model, splat, video, downloads, config_used, result_curves]
 
         def history_update():
             runs = manager.history()
@@ -191,6 +230,24 @@ def build_ui(manager: JobManager):
 
         cancel.click(on_cancel, inputs=[job_id], outputs=[progress], api_visibility="private")
 
+        def on_preview(*values):
+            """The 2D prompt check of the form's settings: (grid image, message)."""
+            settings = dict(zip(FIELDS, values))
+            if isinstance(settings.get("overrides"), str) and settings["overrides"].strip() == OVERRIDES_HELP.strip():
+                settings["overrides"] = ""
+            try:
+                pv = manager.preview(settings, samples=PREVIEW_SAMPLES, steps=PREVIEW_STEPS)
+            except ValidationError as e:
+                return None, f"⚠ {e.field.replace('_', ' ')}: {e.message}"
+            except UserError as e:
+                return None, f"⚠ {e}"
+            rows = ", ".join(f"*{p}*" for p in pv.prompts)
+            return preview_image(pv), (f"{rows}: {pv.images.shape[1]} samples each, prior `{pv.prior}`, "
+                                       f"CFG {pv.guidance_scale:g}, {pv.steps} DDIM steps")
+
+        preview_btn.click(on_preview, inputs=[prompt, negative, preset, prior, seed, steps, scale, resolution, overrides],
+                          outputs=[prompt_check, prompt_check_msg], api_name="preview")
+
         def tick(jid, shown_ref):
             job = None
             if jid:
@@ -215,10 +272,40 @@ def build_ui(manager: JobManager):
         demo.load(history_update, outputs=[gallery, history_pick], api_visibility="private")
         refresh.click(history_update, outputs=[gallery, history_pick], api_visibility="private")
 
+        def live_tick(jid):
+            """The followed job's curves (as ``tick`` picks the job), drawn again when it logged steps."""
+            job = None
+            if jid:
+                try:
+                    job = manager.status(jid)
+                except UserError:
+                    job = None
+            job = job or manager.active_job()
+            live = curves_of(job["id"], CURVES_EVERY_S - 1) if job and job.get("run_dir") else None
+            return live or gr.skip()
+
+        # its own, slower timer: drawing a figure must not hold up the progress poll
+        curves_timer = gr.Timer(CURVES_EVERY_S)
+        curves_timer.tick(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private",
+                          show_progress="hidden")
+        demo.load(live_tick, inputs=[job_id], outputs=[live_curves], api_visibility="private")
+
         def pick(name):
             return list(results(name))
 
         history_pick.input(pick, inputs=[history_pick], outputs=result_outputs, api_visibility="private")
+
+        def on_resume(name):
+            """Queue the picked run (stopped or interrupted) to continue from its checkpoint; the page follows it."""
+            if not name:
+                return gr.skip(), gr.skip(), "*Pick a stopped or interrupted run in the list first.*"
+            try:
+                jid = manager.resume(name)
+            except UserError as e:
+                return gr.skip(), gr.skip(), f"*{html.escape(str(e))}*"
+            return jid, _progress_html(manager.status(jid)), f"Resuming `{name}`."
+
+        resume.click(on_resume, inputs=[history_pick], outputs=[job_id, progress, resume_msg], api_visibility="private")
 
         def gallery_select(evt: gr.SelectData):
             runs = [r for r in manager.history() if r["preview"]]
@@ -229,6 +316,7 @@ def build_ui(manager: JobManager):
 
         # -- named API endpoints (gradio_client) -----------------------------------------------------
         run_ref.submit(results, inputs=[run_ref], outputs=result_outputs, api_name="outputs")
+        curves_ref.submit(curves_of, inputs=[curves_ref], outputs=[result_curves], api_name="curves")
 
         def submit(prompt: str, negative_prompt: str = "", preset: str = "sds-nerf", prior: str = "shapes",
                    seed: Optional[float] = None, steps: Optional[float] = None, guidance_scale: Optional[float] = None,
@@ -261,12 +349,21 @@ def build_ui(manager: JobManager):
 
         def history() -> list:
             """Run folders in the outputs folder, newest first."""
-            return [{k: r[k] for k in ("name", "status", "prompt", "step", "steps", "updated")} for r in manager.history()]
+            return [{k: r[k] for k in ("name", "status", "prompt", "step", "steps", "updated", "export_pending")}
+                    for r in manager.history()]
+
+        def resume_run(name: str) -> dict:
+            """Continue a stopped or interrupted run (by run name) from its newest checkpoint."""
+            try:
+                return {"ok": True, "job_id": manager.resume(name)}
+            except UserError as e:
+                return {"ok": False, "error": str(e)}
 
         gr.api(submit, api_name="submit")
         gr.api(status, api_name="status")
         gr.api(cancel_job, api_name="cancel")
         gr.api(history, api_name="history")
+        gr.api(resume_run, api_name="resume")
     return demo
 
 
@@ -285,20 +382,79 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def parse_auth(text: Optional[str], source: str = "--auth") -> Optional[Tuple[str, str]]:
+    """``USER:PASSWORD`` as ``(user, password)`` (the password may hold ':'); None for no text."""
+    if text is None or not str(text).strip():
+        return None
+    user, sep, password = str(text).partition(":")
+    if not sep or not user.strip() or not password:
+        raise UserError(f"{source} must be USER:PASSWORD with a user name and a password, e.g. {source}=alice:s3cret")
+    return user.strip(), password
+
+
+def resolve_auth(arg: Optional[str]) -> Optional[Tuple[str, str]]:
+    """The login from ``--auth``, else from the ``THREEDISTILL_AUTH`` environment variable."""
+    if arg is not None and str(arg).strip():
+        return parse_auth(arg, "--auth")
+    return parse_auth(os.environ.get(AUTH_ENV), AUTH_ENV)
+
+
+def check_exposure(host: str, auth: Optional[Tuple[str, str]], insecure: bool) -> None:
+    """Refuse a bind other machines can reach without a login, unless ``insecure`` says so."""
+    if auth is None and not insecure and not is_loopback(host):
+        raise UserError(f"serving on {host} lets other machines start jobs and read the outputs: give a login with "
+                        f"--auth USER:PASSWORD (or {AUTH_ENV}=USER:PASSWORD), or pass --insecure to serve without one")
+
+
+class _NoUploads:
+    """ASGI middleware: Gradio's upload route answers 403 and stores nothing (the page takes no
+    files; ``max_file_size=0`` is the second fence)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http" and str(scope.get("path", "")).rstrip("/").endswith("/upload"):
+            message = {"more_body": True}
+            while message.get("more_body"):  # read and drop the body, so the client gets the answer
+                message = await receive()
+                if message.get("type") != "http.request":
+                    return
+            body = b"uploads are off: this app takes no files\n"
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, outputs: str | Path = "outputs",
-           prevent_thread_lock: bool = False, quiet: bool = False, manager: Optional[JobManager] = None):
-    """Build the page and serve it; returns ``(demo, manager, url)``. Blocks unless ``prevent_thread_lock``."""
+           prevent_thread_lock: bool = False, quiet: bool = False, manager: Optional[JobManager] = None,
+           auth: Optional[Tuple[str, str]] = None, insecure: bool = False):
+    """Build the page and serve it; returns ``(demo, manager, url)``. Blocks unless ``prevent_thread_lock``.
+
+    ``auth``: ``(user, password)`` every request must log in with (Gradio's login page and its
+    API's login); required when ``host`` is not a loopback address, unless ``insecure``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    check_exposure(host, auth, insecure)  # before the manager resumes anything
     manager = manager or JobManager(outputs)
-    if not is_loopback(host):
-        print(f"WARNING: serving on {host}:{port}, reachable from other machines. The app has no login: anyone who "
-              f"can reach it can start jobs and read every file in {manager.outputs}. Use --host 127.0.0.1 unless "
-              f"you mean this.", file=sys.stderr, flush=True)
+    if not is_loopback(host) and auth is None:
+        print(f"WARNING: serving on {host}:{port} without a login (--insecure): anyone who can reach it can start "
+              f"jobs and read every file in {manager.outputs}.", file=sys.stderr, flush=True)
+    from starlette.middleware import Middleware
+
     demo = build_ui(manager)
     demo.queue(default_concurrency_limit=4)
     _, url, _ = demo.launch(server_name=host, server_port=port, allowed_paths=[str(manager.outputs)],
                             prevent_thread_lock=prevent_thread_lock, quiet=quiet, share=False, show_error=True,
-                            ssr_mode=False)
+                            ssr_mode=False, auth=[tuple(auth)] if auth else None, max_file_size=0,
+                            app_kwargs={"middleware": [Middleware(_NoUploads)]})
+    if not prevent_thread_lock:
+        # Ctrl+C closed the server: stop the running job at its next step with a checkpoint; the
+        # saved queue keeps it and the waiting ones for the next start.
+        print("stopping the running job (it resumes when the app starts again)...", file=sys.stderr, flush=True)
+        manager.shutdown()
     return demo, manager, url
 
 
@@ -307,14 +463,25 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--outputs", "--out", "-o", dest="outputs", default="outputs",
                    help="outputs folder: runs are written and read here, and nowhere else (default outputs)")
+    add_auth_args(p)
+
+
+def add_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                   help=f"require this login (default: ${AUTH_ENV} when set); needed to bind a non-loopback address")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback address without a login (anyone who reaches it can use it)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="app.py", description="threedistill web app")
     add_launch_args(p)
     args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        print(f"error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+    try:
+        if not 0 < args.port < 65536:
+            raise UserError(f"--port must be in 1..65535, got {args.port}")
+        launch(args.host, args.port, args.outputs, auth=resolve_auth(args.auth), insecure=args.insecure)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(args.host, args.port, args.outputs)
     return 0

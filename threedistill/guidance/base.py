@@ -21,6 +21,7 @@ A loss file subclasses :class:`Guidance` and writes only its update rule in :met
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -34,6 +35,8 @@ from threedistill.groups import (Scheduled, check_choice, check_positive, check_
                                  parse_schedule, scheduled)
 from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GuidanceConfig:
@@ -44,7 +47,7 @@ class GuidanceConfig:
     # 15 suits the shapes prior (30 and 100 grow the object past its true size: measured IoU 0.59
     # at 15 vs 0.49 at 30 on "a red cube"). For Stable Diffusion use DreamFusion's 100 (threestudio
     # form; 101 here, the difference is negligible): `-c sds-nerf -c sd guidance.guidance_scale=100`
-    # (configs/sds-nerf.yaml; configs/sd.yaml holds the other Stable Diffusion settings).
+    # (threedistill/presets/sds-nerf.yaml; threedistill/presets/sd.yaml holds the other Stable Diffusion settings).
     guidance_scale: Scheduled = 15.0
     # Timestep range as fractions of num_train_timesteps. The default t_max anneals from 0.98 to 0.5
     # over the default 800 steps (shape first, then detail).
@@ -130,8 +133,9 @@ class Guidance(torch.nn.Module):
     name = "base"
     #: w(t) when ``guidance.weighting`` is "auto".
     default_weighting = "sds"
-    #: Whether the loss needs a negative prompt (NFSD).
-    needs_negative_prompt = False
+    #: The negative prompt a loss uses when ``prior.negative_prompt`` is empty: None for the losses
+    #: that work without one; NFSD sets its paper's fixed prompt (it needs one).
+    default_negative_prompt: Optional[str] = None
 
     def __init__(self, cfg, prior: DiffusionPrior):
         super().__init__()
@@ -146,9 +150,10 @@ class Guidance(torch.nn.Module):
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
                    camera_cfg=None) -> None:
         negative_prompt = negative_prompt or ""
-        if self.needs_negative_prompt and not negative_prompt.strip():
-            raise UserError(f"guidance '{self.name}' needs a negative prompt: set prior.negative_prompt "
-                            f"(e.g. prior.negative_prompt=\"unrealistic, blurry, low quality\")")
+        if self.default_negative_prompt is not None and not negative_prompt.strip():
+            negative_prompt = self.default_negative_prompt
+            log.warning("guidance '%s': no prior.negative_prompt set, using the paper's: \"%s\"",
+                        self.name, negative_prompt)
         self._embeddings = self.prior.prompt_embeddings(prompt, negative_prompt, view_dependent)
         self._view_dependent = view_dependent
         self._camera_cfg = camera_cfg

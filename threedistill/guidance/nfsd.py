@@ -6,7 +6,8 @@
               eps(x_t; empty) - eps(x_t; negative)     otherwise
 
 SDS's noise term is replaced by the domain correction delta_D, which needs a negative prompt
-describing what renders look like and images should not (e.g. "unrealistic, blurry, low quality").
+describing what renders look like and images should not. The paper fixes one (:data:`PAPER_NEGATIVE_PROMPT`), used when ``prior.negative_prompt``
+is empty.
 One batched UNet call for the three predictions.
 """
 
@@ -16,13 +17,18 @@ import torch
 
 from threedistill.guidance.base import Guidance, GuidanceContext, register
 
+#: The paper's fixed negative prompt p_neg (Katzir et al., "Noise-Free Score Distillation"; the same
+#: string in threestudio's NFSD implementations).
+PAPER_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                         "low-resolution, gloomy")
+
 #: Below this fraction of the diffusion steps delta_D is the unconditional prediction alone.
 SMALL_T_FRACTION = 0.2
 
 
 @register("nfsd")
 class NFSD(Guidance):
-    needs_negative_prompt = True
+    default_negative_prompt = PAPER_NEGATIVE_PROMPT
 
     def gradient(self, ctx: GuidanceContext):
         B = ctx.x_t.shape[0]

@@ -1,16 +1,19 @@
 """Frozen 2D diffusion priors: the interface, the diffusers loader, and name resolution.
 
 ``prior.name`` is looked up in this order: a built-in prior (:data:`BUILTIN_PRIORS`), a local
-diffusers pipeline folder, a Hugging Face hub id already in the local cache. Nothing is downloaded.
+diffusers pipeline folder, a Hugging Face hub id: from the local cache, or downloaded into it on
+first use (only the components a prior loads) unless offline (``HF_HUB_OFFLINE=1`` or
+``prior.offline=true``).
 
 :class:`PriorCache` holds loaded priors keyed by what changes the loaded weights (name, revision,
-dtype, cache dir, device); the other ``prior`` keys (negative prompt, view-dependent prompts) are
+variant, dtype, cache dir, device); the other ``prior`` keys (negative prompt, view-dependent prompts) are
 read per run by the guidance, so runs that differ only there share one loaded prior. The pipeline
 (a refine stage shares its coarse run's prior), the web app and the batch workers use it.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,10 +24,12 @@ import torch
 from threedistill.devices import resolve_device
 from threedistill.errors import MissingWeightsError
 from threedistill.priors.base import DiffusionPrior, PriorConfig, PromptEmbeddings, view_prompt
-from threedistill.priors.diffusers_prior import DiffusersPrior, resolve_dtype, resolve_pipeline_path
+from threedistill.priors.diffusers_prior import (DiffusersPrior, hub_allow_patterns, hub_offline, resolve_dtype,
+                                                resolve_pipeline_path)
 
-#: The repository's ``assets/`` folder (next to ``configs/``): the shipped prior and classifier.
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
+#: The shipped weights (the shapes prior and the evaluation classifier): package data of
+#: ``threedistill`` (``threedistill/assets``), found from any working directory, in a clone or a wheel.
+ASSETS_DIR = Path(str(importlib.resources.files("threedistill") / "assets"))
 #: Where the shipped shapes-world prior (the built-in name ``shapes``) lives: a diffusers pipeline
 #: folder trained by ``threedistill prior train`` (:mod:`threedistill.shapes.prior`).
 SHIPPED_PRIOR = ASSETS_DIR / "shapes-prior"
@@ -34,9 +39,8 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
     """The shipped shapes-world prior: an ordinary pipeline folder, loaded by the generic loader."""
     if not (SHIPPED_PRIOR / "model_index.json").is_file():
         raise MissingWeightsError(
-            f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it ships with the repository: use an "
-            f"editable install of a full clone, `pip install -e .`, or train one with `threedistill prior train DIR` "
-            f"and set prior.name=DIR/pipeline)")
+            f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it is package data of threedistill: "
+            f"reinstall the package, or train one with `threedistill prior train DIR` and set prior.name=DIR/pipeline)")
     return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes")
 
 
@@ -46,16 +50,19 @@ BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"sha
 
 
 def check_prior_available(cfg_prior: Any) -> None:
-    """Raise the loader's one-line error now when the prior's weights cannot be found (a built-in
-    name, a pipeline folder, or a hub id in the local cache); loads no weights."""
+    """Raise the loader's one-line error now when the prior's weights cannot be had (a built-in name,
+    a pipeline folder, a hub id in the local cache, or, when online, any valid hub id: it is
+    downloaded when the run loads it); loads no weights and downloads nothing."""
     if str(cfg_prior.name) not in BUILTIN_PRIORS:
         resolve_pipeline_path(str(cfg_prior.name), getattr(cfg_prior, "revision", None),
-                              getattr(cfg_prior, "cache_dir", None))
+                              getattr(cfg_prior, "cache_dir", None), variant=getattr(cfg_prior, "variant", None),
+                              offline=bool(getattr(cfg_prior, "offline", False)), download=False)
 
 
 def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionPrior:
     """Load the frozen prior described by the ``prior`` config group (``name``, ``revision``,
-    ``dtype``, ``cache_dir``) onto ``device`` ("auto" picks CUDA when available).
+    ``variant``, ``dtype``, ``cache_dir``, ``offline``) onto ``device`` ("auto" picks CUDA when
+    available). A hub id not in the cache is downloaded first unless offline.
 
     Raises :class:`~threedistill.errors.MissingWeightsError` / :class:`~threedistill.errors.UserError`
     with a one-line message when the weights cannot be found or are not a usable pipeline.
@@ -73,18 +80,22 @@ def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionP
         dtype=getattr(cfg_prior, "dtype", "auto"),
         revision=getattr(cfg_prior, "revision", None),
         cache_dir=getattr(cfg_prior, "cache_dir", None),
+        variant=getattr(cfg_prior, "variant", None),
+        offline=bool(getattr(cfg_prior, "offline", False)),
     )
 
 
-PriorKey = Tuple[str, Optional[str], str, Optional[str], str]
+PriorKey = Tuple[str, Optional[str], Optional[str], str, Optional[str], str]
 
 
 def prior_key(cfg_prior: Any, device: str | torch.device) -> PriorKey:
-    """(name, revision, dtype, cache_dir, device): what the loaded weights depend on."""
+    """(name, revision, variant, dtype, cache_dir, device): what the loaded weights depend on."""
     revision = getattr(cfg_prior, "revision", None)
+    variant = getattr(cfg_prior, "variant", None)
     cache_dir = getattr(cfg_prior, "cache_dir", None)
-    return (str(cfg_prior.name), None if revision is None else str(revision), str(getattr(cfg_prior, "dtype", "auto")),
-            None if cache_dir is None else str(cache_dir), str(resolve_device(str(device))))
+    return (str(cfg_prior.name), None if revision is None else str(revision), None if variant is None else str(variant),
+            str(getattr(cfg_prior, "dtype", "auto")), None if cache_dir is None else str(cache_dir),
+            str(resolve_device(str(device))))
 
 
 class PriorCache:
@@ -135,6 +146,8 @@ __all__ = [
     "check_prior_available",
     "DiffusionPrior",
     "DiffusersPrior",
+    "hub_allow_patterns",
+    "hub_offline",
     "PriorConfig",
     "PromptEmbeddings",
     "load_prior",

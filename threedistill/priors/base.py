@@ -10,6 +10,7 @@ learned-variance outputs are converted inside :meth:`predict_noise`.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from threedistill.cameras import VIEW_LABELS
+from threedistill.errors import UserError
 from threedistill.groups import check_choice
 
 
@@ -25,12 +27,17 @@ class PriorConfig:
     """The ``prior`` config group: which frozen diffusion model :func:`~threedistill.priors.load_prior`
     loads, and how its prompts are built."""
 
-    # A built-in name ("shapes": the shipped shapes-world prior, see assets/shapes-prior), a local
-    # diffusers pipeline folder, or a Hugging Face hub id that is already in the local cache
-    # (nothing is ever downloaded at run time). The other defaults suit "shapes"; configs/sd.yaml
+    # A built-in name ("shapes": the shipped shapes-world prior, package data in
+    # threedistill/assets/shapes-prior), a local diffusers pipeline folder, or a Hugging Face hub id
+    # (downloaded into the cache on first use unless offline: HF_HUB_OFFLINE=1 or offline=true). The other defaults suit "shapes"; threedistill/presets/sd.yaml
     # holds the Stable Diffusion settings.
     name: str = "shapes"
+    # A branch, tag or commit of a hub repo (None: main).
     revision: Optional[str] = None
+    # Weights variant of a hub repo or folder, e.g. "fp16" (half the download; None: the plain weights).
+    variant: Optional[str] = None
+    # Never download: hub ids come from the local cache only (as with HF_HUB_OFFLINE=1).
+    offline: bool = False
     # "auto": fp16 on CUDA, fp32 on CPU.
     dtype: str = "auto"
     # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
@@ -44,6 +51,10 @@ class PriorConfig:
         group's path in the whole config). Also called unbound on a structured config node:
         ``PriorConfig.validate(cfg.prior, "prior")``."""
         check_choice(self.dtype, f"{key}.dtype", ("auto", "fp32", "fp16", "bf16"))
+        variant = self.variant
+        if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
+            raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "
+                            f"or null for the plain weights)")
 
 
 @dataclass
@@ -205,23 +216,62 @@ class DiffusionPrior(ABC, torch.nn.Module):
         eps = self.predict_noise(x_t, t, text, text_mask, **unet_kwargs)
         return (eps - noise).pow(2).mean()
 
+    def ddim_timesteps(self, steps: int) -> torch.Tensor:
+        """The ``steps`` integer timesteps ``[steps]`` a DDIM sampler visits, from ``T - 1`` down to 0."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long().to(self.device)
+
+    @torch.no_grad()
+    def ddim_sample(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
+                    guidance_scale: float, cond_mask: Optional[torch.Tensor] = None,
+                    uncond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Deterministic DDIM from model-space noise ``x [B,C,h,w]`` to images ``[B,3,H,W]`` in [0,1],
+        with classifier-free guidance (diffusers form) between the text embeddings ``cond`` and
+        ``uncond`` ``[B,L,D]`` (and their masks ``[B,L]`` for T5-style encoders): one batched UNet
+        call per step, ``steps`` steps on :meth:`ddim_timesteps`."""
+        n = x.shape[0]
+        x = x.to(self.device)
+        text = torch.cat([uncond, cond])
+        mask = None if cond_mask is None or uncond_mask is None else torch.cat([uncond_mask, cond_mask])
+        ts = self.ddim_timesteps(steps)
+        for i, t in enumerate(ts):
+            tt = t.expand(n)
+            e = self.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), text, text_mask=mask)
+            eu, ec = e.chunk(2)
+            eps = eu + guidance_scale * (ec - eu)
+            t_next = ts[i + 1].expand(n) if i + 1 < len(ts) else torch.full_like(tt, -1)
+            x = self.ddim_step(x, eps, tt, t_next, clip_x0=not self.is_latent)
+        return self.decode(x)
+
     @torch.no_grad()
     def sample(self, prompt: str, n: int = 1, steps: int = 50, guidance_scale: float = 7.5,
                negative_prompt: str = "", generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """DDIM samples ``[n,3,H,W]`` in [0,1] from the prior itself (for checks and evaluation)."""
         emb = self.prompt_embeddings(prompt, negative_prompt, view_dependent=False)
         cond, uncond = emb.for_views(None, n)
-        shape = self.model_space_shape(n)
-        x = torch.randn(shape, generator=generator).to(self.device)
-        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long().to(self.device)
-        for i, t in enumerate(ts):
-            tt = t.expand(n)
-            e = self.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
-            eu, ec = e.chunk(2)
-            eps = eu + guidance_scale * (ec - eu)
-            t_next = ts[i + 1].expand(n) if i + 1 < len(ts) else torch.full_like(tt, -1)
-            x = self.ddim_step(x, eps, tt, t_next, clip_x0=not self.is_latent)
-        return self.decode(x)
+        masks = emb.masks_for_views(None, n)
+        x = torch.randn(self.model_space_shape(n), generator=generator)
+        return self.ddim_sample(x, cond, uncond, steps, guidance_scale, *(masks or (None, None)))
+
+    @torch.no_grad()
+    def sample_views(self, prompt: str, labels: Sequence[str], n: int = 1, steps: int = 20,
+                     guidance_scale: float = 7.5, negative_prompt: str = "", view_dependent: bool = True,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """DDIM samples ``[len(labels), n, 3, H, W]`` in [0,1] of the prompt as the guidance conditions
+        on it: row ``i`` under view label ``labels[i]`` (``"<prompt>, <label> view"``, see
+        :func:`view_prompt`; the plain prompt for every row when not ``view_dependent``), against the
+        negative prompt, at ``guidance_scale``. Column ``j`` starts from the same noise in every row,
+        so the rows differ only by their text. All rows are sampled in one batch."""
+        labels = list(labels)
+        emb = self.prompt_embeddings(prompt, negative_prompt, view_dependent)
+        rows = [lab for lab in labels for _ in range(n)]
+        cond, uncond = emb.for_views(rows, len(rows))
+        masks = emb.masks_for_views(rows, len(rows))
+        noise = torch.randn(self.model_space_shape(n), generator=generator)
+        x = noise.repeat(len(labels), *([1] * (noise.dim() - 1)))
+        images = self.ddim_sample(x, cond, uncond, steps, guidance_scale, *(masks or (None, None)))
+        return images.reshape(len(labels), n, *images.shape[1:])
 
     @abstractmethod
     def model_space_shape(self, batch_size: int) -> tuple[int, ...]:

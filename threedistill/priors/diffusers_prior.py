@@ -10,8 +10,10 @@ Supported layouts (read from the folder's ``model_index.json``):
   T5 (whose attention mask is used) or CLIP.
 
 Only ``unet``, ``text_encoder``, ``tokenizer``, ``vae`` and ``scheduler`` are loaded; safety checkers,
-feature extractors, watermarkers and the like are ignored. Weights come only from disk: a local
-pipeline folder, or a hub id already in the local Hugging Face cache (never downloaded here).
+feature extractors, watermarkers and the like are ignored. Weights come from a local pipeline folder
+or a hub id in the Hugging Face cache; a hub id not in the cache is downloaded on first use (only
+those components: :func:`hub_allow_patterns`) unless offline (``HF_HUB_OFFLINE=1`` or
+``prior.offline=true``).
 
 The sub-models are frozen and deliberately *not* registered as ``nn.Module`` children, so the prior
 contributes nothing to the caller's ``state_dict()``, ``parameters()`` or optimizer.
@@ -20,6 +22,7 @@ contributes nothing to the caller's ``state_dict()``, ``parameters()`` or optimi
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -55,14 +58,80 @@ def _hf_cache_dir(cache_dir: Optional[str | Path]) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def resolve_pipeline_path(name: str, revision: Optional[str] = None,
-                          cache_dir: Optional[str | Path] = None) -> Path:
+#: The components whose weights a prior loads (the scheduler and tokenizer have no weights).
+WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+#: Weight file stems: diffusers models and transformers models.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+def _weight_patterns(component: str, variant: Optional[str]) -> List[str]:
+    """Safetensors weight files of one component, single or sharded, of exactly this variant (None:
+    the plain files, not ``*.fp16.*``): diffusers names shards ``stem-00001-of-00002.fp16.safetensors``,
+    transformers ``stem.fp16-00001-of-00002.safetensors``."""
+    patterns = []
+    for stem in _WEIGHT_STEMS:
+        if variant:
+            patterns += [f"{component}/{stem}.{variant}.safetensors", f"{component}/{stem}-*-of-*.{variant}.safetensors",
+                         f"{component}/{stem}.{variant}-*-of-*.safetensors"]
+        else:
+            patterns += [f"{component}/{stem}.safetensors", f"{component}/{stem}-*-of-*.safetensors"]
+    return patterns
+
+
+def hub_allow_patterns(variant: Optional[str] = None) -> List[str]:
+    """What a download of a hub pipeline fetches: ``model_index.json``, the scheduler and tokenizer
+    files, and the configs and safetensors weights (of ``variant``, e.g. "fp16", or the plain ones)
+    of the text encoder, UNet and VAE. No safety checker, feature extractor, other variants, ``.bin``
+    duplicates or EMA copies."""
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*"]
+    for component in WEIGHT_COMPONENTS:
+        patterns += [f"{component}/*.json", *_weight_patterns(component, variant)]
+    return patterns
+
+
+def _component_weights_present(folder: Path, component: str, variant: Optional[str]) -> bool:
+    sub = folder / component
+    if not sub.is_dir():
+        return False
+    patterns = _weight_patterns(component, variant)
+    return any(fnmatch.fnmatch(f"{component}/{p.name}", pat) for p in sub.iterdir() for pat in patterns)
+
+
+def _missing_weights(folder: Path, variant: Optional[str]) -> Optional[List[str]]:
+    """The weight components of ``folder``'s pipeline without weight files of ``variant``; None when
+    the folder has no readable ``model_index.json`` (not a complete download)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    return [c for c in WEIGHT_COMPONENTS if _component_entry(index, c)
+            and not _component_weights_present(folder, c, variant)]
+
+
+def hub_offline(offline: bool = False) -> bool:
+    """Whether hub ids are looked up in the local cache only: ``prior.offline`` or ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import constants
+
+    return bool(offline) or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_pipeline_path(name: str, revision: Optional[str] = None, cache_dir: Optional[str | Path] = None,
+                          variant: Optional[str] = None, offline: bool = False,
+                          download: bool = True) -> Optional[Path]:
     """The folder holding the diffusers pipeline called ``name``.
 
-    ``name`` is (a) a local folder with a ``model_index.json``, or (b) a Hugging Face hub id that is
-    already in the local cache (``cache_dir``, default ``HF_HUB_CACHE``); nothing is downloaded,
-    whatever ``HF_HUB_OFFLINE`` says. Raises :class:`MissingWeightsError` (one line: what was looked
-    for, where, and how to get it) or :class:`UserError` for a folder that is not a pipeline.
+    ``name`` is (a) a local folder with a ``model_index.json``, or (b) a Hugging Face hub id: its
+    snapshot in the local cache (``cache_dir``, default ``HF_HUB_CACHE``) when that has the weights
+    (of ``variant``), else downloaded into the cache now, only the components a prior loads
+    (:func:`hub_allow_patterns`, with a progress bar). Offline (``offline`` or ``HF_HUB_OFFLINE=1``)
+    nothing is downloaded. With ``download=False`` (a check before the run) a hub id that would be
+    downloaded returns None.
+
+    Raises :class:`MissingWeightsError` (one line: what was looked for, where, and how to get it:
+    offline, gated, missing repo or revision, no network) or :class:`UserError` for a folder that is
+    not a pipeline.
     """
     local = Path(name).expanduser()
     if local.is_dir():
@@ -76,24 +145,82 @@ def resolve_pipeline_path(name: str, revision: Optional[str] = None,
 
     cache = _hf_cache_dir(cache_dir)
     where = f"no pipeline folder at '{local.absolute()}'"
+    offline = hub_offline(offline)
+    patterns = hub_allow_patterns(variant)
     try:
-        snapshot = Path(snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache), local_files_only=True))
+        snapshot: Optional[Path] = Path(snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache),
+                                                          local_files_only=True, allow_patterns=patterns))
     except HFValidationError:
         raise MissingWeightsError(
             f"prior '{name}' not found: {where}, and it is not a valid Hugging Face hub id, so the cache at "
-            f"'{cache}' was not searched. Set prior.name to a local diffusers pipeline folder or a cached hub id "
+            f"'{cache}' was not searched. Set prior.name to a local diffusers pipeline folder or a hub id "
             f"(e.g. stabilityai/stable-diffusion-2-1-base)."
         ) from None
     except OSError:  # LocalEntryNotFoundError: this repo / revision is not in the cache
+        snapshot = None
+    if snapshot is not None and (offline or _missing_weights(snapshot, variant) == []):
+        _check_model_index(snapshot, name, from_hub_cache=True)
+        return snapshot
+    if offline:
         revision_note = f" (revision '{revision}')" if revision else ""
         revision_flag = f" --revision {revision}" if revision else ""
         raise MissingWeightsError(
-            f"prior '{name}'{revision_note} not found: {where} and not in the Hugging Face cache at '{cache}'. "
-            f"Download it on a machine with network (`hf download {name}{revision_flag}`) and copy the cache, "
-            f"or set prior.name to a local diffusers pipeline folder."
+            f"prior '{name}'{revision_note} not found: {where} and not in the Hugging Face cache at '{cache}' "
+            f"(offline: HF_HUB_OFFLINE=1 or prior.offline=true, so nothing is downloaded). Download it on a machine "
+            f"with network (`hf download {name}{revision_flag}`) and copy the cache, or set prior.name to a local "
+            f"diffusers pipeline folder."
         ) from None
+    if not download:
+        return None
+    snapshot = _download(name, revision, cache, variant, patterns, where)
     _check_model_index(snapshot, name, from_hub_cache=True)
+    missing = _missing_weights(snapshot, variant)
+    if missing:
+        kind = f"'{variant}' variant" if variant else "plain (non-variant)"
+        raise MissingWeightsError(
+            f"prior '{name}': the repo has no {kind} safetensors weights for {', '.join(missing)}: check prior.variant "
+            f"(e.g. prior.variant=fp16, or unset it) or use a pipeline saved with safetensors"
+        )
     return snapshot
+
+
+#: How to authenticate, for the gated / private messages.
+_LOGIN_HINT = "log in with `hf auth login` (older versions: `huggingface-cli login`) or set HF_TOKEN"
+
+
+def _download(name: str, revision: Optional[str], cache: Path, variant: Optional[str], patterns: List[str],
+              where: str) -> Path:
+    """``snapshot_download`` of the prior's components into ``cache``; hub errors become one line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    what = f"prior '{name}'" + (f" revision '{revision}'" if revision else "") + (f" ({variant} weights)" if variant else "")
+    logger.warning("%s is not in the Hugging Face cache at '%s': downloading its text encoder, tokenizer, UNet, VAE "
+                   "and scheduler (once; offline: HF_HUB_OFFLINE=1 or prior.offline=true)", what, cache)
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache), allow_patterns=patterns))
+    except GatedRepoError:
+        raise MissingWeightsError(
+            f"prior '{name}' is a gated model: accept its license on https://huggingface.co/{name} with your account, "
+            f"then {_LOGIN_HINT}"
+        ) from None
+    except RevisionNotFoundError:
+        raise MissingWeightsError(
+            f"prior '{name}': revision '{revision}' not found on the Hugging Face hub: check prior.revision (a branch, "
+            f"tag or commit of the repo)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MissingWeightsError(
+            f"prior '{name}' not found: {where}, and the Hugging Face hub has no repo '{name}' that you can see: check "
+            f"prior.name (a local pipeline folder or a hub id), or {_LOGIN_HINT} if it is private"
+        ) from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, Exception) as e:  # no network, hub errors, disk full
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingWeightsError(
+            f"prior '{name}' could not be downloaded into '{cache}' ({first_line}): check the network and the disk, or "
+            f"download it where there is network (`hf download {name}`) and copy the cache"
+        ) from e
 
 
 def _check_model_index(folder: Path, name: str, from_hub_cache: bool = False) -> Dict[str, Any]:
@@ -187,7 +314,7 @@ def _weights_variant(folder: Path) -> Optional[str]:
 
 
 def _load_component(folder: Path, component: str, library: str, class_name: str, name: str,
-                    dtype: torch.dtype) -> Any:
+                    dtype: torch.dtype, variant: Optional[str] = None) -> Any:
     cls = _import_component_class(library, class_name, component, name)
     sub = folder / component
     kwargs: Dict[str, Any] = {"local_files_only": True}
@@ -197,7 +324,10 @@ def _load_component(folder: Path, component: str, library: str, class_name: str,
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
         if library == "diffusers" and importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
-        variant = _weights_variant(sub)
+        if variant is not None and not _component_weights_present(folder, component, variant):
+            logger.warning("prior '%s': no %s weights for %s in '%s'; loading the ones there", name, variant, component, sub)
+            variant = None
+        variant = variant if variant is not None else _weights_variant(sub)
         if variant is not None:
             kwargs["variant"] = variant
     try:
@@ -250,7 +380,7 @@ class DiffusersPrior(DiffusionPrior):
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, variant: Optional[str] = None) -> None:
         super().__init__()
         folder = Path(path)
         self.name = name if name is not None else str(path)
@@ -264,7 +394,8 @@ class DiffusersPrior(DiffusionPrior):
             entry = _component_entry(index, component)
             if entry is None:
                 continue
-            obj = _load_component(folder, component, entry[0], entry[1], self.name, self.dtype)
+            obj = _load_component(folder, component, entry[0], entry[1], self.name, self.dtype,
+                                  variant if component in WEIGHT_COMPONENTS else None)
             if isinstance(obj, torch.nn.Module):
                 obj.to(device)
             self._models[component] = obj
@@ -316,9 +447,12 @@ class DiffusersPrior(DiffusionPrior):
 
     @classmethod
     def from_pretrained(cls, name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-                        revision: Optional[str] = None, cache_dir: Optional[str | Path] = None) -> "DiffusersPrior":
-        """Resolve ``name`` (local folder or cached hub id, see :func:`resolve_pipeline_path`) and load it."""
-        return cls(resolve_pipeline_path(name, revision=revision, cache_dir=cache_dir), device=device, dtype=dtype, name=name)
+                        revision: Optional[str] = None, cache_dir: Optional[str | Path] = None,
+                        variant: Optional[str] = None, offline: bool = False) -> "DiffusersPrior":
+        """Resolve ``name`` (a local folder, or a hub id from the cache or downloaded into it on first
+        use unless offline, see :func:`resolve_pipeline_path`) and load it (``variant``: e.g. "fp16")."""
+        path = resolve_pipeline_path(name, revision=revision, cache_dir=cache_dir, variant=variant, offline=offline)
+        return cls(path, device=device, dtype=dtype, name=name, variant=variant)
 
     # -- components ---------------------------------------------------------------------------
     @property

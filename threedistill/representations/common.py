@@ -60,7 +60,7 @@ class BackgroundConfig:
 class ShadingConfig(BackgroundConfig):
     """Lit representations (NeRF, mesh): the shading-mode draw and the ambient term (module
     docstring). The defaults suit the shapes prior, which never saw untextured objects;
-    configs/sd.yaml sets DreamFusion's 1000 / 0.2 / 0.2 for the NeRF with Stable Diffusion."""
+    threedistill/presets/sd.yaml sets DreamFusion's 1000 / 0.2 / 0.2 for the NeRF with Stable Diffusion."""
 
     # Albedo only before this step, then random among albedo / textureless / diffuse.
 

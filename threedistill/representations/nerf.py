@@ -102,7 +102,7 @@ class NerfConfig(ShadingConfig):
     """``representation.nerf``. Shading and background fields: :class:`ShadingConfig`; ``radius``
     also bounds the scene (the axis-aligned cube ``[-radius, radius]^3``)."""
 
-    # The defaults suit the shapes world on a CPU (smooth objects, 32 px renders); configs/sd.yaml
+    # The defaults suit the shapes world on a CPU (smooth objects, 32 px renders); threedistill/presets/sd.yaml
     # has Instant-NGP-like 12 levels up to 512 for Stable Diffusion.
     n_levels: int = 6
     n_features_per_level: int = 2
@@ -114,7 +114,7 @@ class NerfConfig(ShadingConfig):
     # Magic3D density blob added to the raw density at initialization.
     blob_density: float = 10.0
     # 0.35 starts the object below the shapes world's sizes (all within radius 0.5) so SDS grows it
-    # rather than having to carve a too-large blob; Magic3D's 0.5 is in configs/sd.yaml.
+    # rather than having to carve a too-large blob; Magic3D's 0.5 is in threedistill/presets/sd.yaml.
     blob_radius: float = 0.35
     # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
     # render_step_size instead.

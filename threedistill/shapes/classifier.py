@@ -4,7 +4,7 @@ A 5-layer CNN with two heads (shape, color) trained on exact ground-truth render
 (shape, color) pairs (it is a measuring instrument, so held-out pairs are included) from the
 camera sampler's distribution plus the evaluation cameras, with both shadings and mild
 augmentation (blur, noise, a small shift, a slightly tinted background) so that it reads blurry
-NeRF renders and diffusion samples too. Shipped as ``assets/shapes-classifier.safetensors``.
+NeRF renders and diffusion samples too. Shipped as ``threedistill/assets/shapes-classifier.safetensors`` (package data).
 """
 
 from __future__ import annotations

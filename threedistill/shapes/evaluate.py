@@ -12,6 +12,18 @@ compared with the exact render of the object its prompt names:
   Gaussians); a missing part of the object counts as background there.
 * ``prompt_correct``: the shipped classifier's shape and color, pooled over views, both match the
   prompt (the analogue of CLIP R-precision); ``shape_correct`` / ``color_correct`` separately.
+* ``size``: predicted / true silhouette area, pooled over views (1 for the right size; the prior
+  was trained on objects of known size at known distances, so size is part of the target).
+* ``shape_iou``: silhouette IoU after the best uniform scale (one factor for all views, searched
+  around the square root of the area ratio) and per-view shift (centroids aligned) of the
+  prediction: a right shape at the wrong size scores high here and low in ``iou``.
+* ``haze``: alpha mass outside the true silhouette dilated by :data:`HAZE_DILATION` pixels, per
+  pixel of true silhouette (0 for the ground truth; floaters and fog both count).
+* ``color_noise``: high-frequency energy of the render inside the true silhouette (eroded by
+  one pixel): the mean absolute difference from its 3x3 box blur, minus the same for the ground
+  truth (about 0 for a clean surface; dark speckle raises it).
+* ``floaters`` (of an exported mesh, :func:`floater_fraction`): the area of every connected
+  component but the largest, as a fraction of the total area.
 * ``view_consistency`` (mug only): the fraction of views whose handle is on the correct side:
   the ground-truth handle region is more than half covered and the mirrored mug's handle region
   (where a Janus or mirrored result puts it) less than half. 1 for the ground truth, 0 for a
@@ -29,7 +41,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
+import trimesh
 
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
@@ -40,6 +54,9 @@ from threedistill.shapes.world import FRONTED_SHAPE, ShapePrompt, mirrored_mug, 
 EVAL_AZIMUTHS = tuple(float(a) for a in range(0, 360, 45))
 EVAL_ELEVATIONS = (5.0, 30.0)
 EVAL_RESOLUTION = 64
+#: Pixels (at the evaluation resolution) by which the true silhouette is grown before alpha
+#: outside it counts as haze: antialiased edges and a slightly large object are not haze.
+HAZE_DILATION = 2
 
 
 
@@ -76,6 +93,8 @@ def score_images(prompt: ShapePrompt, rgb: torch.Tensor, alpha: torch.Tensor, ca
     diff = (rgb - gt.rgb).abs().mean(dim=1, keepdim=True)
     color_error = diff[truth].mean().item()
     out: Dict[str, Any] = {"prompt": prompt.text, "iou": iou, "color_error": color_error}
+    out.update(silhouette_metrics(alpha, gt.mask))
+    out["color_noise"] = high_frequency_energy(rgb, truth) - high_frequency_energy(gt.rgb, truth)
     if classifier is not None:
         pred_cls = classifier.predict(rgb)
         out["predicted"] = f"a {pred_cls['color']} {pred_cls['shape']}"
@@ -85,6 +104,89 @@ def score_images(prompt: ShapePrompt, rgb: torch.Tensor, alpha: torch.Tensor, ca
     if prompt.shape == FRONTED_SHAPE:
         out["view_consistency"] = view_consistency(pred, cameras)
     return out
+
+
+def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """Binary dilation of ``mask [V,1,H,W]`` (bool) by a (2r+1)^2 square."""
+    if r <= 0:
+        return mask
+    return torch.nn.functional.max_pool2d(mask.float(), 2 * r + 1, stride=1, padding=r) > 0.5
+
+
+def _erode(mask: torch.Tensor, r: int) -> torch.Tensor:
+    return ~_dilate(~mask, r)
+
+
+def _shift_scale(mask: torch.Tensor, scale: float, shift: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``mask [V,1,H,W]`` (float) scaled by ``scale`` about ``center [V,2]`` (pixel x, y) and moved by
+    ``shift [V,2]`` pixels (bilinear, zeros outside)."""
+    V, _, H, W = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    # Output pixel p samples the input at center + (p - shift - center) / scale.
+    src_x = center[:, 0, None, None] + (xs[None] - shift[:, 0, None, None] - center[:, 0, None, None]) / scale
+    src_y = center[:, 1, None, None] + (ys[None] - shift[:, 1, None, None] - center[:, 1, None, None]) / scale
+    grid = torch.stack([(src_x + 0.5) / W * 2 - 1, (src_y + 0.5) / H * 2 - 1], dim=-1)
+    return torch.nn.functional.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _centroids(mask: torch.Tensor) -> torch.Tensor:
+    """Pixel centroid ``[V,2]`` (x, y) of each view's ``mask [V,1,H,W]`` (the image center when empty)."""
+    V, _, H, W = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    m = mask.float()[:, 0]
+    n = m.sum(dim=(1, 2))
+    cx = torch.where(n > 0, (m * xs).sum(dim=(1, 2)) / n.clamp_min(1e-8), torch.full_like(n, (W - 1) / 2))
+    cy = torch.where(n > 0, (m * ys).sum(dim=(1, 2)) / n.clamp_min(1e-8), torch.full_like(n, (H - 1) / 2))
+    return torch.stack([cx, cy], dim=1)
+
+
+def silhouette_metrics(alpha: torch.Tensor, true_mask: torch.Tensor) -> Dict[str, float]:
+    """``size``, ``shape_iou`` and ``haze`` (module docstring) of ``alpha [V,1,H,W]`` against the
+    ground-truth coverage ``true_mask [V,1,H,W]`` (both in [0,1])."""
+    alpha = alpha.detach().float().cpu().clamp(0, 1)
+    truth = true_mask.detach().float().cpu() > 0.5
+    pred = alpha > 0.5
+    n_true = truth.sum().item()
+    n_pred = pred.sum().item()
+    size = n_pred / n_true if n_true else float("nan")
+    haze = (alpha * ~_dilate(truth, HAZE_DILATION)).sum().item() / n_true if n_true else float("nan")
+    if n_pred == 0 or n_true == 0:
+        return {"size": size, "shape_iou": 0.0, "haze": haze}
+    c_pred, c_true = _centroids(pred), _centroids(truth)
+    base = (n_true / n_pred) ** 0.5
+    best = 0.0
+    for f in torch.linspace(0.8, 1.25, 19).tolist():
+        moved = _shift_scale(pred.float(), base * f, c_true - c_pred, c_pred) > 0.5
+        union = (moved | truth).sum().item()
+        best = max(best, (moved & truth).sum().item() / union if union else 1.0)
+    return {"size": size, "shape_iou": best, "haze": haze}
+
+
+def high_frequency_energy(rgb: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean absolute difference between ``rgb [V,3,H,W]`` and its 3x3 box blur over the pixels of
+    ``mask [V,1,H,W]`` eroded by one pixel (so the silhouette's edge does not count)."""
+    rgb = rgb.detach().float().cpu()
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    inner = _erode(mask.bool(), 1)
+    if inner.sum() == 0:
+        return float("nan")
+    return (rgb - blur).abs().mean(dim=1, keepdim=True)[inner].mean().item()
+
+
+def floater_fraction(vertices, faces) -> float:
+    """Area of every connected component of a triangle mesh but the largest (by area), as a
+    fraction of the whole area (0 for one piece). Vertices at the same position are welded first
+    (a textured export splits them along UV seams); faces sharing an edge are connected."""
+    v = np.asarray(vertices, dtype=np.float64)
+    _, inverse = np.unique(np.round(v, 6), axis=0, return_inverse=True)
+    f = inverse.reshape(-1)[np.asarray(faces, dtype=np.int64)]
+    mesh = trimesh.Trimesh(vertices=v, faces=f, process=False)
+    if len(mesh.faces) == 0:
+        return float("nan")
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    areas = np.bincount(labels, weights=mesh.area_faces)
+    total = areas.sum()
+    return float((total - areas.max()) / total) if total > 0 else float("nan")
 
 
 def view_consistency(pred_mask: torch.Tensor, cameras: CameraBatch, min_pixels: int = 4) -> float:

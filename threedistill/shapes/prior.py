@@ -4,7 +4,7 @@ It is an ordinary diffusers pipeline folder (``UNet2DConditionModel`` on 3x64x64
 encoder, a CLIP tokenizer in which the shapes-world words are single tokens (all but "torus", which
 BPE splits into 4; the tokenizer is saved with the weights, so it stays as trained), a ``DDPMScheduler``), so it
 loads through the same :class:`~threedistill.priors.DiffusersPrior` as Stable Diffusion; the name
-``shapes`` points at the copy shipped in ``assets/shapes-prior``.
+``shapes`` points at the copy shipped in ``threedistill/assets/shapes-prior`` (package data).
 
 Training (``threedistill prior train OUT``), resumable at any checkpoint:
 
@@ -212,6 +212,9 @@ class PriorTrainer:
         self.device = device
         # A pipeline folder whose UNet and text encoder start a *fresh* training folder (e.g. the
         # shipped prior, to continue training it on another machine without its optimizer state).
+        # "shapes" (the built-in name) is the shipped prior, wherever the package is installed.
+        if init_from is not None and str(init_from) == "shapes" and not Path("shapes").exists():
+            init_from = SHIPPED_PRIOR
         self.init_from = Path(init_from) if init_from is not None else None
         self.state_path = self.out / "state.pt"
         saved_cfg = self.out / "train_config.json"

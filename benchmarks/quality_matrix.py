@@ -1,0 +1,166 @@
+"""The quality matrix: every ``<loss>-nerf`` / ``<loss>-gaussians`` preset and the ``-then-mesh``
+chains over the shapes-world benchmark prompts, scored against the ground truth.
+
+Each cell is one ``benchmarks/shapes_quality.py`` run (its own folder under ``--out``, resumable:
+finished runs are scored again, not re-run). Cells run side by side in ``--lanes`` processes at
+one torch thread each (on a 2-core CPU: 2 lanes; on a GPU: as many as fit). At the end the cells'
+``results.json`` are gathered into ``quality-matrix.md`` (per cell: IoU, shape IoU, size, color
+error, prompt accuracy, mug view consistency, haze, floaters, color noise, wall time) and
+``quality-matrix.png`` (an 8-view strip per cell for ``--strip-prompt``, so a reader can look).
+
+    python benchmarks/quality_matrix.py --out bench-out/matrix [--lanes 2] [--presets sds-nerf ...]
+        [--prompts ...] [--sds-seeds 0 1] [-- key=value ...]
+
+``--report-only`` rebuilds the table and the image from what is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from shapes_quality import DEFAULT_PROMPTS  # noqa: E402
+
+LOSSES = ("sds", "vsd", "esd", "ism", "csd", "nfsd")
+CHAINS = ("sds-nerf-then-mesh", "sds-gaussians-then-mesh")
+DEFAULT_PRESETS = [f"{loss}-{rep}" for rep in ("nerf", "gaussians") for loss in LOSSES] + list(CHAINS)
+
+COLUMNS = [("iou", "IoU", ".3f"), ("shape_iou", "shape IoU", ".3f"), ("size", "size", ".2f"),
+           ("color_error", "color err", ".3f"), ("prompt_correct", "prompt acc", ".2f"),
+           ("view_consistency", "mug view cons.", ".2f"), ("haze", "haze", ".3f"), ("floaters", "floaters", ".3f"),
+           ("color_noise", "color noise", "+.3f"), ("wall_s", "wall s/run", ".0f")]
+
+
+def cell_command(preset: str, out: Path, prompts: List[str], seeds: List[int], extra: List[str]) -> List[str]:
+    return [sys.executable, str(HERE / "shapes_quality.py"), "--out", str(out / preset), "--config", preset,
+            "--seeds", *map(str, seeds), "--prompts", *prompts, "--", *extra]
+
+
+def run_cells(cells: Dict[str, List[str]], lanes: int, log_dir: Path) -> Dict[str, int]:
+    """Run each cell's command, ``lanes`` at a time at one thread each; the exit codes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending = list(cells.items())
+    running: Dict[str, subprocess.Popen] = {}
+    codes: Dict[str, int] = {}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < lanes:
+            name, cmd = pending.pop(0)
+            log = open(log_dir / f"{name}.log", "w")
+            running[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            print(f"started {name}", file=sys.stderr)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[name] = proc.returncode
+                del running[name]
+                print(f"{name}: exit {proc.returncode}", file=sys.stderr)
+        time.sleep(1.0)
+    return codes
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or v != v:
+        return "–"
+    return format(v, spec)
+
+
+def report(out: Path, presets: List[str], strip_prompt: str) -> str:
+    lines = ["# Quality matrix (shapes world, ground truth)", "",
+             "Per cell: the mean over its prompts x seeds (`results.json` of each cell folder has every run). "
+             "Bar (issue 18): IoU >= 0.85, size 0.8-1.25, prompt acc >= 0.95, color err <= 0.12, mug view "
+             "consistency >= 0.75, haze and floaters near 0.", "",
+             "| cell | runs | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    found = []
+    for preset in presets:
+        res = out / preset / "results.json"
+        if not res.is_file():
+            lines.append(f"| {preset} | 0 | " + " | ".join("–" for _ in COLUMNS) + " |")
+            continue
+        data = json.loads(res.read_text())
+        s = data["summary"]["all"]
+        found.append((preset, data))
+        lines.append(f"| {preset} | {s['runs']} | " + " | ".join(_fmt(s.get(k), f) for k, _, f in COLUMNS) + " |")
+    chains = [(p, d) for p, d in found if any("coarse_iou" in r for r in d["runs"])]
+    if chains:
+        lines += ["", "Refine stage against its coarse run (per prompt and seed):", "",
+                  "| chain | prompt | seed | IoU coarse -> refined | color err coarse -> refined |", "|---|---|---|---|---|"]
+        for p, d in chains:
+            for r in d["runs"]:
+                lines.append(f"| {p} | {r['prompt']} | {r['seed']} | {r['coarse_iou']:.3f} -> {r['iou']:.3f} | "
+                             f"{r['coarse_color_error']:.3f} -> {r['color_error']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    (out / "quality-matrix.md").write_text(table)
+    strip(out, [p for p, _ in found], strip_prompt)
+    return table
+
+
+def strip(out: Path, presets: List[str], prompt: str) -> None:
+    """``quality-matrix.png``: one row per cell, the 8 evaluation azimuths (30 degrees up) of the
+    cell's seed-0 run of ``prompt``, labelled."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from threedistill.runs import RunFolder, slugify
+    from threedistill.shapes.evaluate import EVAL_AZIMUTHS, eval_renders
+
+    rows = []
+    for preset in presets:
+        folder = RunFolder(out / preset / f"{slugify(prompt)}-seed0")
+        final = folder.refine if folder.refine.is_run() else folder
+        if final.latest_checkpoint() is None:
+            continue
+        cfg, rep, _ = final.load_representation(device="cpu")
+        rgb, _, _ = eval_renders(rep, cfg.camera, resolution=96)
+        views = rgb[len(EVAL_AZIMUTHS):]  # the 30-degree ring
+        row = (torch.cat(list(views.clamp(0, 1)), dim=2).permute(1, 2, 0).numpy() * 255).astype("uint8")
+        rows.append((preset, row))
+    if not rows:
+        return
+    label_w, h, w = 190, rows[0][1].shape[0], rows[0][1].shape[1]
+    img = Image.new("RGB", (label_w + w, h * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (preset, row) in enumerate(rows):
+        img.paste(Image.fromarray(row), (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), preset, fill="black")
+    draw.text((6, 2), prompt, fill="gray")
+    img.save(out / "quality-matrix.png")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench-out/quality-matrix")
+    ap.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
+    ap.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every cell")
+    ap.add_argument("--sds-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the SDS cells")
+    ap.add_argument("--lanes", type=int, default=2, help="cells run side by side, one torch thread each")
+    ap.add_argument("--strip-prompt", default="a red mug")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="for every cell (after --)")
+    args = ap.parse_args(argv)
+    if args.lanes < 1:
+        ap.error("--lanes must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        cells = {p: cell_command(p, out, args.prompts, args.sds_seeds if p.startswith("sds-") else args.seeds,
+                                 list(args.overrides)) for p in args.presets}
+        t0 = time.time()
+        codes = run_cells(cells, args.lanes, out / "logs")
+        print(f"matrix: {len(cells)} cells in {time.time() - t0:.0f} s; failed: "
+              f"{[n for n, c in codes.items() if c] or 'none'}", file=sys.stderr)
+    print(report(out, list(args.presets), args.strip_prompt))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
