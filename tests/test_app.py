@@ -44,7 +44,7 @@ def manager(tmp_path_factory):
     ({"prompt": "a red cube", "resolution": -4}, "resolution", "> 0"),
     ({"prompt": "a red cube", "guidance_scale": "x"}, "guidance_scale", "number"),
     ({"prompt": "a red cube", "preset": "nope-nerf"}, "preset", "unknown preset"),
-    ({"prompt": "a red cube", "prior": "/no/such/pipeline"}, "prior", "not found"),
+    ({"prompt": "a red cube", "prior": "/no/such/pipeline"}, "prior", "not allowed"),  # the app policy: listed priors only
     ({"prompt": "a red cube", "overrides": "run.steps=-3"}, "steps", "run.steps"),
     ({"prompt": "a red cube", "overrides": "run.name=../escape"}, "overrides", "plain name"),
     ({"prompt": "a red cube", "overrides": "run.name=/tmp/abs"}, "overrides", "plain name"),

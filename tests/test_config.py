@@ -112,7 +112,8 @@ def test_extends_loads_parents_first_and_rejects_cycles(tmp_path):
     with pytest.raises(UserError, match="extends itself"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "bad.yaml").write_text("extends: nothing-like-this\n")
-    with pytest.raises(UserError, match="nothing-like-this"):
+    # issue 17: the name is the file's content, never quoted; the message names the file instead
+    with pytest.raises(UserError, match="bad.yaml': a file it extends is not found"):
         load_config(tmp_path / "bad.yaml")
 
 

@@ -22,9 +22,17 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from threedistill.groups import check_positive, check_range
+from threedistill.groups import check_bounds, check_positive, check_range
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
+
+
+#: Bounds of the ``camera`` numbers: a batch of at most 64 renders (DreamFusion uses 1-4; each
+#: render is a prior call), angles in degrees within a half turn, distances within the
+#: ranges' own limits.
+CAMERA_BOUNDS = {"batch_size": (1, 64), "light_position_perturb": (0.0, 1000.0), "front_threshold": (0.0, 180.0),
+                 "back_threshold": (0.0, 180.0), "overhead_threshold": (-90.0, 90.0), "eval_distance": (1e-3, 1000.0),
+                 "eval_fovy": (1.0, 179.0), "eval_elevation": (-90.0, 90.0)}
 
 
 @dataclass
@@ -55,6 +63,7 @@ class CameraConfig:
         group's path in the whole config). Also called unbound on a structured config node:
         ``CameraConfig.validate(cfg.camera, "camera")``."""
         check_positive(self.batch_size, f"{key}.batch_size")
+        check_bounds(self, key, CAMERA_BOUNDS)
         check_range(self.elevation_range, f"{key}.elevation_range", -90.0, 90.0)
         check_range(self.azimuth_range, f"{key}.azimuth_range", -360.0, 360.0)
         check_range(self.distance_range, f"{key}.distance_range", 1e-3, 1e3)

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
-from threedistill.batch import run_batch
-from threedistill.config import PriorConfig, is_override, list_presets, load_config
+from threedistill.batch import check_batch_flags, run_batch
+from threedistill.config import EXPORT_BOUNDS, PriorConfig, is_override, list_presets, load_config
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import build_export_mesh, render_turntable, save_image, save_mesh, texture_paths
@@ -269,7 +270,20 @@ def cmd_refine(args) -> int:
     return 0
 
 
+def _check_flag(name: str, value, bounds) -> None:
+    """``--name`` (None: its default) lies within the config key's ``bounds`` (the schema's own, so
+    a flag and its config key accept the same values); a finite number."""
+    if value is None:
+        return
+    lo, hi = bounds
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UserError(f"--{name} must be from {lo:g} to {hi:g}, got {value}")
+
+
 def cmd_export(args) -> int:
+    _check_flag("resolution", args.resolution, EXPORT_BOUNDS["mesh_resolution"])
+    _check_flag("texture-size", args.texture_size, EXPORT_BOUNDS["texture_size"])
+    _check_flag("threshold", args.threshold, (-1e6, 1e6))  # the representations' isosurface_threshold bounds
     run_dir = Path(args.run_dir)
     folder = RunFolder(run_dir)
     cfg, rep, step = folder.load_representation()
@@ -333,13 +347,11 @@ def _export_check(rep, mesh_path: Path, folder: RunFolder, cfg, step: int, image
 
 
 def cmd_render(args) -> int:
+    for name in ("frames", "resolution", "fps"):
+        _check_flag(name, getattr(args, name), EXPORT_BOUNDS[f"turntable_{name}"])
     folder = RunFolder(args.run_dir)
     cfg, rep, _ = folder.load_representation()
     e, c = cfg.export, cfg.camera
-    for name in ("frames", "resolution", "fps"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise UserError(f"--{name} must be > 0, got {v}")
     out = Path(args.output) if args.output else folder.turntable_path
     render_turntable(rep, out, frames=args.frames or e.turntable_frames, fps=args.fps or e.turntable_fps,
                      resolution=args.resolution or e.turntable_resolution, elevation=e.turntable_elevation,
@@ -349,6 +361,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_batch(args) -> int:
+    check_batch_flags(workers=args.workers, threads=args.threads, retries=args.retries, seeds=args.seeds)
     totals = run_batch(args.input, args.out, configs=args.config or [], overrides=args.overrides, seeds=args.seeds,
                        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
                        retries=args.retries, threads=args.threads, progress=not args.no_progress)

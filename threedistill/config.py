@@ -15,19 +15,21 @@ start_step, end_step]``) are described in :mod:`threedistill.groups`.
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from threedistill.cameras import CameraConfig
 from threedistill.errors import UserError
-from threedistill.groups import Scheduled, check_choice, check_positive, parse_schedule
+from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_storable, parse_schedule, shown
 from threedistill.groups import plain_schedule, scheduled  # noqa: F401  (re-exported)
 from threedistill.guidance.base import GuidanceConfig
 from threedistill.priors.base import PriorConfig
@@ -59,6 +61,12 @@ def is_override(word: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Bounds of the ``optim`` numbers (:func:`~threedistill.groups.check_bounds`). Learning rates
+#: above 10 only diverge (the presets use 1e-3 .. 1e-2); Adam's betas lie in [0, 1).
+OPTIM_BOUNDS = {"lr": (0.0, 10.0), "eps": (1e-30, 1.0), "weight_decay": (0.0, 10.0),
+                "lr_scale_background": (0.0, 1000.0), "lr_scale_mlp": (0.0, 1000.0)}
+
+
 @dataclass
 class OptimConfig:
     name: str = "adam"
@@ -74,7 +82,20 @@ class OptimConfig:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
         unbound on a structured config node: ``OptimConfig.validate(cfg.optim, "optim")``)."""
         parse_schedule(self.lr, f"{key}.lr")
+        check_bounds(self, key, OPTIM_BOUNDS)
         check_choice(self.name, f"{key}.name", ("adam", "adamw"))
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise UserError(f"config key '{key}.betas' must be two numbers in [0, 1), got {shown(betas)}")
+
+
+#: Bounds of the ``run`` numbers. Far beyond what a real run uses (the papers' longest schedules
+#: are ~25k steps; Stable Diffusion renders at 64-512 px), small enough that a typo is refused
+#: before it holds a worker for ever or fails inside the job: steps and cadences <= 1e6; seeds are
+#: 32-bit (what numpy, diffusers and most tools take, so a seed can be reproduced elsewhere);
+#: renders 4..2048 px (a 2048^2 NeRF render batch already needs tens of GB).
+RUN_BOUNDS = {"steps": (1, MAX_STEPS), "seed": (0, 2**32 - 1), "resolution": (4, 2048),
+              "preview_every": (1, MAX_STEPS), "checkpoint_every": (1, MAX_STEPS)}
 
 
 @dataclass
@@ -104,12 +125,21 @@ class RunConfig:
         for name in ("steps", "resolution", "preview_every", "checkpoint_every"):
             check_positive(getattr(self, name), f"{key}.{name}")
         check_positive(self.seed, f"{key}.seed", allow_zero=True)
+        check_bounds(self, key, RUN_BOUNDS)
         check_positive(self.checkpoint_every_s, f"{key}.checkpoint_every_s", allow_zero=True)
         if not math.isfinite(float(self.checkpoint_every_s)):
             raise UserError(f"config key '{key}.checkpoint_every_s' must be a finite number of seconds, "
                             f"got {self.checkpoint_every_s}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+            raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got {shown(self.device)}")
+
+
+#: Bounds of the ``export`` numbers: marching cubes up to 1024^3 cells (threestudio exports at
+#: 256; 1024^3 density queries take minutes on a GPU, beyond is a typo), textures up to 8192 px
+#: (what GLB viewers load), turntables up to a minute of 60 fps frames at up to 2048 px.
+EXPORT_BOUNDS = {"mesh_resolution": (8, 1024), "min_component_ratio": (0.0, 1.0), "texture_size": (16, 8192),
+                 "turntable_frames": (1, 3600), "turntable_fps": (1, 120), "turntable_resolution": (16, 2048),
+                 "turntable_elevation": (-90.0, 90.0)}
 
 
 @dataclass
@@ -137,7 +167,8 @@ class ExportConfig:
         for name in ("mesh_resolution", "texture_size", "turntable_frames", "turntable_fps", "turntable_resolution"):
             check_positive(getattr(self, name), f"{key}.{name}")
         if not 16 <= self.texture_size <= 8192:
-            raise UserError(f"config key '{key}.texture_size' must be between 16 and 8192, got {self.texture_size}")
+            raise UserError(f"config key '{key}.texture_size' must be between 16 and 8192, got {shown(self.texture_size)}")
+        check_bounds(self, key, EXPORT_BOUNDS)
         for fmt in self.formats:
             if fmt not in ("glb", "obj", "ply"):
                 raise UserError(f"config key '{key}.formats': unknown mesh format '{fmt}' (use glb, obj, ply)")
@@ -162,7 +193,7 @@ class RefineConfig:
             raise UserError(f"config key '{key}.config' must name a preset or YAML file, e.g. sds-mesh")
         for ov in self.overrides:
             if not is_override(ov):
-                raise UserError(f"config key '{key}.overrides': '{ov}' is not of the form key=value")
+                raise UserError(f"config key '{key}.overrides': {shown(ov)} is not of the form key=value")
 
 
 @dataclass
@@ -180,39 +211,88 @@ class Config:
         """Every group's own checks (types are OmegaConf's, on merge); the first bad value raises a
         one-line :class:`~threedistill.errors.UserError` naming its key. Also called unbound on a
         structured config: ``Config.validate(cfg)``."""
+        # No ${...} interpolation first: the groups' checks would resolve it.
+        check_storable(self, interpolations_only=True)
         for key, group in (("prior", PriorConfig), ("guidance", GuidanceConfig), ("camera", CameraConfig),
                            ("optim", OptimConfig), ("run", RunConfig), ("export", ExportConfig),
                            ("refine", RefineConfig)):
             group.validate(getattr(self, key), key)
         RepresentationConfig.validate(self.representation, "representation")
+        check_storable(self)  # what config.yaml and run.json will hold, the keys without bounds too
         # Registered names are checked where they are looked up (guidance / representation registries).
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or ""
+#: A key worth quoting in a message: dotted names of letters, digits and underscores (anything else
+#: in a key position came from text that is not a config, e.g. a file that is not one).
+_GROUPS = ("prior", "guidance", "representation", "camera", "optim", "run", "export", "refine")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][\w.]{0,99}$")
+
+
+def _format_omegaconf_error(err: Exception, source: Optional[str] = None) -> str:
+    """One line for an OmegaConf error. ``source`` names the file the values came from: then no
+    value and no unknown key that is not a plain name is quoted (a file's content never reaches a
+    message, whatever file a user names); values a user typed are quoted, shortened."""
+    key = str(getattr(err, "full_key", None) or "")
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    where = f"config file '{source}': " if source is not None else ""
     if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(err).__name__:
         m = re.search(r"Key '([^']+)'", msg)
-        name = key or (m.group(1) if m else "?")
-        return f"unknown config key '{name}' (see `threedistill presets` or `threedistill generate --help`)"
+        name = key or (m.group(1) if m else "")
+        if source is not None:  # a file's keys are its content: quoted only as a typo in a known group
+            group, _, leaf = name.rpartition(".")
+            if group.split(".")[0] in _GROUPS and re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", leaf):
+                return f"{where}unknown config key '{name}' (see `threedistill presets` or `threedistill generate --help`)"
+            return f"{where}a key that is not a config key (see `threedistill presets`)"
+        if _PLAIN_KEY.match(name) is None:
+            return f"{where}a key that is not a config key (see `threedistill presets` or `threedistill generate --help`)"
+        return f"{where}unknown config key '{name}' (see `threedistill presets` or `threedistill generate --help`)"
+    if key and _PLAIN_KEY.match(key) is None:
+        return f"{where}a key that is not a config key (see `threedistill presets`)"
+    if source is not None:
+        kind = next((t for t in ("Integer", "Float", "Boolean", "String") if t in msg), None)
+        expected = f" (expected {'a' if kind != 'Integer' else 'an'} {kind.lower()})" if kind else ""
+        return f"{where}bad value for config key '{key}'{expected}" if key else f"{where}not a valid config"
+    msg = msg if len(msg) <= 160 else msg[:157] + "..."
     if key:
         return f"bad value for config key '{key}': {msg}"
     return f"bad config: {msg}"
 
 
-def resolve_config_path(path_or_name: str) -> Path:
-    """A YAML path, or a preset name (``sds-nerf`` -> ``threedistill/presets/sds-nerf.yaml``, see :func:`list_presets`)."""
-    p = Path(path_or_name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / path_or_name, CONFIG_DIR / f"{path_or_name}.yaml"):
+#: A check of each file a config is read from (the path, resolved, and the name the user gave, for
+#: the message; raises :class:`~threedistill.errors.UserError`): the path policy's seam in
+#: :func:`load_config`.
+ReadCheck = Callable[[Path, str], None]
+
+
+def preset_names() -> List[str]:
+    """The shipped presets (by name, without ``.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path_or_name: str, read_check: Optional[ReadCheck] = None) -> Path:
+    """A YAML path, or a preset name (``sds-nerf`` -> ``threedistill/presets/sds-nerf.yaml``, see :func:`list_presets`).
+    ``read_check`` (the path policy) sees the resolved path (symlinks followed) of a file before
+    it is read, and the name of one that is not found, so a policy can answer both alike."""
+    name = str(path_or_name)
+    if "\x00" in name or not name.strip():
+        raise UserError("config file name is empty or holds a NUL character")
+    candidates = [Path(name).expanduser()]
+    if name in preset_names():
+        candidates = [CONFIG_DIR / f"{name}.yaml"]  # a shipped preset wins over a file of that name
+    else:
+        candidates += [CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    for cand in candidates:
         if cand.is_file():
+            if read_check is not None:
+                read_check(cand.resolve(), name)
             return cand
-    raise UserError(f"config file '{path_or_name}' not found (give a YAML path or a preset name: "
-                    f"{', '.join(p for p, _ in list_presets())})")
+    if read_check is not None:
+        read_check(Path(name).expanduser().resolve(), name)  # a policy that refuses says so, whether it exists or not
+    raise UserError(f"config file {shown(name)} not found (give a YAML path or a preset name: "
+                    f"{', '.join(preset_names())})")
 
 
 def list_presets() -> List[Tuple[str, str]]:
@@ -236,12 +316,38 @@ def list_presets() -> List[Tuple[str, str]]:
 RETIRED_KEYS = ("optim.lr_scale_guidance", "representation.nerf.encoding")
 
 
+def _yaml_error(path: Path, err: Exception) -> UserError:
+    """A file that is not valid YAML, by line and column only: the parser's message quotes the file."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return UserError(f"config file '{path}' is not valid YAML{where}")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise UserError(f"config file '{path}' is not a text file") from None
+    except OSError as e:
+        raise UserError(f"config file '{path}' cannot be read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # yaml errors, OmegaConf's on odd keys
+        raise _yaml_error(path, e) from None
+
+
+def _merge(merged: Any, other: Any, source: Optional[str] = None) -> Any:
+    """``OmegaConf.merge`` with its errors as one-line :class:`UserError` (no content of ``source``)."""
+    try:
+        return OmegaConf.merge(merged, other)
+    except OmegaConfBaseException as e:
+        raise UserError(_format_omegaconf_error(e, source)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # values OmegaConf cannot hold
+        where = f"config file '{source}': " if source is not None else ""
+        raise UserError(f"{where}a value that is not a valid config value ({type(e).__name__})") from None
+
+
 def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
     """A run folder's saved ``config.yaml`` (minus :data:`RETIRED_KEYS`) with ``overrides``."""
-    try:
-        saved = OmegaConf.load(path)
-    except Exception as e:  # yaml errors
-        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    saved = _read_yaml(path)
     if not isinstance(saved, DictConfig):
         raise UserError(f"config file '{path}' does not hold a config mapping")
     for key in RETIRED_KEYS:
@@ -249,19 +355,18 @@ def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
         node = OmegaConf.select(saved, group)
         if isinstance(node, DictConfig) and name in node:
             del node[name]
-    return load_config(None, overrides, base=saved)
+    return load_config(None, overrides, base=saved, base_source=str(path))
 
 
-def _load_config_file(path: Path, chain: tuple = ()) -> DictConfig:
+def _load_config_file(path: Path, chain: tuple = (), read_check: Optional[ReadCheck] = None) -> DictConfig:
     """One YAML config file; its optional top-level ``extends: [name or path, ...]`` is loaded
     first (recursively, in order; names resolve like ``--config``, relative paths against the
-    file's folder), then the file's own keys on top."""
+    file's folder), then the file's own keys on top. ``read_check`` sees every file first."""
     if path.resolve() in chain:
         raise UserError(f"config file '{path}' extends itself (through {' -> '.join(p.name for p in chain)})")
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as e:  # yaml errors
-        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if read_check is not None:
+        read_check(path.resolve(), str(path))
+    loaded = _read_yaml(path)
     if loaded is None:
         loaded = OmegaConf.create({})
     if not isinstance(loaded, DictConfig):
@@ -271,12 +376,28 @@ def _load_config_file(path: Path, chain: tuple = ()) -> DictConfig:
         return loaded
     if isinstance(parents, str):
         parents = [parents]
+    if not all(isinstance(p, str) for p in parents):
+        raise UserError(f"config file '{path}': extends must name presets or YAML files")
     merged = OmegaConf.create({})
     for parent in parents:
         beside = [c for c in (path.parent / str(parent), path.parent / f"{parent}.yaml") if c.is_file()]
-        target = beside[0] if beside else resolve_config_path(str(parent))
-        merged = OmegaConf.merge(merged, _load_config_file(target, chain + (path.resolve(),)))
-    return OmegaConf.merge(merged, loaded)
+        try:
+            target = beside[0] if beside else resolve_config_path(str(parent), read_check)
+        except UserError:  # the name is the file's content: not quoted
+            raise UserError(f"config file '{path}': a file it extends is not found or not allowed") from None
+        merged = _merge(merged, _load_config_file(target, chain + (path.resolve(),), read_check), str(target))
+    return _merge(merged, loaded, str(path))
+
+
+_SCHEMA: Optional[DictConfig] = None
+
+
+def _schema() -> DictConfig:
+    """A fresh copy of the structured defaults (built once: building takes ~7x a copy)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = OmegaConf.structured(Config)
+    return copy.deepcopy(_SCHEMA)
 
 
 def load_config(
@@ -284,45 +405,79 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Optional[DictConfig | dict] = None,
     values: Optional[Mapping[str, Any]] = None,
+    read_check: Optional[ReadCheck] = None,
+    base_source: Optional[str] = None,
 ) -> Config:
     """Defaults <- ``base`` (a dict/DictConfig) <- ``config_file`` (one, or several merged in order,
     e.g. a loss preset then the ``sd`` prior overlay) <- ``values`` (typed values by dotted key,
     e.g. ``{"run.seed": 3}``: a form's fields) <- ``key=value`` overrides.
 
+    ``read_check`` (a path policy) sees each config file (and each file it extends) before it is
+    read. ``base_source``: the file ``base`` was read from (its content is never quoted).
     Returns a validated structured config (an OmegaConf object typed as :class:`Config`).
-    Raises :class:`UserError` with one line naming the key on any problem.
+    Raises :class:`UserError` with one line naming the key on any problem; a message never
+    quotes a config file's content.
     """
-    schema = OmegaConf.structured(Config)
+    merged = _schema()
+    if base is not None:
+        merged = _merge(merged, base, base_source)
+    if config_file is None:
+        files: Sequence[str | Path] = []
+    elif isinstance(config_file, (str, Path)):
+        files = [config_file]
+    else:
+        files = list(config_file)
+    for one in files:
+        path = resolve_config_path(str(one), read_check)
+        merged = _merge(merged, _load_config_file(path, read_check=read_check), str(path))
+    if values:
+        nested: Dict[str, Any] = {}
+        for key, value in values.items():
+            if _PLAIN_KEY.match(str(key)) is None:
+                raise UserError(f"{shown(key)} is not a config key")
+            *groups, name = str(key).split(".")
+            node = nested
+            for g in groups:
+                node = node.setdefault(g, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"config key '{key}' is given twice (as a value and as a group)")
+            node[name] = value
+        merged = _merge(merged, nested)
+    if overrides:
+        for ov in overrides:
+            if not is_override(ov):
+                raise UserError(f"override {shown(ov)} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise UserError(_format_omegaconf_error(e)) from None
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. key='
+            raise UserError(f"an override that is not a valid config value ({type(e).__name__}): "
+                            f"{shown([ov for ov in overrides])}") from None
+        merged = _merge(merged, dotlist)
     try:
-        merged = schema
-        if base is not None:
-            merged = OmegaConf.merge(merged, base)
-        if config_file is None:
-            files: Sequence[str | Path] = []
-        elif isinstance(config_file, (str, Path)):
-            files = [config_file]
-        else:
-            files = list(config_file)
-        for one in files:
-            merged = OmegaConf.merge(merged, _load_config_file(resolve_config_path(str(one))))
-        if values:
-            nested: Dict[str, Any] = {}
-            for key, value in values.items():
-                *groups, name = str(key).split(".")
-                node = nested
-                for g in groups:
-                    node = node.setdefault(g, {})
-                node[name] = value
-            merged = OmegaConf.merge(merged, nested)
-        if overrides:
-            for ov in overrides:
-                if not is_override(ov):
-                    raise UserError(f"override '{ov}' is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
+        validate(merged)
+    except OmegaConfBaseException as e:  # e.g. a value that reads as another type
         raise UserError(_format_omegaconf_error(e)) from None
-    validate(merged)
+    except UserError as e:
+        sources = [str(f) for f in files] + ([base_source] if base_source else [])
+        if sources:
+            typed = [str(k) for k in (values or {})] + [ov.split("=", 1)[0] for ov in overrides]
+            raise UserError(_unquoted_unless_typed(str(e), typed, sources)) from None
+        raise
     return merged  # type: ignore[return-value]
+
+
+def _unquoted_unless_typed(message: str, typed: Sequence[str], sources: Sequence[str]) -> str:
+    """A validation message about a value that came from a config file, without the value (a
+    file's content is never quoted); values the user typed stay quoted."""
+    m = re.search(r"config keys? '([^']+)'", message)
+    key = m.group(1) if m else ""
+    if key and any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in typed):
+        return message
+    short = re.sub(r",? got .*$", "", message)
+    short = re.sub(r": schedule .*$|, not .*$", "", short)
+    return f"{short} (set in {', '.join(repr(s) for s in sources)})"
 
 
 def validate(cfg: Config) -> None:

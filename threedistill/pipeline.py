@@ -32,13 +32,14 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 from omegaconf import OmegaConf
 
-from threedistill.config import Config, load_config
+from threedistill.config import CONFIG_DIR, Config, ReadCheck, load_config
 from threedistill.distill import Callback, Distiller, RunResult, check_prompt, check_writable_location
 from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
-from threedistill.priors import PriorCache, check_prior_available
+from threedistill.groups import shown
+from threedistill.priors import BUILTIN_PRIORS, PriorCache, check_prior_available
 from threedistill.representations import representation_class
-from threedistill.runs import RunFolder
+from threedistill.runs import RunFolder, slugify
 
 #: The refine stage's folder inside the coarse run's folder.
 REFINE_DIR = RunFolder.REFINE
@@ -53,9 +54,10 @@ def refine_dir_of(coarse_dir: Path) -> Path:
 
 
 def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = None,
-                  overrides: Optional[Sequence[str]] = None) -> Config:
+                  overrides: Optional[Sequence[str]] = None, read_check: Optional[ReadCheck] = None) -> Config:
     """The refine stage's config for a coarse run in ``coarse_dir`` (``config`` / ``overrides``
-    default to the coarse config's ``refine.config`` / ``refine.overrides``)."""
+    default to the coarse config's ``refine.config`` / ``refine.overrides``); ``read_check`` (the
+    path policy's) sees the refine config file before it is read."""
     config = str(coarse_cfg.refine.config) if config is None else config
     overrides = list(coarse_cfg.refine.overrides) if overrides is None else list(overrides)
     carried: dict = {}
@@ -68,7 +70,7 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         node[parts[-1]] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     init = f"run:{Path(coarse_dir).resolve()}"
     try:
-        preset = load_config(config)
+        preset = load_config(config, read_check=read_check)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
     if not representation_class(str(preset.representation.name)).refines_surfaces:
@@ -89,18 +91,154 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
     return cfg
 
 
-def check_refine(cfg: Config) -> None:
-    """Fail early (before the coarse stage) on a bad refine section of a chained config."""
+def check_refine(cfg: Config, policy: Optional["PathPolicy"] = None) -> None:
+    """Fail early (before the coarse stage) on a bad refine section of a chained config; with a
+    path policy, the refine stage's config file and its whole config pass it too (its overrides may
+    name a prior folder, an init file, ...)."""
     if cfg.refine.enabled:
-        refine_config(cfg, Path(cfg.run.out_dir) / "coarse-run")
+        coarse = Path(cfg.run.out_dir) / "coarse-run"
+        stage = refine_config(cfg, coarse, read_check=policy.read_check("refine.config") if policy else None)
+        if policy is not None:
+            policy.check_config(stage, RunFolder(coarse).refine, new_run=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # Preparing a run: the one way from what a user asked to a config and a run folder
 # ----------------------------------------------------------------------------------------------
-#: A check of which files a run may read and write (``(config, run folder)``; raises
-#: :class:`~threedistill.errors.UserError`). The seam for a front end's path policy.
-PathPolicy = Callable[[Config, RunFolder], None]
+class PathPolicy:
+    """Which files a run may read and where its folder may be: one policy, applied by
+    :func:`prepare_run` once per run to every config value that names a file or a folder (the
+    config files and presets with what they extend, ``refine.config`` and the refine stage's
+    whole config, ``representation.*.init=file:``/``run:``, ``prior.name`` as a folder,
+    ``prior.cache_dir``, ``run.out_dir``, ``run.name``) and to the run folder itself (new,
+    resumed, a refine stage's source, a batch row's). Symlinks are resolved before every check.
+
+    This base class is the CLI's (and batch's) policy: a run may read whatever the user names, but
+    ``run.name`` is a folder name (no separator, no ``..``, not absolute), so a new run's folder
+    stays inside ``run.out_dir`` (``--out``), symlinks included. :class:`AppPathPolicy` is the
+    web app's. ``extra``: a further check ``(config, run folder)`` (raise :class:`UserError`).
+    """
+
+    def __init__(self, extra: Optional[Callable[[Config, RunFolder], None]] = None):
+        self.extra = extra
+
+    # -- what a policy decides ------------------------------------------------------------------
+    def check_read(self, path: Path, given: str, key: str) -> None:
+        """May the run read ``path`` (resolved; ``given``: what the user wrote, for the message;
+        ``key``: the config key or field that names it)? The CLI may read anything."""
+
+    def check_prior(self, cfg: Config) -> None:
+        """May the run load ``cfg.prior`` (its name when it is a folder, its cache folder)?"""
+        name = str(cfg.prior.name)
+        if name not in BUILTIN_PRIORS and _looks_like_path(name):
+            self.check_read(_resolved(name), name, "prior.name")
+        if cfg.prior.cache_dir is not None:
+            self.check_read(_resolved(str(cfg.prior.cache_dir)), str(cfg.prior.cache_dir), "prior.cache_dir")
+
+    def check_run_folder(self, folder: RunFolder, key: str, given: Optional[str] = None) -> None:
+        """May the run read and write ``folder`` (a run to resume, a refine stage's source, a
+        batch row's folder; ``given``: what the user wrote)? The CLI may use any."""
+
+    def check_out_dir(self, cfg: Config) -> None:
+        """May new runs be written into ``run.out_dir``? The CLI may write anywhere the user says."""
+
+    # -- the whole config ---------------------------------------------------------------------------
+    def read_check(self, key: str) -> Callable[[Path, str], None]:
+        """:data:`threedistill.config.ReadCheck` for the config files named by ``key``."""
+        return lambda path, given: self.check_read(path, given, key)
+
+    def check_config(self, cfg: Config, folder: RunFolder, new_run: bool = True) -> None:
+        """Every path-naming value of ``cfg`` and the run's ``folder`` (``new_run``: a folder to be
+        named from ``run.name``; a resumed run or a refine stage has its folder already)."""
+        name = cfg.run.name
+        if new_run:  # a resumed run or a refine stage has its folder (checked) already
+            if name is not None:
+                self.check_run_name(str(name), Path(str(cfg.run.out_dir)))
+            self.check_out_dir(cfg)
+        for group in ("nerf", "gaussians", "mesh"):
+            node = cfg.representation[group]
+            init = str(node.init) if "init" in node and node.init is not None else ""
+            key = f"representation.{group}.init"
+            if init.startswith("file:"):
+                self.check_read(_resolved(init[len("file:"):]), init, key)
+            elif init.startswith("run:"):
+                self.check_run_folder(RunFolder(_resolved(init[len("run:"):])), key, init)
+        self.check_prior(cfg)
+        if self.extra is not None:
+            self.extra(cfg, folder)
+
+    def check_run_name(self, name: str, out_dir: Path) -> None:
+        """``run.name`` is one folder name inside ``out_dir`` (``run.name=../x`` would write outside
+        ``--out``), also once symlinks in ``out_dir`` are followed."""
+        if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+                or Path(name).is_absolute() or Path(name).name != name):
+            raise UserError(f"run.name {shown(name)} must be a folder name inside the output folder (no '/', "
+                            f"'\\' or '..'), e.g. '{slugify(name)}'")
+        target = (out_dir / name).resolve()
+        if target.parent != out_dir.resolve():
+            raise UserError(f"run.name {shown(name)} is a link that leads outside the output folder; pick another")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A prior name that names a folder here (a hub id is ``org/name`` and no folder of that name)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or Path(name).expanduser().exists() or name.count("/") != 1
+
+
+def _resolved(path: str) -> Path:
+    if "\x00" in path:
+        raise UserError("a path holds a NUL character")
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an unknown ~user
+        return Path(path).absolute()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class AppPathPolicy(PathPolicy):
+    """The web app's policy: a run reads only inside ``outputs``, the shipped presets
+    (``configs/``) and the priors in ``priors`` (names: built-ins, cached hub ids); it writes only
+    new folders of ``outputs`` whose ``run.name`` is a plain slug not used yet. A refused path gets
+    the same message whether it exists or not, and the message quotes only what the user wrote."""
+
+    def __init__(self, outputs: Union[str, Path], priors: Sequence[str] = tuple(BUILTIN_PRIORS),
+                 extra: Optional[Callable[[Config, RunFolder], None]] = None):
+        super().__init__(extra)
+        self.outputs = Path(outputs).expanduser().resolve()
+        self.priors = list(priors)
+        self.presets = CONFIG_DIR.resolve()
+
+    def _refuse(self, given: str, key: str) -> UserError:
+        return UserError(f"{key} {shown(given)} is not allowed: the web app reads only its outputs folder, "
+                         f"its presets and the listed priors")
+
+    def check_read(self, path: Path, given: str, key: str) -> None:
+        if not (_inside(path, self.outputs) or _inside(path, self.presets)):
+            raise self._refuse(given, key)
+
+    def check_prior(self, cfg: Config) -> None:
+        name = str(cfg.prior.name)
+        if name not in self.priors:
+            raise UserError(f"prior {shown(name)} is not allowed: choose one of {', '.join(self.priors)}")
+        if cfg.prior.cache_dir is not None:
+            raise self._refuse(str(cfg.prior.cache_dir), "prior.cache_dir")
+
+    def check_run_folder(self, folder: RunFolder, key: str, given: Optional[str] = None) -> None:
+        if not _inside(_resolved(str(folder.path)), self.outputs):
+            raise self._refuse(given if given is not None else str(folder.path), key)
+
+    def check_out_dir(self, cfg: Config) -> None:
+        if _resolved(str(cfg.run.out_dir)) != self.outputs:
+            raise UserError("run.out_dir is set by the app (its --outputs folder); remove it")
+
+    def check_run_name(self, name: str, out_dir: Path) -> None:
+        if slugify(name) != name:
+            raise UserError(f"run.name {shown(name)} must be a plain name of a-z, 0-9 and '-' (e.g. '{slugify(name)}')")
+        super().check_run_name(name, out_dir)
+        if (self.outputs / name).exists() or (self.outputs / name).is_symlink():
+            raise UserError(f"run.name '{name}' is already used in the outputs folder; pick another")
 
 
 @dataclass
@@ -118,8 +256,10 @@ class RunRequest:
     * ``refine_of``: a refine stage of that finished run (``configs``: at most one, the stage's
       preset, default the run's ``refine.config``; ``overrides`` after the run's ``refine.overrides``).
 
-    ``path_policy`` is called with the config and the folder before anything else is checked
-    against the file system.
+    ``path_policy``: which files the run may read (:class:`PathPolicy`; None: the CLI's). A plain
+    callable ``(config, folder)`` is taken as an extra check on top of the CLI's policy. It sees
+    every config file before it is read, and the config and the folder before anything else is
+    checked against the file system.
     """
 
     prompt: Optional[str] = None
@@ -135,7 +275,7 @@ class RunRequest:
     run_dir: Optional[Union[str, Path]] = None
     resume: Optional[Union[str, Path]] = None
     refine_of: Optional[Union[str, Path]] = None
-    path_policy: Optional[PathPolicy] = None
+    path_policy: Optional[Union[PathPolicy, Callable[[Config, RunFolder], None]]] = None
 
 
 class PreflightError(UserError):
@@ -167,9 +307,10 @@ def _check_finished(coarse: RunFolder) -> None:
 
 
 def _prepare_refine(coarse: RunFolder, config: Optional[str], overrides: Sequence[str],
-                    continue_existing: bool) -> Tuple[Config, RunFolder]:
+                    continue_existing: bool, policy: PathPolicy) -> Tuple[Config, RunFolder]:
     """A refine stage of the finished run ``coarse``: a new one, or (``continue_existing``) the
     one its folder holds already."""
+    policy.check_run_folder(coarse, "run folder")  # before the file system is asked about it
     if not coarse.path.is_dir():
         raise UserError(f"run folder '{coarse.path}' does not exist")
     _check_finished(coarse)
@@ -181,11 +322,19 @@ def _prepare_refine(coarse: RunFolder, config: Optional[str], overrides: Sequenc
         # Point the init at where the coarse run is now (the folders may have moved together).
         cfg.representation[cfg.representation.name].init = f"run:{where.path}"
         return cfg, folder
-    cfg = refine_config(coarse_cfg, where.path, config, [*coarse_cfg.refine.overrides, *overrides])
+    cfg = refine_config(coarse_cfg, where.path, config, [*coarse_cfg.refine.overrides, *overrides],
+                        read_check=policy.read_check("refine.config"))
     if folder.is_run():
         raise UserError(f"'{folder.path}' already holds a refine stage; continue it with "
                         f"`threedistill generate --resume {folder.path}` or remove it to start again")
     return cfg, folder
+
+
+def _policy(request: RunRequest) -> PathPolicy:
+    """The request's path policy (a plain callable: an extra check over the CLI's)."""
+    if isinstance(request.path_policy, PathPolicy):
+        return request.path_policy
+    return PathPolicy(extra=request.path_policy)
 
 
 def prepare_config(request: RunRequest) -> Config:
@@ -193,11 +342,13 @@ def prepare_config(request: RunRequest) -> Config:
     config, the prompt, that the prior's weights can be found): for front ends that sample the
     prior without a run (``threedistill preview``). Raises :class:`PreflightError` naming the check."""
     cfg = _new_config(request)
+    _check("paths", lambda: _policy(request).check_prior(cfg))  # a preview reads its config files and the prior
     _check("prior", lambda: check_prior_available(cfg.prior))
     return cfg
 
 
 def _new_config(request: RunRequest) -> Config:
+    policy = _policy(request)
     base = OmegaConf.merge(OmegaConf.create(dict(request.defaults)),
                            {"run": {"prompt": request.prompt or "",
                                     **({"out_dir": str(request.out_dir)} if request.out_dir is not None else {})}})
@@ -207,15 +358,17 @@ def _new_config(request: RunRequest) -> Config:
         if value is not None:
             values[key] = value
     cfg = _check("config", lambda: load_config(list(request.configs), list(request.overrides), base=base,
-                                               values=values))
+                                               values=values, read_check=policy.read_check("config")))
     cfg.run.prompt = _check("prompt", lambda: check_prompt(cfg.run.prompt))
     return cfg
 
 
 def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
+    policy = _policy(request)
     cfg = _new_config(request)
     if request.run_dir is not None:
         folder = RunFolder(request.run_dir)
+        _check("paths", lambda: policy.check_run_folder(folder, "run folder"))
     elif cfg.run.name:
         # The policy sees an explicit name before the file system does (the collision check).
         _check_paths(request, cfg, RunFolder(Path(cfg.run.out_dir) / str(cfg.run.name)))
@@ -227,32 +380,35 @@ def _prepare_new(request: RunRequest) -> Tuple[Config, RunFolder]:
 
 
 def _check_paths(request: RunRequest, cfg: Config, folder: RunFolder) -> None:
-    """The seam for the path policy (which files a run may read and write): the request's own
-    policy when it has one; no default policy yet."""
-    if request.path_policy is not None:
-        _check("paths", lambda: request.path_policy(cfg, folder))
+    """The path policy on the config's paths and the run folder (:class:`PathPolicy`)."""
+    policy = _policy(request)
+    new_run = request.resume is None and request.refine_of is None
+    _check("paths", lambda: policy.check_config(cfg, folder, new_run))
 
 
 def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
     """The validated config and the run folder of ``request``, with every pre-flight check made
-    (the same for the CLI, the web app and batch): the config (validation), the prompt, the path
-    policy, the run folder (an explicit ``run.name`` that already holds a run is refused), the
-    refine section of a chained config, and that the prior's weights can be found (none loaded).
-    Creates nothing. Raises :class:`PreflightError` (a :class:`UserError`) naming the check."""
+    (the same for the CLI, the web app and batch): the path policy (every file the config is read
+    from, every path the config names, the run folder; :class:`PathPolicy`), the config
+    (validation), the prompt, the run folder (an explicit ``run.name`` that already holds a run is
+    refused), the refine section of a chained config, and that the prior's weights can be found
+    (none loaded). Creates nothing. Raises :class:`PreflightError` (a :class:`UserError`) naming
+    the check."""
+    policy = _policy(request)
     if request.refine_of is not None:
         if len(request.configs) > 1:
             raise PreflightError("config", "a refine stage takes one preset or config file")
         config = str(request.configs[0]) if request.configs else None
         cfg, folder = _check("refine", lambda: _prepare_refine(RunFolder(request.refine_of), config,
-                                                               request.overrides, continue_existing=False))
+                                                               request.overrides, False, policy))
     elif request.resume is not None:
         folder = RunFolder(request.resume)
+        _check("paths", lambda: policy.check_run_folder(folder, "run folder"))  # before is_dir: no probing
         if not folder.path.is_dir():
             raise PreflightError("run_folder", f"run folder '{folder.path}' does not exist")
         saved = _check("config", folder.read_config)
         if folder.is_finished() and saved.refine.enabled:  # what continues is its refine stage
-            cfg, folder = _check("refine", lambda: _prepare_refine(folder, None, request.overrides,
-                                                                   continue_existing=True))
+            cfg, folder = _check("refine", lambda: _prepare_refine(folder, None, request.overrides, True, policy))
         else:
             cfg = _check("config", lambda: folder.read_config(request.overrides))
         _check("run_folder", folder.check_not_running)  # a live process drives it: one writer only
@@ -260,7 +416,7 @@ def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
         _check_paths(request, cfg, folder)
     else:
         cfg, folder = _prepare_new(request)  # checks the paths itself, before the folder is named
-    _check("refine", lambda: check_refine(cfg))
+    _check("refine", lambda: check_refine(cfg, policy))
     _check("prior", lambda: check_prior_available(cfg.prior))
     return cfg, folder
 
@@ -361,7 +517,7 @@ def start_refine(coarse_dir: Path, config: Optional[str] = None, overrides: Sequ
     return run_prepared(cfg, folder, callbacks, priors)[-1]
 
 
-__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "prepare_run", "prepare_config",
-           "run_prepared",
+__all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "PreflightError", "PathPolicy", "AppPathPolicy", "prepare_run",
+           "prepare_config", "run_prepared",
            "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain", "start_refine",
            "is_complete", "refine_dir_of", "coarse_of"]

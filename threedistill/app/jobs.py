@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
+import re
 import threading
 import time
 import uuid
@@ -33,11 +35,14 @@ from threedistill.config import CONFIG_DIR
 from threedistill.devices import OOM_HINT, out_of_memory, resolve_device
 from threedistill.distill import Distiller
 from threedistill.errors import UserError
-from threedistill.pipeline import PreflightError, RunRequest, is_complete, prepare_run, run_prepared, then_refine
+from threedistill.groups import shown
+from threedistill.pipeline import (AppPathPolicy, PreflightError, RunRequest, is_complete, prepare_run, run_prepared,
+                                   then_refine)
 from threedistill.plots import write_curves
 from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, Preview, sample_preview
-from threedistill.priors import PriorCache
-from threedistill.runs import OutputsFolder, RunFolder, slugify
+from threedistill.priors import BUILTIN_PRIORS, PriorCache
+from threedistill.priors.diffusers_prior import _hf_cache_dir as hf_cache_dir
+from threedistill.runs import OutputsFolder, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +111,24 @@ def _number(name: str, v: Any, kind: type, positive: bool) -> Optional[Any]:
     if _blank(v):
         return None
     try:
-        f = float(v)
-        if kind is int and f != int(f):
-            raise ValueError
-        out = kind(int(f)) if kind is int else float(f)
-    except (TypeError, ValueError):
-        raise ValidationError(name, f"{name.replace('_', ' ')} must be {'a whole number' if kind is int else 'a number'}, got '{v}'") from None
+        if isinstance(v, bool):
+            raise TypeError
+        if kind is int and isinstance(v, int):
+            out = v  # exactly (a float would round a huge number); the config's bounds refuse it
+        else:
+            f = float(v)
+            if kind is int and f != int(f):
+                raise ValueError
+            out = int(f) if kind is int else f
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be {'a whole number' if kind is int else 'a number'}, "
+                                    f"got {shown(v)}") from None
+    if not math.isfinite(out):
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be a finite number, got {shown(v)}")
     if positive and out <= 0:
-        raise ValidationError(name, f"{name.replace('_', ' ')} must be > 0, got {v}")
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be > 0, got {shown(v)}")
     if not positive and out < 0:
-        raise ValidationError(name, f"{name.replace('_', ' ')} must be >= 0, got {v}")
+        raise ValidationError(name, f"{name.replace('_', ' ')} must be >= 0, got {shown(v)}")
     return out
 
 
@@ -144,35 +157,41 @@ def parse_overrides(text: str) -> List[str]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            out.append(f"{prefix}={json.dumps(node)}")
+            out.append(f"{prefix}={json.dumps(node, default=str)}")  # default: YAML dates
 
     walk("", data)
     return out
 
 
 def _field_for_message(message: str) -> str:
-    """Which form field a config error message is about (the rest go to the advanced panel)."""
+    """Which form field a config error message is about (the rest go to the advanced panel): the
+    field of the config key the message names, else the first form word it mentions."""
+    fields = (("run.steps", "steps"), ("run.seed", "seed"), ("run.resolution", "resolution"),
+              ("guidance.guidance_scale", "guidance_scale"), ("prior.negative_prompt", "negative_prompt"),
+              ("run.prompt", "prompt"), ("prior.name", "prior"))
+    named = re.search(r"config keys? '([^']+)'", message)
+    if named is not None:
+        key = named.group(1)
+        return next((name for k, name in fields if key == k), "overrides")
     m = message.lower()
-    for key, name in (("run.steps", "steps"), ("run.seed", "seed"), ("run.resolution", "resolution"),
-                      ("guidance.guidance_scale", "guidance_scale"), ("negative_prompt", "negative_prompt"),
-                      ("prompt", "prompt"), ("prior", "prior"), ("preset", "preset")):
+    for key, name in (*fields, ("negative_prompt", "negative_prompt"), ("prompt", "prompt"), ("prior", "prior")):
         if key in m:
             return name
     return "overrides"
 
 
-def _app_paths(outputs: Path):
-    """The app's path policy (a :data:`~threedistill.pipeline.PathPolicy`): ``run.name`` may only
-    be a plain slug not used yet in the outputs folder, so no user text ever places a run outside it."""
-
-    def check(cfg, folder: RunFolder) -> None:
-        if cfg.run.name is not None and (slugify(str(cfg.run.name)) != str(cfg.run.name)):
-            raise UserError(f"run.name '{cfg.run.name}' must be a plain name of a-z, 0-9 and '-' "
-                            f"(e.g. '{slugify(str(cfg.run.name))}')")
-        if cfg.run.name is not None and (outputs / str(cfg.run.name)).exists():
-            raise UserError(f"run.name '{cfg.run.name}' is already used in the outputs folder; pick another")
-
-    return check
+def list_prior_choices(cache_dir: Optional[str] = None) -> List[str]:
+    """``shapes`` plus the diffusers pipelines (repos with a model_index.json) in the local HF cache:
+    the priors the app offers, and the only ones its path policy lets a job load."""
+    names = list(BUILTIN_PRIORS)
+    try:
+        cache = hf_cache_dir(cache_dir)  # the folder load_prior looks in
+        for repo in sorted(cache.glob("models--*")):
+            if any(repo.glob("snapshots/*/model_index.json")):
+                names.append(repo.name[len("models--"):].replace("--", "/"))
+    except Exception:  # a missing or unreadable cache just means no extra choices
+        pass
+    return names
 
 
 #: Which form field a failed pre-flight check (:class:`~threedistill.pipeline.PreflightError`) is about.
@@ -180,13 +199,20 @@ _CHECK_FIELDS = {"prompt": "prompt", "prior": "prior", "refine": "overrides", "p
                  "run_folder": "overrides"}
 
 
-def build_config(s: JobSettings, outputs: Path):
+def build_config(s: JobSettings, outputs: Path, priors: Optional[Sequence[str]] = None):
     """The validated run config for ``s`` (raises :class:`ValidationError` naming the field), by
-    :func:`~threedistill.pipeline.prepare_run`.
-
-    ``run.out_dir`` is always the app's outputs folder; ``run.name`` may only be a plain slug, so
-    no user text ever places a run outside it.
+    :func:`~threedistill.pipeline.prepare_run` under the app's path policy
+    (:class:`~threedistill.pipeline.AppPathPolicy`): a job reads only inside ``outputs``, the
+    shipped presets and the ``priors`` offered (default :func:`list_prior_choices`); ``run.out_dir``
+    is always the outputs folder and ``run.name`` a plain slug, so no user text ever places a run
+    outside it.
     """
+    for name in ("prompt", "negative_prompt", "preset", "prior", "overrides"):  # raw API calls may send anything
+        value = getattr(s, name)
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(name, f"{name.replace('_', ' ')} must be text, got {type(value).__name__}")
+        if value is not None and (len(value) > 100_000 or "\x00" in value):
+            raise ValidationError(name, f"{name.replace('_', ' ')} is too long or holds a NUL character")
     if "\n" in (s.negative_prompt or "") or "\r" in (s.negative_prompt or ""):
         raise ValidationError("negative_prompt", "the negative prompt must be a single line")
     presets = list_presets()
@@ -216,11 +242,13 @@ def build_config(s: JobSettings, outputs: Path):
                          resolution=resolution, overrides=overrides,
                          defaults={"run": {"progress": False, "checkpoint_every_s": CHECKPOINT_EVERY_S},
                                    "export": {"formats": ["glb", "obj", "ply"]}},
-                         path_policy=_app_paths(outputs))
+                         path_policy=AppPathPolicy(outputs, list_prior_choices() if priors is None else priors))
     try:
         cfg, _ = prepare_run(request)  # the folder is named when the job starts
     except PreflightError as e:
         field_name = _CHECK_FIELDS.get(e.check) or _field_for_message(e.message)
+        if e.check == "paths" and e.message.startswith("prior"):  # the prior field's own refusal
+            field_name = "prior"
         message = e.message.replace('threedistill generate "a red cube"', '"a red cube"')
         raise ValidationError(field_name, message) from None
     return cfg
@@ -317,13 +345,26 @@ class _JobCallback:
     def on_end(self, distiller, result) -> None: ...
 
 
+def _count(value: Any) -> int:
+    """A step count from a run.json as a plain int a JSON page can show (0 for anything else: one
+    damaged run.json must not break the history for everyone)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else 0
+
+
+def _text(value: Any) -> str:
+    return value[:4096] if isinstance(value, str) else ""
+
+
 class JobManager:
     """Validates submissions and runs them one at a time per device, in submission order."""
 
-    def __init__(self, outputs: str | Path = "outputs", restore: bool = True):
+    def __init__(self, outputs: str | Path = "outputs", restore: bool = True, priors: Optional[Sequence[str]] = None):
         """``restore``: queue again the jobs a previous manager left in this outputs folder's saved
-        queue (the running one resumes from its checkpoint)."""
+        queue (the running one resumes from its checkpoint). ``priors``: the prior names the page
+        offers (default: the built-in ones and the pipelines found locally)."""
         self.outputs = Path(outputs).expanduser().resolve()
+        #: The priors a job may use (the page's choices): the path policy refuses any other.
+        self.priors = list(priors) if priors is not None else list_prior_choices()
         self.outputs.mkdir(parents=True, exist_ok=True)
         self._store = OutputsFolder(self.outputs)
         self._lock = threading.RLock()
@@ -339,7 +380,7 @@ class JobManager:
     # -- submitting ---------------------------------------------------------------------------
     def validate(self, settings: JobSettings | Dict[str, Any]):
         s = settings if isinstance(settings, JobSettings) else JobSettings.from_dict(settings)
-        return s, build_config(s, self.outputs)
+        return s, build_config(s, self.outputs, self.priors)
 
     def submit(self, settings: JobSettings | Dict[str, Any]) -> str:
         """Queue a job; returns its id. Raises :class:`ValidationError` (nothing queued) on bad input."""
@@ -413,14 +454,9 @@ class JobManager:
                    cfg=cfg, folder=folder, resume_of=name, created=created or time.time())
 
     def _prepare_resume(self, name: str):
-        outputs = self.outputs
-
-        def inside(cfg, folder: RunFolder) -> None:
-            p = folder.path.resolve()
-            if outputs not in p.parents:
-                raise UserError(f"'{folder.path}' is outside the outputs folder")
-
-        return prepare_run(RunRequest(resume=outputs / name, path_policy=inside))
+        """The resumed run's config and folder under the app's path policy (the folder and every
+        path its config names must lie inside the outputs folder, its prior be one the page offers)."""
+        return prepare_run(RunRequest(resume=self.outputs / name, path_policy=AppPathPolicy(self.outputs, self.priors)))
 
     # -- the saved queue ------------------------------------------------------------------------
     def _save_queue(self) -> None:
@@ -526,13 +562,14 @@ class JobManager:
         runs = []
         for d in self.outputs.iterdir():
             folder = RunFolder(d)
-            if not d.is_dir() or d.name.startswith(".") or not folder.has_status():
-                continue
+            if not d.is_dir() or d.name.startswith(".") or not self.is_inside(d) or not folder.has_status():
+                continue  # a link to a folder elsewhere is not a run of this app
             info = folder.read_status()
             preview = folder.latest_preview()
-            runs.append({"name": d.name, "run_dir": str(d), "status": info.get("status", "unknown"),
-                         "prompt": info.get("prompt", ""), "step": info.get("step", 0), "steps": info.get("steps", 0),
-                         "updated": info.get("updated", ""), "preview": str(preview) if preview else None,
+            preview = preview if preview is not None and self.is_inside(preview) else None
+            runs.append({"name": d.name, "run_dir": str(d), "status": _text(info.get("status", "unknown")),
+                         "prompt": _text(info.get("prompt", "")), "step": _count(info.get("step", 0)),
+                         "steps": _count(info.get("steps", 0)), "updated": _text(info.get("updated", "")), "preview": str(preview) if preview else None,
                          "export_pending": bool(info.get("export_pending", False)),
                          "mtime": folder.status_path.stat().st_mtime})
         runs.sort(key=lambda r: r["mtime"], reverse=True)
@@ -566,6 +603,14 @@ class JobManager:
             return None  # the run has not logged a step yet
 
     # -- files ------------------------------------------------------------------------------------
+    def is_inside(self, path: str | Path) -> bool:
+        """Whether ``path`` (symlinks resolved) lies inside the outputs folder."""
+        try:
+            self.safe_path(path)
+            return True
+        except UserError:
+            return False
+
     def safe_path(self, path: str | Path) -> Path:
         """``path`` (absolute, or relative to the outputs folder) resolved, if it lies inside the
         outputs folder; else :class:`UserError`. Symlinks are resolved before the check."""
@@ -600,6 +645,8 @@ class JobManager:
         folder = RunFolder(d)
 
         def f(path: Path) -> Optional[str]:
+            if not self.is_inside(path):  # a link out of the outputs folder is not served
+                return None
             p = self.safe_path(path)
             return str(p) if p.is_file() else None
 
@@ -609,10 +656,10 @@ class JobManager:
                                          "obj": None, "preview": None}
         obj = f(folder.mesh_path("obj"))
         if obj:
-            extra = folder.mesh_companions()
+            extra = [p for p in folder.mesh_companions() if self.is_inside(p)]
             out["obj"] = str(self._zip(d, [folder.mesh_path("obj"), *extra], f"{d.name}-obj.zip")) if extra else obj
         preview = folder.latest_preview()
-        if preview is not None:
+        if preview is not None and self.is_inside(preview):
             out["preview"] = str(self.safe_path(preview))
         out["zip"] = str(self.zip_run(d))
         return out
@@ -620,7 +667,7 @@ class JobManager:
     def zip_run(self, run_dir: Path) -> Path:
         """A zip of the whole run folder (rebuilt when run.json is newer)."""
         d = self.safe_path(run_dir)
-        files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()]
+        files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink() and self.is_inside(p)]
         return self._zip(d, files, f"{d.name}.zip")
 
     def _zip(self, root: Path, files: Sequence[Path], name: str) -> Path:

@@ -46,22 +46,6 @@ OVERRIDES_HELP = ("# YAML or key=value lines, applied after the preset and the f
                   "# run.preview_every=50\n# export.formats=[glb,obj,ply]\n")
 
 
-def list_prior_choices(cache_dir: Optional[str] = None) -> List[str]:
-    """``shapes`` plus the diffusers pipelines (repos with a model_index.json) in the local HF cache."""
-    from threedistill.priors import BUILTIN_PRIORS
-    from threedistill.priors.diffusers_prior import _hf_cache_dir
-
-    names = list(BUILTIN_PRIORS)
-    try:
-        cache = _hf_cache_dir(cache_dir)  # the folder load_prior looks in
-        for repo in sorted(cache.glob("models--*")):
-            if any(repo.glob("snapshots/*/model_index.json")):
-                names.append(repo.name[len("models--"):].replace("--", "/"))
-    except Exception:  # a missing or unreadable cache just means no extra choices
-        pass
-    return names
-
-
 def _progress_html(job: Optional[Dict[str, Any]]) -> str:
     if job is None:
         return "<p>No job yet: enter a prompt and press Generate.</p>"
@@ -119,7 +103,7 @@ def build_ui(manager: JobManager):
                 with gr.Row():
                     preset = gr.Dropdown(presets, value="sds-nerf" if "sds-nerf" in presets else presets[0],
                                          label="Preset (loss - representation)")
-                    prior = gr.Dropdown(list_prior_choices(), value="shapes", allow_custom_value=True,
+                    prior = gr.Dropdown(manager.priors, value="shapes", allow_custom_value=True,
                                         label="Prior (built-in, cached pipeline, or a typed path / hub id)")
                 err_box("preset")
                 err_box("prior")

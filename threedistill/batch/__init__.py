@@ -78,6 +78,22 @@ class _Progress:
         self.bar.close()
 
 
+#: Bounds of the batch flags, checked before anything is read or created: more worker processes
+#: than 256 or torch threads than 1024 per worker exceed any machine; 100 retries of a crashing row
+#: or 10000 seeds per prompt are typos.
+BATCH_FLAG_BOUNDS = {"workers": (1, 256), "threads": (1, 1024), "retries": (0, 100), "seeds": (1, 10_000)}
+
+
+def check_batch_flags(**flags: Optional[int]) -> None:
+    """Each flag (None: its default) is a whole number within :data:`BATCH_FLAG_BOUNDS`."""
+    for name, value in flags.items():
+        lo, hi = BATCH_FLAG_BOUNDS[name]
+        if value is None and name in ("workers", "threads"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"--{name} must be >= {lo} and <= {hi} (a whole number), got {value}")
+
+
 def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequence[str] = (), overrides: Sequence[str] = (),
               seeds: int = 1, executor: str = "local", workers: Optional[int] = None,
               ray_address: Optional[str] = None, retries: int = 1, threads: Optional[int] = None,
@@ -85,8 +101,7 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
     """Run (or resume) a batch into ``out`` (None: the config's ``run.out_dir``). Returns the totals (rows, done, failed, ...); the
     manifest, ``summary.md`` and ``index.html`` are in ``out``. ``runner``: ``"module:function"``
     to run each row instead of :func:`~threedistill.batch.worker.execute_row` (same signature)."""
-    if retries < 0:
-        raise UserError(f"--retries must be >= 0, got {retries}")
+    check_batch_flags(workers=workers, threads=threads, retries=retries, seeds=seeds)  # before anything is created
     # The batch-wide settings must be valid on their own (a typo there would fail every row).
     base = {"run": {"prompt": "batch", **({"out_dir": str(out)} if out is not None else {})}}
     cfg0 = load_config(list(configs), list(overrides), base=base)

@@ -31,11 +31,21 @@ import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch
 from threedistill.errors import UserError
-from threedistill.groups import (Scheduled, check_choice, check_positive, check_schedule_min, check_unit,
+from threedistill.groups import (Scheduled, check_bounds, check_choice, check_positive, check_schedule_min, check_unit,
                                  parse_schedule, scheduled)
 from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
 log = logging.getLogger(__name__)
+
+
+#: Bounds of the ``guidance`` numbers (schedules: their values). CFG scales above 1000 are 10x
+#: DreamFusion's 100; LoRA ranks above 256 are full-rank for SD's attention; an inversion step
+#: or a delta_t beyond 1000 leaves the diffusion's 1000 training timesteps; weights and clips
+#: are bounded so a typo cannot turn the loss into inf.
+GUIDANCE_BOUNDS = {"guidance_scale": (0.0, 1000.0), "t_min": (0.0, 1.0), "t_max": (0.0, 1.0),
+                   "grad_clip": (0.0, 1e6), "weight": (0.0, 1e6), "lora_rank": (1, 256), "state_lr": (0.0, 1.0),
+                   "camera_dropout": (0.0, 1.0), "esd_lambda": (0.0, 1.0), "delta_t": (0.0, 1000.0),
+                   "xs_delta_t": (1, 1000), "xs_inv_steps": (1, 1000), "negative_weight": (-1000.0, 1000.0)}
 
 
 @dataclass
@@ -82,6 +92,7 @@ class GuidanceConfig:
         looked up (:func:`build_guidance`)."""
         for name in ("guidance_scale", "t_min", "t_max", "grad_clip", "weight", "delta_t", "negative_weight"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
+        check_bounds(self, key, GUIDANCE_BOUNDS, optional=("grad_clip",))  # first: nulls and non-numbers
         for name in ("t_min", "t_max"):
             start, end, _, _ = parse_schedule(getattr(self, name), f"{key}.{name}")  # type: ignore[misc]
             for v in (start, end):

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from threedistill.groups import check_choice, check_positive, check_unit
+from threedistill.groups import MAX_STEPS, check_choice, check_positive, check_unit
 
 SHADING_MODES = ("albedo", "textureless", "diffuse")
 #: Background modes every representation renders (the NeRF adds its learned ``mlp``).
@@ -68,6 +68,17 @@ class ShadingConfig(BackgroundConfig):
     albedo_prob: float = 0.5
     textureless_prob: float = 0.0
     ambient_light: float = 0.1
+
+
+#: Bounds of the shared numbers (:func:`~threedistill.groups.check_bounds`): the scene radius in
+#: scene units (the shapes world lies within 0.5, Stable Diffusion scenes within ~2), probabilities.
+BACKGROUND_BOUNDS = {"radius": (1e-3, 1000.0), "random_background_prob": (0.0, 1.0)}
+SHADING_BOUNDS = {**BACKGROUND_BOUNDS, "ambient_only_steps": (0, MAX_STEPS), "albedo_prob": (0.0, 1.0),
+                  "textureless_prob": (0.0, 1.0), "ambient_light": (0.0, 1.0)}
+#: Fixed per-group learning rates (the Gaussians', the mesh's): above 10 only diverges.
+LR_BOUNDS = (0.0, 10.0)
+#: Regularizer weights (schedules: their values); the presets use up to 1e4.
+LAMBDA_BOUNDS = (0.0, 1e8)
 
 
 def check_background(node: Any, key: str, choices: Sequence[str] = SOLID_BACKGROUNDS) -> None:

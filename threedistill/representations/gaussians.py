@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import Scheduled, check_positive, check_unit, parse_schedule, plain_schedule, scheduled
+from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, check_unit, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.meshio import read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
@@ -102,6 +102,20 @@ SPLAT_PLY_PROPERTIES: Tuple[str, ...] = (
 _PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
               "char": "i1", "int8": "i1", "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2",
               "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4"}
+
+
+from threedistill.representations.common import BACKGROUND_BOUNDS, LAMBDA_BOUNDS, LR_BOUNDS
+
+#: Bounds of the Gaussians' numbers: up to 1e7 Gaussians (3DGS scenes hold 1-6 million; each
+#: costs ~250 bytes with its optimizer state), cadences and step numbers within run.steps' bound.
+GAUSSIANS_BOUNDS = {**BACKGROUND_BOUNDS, "num_points": (1, 10_000_000), "init_radius": (1e-6, 1000.0),
+                    "init_opacity": (0.0, 1.0), "lr_means": LR_BOUNDS, "lr_scales": LR_BOUNDS, "lr_quats": LR_BOUNDS,
+                    "lr_opacities": LR_BOUNDS, "lr_colors": LR_BOUNDS, "lambda_opacity": LAMBDA_BOUNDS,
+                    "lambda_scale": LAMBDA_BOUNDS, "isosurface_threshold": (0.0, 1e6), "densify_from": (0, MAX_STEPS),
+                    "densify_until": (0, MAX_STEPS), "densify_every": (0, MAX_STEPS),
+                    "densify_grad_threshold": (0.0, 1e6), "densify_scale_threshold": (0.0, 1000.0),
+                    "prune_opacity": (0.0, 1.0), "prune_scale": (0.0, 1000.0), "opacity_reset_every": (0, MAX_STEPS),
+                    "max_gaussians": (1, 10_000_000)}
 
 
 @dataclass
@@ -161,6 +175,7 @@ class GaussiansConfig(BackgroundConfig):
                      "prune_opacity", "prune_scale", "opacity_reset_every"):
             check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
         check_positive(self.max_gaussians, f"{key}.max_gaussians")
+        check_bounds(self, key, GAUSSIANS_BOUNDS, optional=("densify_until",))
         if self.densify_until is not None and self.densify_until < 0:
             raise UserError(f"config key '{key}.densify_until' must be >= 0 or null, got {self.densify_until}")
         if not 0.0 < self.init_opacity < 1.0:

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import Scheduled, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
+from threedistill.groups import Scheduled, check_bounds, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
 from threedistill.errors import UserError
 from threedistill.meshio import Z_UP_TO_Y_UP, read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
@@ -91,6 +91,15 @@ from threedistill.representations.mesh_raster import face_normals, render_mesh
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
+from threedistill.representations.common import LAMBDA_BOUNDS, LR_BOUNDS, SHADING_BOUNDS
+
+#: Bounds of the mesh's numbers: icospheres up to 7 subdivisions (~330k faces), "run:" inits
+#: extracted on grids up to 1024^3 (as export.mesh_resolution).
+MESH_BOUNDS = {**SHADING_BOUNDS, "init_radius": (1e-6, 1000.0), "init_subdivisions": (0, 7),
+               "init_mesh_resolution": (2, 1024), "lr_offsets": LR_BOUNDS, "lr_colors": LR_BOUNDS,
+               "lambda_laplacian": LAMBDA_BOUNDS, "lambda_normal_consistency": LAMBDA_BOUNDS}
+
+
 @dataclass
 class MeshConfig(ShadingConfig):
     """``representation.mesh``. Shading (the NeRF's conventions: albedo only before
@@ -122,6 +131,7 @@ class MeshConfig(ShadingConfig):
         for name in ("lambda_laplacian", "lambda_normal_consistency"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.init_radius, f"{key}.init_radius")
+        check_bounds(self, key, MESH_BOUNDS, optional=("init_mesh_resolution",))
         check_radius(self, key)
         for name in ("lr_offsets", "lr_colors", "ambient_only_steps"):
             check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)

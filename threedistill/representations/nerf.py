@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import Scheduled, check_positive, parse_schedule, plain_schedule, scheduled
+from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, parse_schedule, plain_schedule, scheduled
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     Appearance,
@@ -95,6 +95,21 @@ from threedistill.representations.encodings import FrequencyEncoding, HashGridEn
 
 #: Background modes of the NeRF: the solid ones and the learned ``mlp``.
 NERF_BACKGROUNDS = ("mlp", "white", "black", "random")
+
+
+from threedistill.representations.common import LAMBDA_BOUNDS, LR_BOUNDS, SHADING_BOUNDS
+
+#: Bounds of the NeRF's numbers: hash grids up to 2^24 entries per level (Instant-NGP's largest
+#: tables; more exhausts a GPU), MLPs up to 1024 wide and 16 deep, up to 1024 samples per ray,
+#: grids up to 512^3.
+NERF_BOUNDS = {**SHADING_BOUNDS, "n_levels": (1, 32), "n_features_per_level": (1, 16), "log2_hashmap_size": (4, 24),
+               "base_resolution": (1, 4096), "max_resolution": (1, 65536), "hidden_dim": (1, 1024),
+               "n_hidden_layers": (0, 16), "blob_density": (-1e4, 1e4), "blob_radius": (0.0, 1000.0),
+               "num_samples": (1, 1024), "skip_grid_resolution": (0, 512), "skip_density_threshold": (0.0, 1e6),
+               "skip_refresh_every": (1, MAX_STEPS), "occupancy_grid_resolution": (1, 512),
+               "occupancy_threshold": (0.0, 1e6), "render_step_size": (1e-5, 1.0), "lambda_orient": LAMBDA_BOUNDS,
+               "lambda_sparsity": LAMBDA_BOUNDS, "lambda_opaque": LAMBDA_BOUNDS,
+               "isosurface_threshold": (-1e6, 1e6)}
 
 
 @dataclass
@@ -148,6 +163,7 @@ class NerfConfig(ShadingConfig):
         for name in ("lambda_orient", "lambda_sparsity", "lambda_opaque"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.num_samples, f"{key}.num_samples")
+        check_bounds(self, key, NERF_BOUNDS)
         check_radius(self, key)
         check_background(self, key, NERF_BACKGROUNDS)
 

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -196,6 +196,16 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _load_tensors(path: Path, device) -> Any:
+    """A file this trainer saved (tensors, numbers, text, in dicts and lists), loaded with
+    ``weights_only=True``: a planted pickle in the training folder cannot run code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError (not plain data), truncated or foreign files
+        raise UserError(f"'{path}' is not a file this trainer wrote ({type(e).__name__}); remove it to start "
+                        f"that part again") from None
+
+
 class PriorTrainer:
     """Resumable training of the shapes prior in the folder ``out``.
 
@@ -228,7 +238,7 @@ class PriorTrainer:
     def _dataset(self, log: Callable[[str], None]):
         path = self.out / "dataset.pt"
         if path.is_file():
-            return torch.load(path, map_location="cpu")
+            return _load_tensors(path, "cpu")
         from tqdm import tqdm
 
         prompts = training_prompts()
@@ -269,7 +279,7 @@ class PriorTrainer:
         step, elapsed = 0, 0.0
         rng = torch.Generator().manual_seed(c.seed + 1)
         if self.state_path.is_file():
-            state = torch.load(self.state_path, map_location=device)
+            state = _load_tensors(self.state_path, device)
             unet.load_state_dict(state["unet"])
             text_encoder.load_state_dict(state["text_encoder"])
             opt.load_state_dict(state["optimizer"])
