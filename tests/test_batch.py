@@ -226,13 +226,13 @@ def test_a_batch_killed_midway_resumes_without_rerunning_rows(tmp_path, tiny_sd_
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "threedistill.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # kill it (SIGKILL: no clean-up) once a row is done and the next has a checkpoint
+    try:  # kill it (SIGKILL: no clean-up) once a row is done and the next has a checkpoint (its JSON, written last)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "batch.jsonl").is_file():
                 states = [e["state"] for e in _manifest(out)]
                 running = [e for e in _manifest(out) if e["state"] == "running"]
-                if "done" in states and running and list((out / running[0]["run_dir"] / "checkpoints").glob("*.safetensors")):
+                if "done" in states and running and list((out / running[0]["run_dir"] / "checkpoints").glob("step_*.json")):
                     break
             time.sleep(0.05)
         assert proc.poll() is None, "the batch ended before it could be killed"

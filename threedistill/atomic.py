@@ -9,16 +9,21 @@ system) as the destination.
 * :func:`atomic_write_text` / :func:`atomic_write_bytes` - one-shot helpers.
 * :func:`atomic_path` - a temporary *path* for libraries that insist on writing by file name
   (ffmpeg, some exporters); it keeps the final suffix so format detection by extension works.
+* :func:`leftover_temp_files` / :func:`remove_leftover_temp_files` - the temp files a killed
+  process left behind (a kill -9 gives the writer no chance to remove its temp file). Only names
+  of the two exact forms this module creates match; a user's file never does unless it copies
+  them (a dot, the destination's name, the random part, ``.tmp``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, List, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -129,4 +134,37 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_path"]
+#: The temp names this module creates, and nothing else:
+#: :func:`atomic_write` (``tempfile.mkstemp``): ``.<name>.<8 of [a-z0-9_]>.tmp``;
+#: :func:`atomic_path`: ``.<stem>.<12 hex digits>.tmp<suffix>`` (``suffix`` empty or ``.<word>``).
+_TEMP_NAMES = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[A-Za-z0-9_-]+)?$"))
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` has the form of a temporary file of :func:`atomic_write` or :func:`atomic_path`."""
+    return any(p.match(name) for p in _TEMP_NAMES)
+
+
+def leftover_temp_files(folder: PathLike) -> List[Path]:
+    """The regular files directly in ``folder`` (not in its subfolders; symlinks never) whose
+    names are temp names of this module, sorted. Call it only when no process is writing there."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if is_temp_name(p.name) and p.is_file() and not p.is_symlink())
+
+
+def remove_leftover_temp_files(folder: PathLike) -> List[Path]:
+    """Remove :func:`leftover_temp_files` of ``folder``; returns what was removed."""
+    removed = []
+    for p in leftover_temp_files(folder):
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_path", "is_temp_name",
+           "leftover_temp_files", "remove_leftover_temp_files"]

@@ -7,20 +7,28 @@ Layout in ``<run>/checkpoints/``::
 
 The JSON is written last, so a checkpoint counts only once its JSON exists; both files are
 written atomically. The frozen prior is never saved. Nothing here uses pickle.
+
+A checkpoint that does not load (a truncated, empty or garbage file, a bad sidecar, a tensor of
+the wrong shape) is skipped by :func:`load_latest_checkpoint` with a one-line warning, and the one
+before it is used; when none loads, the error is one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from threedistill.atomic import atomic_path, atomic_write_text
 from threedistill.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})\.json$")
 
@@ -30,15 +38,10 @@ def checkpoint_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[int]:
-    """The newest complete checkpoint step in ``ckpt_dir`` (None if there is none)."""
-    if not ckpt_dir.is_dir():
-        return None
-    steps = []
-    for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
-        if m and checkpoint_paths(ckpt_dir, int(m.group(1)))[0].is_file():
-            steps.append(int(m.group(1)))
-    return max(steps) if steps else None
+    """The newest complete checkpoint step in ``ckpt_dir`` (None if there is none); whether it
+    loads is :func:`load_latest_checkpoint`'s question."""
+    steps = checkpoint_steps(ckpt_dir)
+    return steps[-1] if steps else None
 
 
 def checkpoint_steps(ckpt_dir: Path) -> list[int]:
@@ -113,14 +116,55 @@ def save_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
     return json_path
 
 
+class CheckpointError(UserError):
+    """A checkpoint that does not load: ``reason`` says why in a few words, ``mismatch`` whether it
+    was read but does not fit the modules (else the files are unreadable)."""
+
+    def __init__(self, message: str, reason: str, mismatch: bool):
+        super().__init__(message)
+        self.reason, self.mismatch = reason, mismatch
+
+
+def _first_line(e: BaseException) -> str:
+    """The exception's type and its first informative line (torch's state-dict errors start with
+    a header line, "Error(s) in loading state_dict for X:")."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Refuse optimizer state whose tensors do not fit the parameters (torch would only fail at
+    the next step): every state tensor with dimensions (Adam's moments) has its parameter's shape."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, kv in state["state"].items():
+        if not 0 <= pid < len(params):
+            raise ValueError(f"optimizer state for parameter {pid} of {len(params)}")
+        for k, v in kv.items():
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
+                raise ValueError(f"optimizer state {pid}.{k} has shape {tuple(v.shape)}, its parameter "
+                                 f"{tuple(params[pid].shape)}")
+
+
 def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, guidance: Optional[torch.nn.Module],
                     optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> Dict[str, Any]:
+    """Load the checkpoint of ``step`` into the modules (and ``optimizer``); returns its JSON.
+
+    A checkpoint that does not load raises a one-line :class:`UserError`; the modules may then
+    hold part of it (load another checkpoint into them, or drop them)."""
     st_path, json_path = checkpoint_paths(ckpt_dir, step)
+    path = json_path
     try:
         meta = json.loads(json_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("it holds no JSON object")
+        path = st_path
         tensors = load_file(str(st_path), device="cpu")  # optimizer "step" must stay on CPU
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint '{st_path}' is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        why = f"{path.name}: {_first_line(e)}"
+        raise CheckpointError(f"checkpoint '{path}' is unreadable ({_first_line(e)})", f"unreadable {why}",
+                              False) from None
 
     def sub(prefix: str) -> Dict[str, torch.Tensor]:
         n = len(prefix) + 1
@@ -130,11 +174,44 @@ def load_checkpoint(ckpt_dir: Path, step: int, representation: torch.nn.Module, 
         representation.load_state_dict(sub("representation"))
         if guidance is not None:
             guidance.load_state_dict(sub("guidance"))
-    except RuntimeError as e:
-        raise UserError(
-            f"checkpoint '{st_path}' does not match this configuration ({str(e).splitlines()[0]}); "
-            "resume with the run's own config.yaml"
-        ) from None
-    if optimizer is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        if optimizer is not None:
+            state = _unflatten_optimizer(tensors, meta["optimizer"])
+            _check_optimizer_state(optimizer, state)
+            optimizer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        why = _first_line(e)
+        raise CheckpointError(f"checkpoint '{st_path}' does not match this configuration ({why}); "
+                              "resume with the run's own config.yaml", f"does not fit: {why}", True) from None
     return meta
+
+
+def load_latest_checkpoint(ckpt_dir: Path, representation: torch.nn.Module, guidance: Optional[torch.nn.Module],
+                           optimizer: Optional[torch.optim.Optimizer],
+                           device: torch.device) -> Optional[Tuple[int, Dict[str, Any]]]:
+    """``(step, meta)`` of the newest checkpoint in ``ckpt_dir`` that loads (see
+    :func:`load_checkpoint`), None when there is no checkpoint at all.
+
+    Newer ones that do not load are skipped, each with a one-line warning (logged), once an older
+    one has loaded. Every load replaces the whole state (strict ``load_state_dict``, the whole
+    optimizer state), so what a skipped checkpoint left in the modules is overwritten: the result
+    equals loading the older checkpoint directly. When none loads: one :class:`UserError` line
+    naming the newest checkpoint's problem."""
+    steps = checkpoint_steps(ckpt_dir)[::-1]  # newest first
+    failures: List[CheckpointError] = []
+    for step in steps:
+        try:
+            meta = load_checkpoint(ckpt_dir, step, representation, guidance, optimizer, device)
+        except CheckpointError as e:
+            failures.append(e)
+            continue
+        for bad, e in zip(steps, failures):
+            log.warning("skipped checkpoint step %d of '%s' (%s); using step %d", bad, ckpt_dir, e.reason, step)
+        return step, meta
+    if not failures:
+        return None
+    newest = failures[0]
+    if all(e.mismatch for e in failures):  # most likely a changed config, not damage
+        raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' fits this configuration; the newest: "
+                        f"{newest}")
+    raise UserError(f"no checkpoint of the {len(steps)} in '{ckpt_dir}' loads (the newest, step {steps[0]}: "
+                    f"{newest.reason}); remove '{ckpt_dir}' to start the run again from step 0")

@@ -11,6 +11,7 @@
                             [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
                             [--retries R] [--no-progress] [key=value ...]
     threedistill eval RUN_DIR [RUN_DIR ...] [--json]
+    threedistill list [OUT_DIR]
     threedistill preview "PROMPT" [-c PRESET|FILE ...] [--out FILE] [--samples N] [--steps N] [key=value ...]
     threedistill plot RUN_DIR [--out FILE]
     threedistill app [--host 127.0.0.1] [--port 7860] [--out DIR] [--auth USER:PASSWORD] [--insecure]
@@ -37,7 +38,7 @@ from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch import check_batch_flags, run_batch
-from threedistill.config import EXPORT_BOUNDS, PriorConfig, is_override, list_presets
+from threedistill.config import EXPORT_BOUNDS, PriorConfig, is_override, list_presets, load_config
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import (build_export_mesh, export_placement, render_turntable, save_image, save_mesh,
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retries", type=int, default=1, help="retries of a row whose attempt crashed (default 1)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     _add_overrides(b)
+
+    ls = sub.add_parser("list", help="the runs in an outputs folder: status (a run whose process died is "
+                                     "interrupted), step, prompt")
+    ls.add_argument("out_dir", nargs="?", default=None, metavar="OUT_DIR",
+                    help="outputs folder (default: run.out_dir = outputs)")
 
     ev = sub.add_parser("eval", help="score runs of shapes-world prompts against the ground truth")
     ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -237,6 +243,13 @@ def cmd_generate(args) -> int:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
         request = RunRequest(resume=Path(args.resume), overrides=args.overrides)
+        cfg, folder = prepare_run(request)
+        info = folder.read_status()
+        if info:
+            print(f"resuming {folder.path}: {info.get('status', 'unknown')} at step {info.get('step', '?')} of "
+                  f"{info.get('steps', '?')}", file=sys.stderr)
+        _print_results(run_prepared(cfg, folder))
+        return 0
     else:
         if looks_like_override:
             raise UserError(f"the prompt is missing: '{args.prompt}' is a key=value override; "
@@ -430,6 +443,27 @@ def _prior_eval(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    """One line per run (and refine stage): name, status as it stands now, step, prompt."""
+    out = Path(args.out_dir) if args.out_dir else Path(load_config(None).run.out_dir)
+    if not out.is_dir():
+        raise UserError(f"outputs folder '{out}' does not exist")
+    rows = []
+    for folder in RunFolder.find(out):
+        for stage, name in ((folder, folder.name), (folder.refine, f"{folder.name}/{RunFolder.REFINE}")):
+            info = stage.read_status()
+            if info:
+                rows.append((name, str(info.get("status", "unknown")), f"{info.get('step', 0)}/{info.get('steps', 0)}",
+                             str(info.get("prompt", ""))))
+    if not rows:
+        print(f"no runs in '{out}'")
+        return 0
+    width = max(len(r[0]) for r in rows)
+    for name, status, step, prompt in rows:
+        print(f"{name:<{width}}  {status:<11}  {step:>11}  {prompt}")
+    return 0
+
+
 def cmd_preview(args) -> int:
     import time
 
@@ -500,7 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"generate": cmd_generate, "refine": cmd_refine, "export": cmd_export, "render": cmd_render, "batch": cmd_batch, "prior": cmd_prior,
-                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets, "preview": cmd_preview, "plot": cmd_plot}
+                "eval": cmd_eval, "app": cmd_app, "presets": cmd_presets, "preview": cmd_preview, "plot": cmd_plot,
+                "list": cmd_list}
     try:
         return handlers[args.command](args)
     except UserError as e:

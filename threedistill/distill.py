@@ -20,7 +20,7 @@ import torch
 
 from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
                                   step_generator)
-from threedistill.checkpoint import checkpoint_steps, load_checkpoint, remove_checkpoint, save_checkpoint
+from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
 from threedistill.devices import choose_threads, resolve_device
 from threedistill.errors import UserError
@@ -345,6 +345,8 @@ class Distiller:
         cfg = self.cfg
         if not self.resuming and self.folder.config_path.exists():
             raise UserError(f"run folder '{self.run_dir}' already holds a run; resume it with --resume or pick another run.name")
+        if self.resuming:
+            self.folder.check_not_running()  # another process drives it now: leave it alone
         # Check the output location before the (slow) build, create the run folder only after it,
         # so a bad prior or config leaves nothing behind.
         check_writable_location(self.run_dir)
@@ -355,91 +357,113 @@ class Distiller:
             raise UserError(f"output folder '{self.run_dir}' is not writable ({e.strerror or e}); choose another with --out") from None
         start = 0
         if self.resuming:
-            last = self.folder.latest_checkpoint()
-            if last is not None:
-                load_checkpoint(self.folder.checkpoints_dir, last, self.representation, self.guidance,
-                                self.optimizer, self.device)
-                start = last
+            for p in self.folder.remove_temp_leftovers():
+                log.info("removed the temporary file '%s' a killed write left", p)
+            # The newest checkpoint that loads; newer ones that do not are skipped with a warning.
+            loaded = load_latest_checkpoint(self.folder.checkpoints_dir, self.representation, self.guidance,
+                                            self.optimizer, self.device)
+            if loaded is not None:
+                start = loaded[0]
                 self._forget_transient_checkpoints(start)
         self.step = start
         self.folder.write_config(cfg)
         self.folder.truncate_metrics(start)
         self.folder.previews_dir.mkdir(exist_ok=True)
+        # While the loop and the export run, run.json names this process as the runner (with a
+        # heartbeat): if the process dies, every front end reads the run as interrupted.
+        with self.folder.attend(step=lambda: self.step):
+            return self._run_attended(start)
+
+    def _run_attended(self, start: int) -> RunResult:
+        cfg = self.cfg
         self._write_status("running")
-        for cb in self.callbacks:
-            cb.on_start(self)
-
-        totals: Dict[str, float] = {}
-        loss_ema: Optional[float] = None
-        t_begin = time.perf_counter()
-        bar = None
-        if cfg.run.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.run.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
-        status = "finished"
-        every_s = float(cfg.run.checkpoint_every_s or 0.0)
-        last_checkpoint_t = time.perf_counter()
+        ended = False
         try:
-            with open(self.folder.metrics_path, "a", encoding="utf-8") as metrics:
-                for step in range(start, cfg.run.steps):
-                    timer = _Timer(self.device)
-                    t0 = time.perf_counter()
-                    stats = self.train_step(step, timer)
-                    stats.update({f"time_{k}": v for k, v in timer.times.items()})
-                    stats["time_step"] = time.perf_counter() - t0
-                    for k, v in timer.times.items():
-                        totals[k] = totals.get(k, 0.0) + v
-                    self.step = step + 1
-                    metrics.write(json.dumps(stats) + "\n")
-                    metrics.flush()
-                    loss_ema = smoothed(loss_ema, stats["loss"])
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", loss_ema=f"{loss_ema:.3g}", t=int(stats["t"]),
-                                        **self.representation.progress_stats(), refresh=False)
-                        bar.update(1)
-                    for cb in self.callbacks:
-                        cb.on_step(self, self.step, stats)
-                    if self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps:
-                        p = self.save_preview(self.step)
+            for cb in self.callbacks:
+                cb.on_start(self)
+
+            totals: Dict[str, float] = {}
+            loss_ema: Optional[float] = None
+            t_begin = time.perf_counter()
+            bar = None
+            if cfg.run.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.run.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+            status = "finished"
+            every_s = float(cfg.run.checkpoint_every_s or 0.0)
+            last_checkpoint_t = time.perf_counter()
+            try:
+                with open(self.folder.metrics_path, "a", encoding="utf-8") as metrics:
+                    for step in range(start, cfg.run.steps):
+                        timer = _Timer(self.device)
+                        t0 = time.perf_counter()
+                        stats = self.train_step(step, timer)
+                        stats.update({f"time_{k}": v for k, v in timer.times.items()})
+                        stats["time_step"] = time.perf_counter() - t0
+                        for k, v in timer.times.items():
+                            totals[k] = totals.get(k, 0.0) + v
+                        self.step = step + 1
+                        metrics.write(json.dumps(stats) + "\n")
+                        metrics.flush()
+                        loss_ema = smoothed(loss_ema, stats["loss"])
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{stats['loss']:.3g}", loss_ema=f"{loss_ema:.3g}", t=int(stats["t"]),
+                                            **self.representation.progress_stats(), refresh=False)
+                            bar.update(1)
                         for cb in self.callbacks:
-                            cb.on_preview(self, self.step, p)
-                    if self.step != cfg.run.steps:
-                        if self.step % cfg.run.checkpoint_every == 0:
-                            self.save_checkpoint(self.step)
-                            last_checkpoint_t = time.perf_counter()
-                        elif every_s > 0 and time.perf_counter() - last_checkpoint_t >= every_s and not self._stop:
-                            self.save_checkpoint(self.step, transient=True)
-                            last_checkpoint_t = time.perf_counter()
-                    if self._stop:
-                        status = "stopped"
-                        break
-        except KeyboardInterrupt:
-            if self.step > start:
-                self.save_checkpoint(self.step)
-            self._write_status("interrupted")
+                            cb.on_step(self, self.step, stats)
+                        if self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps:
+                            p = self.save_preview(self.step)
+                            for cb in self.callbacks:
+                                cb.on_preview(self, self.step, p)
+                        if self.step != cfg.run.steps:
+                            if self.step % cfg.run.checkpoint_every == 0:
+                                self.save_checkpoint(self.step)
+                                last_checkpoint_t = time.perf_counter()
+                            elif every_s > 0 and time.perf_counter() - last_checkpoint_t >= every_s and not self._stop:
+                                self.save_checkpoint(self.step, transient=True)
+                                last_checkpoint_t = time.perf_counter()
+                        if self._stop:
+                            status = "stopped"
+                            break
+            except KeyboardInterrupt:
+                if self.step > start:
+                    self.save_checkpoint(self.step)
+                self._write_status("interrupted")
+                ended = True
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+            self.save_checkpoint(self.step)
+            timings = {f"{k}_s": round(v, 3) for k, v in totals.items()}
+            timings["train_s"] = round(time.perf_counter() - t_begin, 3)
+            outputs: Dict[str, str] = {}
+            export_error: Optional[str] = None
+            if status == "finished":
+                t_exp = time.perf_counter()
+                self._write_status("exporting", timings=timings)
+                outputs, export_error = self.export()
+                timings["export_s"] = round(time.perf_counter() - t_exp, 3)
+            extra: Dict[str, object] = {"export_error": export_error} if export_error else {}
+            if status == "finished" and self._export_stopped:
+                # Stopped during the export: trained to the end (checkpointed), outputs not all written.
+                # Resuming the run (no steps left) writes them.
+                status, export_error = "stopped", None
+            if status == "stopped" and self.step >= cfg.run.steps:
+                extra = {"export_pending": True}
+            self._write_status(status, timings=timings, outputs=outputs, **extra)
+            ended = True
+        except BaseException as e:
+            if not ended:  # an error ended the run: it is not running any more (resumable from its checkpoint)
+                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                error = line if isinstance(e, UserError) else f"{type(e).__name__}: {line}" if line else type(e).__name__
+                try:
+                    self._write_status("interrupted", error=error)
+                except Exception:  # noqa: BLE001 - the run's own error matters more
+                    log.warning("could not write the status of '%s'", self.run_dir)
             raise
-        finally:
-            if bar is not None:
-                bar.close()
-        self.save_checkpoint(self.step)
-        timings = {f"{k}_s": round(v, 3) for k, v in totals.items()}
-        timings["train_s"] = round(time.perf_counter() - t_begin, 3)
-        outputs: Dict[str, str] = {}
-        export_error: Optional[str] = None
-        if status == "finished":
-            t_exp = time.perf_counter()
-            self._write_status("exporting", timings=timings)
-            outputs, export_error = self.export()
-            timings["export_s"] = round(time.perf_counter() - t_exp, 3)
-        extra: Dict[str, object] = {"export_error": export_error} if export_error else {}
-        if status == "finished" and self._export_stopped:
-            # Stopped during the export: trained to the end (checkpointed), outputs not all written.
-            # Resuming the run (no steps left) writes them.
-            status, export_error = "stopped", None
-        if status == "stopped" and self.step >= cfg.run.steps:
-            extra = {"export_pending": True}
-        self._write_status(status, timings=timings, outputs=outputs, **extra)
         result = RunResult(run_dir=self.run_dir, status=status, step=self.step, outputs=outputs, timings=timings)
         for cb in self.callbacks:
             cb.on_end(self, result)

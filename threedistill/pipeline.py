@@ -437,6 +437,7 @@ def prepare_run(request: RunRequest) -> Tuple[Config, RunFolder]:
             cfg, folder = _check("refine", lambda: _prepare_refine(folder, None, request.overrides, True, policy))
         else:
             cfg = _check("config", lambda: folder.read_config(request.overrides))
+        _check("run_folder", folder.check_not_running)  # a live process drives it: one writer only
     if request.refine_of is not None or request.resume is not None:
         _check_paths(request, cfg, folder)
     else:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import html
 from typing import Any, Dict, List, Optional
 
+from pathlib import Path
+
 from threedistill.atomic import atomic_write_text
 from threedistill.batch.manifest import Manifest
+from threedistill.runs import RunFolder
 from threedistill.text import format_duration
 
 MESH_KEYS = ("glb", "obj", "ply", "splat")
@@ -24,6 +27,17 @@ def _metrics_cells(m: Optional[Dict[str, Any]]) -> List[str]:
 
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def shown_state(batch_dir: Path, row: Dict[str, Any]) -> str:
+    """A row's state as the report shows it: the manifest's, except that a ``running`` row whose
+    run (its refine stage once that started) reads as interrupted (its process is gone) is
+    ``interrupted``."""
+    if row["state"] != "running":
+        return row["state"]
+    folder = RunFolder(Path(batch_dir) / row["run_dir"])
+    stage = folder.refine if folder.refine.has_status() else folder
+    return "interrupted" if stage.status() == "interrupted" else "running"
 
 
 def batch_totals(rows: List[Dict[str, Any]], wall_s: Optional[float]) -> Dict[str, Any]:
@@ -59,7 +73,7 @@ def write_summary(manifest: Manifest, title: str, wall_s: Optional[float] = None
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = r["outputs"].get("glb") or next((r["outputs"][k] for k in MESH_KEYS if k in r["outputs"]), "")
-        cells = [r["id"], _md_escape(r["prompt"]), str(r["seed"]), r["state"], str(r["attempts"]), str(r.get("step", 0)),
+        cells = [r["id"], _md_escape(r["prompt"]), str(r["seed"]), shown_state(out, r), str(r["attempts"]), str(r.get("step", 0)),
                  format_duration(r.get("wall_s", 0.0)), *_metrics_cells(r.get("metrics")),
                  f"[{mesh.split('/')[-1]}]({mesh})" if mesh else "", _md_escape(r.get("error") or "")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -76,6 +90,7 @@ h1{font-size:1.4em} .totals{margin-bottom:1em}
 .noimg{width:100%;aspect-ratio:1;display:flex;align-items:center;justify-content:center;color:#999;background:#f0f0f0}
 .state{font-weight:600;padding:1px 6px;border-radius:4px;color:#fff}
 .done{background:#2e7d32}.failed{background:#c62828}.pending{background:#757575}.running{background:#1565c0}
+.interrupted{background:#ef6c00}
 .prompt{font-weight:600;margin:6px 0 2px} .err{color:#c62828;word-break:break-word} a{color:#1565c0}
 """
 
@@ -98,9 +113,10 @@ def write_gallery(manifest: Manifest, title: str, wall_s: Optional[float] = None
         metric = (f'<div>IoU {m["iou"]:.3f} · color err {m["color_error"]:.3f} · '
                   f'{e(m["predicted"])} ({"right" if m["prompt_correct"] else "wrong"})</div>') if m else ""
         err = f'<div class="err">{e(r["error"])}</div>' if r.get("error") else ""
+        state = shown_state(manifest.path.parent, r)
         cards.append(
             f'<div class="card" id="{e(r["id"])}">{img}<div class="prompt">{e(r["prompt"])}</div>'
-            f'<div><span class="state {e(r["state"])}">{e(r["state"])}</span> seed {r["seed"]} · '
+            f'<div><span class="state {e(state)}">{e(state)}</span> seed {r["seed"]} · '
             f'{format_duration(r.get("wall_s", 0.0))} · {r["attempts"]} attempt(s)</div>{metric}'
             f'<div>{" · ".join(links)}</div>{err}</div>')
     totals = (f'{t["rows"]} rows: {t["done"]} done, {t["failed"]} failed, {t["pending"] + t["running"]} not finished; '
