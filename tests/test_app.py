@@ -380,21 +380,22 @@ def test_upload_route_is_closed(client):
 # Resume, cancel during the export, a restarted server
 # ----------------------------------------------------------------------------------------------
 def test_cancel_during_export_then_resume(client, manager, monkeypatch):
-    """Cancel while the turntable renders: the export stops before the meshes, the run is `stopped`
-    with its outputs pending; the Resume endpoint writes them without training again."""
+    """Cancel while the meshes are written: the export stops before the turntable (the next output),
+    the run is `stopped` with its outputs pending; the Resume endpoint writes them without training
+    again."""
     import threading
 
     import threedistill.distill as distill_mod
 
     in_export, release = threading.Event(), threading.Event()
-    real = distill_mod.render_turntable
+    real = distill_mod.export_run_meshes
 
-    def slow_turntable(*a, **kw):
+    def slow_meshes(*a, **kw):
         in_export.set()
         assert release.wait(60)
         return real(*a, **kw)
 
-    monkeypatch.setattr(distill_mod, "render_turntable", slow_turntable)
+    monkeypatch.setattr(distill_mod, "export_run_meshes", slow_meshes)
     r = client.predict("a purple cube", "", "sds-nerf", "shapes", 2, 6, None, 16, QUICK, api_name="/submit")
     assert r["ok"], r
     try:
@@ -412,13 +413,13 @@ def test_cancel_during_export_then_resume(client, manager, monkeypatch):
     folder = RunFolder(run)
     info = folder.read_status()
     assert info["status"] == "stopped" and info["export_pending"] is True and info["step"] == 6
-    assert folder.turntable_path.is_file() and not folder.mesh_path("glb").is_file()  # stopped before the meshes
+    assert folder.mesh_path("glb").is_file() and not folder.turntable_path.is_file()  # stopped before the video
     assert folder.latest_checkpoint() == 6
     row = next(h for h in client.predict(api_name="/history") if h["name"] == job["run_name"])
     assert row["status"] == "stopped" and row["export_pending"] is True
     metrics_before = folder.metrics_path.read_text()
 
-    monkeypatch.setattr(distill_mod, "render_turntable", real)
+    monkeypatch.setattr(distill_mod, "export_run_meshes", real)
     assert client.predict("no-such-run", api_name="/resume")["ok"] is False
     assert client.predict("../..", api_name="/resume")["ok"] is False
     res = client.predict(job["run_name"], api_name="/resume")

@@ -230,19 +230,20 @@ def test_checkpoint_every_s_is_checked(tiny_sd_path, tmp_path, bad):
 
 
 def test_stop_during_the_export_leaves_the_outputs_pending(tiny_sd_path, tmp_path, monkeypatch):
-    """A stop requested while the turntable renders ends the export before the meshes: the run is
-    `stopped` with export_pending; resuming it writes the outputs without training again."""
+    """A stop requested while the meshes are written ends the export before the turntable (the next
+    output): the run is `stopped` with export_pending; resuming it writes the outputs without
+    training again."""
     import threedistill.distill as distill_mod
 
-    real = distill_mod.render_turntable
+    real = distill_mod.export_run_meshes
     holder = {}
 
-    def turntable_then_stop(*a, **kw):
+    def meshes_then_stop(*a, **kw):
         out = real(*a, **kw)
-        holder["d"].request_stop()  # as if Cancel came while the video rendered
+        holder["d"].request_stop()  # as if Cancel came while the meshes were written
         return out
 
-    monkeypatch.setattr(distill_mod, "render_turntable", turntable_then_stop)
+    monkeypatch.setattr(distill_mod, "export_run_meshes", meshes_then_stop)
     cfg = _cfg(tiny_sd_path, tmp_path, "run.steps=2", "export.formats=[ply]", "export.turntable=true",
                "export.turntable_frames=2", "export.turntable_resolution=16", "export.mesh_resolution=24")
     d = holder["d"] = Distiller(cfg)
@@ -251,14 +252,14 @@ def test_stop_during_the_export_leaves_the_outputs_pending(tiny_sd_path, tmp_pat
 
     folder = RunFolder(tmp_path / "r")
     info = folder.read_status()
-    assert result.status == "stopped" and result.step == 2 and "ply" not in result.outputs
+    assert result.status == "stopped" and result.step == 2 and "turntable" not in result.outputs
     assert info["status"] == "stopped" and info["export_pending"] is True and info["step"] == 2
-    assert folder.turntable_path.is_file() and not folder.mesh_path("ply").is_file()
+    assert folder.mesh_path("ply").is_file() and not folder.turntable_path.is_file()
     metrics = folder.metrics_path.read_text()
-    monkeypatch.setattr(distill_mod, "render_turntable", real)
+    monkeypatch.setattr(distill_mod, "export_run_meshes", real)
     rec = Recorder()
     result = Distiller.resume(folder.path, callbacks=[rec]).run()
-    assert result.status == "finished" and folder.mesh_path("ply").is_file()
+    assert result.status == "finished" and folder.turntable_path.is_file()
     assert not any(e[0] == "step" for e in rec.events) and folder.metrics_path.read_text() == metrics
     assert "export_pending" not in folder.read_status()
 

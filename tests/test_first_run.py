@@ -116,7 +116,7 @@ def test_app_job_carries_the_warning(tmp_path):
     from threedistill.app.ui import _progress_html
 
     warnings = []
-    build_config(JobSettings.from_dict({"prompt": "a hamburger", "preset": "sds-nerf"}), tmp_path, warnings)
+    build_config(JobSettings.from_dict({"prompt": "a hamburger", "preset": "sds-nerf"}), tmp_path, warnings=warnings)
     assert len(warnings) == 1
     job = {"status": "queued", "position": 1, "settings": {"prompt": "a hamburger"}, "warnings": warnings}
     html = _progress_html(job)

@@ -289,7 +289,7 @@ def _check_flag(name: str, value, bounds) -> None:
         return
     lo, hi = bounds
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise UserError(f"--{name} must be from {lo:g} to {hi:g}, got {value}")
+        raise UserError(f"--{name} must be between {lo:g} and {hi:g}, got {value}")
 
 
 def cmd_export(args) -> int:

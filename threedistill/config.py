@@ -96,7 +96,9 @@ class OptimConfig:
 #: 32-bit (what numpy, diffusers and most tools take, so a seed can be reproduced elsewhere);
 #: renders 4..2048 px (a 2048^2 NeRF render batch already needs tens of GB).
 RUN_BOUNDS = {"steps": (1, MAX_STEPS), "seed": (0, 2**32 - 1), "resolution": (4, 2048),
-              "preview_every": (1, MAX_STEPS), "checkpoint_every": (1, MAX_STEPS)}
+              "preview_every": (1, MAX_STEPS), "checkpoint_every": (1, MAX_STEPS),
+              # time-based checkpoints: 0 (off) up to a day between two
+              "checkpoint_every_s": (0, 86400), "preview_resolution": (4, 2048)}
 
 
 @dataclass
