@@ -383,3 +383,26 @@ def test_a_killed_run_shows_interrupted_everywhere_and_a_live_one_running(tiny_s
     captured = capsys.readouterr()
     assert f"resuming {run.path}: interrupted at step" in captured.err
     assert run.status() == "finished" and "runner" not in run.read_status(as_stored=True)
+
+
+def test_a_zombie_runner_counts_as_dead():
+    """A runner that exited but was never reaped (an orphaned batch worker where nothing reaps it)
+    is a zombie: it runs nothing, so its run reads as interrupted."""
+    import subprocess
+    import sys
+    import time as _time
+
+    from threedistill.runs import _process_start
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = _time.time() + 30
+    while _time.time() < deadline:  # exited, not yet waited for: a zombie
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        _time.sleep(0.05)
+    try:
+        assert _process_start(child.pid) is None
+        assert _process_start(os.getpid()) is not None
+    finally:
+        child.wait()

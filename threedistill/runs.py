@@ -90,12 +90,16 @@ def _read(path: str) -> Optional[str]:
 
 def _process_start(pid: int) -> Optional[int]:
     """When process ``pid`` started (clock ticks after boot, Linux ``/proc``); None when there is
-    no such process or no ``/proc``."""
+    no such process, no ``/proc``, or the process has exited and only waits to be reaped (a zombie:
+    an orphaned worker whose parent was killed stays one where nothing reaps it)."""
     text = _read(f"/proc/{pid}/stat")
     if not text:
         return None
     try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses; starttime is field 22
-        return int(text[text.rindex(")") + 2:].split()[19])
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):  # zombie / dead: runs nothing any more
+            return None
+        return int(fields[19])
     except (ValueError, IndexError):
         return None
 
