@@ -286,6 +286,9 @@ def test_preview_button_and_curves(app, page, monkeypatch):
     # a longer job: the page follows it and draws its curves while it runs
     jid = manager.submit({"prompt": "a red torus", "prior": "shapes", "overrides": QUICK_API.replace(
         "run.steps=6", "run.steps=400") + "\nexport.formats=[]\nexport.turntable=false"})
+    # A job submitted through the API: a fresh page follows the active job (this page may still follow
+    # an earlier test's stopped job).
+    page.reload()
     live = page.locator("#live-curves img")
     live.wait_for(timeout=TIMEOUT_MS)
     assert manager.status(jid)["status"] == "running"  # drawn while the job runs
