@@ -128,11 +128,7 @@ def curves_figure(rows: List[Dict[str, Any]], eval_result: Optional[Dict[str, An
             ax.set_ylabel("loss")
             ax.legend(loc="upper right", fontsize=8)
         elif panel == "grad_norm":
-            ax.plot(x, y, color="tab:orange", alpha=0.35, linewidth=0.8)
-            if len(y) >= 10:
-                ax.plot(x, moving_average(y, smoothing_window(len(y))), color="tab:orange", linewidth=2.0)
-            if _swings(y):
-                ax.set_yscale("log")
+            _noisy_series(ax, x, y, raw=("tab:orange", 0.35), mean=("tab:orange", 2.0))
             ax.set_title("guidance gradient norm (model space)")
             ax.set_ylabel("||w(t) g||")
         elif panel == "t":
@@ -149,14 +145,20 @@ def curves_figure(rows: List[Dict[str, Any]], eval_result: Optional[Dict[str, An
             ax.set_title("number of Gaussians")
             ax.set_ylabel("Gaussians")
         elif panel == "time_step":
-            ax.plot(x, y, color="tab:gray", alpha=0.5, linewidth=0.8)
-            if len(y) >= 10:
-                ax.plot(x, moving_average(y, smoothing_window(len(y))), color="black", linewidth=1.5)
-            if _swings(y):
-                ax.set_yscale("log")
+            _noisy_series(ax, x, y, raw=("tab:gray", 0.5), mean=("black", 1.5))
             ax.set_title("time per step")
             ax.set_ylabel("seconds")
     return fig
+
+
+def _noisy_series(ax, x, y, raw, mean) -> None:
+    """A noisy per-step series: the raw values faint (``raw`` = color, alpha), their trailing mean
+    over it once there are 10 steps (``mean`` = color, line width), log scale when it swings."""
+    ax.plot(x, y, color=raw[0], alpha=raw[1], linewidth=0.8)
+    if len(y) >= 10:
+        ax.plot(x, moving_average(y, smoothing_window(len(y))), color=mean[0], linewidth=mean[1])
+    if _swings(y):
+        ax.set_yscale("log")
 
 
 def _eval_panel(ax, result: Dict[str, Any]) -> None:

@@ -248,15 +248,18 @@ def build_ui(manager: JobManager):
         preview_btn.click(on_preview, inputs=[prompt, negative, preset, prior, seed, steps, scale, resolution, overrides],
                           outputs=[prompt_check, prompt_check_msg], api_name="preview")
 
-        def tick(jid, shown_ref):
+        def followed(jid):
+            """The job the page follows: ``jid`` while it exists, else the active job (or None)."""
             job = None
             if jid:
                 try:
                     job = manager.status(jid)
                 except UserError:
                     job = None
-            if job is None:
-                job = manager.active_job()
+            return job or manager.active_job()
+
+        def tick(jid, shown_ref):
+            job = followed(jid)
             jid = job["id"] if job else None
             prev = job["preview"] if job and job["preview"] else None
             out = [jid, _progress_html(job), prev if prev else gr.skip(), _jobs_table(manager)]
@@ -274,13 +277,7 @@ def build_ui(manager: JobManager):
 
         def live_tick(jid):
             """The followed job's curves (as ``tick`` picks the job), drawn again when it logged steps."""
-            job = None
-            if jid:
-                try:
-                    job = manager.status(jid)
-                except UserError:
-                    job = None
-            job = job or manager.active_job()
+            job = followed(jid)
             live = curves_of(job["id"], CURVES_EVERY_S - 1) if job and job.get("run_dir") else None
             return live or gr.skip()
 
