@@ -11,6 +11,13 @@ error, prompt accuracy, mug view consistency, haze, floaters, color noise, wall 
     python benchmarks/quality_matrix.py --out bench-out/matrix [--lanes 2] [--presets sds-nerf ...]
         [--prompts ...] [--sds-seeds 0 1] [-- key=value ...]
 
+``--variant NAME="key=value ..."`` (repeatable) adds an ablation: for every preset, one more cell
+``<preset>+NAME`` run with those overrides, and an ablation table of each variant's change against
+its preset (``ablation.md``):
+
+    python benchmarks/quality_matrix.py --out bench-out/ablation --presets sds-nerf sds-gaussians \
+        --variant perp-neg="guidance.perp_neg=true" --variant no-taper="representation.nerf.blob_density=10"
+
 ``--report-only`` rebuilds the table and the image from what is on disk.
 """
 
@@ -39,8 +46,9 @@ COLUMNS = [("iou", "IoU", ".3f"), ("shape_iou", "shape IoU", ".3f"), ("size", "s
            ("color_noise", "color noise", "+.3f"), ("wall_s", "wall s/run", ".0f")]
 
 
-def cell_command(preset: str, out: Path, prompts: List[str], seeds: List[int], extra: List[str]) -> List[str]:
-    return [sys.executable, str(HERE / "shapes_quality.py"), "--out", str(out / preset), "--config", preset,
+def cell_command(preset: str, out: Path, prompts: List[str], seeds: List[int], extra: List[str],
+                 folder: str = "") -> List[str]:
+    return [sys.executable, str(HERE / "shapes_quality.py"), "--out", str(out / (folder or preset)), "--config", preset,
             "--seeds", *map(str, seeds), "--prompts", *prompts, "--", *extra]
 
 
@@ -70,6 +78,45 @@ def _fmt(v, spec: str) -> str:
     if v is None or v != v:
         return "–"
     return format(v, spec)
+
+
+def parse_variants(values: List[str]) -> Dict[str, List[str]]:
+    """``NAME=key=value key=value`` -> {NAME: [overrides]} (the first ``=`` ends the name)."""
+    variants: Dict[str, List[str]] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if not sep or not name.strip() or not rest.strip() or "/" in name or "+" in name:
+            raise SystemExit(f"--variant must be NAME=\"key=value ...\" (a name without / or +), got '{v}'")
+        variants[name.strip()] = rest.split()
+    return variants
+
+
+def ablation(out: Path, presets: List[str], variants: Dict[str, List[str]]) -> str:
+    """Each variant's summary minus its preset's, per metric (``ablation.md``)."""
+    def summary(cell: str):
+        res = out / cell / "results.json"
+        return json.loads(res.read_text())["summary"]["all"] if res.is_file() else None
+
+    lines = ["# Ablation (shapes world): each variant against its preset", "",
+             "Values are the variant's mean, with the change against the preset in brackets.", "",
+             "| preset | variant | overrides | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for preset in presets:
+        base = summary(preset)
+        lines.append(f"| {preset} | (preset) | | " + " | ".join(
+            _fmt(base.get(k) if base else None, f) for k, _, f in COLUMNS) + " |")
+        for name, overrides in variants.items():
+            s = summary(f"{preset}+{name}")
+            cells = []
+            for k, _, f in COLUMNS:
+                v = s.get(k) if s else None
+                b = base.get(k) if base else None
+                d = f" ({v - b:+{f.lstrip('+')}})" if v is not None and b is not None and v == v and b == b else ""
+                cells.append(_fmt(v, f) + d)
+            lines.append(f"| {preset} | {name} | `{' '.join(overrides)}` | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "ablation.md").write_text(table)
+    return table
 
 
 def report(out: Path, presets: List[str], strip_prompt: str) -> str:
@@ -144,21 +191,32 @@ def main(argv=None) -> int:
     ap.add_argument("--sds-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the SDS cells")
     ap.add_argument("--lanes", type=int, default=2, help="cells run side by side, one torch thread each")
     ap.add_argument("--strip-prompt", default="a red mug")
+    ap.add_argument("--variant", action="append", default=[], metavar='NAME="key=value ..."',
+                    help="an ablation: every preset again with these overrides, cell <preset>+NAME")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="for every cell (after --)")
     args = ap.parse_args(argv)
     if args.lanes < 1:
         ap.error("--lanes must be >= 1")
+    variants = parse_variants(args.variant)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        cells = {p: cell_command(p, out, args.prompts, args.sds_seeds if p.startswith("sds-") else args.seeds,
-                                 list(args.overrides)) for p in args.presets}
+        cells = {}
+        for p in args.presets:
+            seeds = args.sds_seeds if p.startswith("sds-") else args.seeds
+            cells[p] = cell_command(p, out, args.prompts, seeds, list(args.overrides))
+            for name, extra in variants.items():
+                cells[f"{p}+{name}"] = cell_command(p, out, args.prompts, seeds, [*args.overrides, *extra],
+                                                    folder=f"{p}+{name}")
         t0 = time.time()
         codes = run_cells(cells, args.lanes, out / "logs")
         print(f"matrix: {len(cells)} cells in {time.time() - t0:.0f} s; failed: "
               f"{[n for n, c in codes.items() if c] or 'none'}", file=sys.stderr)
-    print(report(out, list(args.presets), args.strip_prompt))
+    cells = [c for p in args.presets for c in (p, *(f"{p}+{n}" for n in variants))]
+    print(report(out, cells, args.strip_prompt))
+    if variants:
+        print(ablation(out, list(args.presets), variants))
     return 0
 
 
