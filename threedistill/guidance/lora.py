@@ -161,10 +161,31 @@ class CameraLoRA(nn.Module):
         def run(*inputs):
             if self._active:
                 return block(*inputs)
-            with self.active():  # the recomputation, in the backward
+            with self._adapter_on(block):  # the recomputation, in the backward
                 return block(*inputs)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    @contextlib.contextmanager
+    def _adapter_on(self, root: nn.Module) -> Iterator[None]:
+        """This LoRA on in the peft layers under ``root`` only (one UNet block: cheaper than
+        :meth:`active`'s walk over the whole UNet, once per block in every backward), their state
+        restored after."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in root.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [(m, list(m.active_adapters), bool(m.disable_adapters)) for m in layers]
+        for m in layers:
+            m.enable_adapters(True)
+            m.set_adapter(self.adapter_name)
+        try:
+            yield
+        finally:
+            for m, active, disabled in saved:
+                m.set_adapter(active)
+                m.enable_adapters(not disabled)
+            for p in self.lora.values():  # peft clears requires_grad on disabled / inactive adapters
+                p.requires_grad_(True)
 
 
 def use_gradient_checkpointing(setting, prior) -> bool:
