@@ -225,3 +225,15 @@ def test_gradient_checkpointing_auto_is_for_sd_scale_on_cuda(prior):
     assert not use_gradient_checkpointing("auto", SimpleNamespace(device=torch.device("cpu"), image_resolution=512))
     assert use_gradient_checkpointing("true", prior) and not use_gradient_checkpointing("false", cuda(512))
     assert not _vsd(prior).lora.gradient_checkpointing  # tiny prior on CPU
+
+
+def test_distiller_step_with_prior_device_set(tiny_sd_path, tmp_path):
+    from threedistill.distill import Distiller
+
+    cfg = load_config(overrides=[f"prior.name={tiny_sd_path}", "prior.device=cpu", "run.device=cpu", "guidance.name=vsd",
+                                 "run.prompt=a red cube", "run.resolution=16", "run.steps=1", "run.progress=false"])
+    d = Distiller(cfg, run_dir=tmp_path / "run")
+    d.build()
+    stats = d.train_step(0)
+    assert d.prior.device == torch.device("cpu") and {p.device.type for p in d.guidance.parameters()} == {"cpu"}
+    assert all(p.grad is not None for p in d.guidance.lora.lora.values()) and stats["loss"] == stats["loss"]

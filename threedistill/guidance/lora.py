@@ -190,8 +190,8 @@ class CameraLoRA(nn.Module):
 
 def use_gradient_checkpointing(setting, prior) -> bool:
     """``guidance.gradient_checkpointing``: "auto" is on for a prior on CUDA whose images are at least
-    256 px (Stable Diffusion's 512: the LoRA training forward keeps ~10 GB of activations per
-    image there), off elsewhere (the tiny and shapes priors, CPU runs: time matters more)."""
+    256 px (Stable Diffusion's 512, where the LoRA training forward keeps the UNet's activations
+    for the backward), off elsewhere (the tiny and shapes priors, CPU runs: time matters more)."""
     flag = str(setting).strip().lower()
     if flag == "auto":
         return prior.device.type == "cuda" and int(getattr(prior, "image_resolution", 0)) >= 256

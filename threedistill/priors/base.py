@@ -59,7 +59,8 @@ class PriorConfig:
     attention_slicing: str = "off"
     # "auto": on CUDA the text encoder and the VAE decoder rest in CPU memory between uses (the
     # text encoder runs once per new prompt, the decoder only for the 2D prompt check's samples):
-    # they go to the GPU for the call and back (~1 GB less GPU memory for SD 2.1 in fp16).
+    # they go to the GPU for the call and back (0.78 GB less GPU memory for SD 2.1 in fp16:
+    # 340M + 49M parameters).
     # "off": every component stays on the prior's device. CPU priors are not affected.
     offload: str = "auto"
 
