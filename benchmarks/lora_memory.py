@@ -75,10 +75,13 @@ def main() -> None:
     # For scale: the VAE encode of the renders, which every loss back-propagates through.
     weights |= {p.untyped_storage().data_ptr() for p in prior.vae.parameters()}
     x = torch.rand(B, 3, s * 8, s * 8, device=prior.device, requires_grad=True)
-    t0 = time.perf_counter()
-    n = saved_bytes(lambda: prior.encode_images(x), weights)
-    print(f"| VAE encode of {B} render(s) at {s * 8} px (every loss) | {n / 2**30:.2f} GiB saved for backward | "
-          f"forward {time.perf_counter() - t0:.1f} s |", flush=True)
+    for ckpt in (False, True):  # prior.encoder_checkpointing
+        (prior.vae.enable_gradient_checkpointing if ckpt else prior.vae.disable_gradient_checkpointing)()
+        t0 = time.perf_counter()
+        n = saved_bytes(lambda: prior.encode_images(x), weights)
+        print(f"| VAE encode of {B} render(s) at {s * 8} px (every loss), encoder checkpointing "
+              f"{'on' if ckpt else 'off'} | {n / 2**30:.2f} GiB saved for backward | "
+              f"forward {time.perf_counter() - t0:.1f} s |", flush=True)
 
 
 if __name__ == "__main__":

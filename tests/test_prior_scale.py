@@ -103,7 +103,8 @@ def test_offload_is_cuda_only_and_the_offloaded_path_gives_the_same_results(tiny
 @pytest.mark.parametrize("key,value", [("prior.device", "gpu"), ("prior.device", "cuda:x"),
                                        ("prior.channels_last", "maybe"), ("prior.attention_slicing", "0"),
                                        ("prior.attention_slicing", "half"), ("prior.offload", "yes"),
-                                       ("guidance.gradient_checkpointing", "sometimes")])
+                                       ("guidance.gradient_checkpointing", "sometimes"),
+                                       ("prior.encoder_checkpointing", "often")])
 def test_bad_values_are_one_line_naming_the_key(key, value):
     with pytest.raises(UserError) as e:
         load_config(overrides=[f"{key}={value}"])
@@ -114,13 +115,15 @@ def test_defaults_keep_todays_cpu_behaviour():
     cfg = load_config()
     assert (cfg.prior.device, cfg.prior.channels_last, cfg.prior.attention_slicing, cfg.prior.offload) == \
         ("auto", "auto", "off", "auto")
+    assert str(cfg.prior.encoder_checkpointing).lower() == "false"
     assert cfg.guidance.gradient_checkpointing == "auto"
 
 
 def test_prior_key_tells_the_settings_apart():
     base = load_config(overrides=["prior.name=one"]).prior
     assert prior_key(base, "cpu") == prior_key(load_config(overrides=["prior.name=one", "prior.device=cpu"]).prior, "cpu")
-    for o in ("prior.channels_last=true", "prior.attention_slicing=auto", "prior.offload=off"):
+    for o in ("prior.channels_last=true", "prior.attention_slicing=auto", "prior.offload=off",
+              "prior.encoder_checkpointing=true"):
         assert prior_key(base, "cpu") != prior_key(load_config(overrides=["prior.name=one", o]).prior, "cpu")
 
 
@@ -237,3 +240,32 @@ def test_distiller_step_with_prior_device_set(tiny_sd_path, tmp_path):
     stats = d.train_step(0)
     assert d.prior.device == torch.device("cpu") and {p.device.type for p in d.guidance.parameters()} == {"cpu"}
     assert all(p.grad is not None for p in d.guidance.lora.lora.values()) and stats["loss"] == stats["loss"]
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for the backward while ``fn()`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_encoder_checkpointing_same_gradient_less_kept(prior, tiny_sd_path):
+    ck = load_prior(load_config(overrides=[f"prior.name={tiny_sd_path}", "prior.encoder_checkpointing=true"]).prior, "cpu")
+    assert ck.encoder_checkpointing and not prior.encoder_checkpointing
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(prior.model_space_shape(2), generator=torch.Generator().manual_seed(1))
+    grads, kept = [], []
+    for p in (prior, ck):
+        x = images.clone().requires_grad_(True)
+        z, n = _saved_bytes(lambda: p.encode_images(x))
+        (z * weights).sum().backward()
+        grads.append(x.grad)
+        kept.append(n)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    assert kept[1] < kept[0] / 2

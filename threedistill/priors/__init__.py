@@ -51,7 +51,8 @@ def _efficiency(cfg_prior: Any) -> Dict[str, Any]:
     slicing = attention_slice(getattr(cfg_prior, "attention_slicing", "off"))
     return {"channels_last": str(getattr(cfg_prior, "channels_last", "auto")).strip().lower(),
             "attention_slicing": "off" if slicing is None else str(slicing),
-            "offload": offload_setting(getattr(cfg_prior, "offload", "auto"))}
+            "offload": offload_setting(getattr(cfg_prior, "offload", "auto")),
+            "encoder_checkpointing": str(getattr(cfg_prior, "encoder_checkpointing", "false")).strip().lower()}
 
 
 #: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
@@ -100,11 +101,12 @@ def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionP
     )
 
 
-PriorKey = Tuple[str, Optional[str], Optional[str], str, Optional[str], str, str, str, str]
+PriorKey = Tuple[str, Optional[str], Optional[str], str, Optional[str], str, str, str, str, str]
 
 
 def prior_key(cfg_prior: Any, device: str | torch.device) -> PriorKey:
-    """(name, revision, variant, dtype, cache_dir, device, channels_last, attention_slicing, offload):
+    """(name, revision, variant, dtype, cache_dir, device, channels_last, attention_slicing, offload,
+    encoder_checkpointing):
     what the loaded weights and their layout depend on. ``device`` is the run's; ``prior.device``
     replaces it unless auto."""
     revision = getattr(cfg_prior, "revision", None)

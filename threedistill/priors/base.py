@@ -63,6 +63,11 @@ class PriorConfig:
     # 340M + 49M parameters).
     # "off": every component stays on the prior's device. CPU priors are not affected.
     offload: str = "auto"
+    # Gradient checkpointing of the VAE encoder: the backward through the encode of the renders
+    # (every loss) recomputes the encoder's activations instead of keeping them (2.96 GiB per
+    # 512 px render in fp32, measured: benchmarks/lora_memory.py), at the cost of a second encoder
+    # forward. "false" (default), "true", or "auto" = on for a CUDA prior of >= 256 px. Same result.
+    encoder_checkpointing: str = "false"
 
     def validate(self, key: str = "prior") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
@@ -73,6 +78,7 @@ class PriorConfig:
         check_choice(_flag(self.channels_last), f"{key}.channels_last", ("auto", "true", "false"))
         attention_slice(self.attention_slicing, f"{key}.attention_slicing")
         check_choice(offload_setting(self.offload), f"{key}.offload", ("auto", "off"))
+        check_choice(_flag(self.encoder_checkpointing), f"{key}.encoder_checkpointing", ("auto", "true", "false"))
         variant = self.variant
         if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
             raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "

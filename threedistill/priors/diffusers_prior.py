@@ -381,7 +381,7 @@ class DiffusersPrior(DiffusionPrior):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                  name: Optional[str] = None, variant: Optional[str] = None, channels_last: Any = "auto",
-                 attention_slicing: Any = "off", offload: str = "auto") -> None:
+                 attention_slicing: Any = "off", offload: str = "auto", encoder_checkpointing: Any = "false") -> None:
         super().__init__()
         folder = Path(path)
         self.name = name if name is not None else str(path)
@@ -446,6 +446,12 @@ class DiffusersPrior(DiffusionPrior):
         self.max_text_tokens: int = _DEFAULT_MAX_TOKENS if max_len > 4096 else max_len
         self._text_cache: Dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._apply_efficiency(device, channels_last, attention_slicing, offload)
+        flag = str(encoder_checkpointing).strip().lower()
+        #: Gradient checkpointing of the VAE encoder (only acts when the encode runs with autograd).
+        self.encoder_checkpointing: bool = self.is_latent and (
+            flag == "true" or (flag == "auto" and device.type == "cuda" and self.image_resolution >= 256))
+        if self.encoder_checkpointing:
+            self.vae.enable_gradient_checkpointing()
 
     # -- speed and memory -------------------------------------------------------------------------
     def _apply_efficiency(self, device: torch.device, channels_last: Any, attention_slicing: Any, offload: str) -> None:
@@ -507,7 +513,8 @@ class DiffusersPrior(DiffusionPrior):
                         variant: Optional[str] = None, offline: bool = False, **efficiency: Any) -> "DiffusersPrior":
         """Resolve ``name`` (a local folder, or a hub id from the cache or downloaded into it on first
         use unless offline, see :func:`resolve_pipeline_path`) and load it (``variant``: e.g. "fp16";
-        ``efficiency``: the constructor's ``channels_last``, ``attention_slicing`` and ``offload``)."""
+        ``efficiency``: the constructor's ``channels_last``, ``attention_slicing``, ``offload`` and
+        ``encoder_checkpointing``)."""
         path = resolve_pipeline_path(name, revision=revision, cache_dir=cache_dir, variant=variant, offline=offline)
         return cls(path, device=device, dtype=dtype, name=name, variant=variant, **efficiency)
 
