@@ -84,6 +84,12 @@ class GuidanceConfig:
     xs_inv_steps: int = 5
     # -- csd: weight of the negative-prompt term, annealed 0 -> 1 (no effect without a negative prompt)
     negative_weight: Scheduled = field(default_factory=lambda: [0.0, 1.0, 0, 400])
+    # -- memory (issue 19) ---------------------------------------------------------------------------
+    # Gradient checkpointing of the UNet in the LoRA training forward of vsd/esd (recompute the
+    # activations in the backward instead of keeping them: VSD at 512 px in 24 GB). "auto" = on for
+    # a prior on CUDA whose images are >= 256 px (Stable Diffusion), "true", "false". Same
+    # gradients either way; other losses train nothing through the UNet and ignore it.
+    gradient_checkpointing: str = "auto"
 
     def validate(self, key: str = "guidance") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
@@ -105,6 +111,8 @@ class GuidanceConfig:
         for name in ("camera_dropout", "esd_lambda"):
             check_unit(getattr(self, name), f"{key}.{name}")
         check_schedule_min(self.guidance_scale, f"{key}.guidance_scale")
+        check_choice(str(self.gradient_checkpointing).strip().lower(), f"{key}.gradient_checkpointing",
+                     ("auto", "true", "false"))
         start, end, _, _ = parse_schedule(self.delta_t, f"{key}.delta_t")  # type: ignore[misc]
         if min(start, end) < 0:
             raise UserError(f"config key '{key}.delta_t' must be >= 0 (integer timesteps), got {self.delta_t}")
@@ -296,7 +304,15 @@ class Guidance(torch.nn.Module):
         if state_loss is not None:
             stats[f"loss_{self.name}_state"] = float(state_loss.detach())
             loss = loss + state_loss
-        return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
+        # On the renders' device (prior.device may differ): the gradient flows back through the .to.
+        return GuidanceOutput(loss=loss.to(images.device), grad=g, t=t, stats=stats)
+
+    def to(self, *args, **kwargs) -> "Guidance":
+        """Trainable state (VSD/ESD's LoRA sits inside the prior's UNet) lives on the prior's device,
+        whatever device is asked (``prior.device`` may differ from the representation's); a dtype is
+        applied as usual."""
+        _, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return super().to(device=self.prior.device, dtype=dtype, non_blocking=non_blocking)
 
     # -- trainable state ------------------------------------------------------------------------
     def param_groups(self, optim_cfg) -> List[dict]:

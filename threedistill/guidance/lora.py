@@ -22,6 +22,7 @@ import weakref
 from typing import Iterator, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from threedistill.errors import UserError
@@ -44,7 +45,7 @@ class CameraLoRA(nn.Module):
     """LoRA (rank ``rank``) on the attention projections of ``prior.unet`` plus a camera MLP into its
     class embedding. Initially an identity: LoRA B and the MLP's last layer start at zero."""
 
-    def __init__(self, prior, rank: int = 4, camera_dropout: float = 0.1) -> None:
+    def __init__(self, prior, rank: int = 4, camera_dropout: float = 0.1, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         unet = getattr(prior, "unet", None)
         if unet is None or not hasattr(unet, "add_adapter"):
@@ -60,6 +61,10 @@ class CameraLoRA(nn.Module):
         object.__setattr__(self, "prior", prior)  # not a submodule: the frozen UNet is never saved
         object.__setattr__(self, "unet", unet)
         self.camera_dropout = float(camera_dropout)
+        self._active = False  # inside active()
+        #: Recompute the UNet's activations in the backward of :meth:`training_loss` (the only UNet
+        #: call with autograd on) instead of keeping them.
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.adapter_name = f"threedistill_lora_{next(_instance_ids)}"
         config = LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights=True, target_modules=LORA_TARGETS)
         with warnings.catch_warnings():  # several runs may share one prior, each with its own adapter
@@ -92,9 +97,11 @@ class CameraLoRA(nn.Module):
         unet.set_adapter(self.adapter_name)
         unet.enable_adapters()
         unet.class_embedding = self.camera_embedding
+        self._active = True
         try:
             yield
         finally:
+            self._active = False
             unet.class_embedding = None
             unet.disable_adapters()
             # peft's disable also clears requires_grad on the adapter weights, which would drop the
@@ -127,8 +134,68 @@ class CameraLoRA(nn.Module):
         noise = torch.randn(z.shape, generator=generator).to(device=prior.device, dtype=torch.float32)
         keep = torch.rand(B, generator=generator) >= self.camera_dropout
         camera = self.camera_condition(c2w, keep).to(prior.device)
-        with self.active():
+        with self.active(), self.checkpointing():
             return prior.denoising_loss(z.detach(), noise, t, text, text_mask, class_labels=camera)
+
+    @contextlib.contextmanager
+    def checkpointing(self) -> Iterator[None]:
+        """diffusers' gradient checkpointing of the UNet blocks, for this block only (other runs
+        sharing the prior, and every no-grad call, run as before). The recorded graph keeps its
+        checkpoints after the block: see :meth:`_checkpoint` for the recomputation."""
+        unet = self.unet
+        if not self.gradient_checkpointing or not getattr(unet, "_supports_gradient_checkpointing", False):
+            yield
+            return
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
+        try:
+            yield
+        finally:
+            unet.disable_gradient_checkpointing()
+
+    def _checkpoint(self, block: nn.Module, *args):
+        """One UNet block under non-reentrant ``torch.utils.checkpoint``. Its recomputation runs in
+        the backward, which the distiller calls after :meth:`active` has switched the adapter off:
+        recomputing without the LoRA would give other activations (torch notices a different number
+        of saved tensors, or worse, does not), so the recomputation switches it back on."""
+
+        def run(*inputs):
+            if self._active:
+                return block(*inputs)
+            with self._adapter_on(block):  # the recomputation, in the backward
+                return block(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    @contextlib.contextmanager
+    def _adapter_on(self, root: nn.Module) -> Iterator[None]:
+        """This LoRA on in the peft layers under ``root`` only (one UNet block: cheaper than
+        :meth:`active`'s walk over the whole UNet, once per block in every backward), their state
+        restored after."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in root.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [(m, list(m.active_adapters), bool(m.disable_adapters)) for m in layers]
+        for m in layers:
+            m.enable_adapters(True)
+            m.set_adapter(self.adapter_name)
+        try:
+            yield
+        finally:
+            for m, active, disabled in saved:
+                m.set_adapter(active)
+                m.enable_adapters(not disabled)
+            for p in self.lora.values():  # peft clears requires_grad on disabled / inactive adapters
+                p.requires_grad_(True)
+
+
+def use_gradient_checkpointing(setting, prior) -> bool:
+    """``guidance.gradient_checkpointing``: "auto" is on for a prior on CUDA whose images are at least
+    256 px (Stable Diffusion's 512, where the LoRA training forward keeps the UNet's activations
+    for the backward), off elsewhere (the tiny and shapes priors, CPU runs: time matters more)."""
+    flag = str(setting).strip().lower()
+    if flag == "auto":
+        return prior.device.type == "cuda" and int(getattr(prior, "image_resolution", 0)) >= 256
+    return flag == "true"
 
 
 def _time_embedding_dim(unet: nn.Module) -> int:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 
 from threedistill.guidance.base import Guidance, GuidanceContext, register
-from threedistill.guidance.lora import CameraLoRA
+from threedistill.guidance.lora import CameraLoRA, use_gradient_checkpointing
 
 
 @register("vsd")
 class VSD(Guidance):
     def __init__(self, cfg, prior):
         super().__init__(cfg, prior)
-        self.lora = CameraLoRA(prior, rank=cfg.lora_rank, camera_dropout=cfg.camera_dropout)
+        self.lora = CameraLoRA(prior, rank=cfg.lora_rank, camera_dropout=cfg.camera_dropout,
+                               gradient_checkpointing=use_gradient_checkpointing(
+                                   getattr(cfg, "gradient_checkpointing", "auto"), prior))
 
     def particle_score(self, ctx: GuidanceContext) -> torch.Tensor:
         """eps_lora(x_t; y, c): the LoRA model's estimate with this view's camera."""

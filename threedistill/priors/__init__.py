@@ -6,7 +6,7 @@ first use (only the components a prior loads) unless offline (``HF_HUB_OFFLINE=1
 ``prior.offline=true``).
 
 :class:`PriorCache` holds loaded priors keyed by what changes the loaded weights (name, revision,
-variant, dtype, cache dir, device); the other ``prior`` keys (negative prompt, view-dependent prompts) are
+variant, dtype, cache dir, device, speed and memory settings); the other ``prior`` keys (negative prompt, view-dependent prompts) are
 read per run by the guidance, so runs that differ only there share one loaded prior. The pipeline
 (a refine stage shares its coarse run's prior), the web app and the batch workers use it.
 """
@@ -23,7 +23,8 @@ import torch
 
 from threedistill.devices import resolve_device
 from threedistill.errors import MissingWeightsError
-from threedistill.priors.base import DiffusionPrior, PriorConfig, PromptEmbeddings, view_prompt
+from threedistill.priors.base import (DiffusionPrior, PriorConfig, PromptEmbeddings, attention_slice, offload_setting,
+                                     resolve_prior_device, view_prompt)
 from threedistill.priors.diffusers_prior import (DiffusersPrior, hub_allow_patterns, hub_offline, resolve_dtype,
                                                 resolve_pipeline_path)
 
@@ -41,7 +42,17 @@ def _shapes_prior(cfg_prior: Any, device: torch.device) -> DiffusionPrior:
         raise MissingWeightsError(
             f"built-in prior 'shapes' not found at '{SHIPPED_PRIOR}' (it is package data of threedistill: "
             f"reinstall the package, or train one with `threedistill prior train DIR` and set prior.name=DIR/pipeline)")
-    return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes")
+    return DiffusersPrior(SHIPPED_PRIOR, device=device, dtype=getattr(cfg_prior, "dtype", "auto"), name="shapes",
+                          **_efficiency(cfg_prior))
+
+
+def _efficiency(cfg_prior: Any) -> Dict[str, Any]:
+    """The ``prior`` group's speed and memory settings, as :class:`DiffusersPrior` takes them."""
+    slicing = attention_slice(getattr(cfg_prior, "attention_slicing", "off"))
+    return {"channels_last": str(getattr(cfg_prior, "channels_last", "auto")).strip().lower(),
+            "attention_slicing": "off" if slicing is None else str(slicing),
+            "offload": offload_setting(getattr(cfg_prior, "offload", "auto")),
+            "encoder_checkpointing": str(getattr(cfg_prior, "encoder_checkpointing", "false")).strip().lower()}
 
 
 #: Built-in priors by name: ``factory(cfg_prior, device) -> DiffusionPrior``. Checked before any
@@ -52,7 +63,11 @@ BUILTIN_PRIORS: Dict[str, Callable[[Any, torch.device], DiffusionPrior]] = {"sha
 def check_prior_available(cfg_prior: Any) -> None:
     """Raise the loader's one-line error now when the prior's weights cannot be had (a built-in name,
     a pipeline folder, a hub id in the local cache, or, when online, any valid hub id: it is
-    downloaded when the run loads it); loads no weights and downloads nothing."""
+    downloaded when the run loads it); loads no weights and downloads nothing. A ``prior.device``
+    this machine does not have is an error too."""
+    device = getattr(cfg_prior, "device", "auto")
+    if device is not None and str(device) != "auto":
+        resolve_prior_device(str(device), torch.device("cpu"))
     if str(cfg_prior.name) not in BUILTIN_PRIORS:
         resolve_pipeline_path(str(cfg_prior.name), getattr(cfg_prior, "revision", None),
                               getattr(cfg_prior, "cache_dir", None), variant=getattr(cfg_prior, "variant", None),
@@ -61,15 +76,15 @@ def check_prior_available(cfg_prior: Any) -> None:
 
 def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionPrior:
     """Load the frozen prior described by the ``prior`` config group (``name``, ``revision``,
-    ``variant``, ``dtype``, ``cache_dir``, ``offline``) onto ``device`` ("auto" picks CUDA when
-    available). A hub id not in the cache is downloaded first unless offline.
+    ``variant``, ``dtype``, ``cache_dir``, ``offline``, and the speed and memory settings) onto
+    ``prior.device``, or ``device`` (the run's; "auto" picks CUDA when available) when that is auto. A hub id not in the cache is downloaded first unless offline.
 
     Raises :class:`~threedistill.errors.MissingWeightsError` / :class:`~threedistill.errors.UserError`
     with a one-line message when the weights cannot be found or are not a usable pipeline.
     """
     if isinstance(device, str) and device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_prior_device(getattr(cfg_prior, "device", "auto"), torch.device(device))
     name = str(cfg_prior.name)
     factory = BUILTIN_PRIORS.get(name)
     if factory is not None:
@@ -82,20 +97,25 @@ def load_prior(cfg_prior: Any, device: str | torch.device = "cpu") -> DiffusionP
         cache_dir=getattr(cfg_prior, "cache_dir", None),
         variant=getattr(cfg_prior, "variant", None),
         offline=bool(getattr(cfg_prior, "offline", False)),
+        **_efficiency(cfg_prior),
     )
 
 
-PriorKey = Tuple[str, Optional[str], Optional[str], str, Optional[str], str]
+PriorKey = Tuple[str, Optional[str], Optional[str], str, Optional[str], str, str, str, str, str]
 
 
 def prior_key(cfg_prior: Any, device: str | torch.device) -> PriorKey:
-    """(name, revision, variant, dtype, cache_dir, device): what the loaded weights depend on."""
+    """(name, revision, variant, dtype, cache_dir, device, channels_last, attention_slicing, offload,
+    encoder_checkpointing):
+    what the loaded weights and their layout depend on. ``device`` is the run's; ``prior.device``
+    replaces it unless auto."""
     revision = getattr(cfg_prior, "revision", None)
     variant = getattr(cfg_prior, "variant", None)
     cache_dir = getattr(cfg_prior, "cache_dir", None)
     return (str(cfg_prior.name), None if revision is None else str(revision), None if variant is None else str(variant),
             str(getattr(cfg_prior, "dtype", "auto")), None if cache_dir is None else str(cache_dir),
-            str(resolve_device(str(device))))
+            str(resolve_prior_device(getattr(cfg_prior, "device", "auto"), resolve_device(str(device)))),
+            *_efficiency(cfg_prior).values())
 
 
 class PriorCache:

@@ -45,16 +45,95 @@ class PriorConfig:
     negative_prompt: str = ""
     # Hugging Face cache folder to search; None means the default (HF_HOME / HF_HUB_CACHE).
     cache_dir: Optional[str] = None
+    # -- speed and memory at Stable Diffusion scale (issue 19) -------------------------------------
+    # Where the prior runs: "auto" = the run's device (run.device); or cpu, cuda, cuda:N, e.g.
+    # cuda:1 to keep the UNet off the GPU that renders (the guidance moves renders over and the
+    # gradient back). A device this machine does not have is a one-line error when the prior loads.
+    device: str = "auto"
+    # UNet and VAE in channels_last memory format (faster convolutions on CUDA tensor cores):
+    # "auto" = on CUDA only, "true", "false". Results are the same up to float rounding.
+    channels_last: str = "auto"
+    # Attention slicing (diffusers' set_attention_slice): "off" keeps the fused SDPA kernel
+    # (fastest, and memory-lean already); "auto" (half the heads at a time), "max" (one slice at
+    # a time) or a whole number of slices trade speed for peak memory (it replaces SDPA).
+    attention_slicing: str = "off"
+    # "auto": on CUDA the text encoder and the VAE decoder rest in CPU memory between uses (the
+    # text encoder runs once per new prompt, the decoder only for the 2D prompt check's samples):
+    # they go to the GPU for the call and back (0.78 GB less GPU memory for SD 2.1 in fp16:
+    # 340M + 49M parameters).
+    # "off": every component stays on the prior's device. CPU priors are not affected.
+    offload: str = "auto"
+    # Gradient checkpointing of the VAE encoder: the backward through the encode of the renders
+    # (every loss) recomputes the encoder's activations instead of keeping them (2.96 GiB per
+    # 512 px render in fp32, measured: benchmarks/lora_memory.py), at the cost of a second encoder
+    # forward. "false" (default), "true", or "auto" = on for a CUDA prior of >= 256 px. Same result.
+    encoder_checkpointing: str = "false"
 
     def validate(self, key: str = "prior") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
         group's path in the whole config). Also called unbound on a structured config node:
         ``PriorConfig.validate(cfg.prior, "prior")``."""
         check_choice(self.dtype, f"{key}.dtype", ("auto", "fp32", "fp16", "bf16"))
+        check_prior_device_name(self.device, f"{key}.device")
+        check_choice(_flag(self.channels_last), f"{key}.channels_last", ("auto", "true", "false"))
+        attention_slice(self.attention_slicing, f"{key}.attention_slicing")
+        check_choice(offload_setting(self.offload), f"{key}.offload", ("auto", "off"))
+        check_choice(_flag(self.encoder_checkpointing), f"{key}.encoder_checkpointing", ("auto", "true", "false"))
         variant = self.variant
         if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
             raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "
                             f"or null for the plain weights)")
+
+
+def _flag(value) -> str:
+    """``auto`` / ``true`` / ``false`` from a string or a YAML boolean."""
+    return str(value).strip().lower()
+
+
+def offload_setting(value) -> str:
+    """``prior.offload`` as ``auto`` / ``off`` (YAML reads a bare off as false)."""
+    text = _flag(value)
+    return "off" if text in ("off", "false") else text
+
+
+def check_prior_device_name(value, key: str = "prior.device") -> None:
+    """``prior.device`` is auto, cpu, cuda or cuda:N (whether this machine has it is checked when the
+    prior loads: :func:`resolve_prior_device`)."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,2})?", value):
+        raise UserError(f"bad value for config key '{key}': '{value}' (auto for the run's device, cpu, cuda or "
+                        f"cuda:N)")
+
+
+def resolve_prior_device(value: Optional[str], run_device: torch.device, key: str = "prior.device") -> torch.device:
+    """The device the prior loads on: ``run_device`` for auto (or None), else ``value``, which must exist
+    here: a CUDA device without a GPU, or an index past the GPU count, is a one-line error."""
+    if value is None or str(value) == "auto":
+        return torch.device(run_device)
+    check_prior_device_name(str(value), key)
+    dev = torch.device(str(value))
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{key}={value} but no CUDA GPU is available here; use {key}=auto (the run's device) "
+                            f"or cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"{key}={value} but this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}); "
+                            f"use {key}=auto or one of those")
+    return dev
+
+
+def attention_slice(value, key: str = "prior.attention_slicing"):
+    """``prior.attention_slicing`` as diffusers' ``set_attention_slice`` argument: None (off), "auto",
+    "max" or a positive whole number of slices; anything else is a one-line error."""
+    text = str(value).strip().lower()
+    if text in ("off", "false", "none"):
+        return None
+    if text in ("auto", "max"):
+        return text
+    if text.isdigit() and 0 < int(text) <= 1024 and not isinstance(value, bool):
+        return int(text)
+    raise UserError(f"bad value for config key '{key}': '{value}' (off, auto, max or a whole number of slices "
+                    f"from 1 to 1024)")
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from threedistill.errors import MissingWeightsError, UserError
-from threedistill.priors.base import DiffusionPrior
+from threedistill.priors.base import DiffusionPrior, attention_slice, offload_setting
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,8 @@ class DiffusersPrior(DiffusionPrior):
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-                 name: Optional[str] = None, variant: Optional[str] = None) -> None:
+                 name: Optional[str] = None, variant: Optional[str] = None, channels_last: Any = "auto",
+                 attention_slicing: Any = "off", offload: str = "auto", encoder_checkpointing: Any = "false") -> None:
         super().__init__()
         folder = Path(path)
         self.name = name if name is not None else str(path)
@@ -444,15 +445,78 @@ class DiffusersPrior(DiffusionPrior):
         max_len = int(getattr(self.tokenizer, "model_max_length", _DEFAULT_MAX_TOKENS))
         self.max_text_tokens: int = _DEFAULT_MAX_TOKENS if max_len > 4096 else max_len
         self._text_cache: Dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._apply_efficiency(device, channels_last, attention_slicing, offload)
+        flag = str(encoder_checkpointing).strip().lower()
+        #: Gradient checkpointing of the VAE encoder (only acts when the encode runs with autograd).
+        self.encoder_checkpointing: bool = self.is_latent and (
+            flag == "true" or (flag == "auto" and device.type == "cuda" and self.image_resolution >= 256))
+        if self.encoder_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+
+    # -- speed and memory -------------------------------------------------------------------------
+    def _apply_efficiency(self, device: torch.device, channels_last: Any, attention_slicing: Any, offload: str) -> None:
+        """The ``prior`` group's speed and memory settings (see :class:`~threedistill.priors.base.PriorConfig`):
+        attention slicing (else the fused SDPA processors diffusers picks on torch 2, checked and
+        logged), channels_last UNet and VAE, and, on CUDA, the text encoder and VAE decoder resting
+        in CPU memory between their rare uses."""
+        slicing = attention_slice(attention_slicing)
+        if slicing is not None:
+            self.unet.set_attention_slice(slicing)
+        #: Class names of the UNet's attention processors, e.g. ``["AttnProcessor2_0"]`` (SDPA).
+        self.attention_processors: List[str] = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
+        #: Whether every attention call of the UNet goes through torch's scaled_dot_product_attention.
+        self.uses_sdpa: bool = self.attention_processors == ["AttnProcessor2_0"]
+        flag = str(channels_last).strip().lower()
+        self.channels_last: bool = flag == "true" or (flag == "auto" and device.type == "cuda")
+        if self.channels_last:
+            for model in (self.unet, self.vae):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        self.offload: bool = offload_setting(offload) == "auto" and device.type == "cuda"
+        for module in self._offloaded_modules():
+            module.to("cpu")
+        logger.info("prior '%s' on %s (%s): attention %s%s, channels_last %s, text encoder and VAE decoder %s",
+                    self.name, device, self.dtype, "/".join(self.attention_processors),
+                    " (SDPA)" if self.uses_sdpa else (" (sliced)" if slicing is not None else " (not SDPA)"),
+                    "on" if self.channels_last else "off",
+                    "in CPU memory between uses" if self.offload else f"on {device}")
+        if slicing is None and not self.uses_sdpa:
+            logger.warning("prior '%s': the UNet's attention does not use torch's fused SDPA kernel (%s); it is "
+                           "slower and needs more memory", self.name, ", ".join(self.attention_processors))
+
+    def _offloaded_modules(self) -> List[torch.nn.Module]:
+        """The sub-models that rest in CPU memory between uses (``prior.offload``): the text encoder
+        and the VAE's decoder half."""
+        if not self.offload:
+            return []
+        mods: List[torch.nn.Module] = [self.text_encoder]
+        if self.vae is not None:
+            mods += [m for m in (getattr(self.vae, "decoder", None), getattr(self.vae, "post_quant_conv", None))
+                     if isinstance(m, torch.nn.Module)]
+        return mods
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: Optional[torch.nn.Module]) -> Iterator[None]:
+        """Offloaded ``modules`` on the prior's device for the block, back in CPU memory after it."""
+        moved = [m for m in modules if m is not None and m in self._offloaded_modules()]
+        for m in moved:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in moved:
+                m.to("cpu")
 
     @classmethod
     def from_pretrained(cls, name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                         revision: Optional[str] = None, cache_dir: Optional[str | Path] = None,
-                        variant: Optional[str] = None, offline: bool = False) -> "DiffusersPrior":
+                        variant: Optional[str] = None, offline: bool = False, **efficiency: Any) -> "DiffusersPrior":
         """Resolve ``name`` (a local folder, or a hub id from the cache or downloaded into it on first
-        use unless offline, see :func:`resolve_pipeline_path`) and load it (``variant``: e.g. "fp16")."""
+        use unless offline, see :func:`resolve_pipeline_path`) and load it (``variant``: e.g. "fp16";
+        ``efficiency``: the constructor's ``channels_last``, ``attention_slicing``, ``offload`` and
+        ``encoder_checkpointing``)."""
         path = resolve_pipeline_path(name, revision=revision, cache_dir=cache_dir, variant=variant, offline=offline)
-        return cls(path, device=device, dtype=dtype, name=name, variant=variant)
+        return cls(path, device=device, dtype=dtype, name=name, variant=variant, **efficiency)
 
     # -- components ---------------------------------------------------------------------------
     @property
@@ -496,7 +560,8 @@ class DiffusersPrior(DiffusionPrior):
                                     truncation=True, return_tensors="pt")
             ids = tokens.input_ids.to(self.device)
             mask = tokens.attention_mask.to(self.device) if "attention_mask" in tokens else torch.ones_like(ids)
-            emb = self.text_encoder(ids, attention_mask=mask if self.uses_text_mask else None)[0]
+            with self._on_device(self.text_encoder):
+                emb = self.text_encoder(ids, attention_mask=mask if self.uses_text_mask else None)[0]
             emb = emb.to(self.dtype)
             for i, prompt in enumerate(todo):
                 self._text_cache[prompt] = (emb[i : i + 1], mask[i : i + 1] if self.uses_text_mask else None)
@@ -536,7 +601,8 @@ class DiffusersPrior(DiffusionPrior):
             shift = getattr(vae.config, "shift_factor", None)
             if shift is not None:
                 z = z + shift
-            x = vae.decode(z.to(self.dtype)).sample
+            with self._on_device(getattr(vae, "decoder", None), getattr(vae, "post_quant_conv", None)):
+                x = vae.decode(z.to(self.dtype)).sample
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- noise prediction -------------------------------------------------------------------------
