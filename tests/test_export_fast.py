@@ -68,3 +68,58 @@ def test_sparse_grid_no_surface_still_reports_the_maximum():
 
     with pytest.raises(UserError, match=r"max density (4\d\.\d|50)"):
         M.extract_mesh(Spheres(), resolution=48, threshold=60.0, min_component_ratio=0.0)
+
+
+def _point_triangle_distance(p, a, b, c):
+    """0 inside the triangle, else the distance to its nearest edge segment (None: degenerate)."""
+    area = (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+    if abs(area) <= 1e-12:
+        return None
+    w0 = ((c[0] - b[0]) * (p[1] - b[1]) - (c[1] - b[1]) * (p[0] - b[0])) / area
+    w1 = ((a[0] - c[0]) * (p[1] - c[1]) - (a[1] - c[1]) * (p[0] - c[0])) / area
+    if min(w0, w1, 1 - w0 - w1) >= -1e-7:
+        return 0.0
+    d = np.inf
+    for s, e in ((a, b), (b, c), (c, a)):
+        t = np.clip(np.dot(p - s, e - s) / max(np.dot(e - s, e - s), 1e-12), 0, 1)
+        d = min(d, float(np.hypot(*(p - s - t * (e - s)))))
+    return d
+
+
+def _brute_force_raster(px_tri, size, reach=0.71):
+    """Per texel centre: the distance to the nearest UV triangle, for texels within ``reach``."""
+    out = {}
+    for row in range(size):
+        for col in range(size):
+            p = np.array([col, row], float)
+            ds = [d for d in (_point_triangle_distance(p, *t) for t in px_tri) if d is not None]
+            if ds and min(ds) <= reach:
+                out[row * size + col] = min(ds)
+    return out
+
+
+def test_rasterize_uv_matches_a_per_texel_loop():
+    rng = np.random.default_rng(3)
+    size = 24
+    # Random triangles of mixed sizes (some thinner than a texel, some overlapping, one degenerate).
+    centres = rng.uniform(0.1, 0.9, (14, 2))
+    uv = (centres[:, None, :] + rng.normal(0, 0.12, (14, 3, 2)) * rng.uniform(0.05, 1.0, (14, 1, 1))).reshape(-1, 2)
+    uv = uv.clip(0, 1)
+    faces = np.arange(len(uv)).reshape(-1, 3)
+    uv[faces[5, 2]] = uv[faces[5, 0]]  # degenerate: never rasterized
+    texels, face_ids, barys = M._rasterize_uv(uv, faces, size)
+    px = np.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5], -1)
+    ref = _brute_force_raster(px[faces], size)
+    assert len(ref) > 100
+    assert sorted(texels.tolist()) == sorted(ref)
+    assert 5 not in set(face_ids.tolist())
+    for t, f, w in zip(texels, face_ids, barys):
+        a, b, c = px[faces[f]]
+        p = np.array([t % size, t // size], float)
+        # The chosen face is a nearest one, and its barycentrics are the clamped, normalized ones.
+        assert _point_triangle_distance(p, a, b, c) == pytest.approx(ref[int(t)], abs=1e-9)
+        m = np.array([[a[0] - c[0], b[0] - c[0]], [a[1] - c[1], b[1] - c[1]]])
+        l0, l1 = np.linalg.solve(m, p - c)
+        expect = np.clip([l0, l1, 1 - l0 - l1], 0, 1)
+        np.testing.assert_allclose(w, expect / expect.sum(), atol=1e-9)
+        assert w.sum() == pytest.approx(1.0)

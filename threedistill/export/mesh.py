@@ -340,18 +340,30 @@ def _rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, max_candidates: 
                 return ((p1[..., 0] - p0[..., 0]) * (p[..., 1] - p0[..., 1])
                         - (p1[..., 1] - p0[..., 1]) * (p[..., 0] - p0[..., 0]))
 
-            def seg_dist(p0, p1):
-                d = p1 - p0
-                t = (((p - p0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12)).clip(0.0, 1.0)
-                return np.linalg.norm(p - (p0 + t[..., None] * d), axis=-1)
-
             w0 = edge(tb, tc) / ar
             w1 = edge(tc, ta) / ar
             w2 = 1.0 - w0 - w1
             inside = (w0 >= -1e-7) & (w1 >= -1e-7) & (w2 >= -1e-7)
-            dist = np.where(inside, 0.0, np.minimum(np.minimum(seg_dist(ta, tb), seg_dist(tb, tc)),
-                                                    seg_dist(tc, ta)))
-            fi, si = np.nonzero(inside_box & (dist <= reach))
+            # w_k |area| / |opposite edge| is the signed distance to that edge's line (> 0 on the
+            # triangle's side): a texel farther than ``reach`` outside any edge line is out of
+            # reach, so exact distances are only taken in the thin band around the triangle.
+            aa = np.abs(ar)
+            band = inside_box & ~inside
+            for w, p0, p1 in ((w0, tb, tc), (w1, tc, ta), (w2, ta, tb)):
+                band &= w * aa >= -reach * (1.0 + 1e-9) * np.sqrt(((p1 - p0) ** 2).sum(-1))
+            dist2 = np.where(inside, 0.0, np.inf)
+            bi, bs = np.nonzero(band)
+            if len(bi):
+                q = p[bi, bs]
+                d2 = np.full(len(bi), np.inf)
+                for p0, p1 in ((a, b), (b, c), (c, a)):
+                    s0, d = p0[ids][bi], (p1 - p0)[ids][bi]
+                    t = (((q - s0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12)).clip(0.0, 1.0)
+                    e = q - (s0 + t[:, None] * d)
+                    d2 = np.minimum(d2, (e * e).sum(-1))
+                dist2[bi, bs] = d2
+            dist = dist2  # squared distances: the same nearest-first order
+            fi, si = np.nonzero(inside_box & (dist <= reach * reach))
             if len(fi) == 0:
                 continue
             q = pts[fi, si]
