@@ -57,8 +57,10 @@ def _density_grid(rep: Representation, resolution: int, bound: float, chunk: int
     return grid
 
 
-#: Block size (in grid cells) of :func:`_sparse_density_grid`'s coarse pass.
-COARSE_BLOCK = 4
+#: Block size (in grid cells) of :func:`_sparse_density_grid`'s coarse pass: 2 finds every blob
+#: holding a ball more than 2 * sqrt(3) = 3.5 cells across and every slab more than 2 cells thick
+#: (4 missed the 4-cell floater of tests/test_export.py); its coarse pass costs 1/8 of the grid.
+COARSE_BLOCK = 2
 
 
 @torch.no_grad()
@@ -81,10 +83,10 @@ def _sparse_density_grid(rep: Representation, resolution: int, bound: float, chu
     corners and its neighbours' all lie above ``iso`` gets the float32 maximum; every grid point
     of the other blocks is evaluated as in the dense grid. Marching cubes only makes triangles in
     cells whose corners straddle ``iso``, so the mesh is exactly the dense grid's unless the
-    field crosses ``iso`` inside a region that the coarse samples see, one block around, as all
-    outside or all inside (a structure thinner than about a block that no coarse sample within a
-    block of it sees: a speck ``block`` cells or smaller, which ``min_component_ratio`` drops as
-    a floater anyway)."""
+    field crosses ``iso`` only where no coarse sample within a block sees it: a structure that
+    holds no coarse sample, i.e. a blob no more than ``block * sqrt(3)`` cells across or a
+    sheet or strand no more than ``block`` cells thick lying between the coarse samples, and
+    farther than a block from any coarse sample above ``iso``."""
     R, B = int(resolution), int(block)
     xs = torch.linspace(-bound, bound, R, device=device)
     coarse = np.arange(0, R, B)
@@ -128,10 +130,6 @@ def _sparse_density_grid(rep: Representation, resolution: int, bound: float, chu
     grid[point_above & ~point_active] = np.finfo(np.float32).max
     idx = np.argwhere(point_active)  # x-major order, as the dense grid's slabs
     grid[point_active] = _density_at(rep, xs, idx, chunk)
-    # The coarse samples of skipped blocks are real densities (all below iso): keep them, so a
-    # field with no surface still reports its (coarse) maximum.
-    cgrid = grid[np.ix_(coarse, coarse, coarse)]
-    grid[np.ix_(coarse, coarse, coarse)] = np.where(np.isnan(cgrid), cval, cgrid)
     return grid
 
 
@@ -189,7 +187,7 @@ def extract_mesh(
     * The density is sampled at the ``resolution^3`` corners of a regular grid spanning exactly
       ``[-rep.bounds, rep.bounds]^3`` (no grad, ``chunk`` points at a time, on the
       representation's device); marching cubes (PyMCubes) runs on it. With ``coarse_block``
-      (default 4; 0: the dense grid) only blocks near the surface are evaluated
+      (default 2; 0: the dense grid) only blocks near the surface are evaluated
       (:func:`_sparse_density_grid`: the same mesh, at a fraction of the density evaluations).
     * The grid is padded by one sub-threshold layer so the surface is closed where the object
       touches the bounds; those caps are clamped onto the bounding cube.
@@ -221,6 +219,8 @@ def extract_mesh(
         try:
             if coarse_block and resolution > 4 * int(coarse_block):
                 volume = _sparse_density_grid(rep, resolution, bound, int(chunk), device, iso, int(coarse_block))
+                if not np.any(volume > iso):  # nothing seen: the dense grid decides (and gives the max density)
+                    volume = _density_grid(rep, resolution, bound, int(chunk), device)
             else:
                 volume = _density_grid(rep, resolution, bound, int(chunk), device)
         except NotImplementedError:
