@@ -276,6 +276,11 @@ def _unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding:
                    np.ascontiguousarray(faces, dtype=np.uint32))
     chart_options = xatlas.ChartOptions()
     chart_options.max_iterations = 1  # the default (1) spelled out: more only slows marching-cubes meshes
+    # No straightness term in chart growing (xatlas default 6): charting is most of xatlas's time
+    # and this halves it on the quick start's 20k-face marching-cubes mesh (CPU 5.9 -> 2.3 s;
+    # 663 -> 425 charts, atlas utilization 0.85 -> 0.76, texels on the surface -15%), with the
+    # same export check. Chart borders are less straight, which only the dilation sees.
+    chart_options.straightness_weight = 0.0
     pack_options = xatlas.PackOptions()
     pack_options.resolution = int(texture_size)
     pack_options.padding = int(padding)
