@@ -137,3 +137,19 @@ def test_sparse_grid_finds_a_floater_and_a_thin_sheet():
     dense, sparse = _dense_and_sparse(rep, 64)
     assert len(dense.split(only_watertight=False)) >= 2
     _assert_same_mesh(dense, sparse)
+
+
+def test_turntable_renderer_reuses_the_mesh_tensors_without_going_stale(tmp_path):
+    from threedistill.cameras import orbit_cameras
+    from threedistill.export.check import load_exported_mesh, mesh_frame_renderer, render_exported_mesh
+
+    textured = M.bake_texture(Spheres(), M.extract_mesh(Spheres(), resolution=24), texture_size=64)
+    path = M.save_mesh(textured, tmp_path / "m.glb")
+    cams = orbit_cameras(3, 20, elevation=15.0)
+    render = mesh_frame_renderer(path, 0.1)
+    frames = [render(cams[i]) for i in range(3)]
+    for i in (2, 0):  # each frame as a freshly read mesh renders it, whatever was rendered before
+        white = torch.ones(1, 3, 20, 20)
+        fresh = render_exported_mesh(load_exported_mesh(path), cams[i], white, 0.1)["rgb"]
+        torch.testing.assert_close(frames[i], fresh, rtol=0, atol=0)
+    assert not torch.equal(frames[0], frames[2])
