@@ -128,8 +128,12 @@ def _sparse_density_grid(rep: Representation, resolution: int, bound: float, chu
                 point_above[dx:dx + R - 1, dy:dy + R - 1, dz:dz + R - 1] |= cell_above
     grid = np.full((R, R, R), np.nan, dtype=np.float32)
     grid[point_above & ~point_active] = np.finfo(np.float32).max
-    idx = np.argwhere(point_active)  # x-major order, as the dense grid's slabs
-    grid[point_active] = _density_at(rep, xs, idx, chunk)
+    slabs = max(1, chunk // (R * R))  # whole x-slabs at a time: the index list stays small at 1024^3
+    for i0 in range(0, R, slabs):
+        sub = point_active[i0:i0 + slabs]
+        idx = np.argwhere(sub)
+        idx[:, 0] += i0
+        grid[i0:i0 + slabs][sub] = _density_at(rep, xs, idx, chunk)
     return grid
 
 
