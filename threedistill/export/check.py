@@ -79,6 +79,23 @@ class ExportedMesh:
     def __init__(self, vertices, faces, uv=None, texture=None, colors=None, kind: str = "none"):
         self.vertices, self.faces, self.uv, self.texture, self.colors = vertices, faces, uv, texture, colors
         self.kind = kind  # "texture", "vertex" or "none"
+        self._tensors: Optional[Dict[str, torch.Tensor]] = None
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The per-mesh inputs of :func:`render_exported_mesh` as CPU tensors, computed once and
+        kept (a turntable renders the same mesh for every frame): ``verts``, ``faces``,
+        ``normals`` (smooth across seams), and ``uv`` / ``texture [1,3,H,W]`` or ``colors``."""
+        if self._tensors is None:
+            verts = torch.as_tensor(self.vertices, dtype=torch.float32)
+            faces = torch.as_tensor(self.faces, dtype=torch.int64)
+            t = {"verts": verts, "faces": faces, "normals": _smooth_normals(verts, faces)}
+            if self.kind == "texture":
+                t["uv"] = torch.as_tensor(self.uv, dtype=torch.float32)
+                t["texture"] = torch.as_tensor(self.texture, dtype=torch.float32).permute(2, 0, 1)[None]
+            elif self.kind == "vertex":
+                t["colors"] = torch.as_tensor(self.colors, dtype=torch.float32)
+            self._tensors = t
+        return self._tensors
 
 
 def _factor_rgb(material) -> Optional[np.ndarray]:
@@ -181,22 +198,22 @@ def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: t
     """``rgb [B,3,H,W]`` (over ``background [B,3,H,W]``) and ``alpha [B,1,H,W]`` of a mesh read
     with :func:`load_exported_mesh`, shaded as the representation's evaluation render (``ambient``:
     diffuse with a headlight; None: unlit). Colorless meshes render white."""
-    verts = torch.as_tensor(mesh.vertices, dtype=torch.float32)
-    faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
+    t = mesh.tensors()
+    verts, faces = t["verts"], t["faces"]
     frags = rasterize_triangles(verts, faces, cameras)
     mask = frags.mask  # [B,1,H,W]
     B, H, W = len(cameras), cameras.height, cameras.width
     if mesh.kind == "texture":
-        uv = interpolate(torch.as_tensor(mesh.uv, dtype=torch.float32), frags)  # [B,2,H,W]
+        uv = interpolate(t["uv"], frags)  # [B,2,H,W]
         grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], dim=-1)  # x right, y down
-        tex = torch.as_tensor(mesh.texture, dtype=torch.float32).permute(2, 0, 1)[None].expand(B, -1, -1, -1)
+        tex = t["texture"].expand(B, -1, -1, -1)
         albedo = F.grid_sample(tex, grid, mode="bilinear", padding_mode="border", align_corners=False)
     elif mesh.kind == "vertex":
-        albedo = interpolate(torch.as_tensor(mesh.colors, dtype=torch.float32), frags)
+        albedo = interpolate(t["colors"], frags)
     else:
         albedo = torch.ones(B, 3, H, W)
     if ambient is not None:
-        normal = F.normalize(interpolate(_smooth_normals(verts, faces), frags), dim=1, eps=1e-12)
+        normal = F.normalize(interpolate(t["normals"], frags), dim=1, eps=1e-12)
         points = interpolate(verts, frags)
         light = cameras.positions.to(points.dtype)[:, :, None, None].expand_as(points)
         flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731
