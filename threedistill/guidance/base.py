@@ -115,7 +115,8 @@ class GuidanceOutput:
     loss: torch.Tensor  # scalar to backpropagate: the injection loss plus any state loss
     grad: torch.Tensor  # injected gradient g in model space [B,C,h,w] (before the 1/B of the loss)
     t: torch.Tensor  # integer timesteps [B]
-    stats: Dict[str, float] = field(default_factory=dict)
+    #: Scalars: Python numbers or 0-dim tensors (read later, see :func:`threedistill.distill.read_stats`).
+    stats: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +157,9 @@ class Guidance(torch.nn.Module):
         self._view_dependent = True
         self._camera_cfg = None
         self.has_negative_prompt = False
+        #: Time the encode (``time_encode``), waiting for the device around it; the distiller sets it
+        #: from ``run.profile``. Off, no stat is timed (no wait on CUDA).
+        self.profile = True
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
@@ -256,9 +260,9 @@ class Guidance(torch.nn.Module):
         prior = self.prior
         B = images.shape[0]
         device = prior.device
-        t_start = _now(device)
+        t_start = _now(device) if self.profile else 0.0
         z = prior.encode_images(images.to(device))
-        time_encode = _now(device) - t_start
+        time_encode = _now(device) - t_start if self.profile else None
         if t is None:
             t = self.sample_timesteps(B, step, generator)
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).to(device)
@@ -285,16 +289,19 @@ class Guidance(torch.nn.Module):
         weight = float(scheduled(self.cfg.weight, step, "guidance.weight"))
         target = (z - g).detach()
         loss = weight * 0.5 * F.mse_loss(z, target, reduction="sum") / B
-        stats = {
-            "t": float(t.float().mean()),
+        # Stats stay tensors on the device (reading one waits for the device); the distiller reads
+        # them all at once every run.stats_every steps.
+        stats: Dict[str, object] = {
+            "t": t.float().mean(),
             "guidance_scale": scale,
-            "grad_norm": float(g.flatten(1).norm(dim=1).mean()),
-            "time_encode": time_encode,
+            "grad_norm": g.flatten(1).norm(dim=1).mean(),
         }
+        if time_encode is not None:
+            stats["time_encode"] = time_encode
         stats.update(extra)
         state_loss = self.state_loss(ctx)
         if state_loss is not None:
-            stats[f"loss_{self.name}_state"] = float(state_loss.detach())
+            stats[f"loss_{self.name}_state"] = state_loss.detach()
             loss = loss + state_loss
         return GuidanceOutput(loss=loss, grad=g, t=t, stats=stats)
 

@@ -369,9 +369,9 @@ class Mesh(Representation, Appearance):
         return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
                 for name, p in params.items()]
 
-    def log_stats(self) -> Dict[str, float]:
-        with torch.no_grad():
-            return {"mesh_offset_max": float(self.offsets.norm(dim=-1).amax()) if self.offsets.numel() else 0.0}
+    def log_stats(self) -> Dict[str, object]:
+        with torch.no_grad():  # a tensor: read with the step's other stats (no wait for the device here)
+            return {"mesh_offset_max": self.offsets.norm(dim=-1).amax() if self.offsets.numel() else 0.0}
 
     # ------------------------------------------------------------------------------------------
     # Export
