@@ -235,3 +235,62 @@ def test_prior_compile_reaches_the_unet_call(tiny_sd_path, tmp_path, monkeypatch
     assert calls == [("max-autotune", "inductor")]
     d.train_step(0)
     d.prior.compile_unet(False)  # the prior may be cached: leave it plain
+
+
+# -- generate --plan ------------------------------------------------------------------------------------
+def test_largest_settings_of_numbers_and_schedules():
+    from threedistill.pipeline import largest_settings
+
+    cfg = load_config(overrides=["run.prompt=x", "run.resolution=48", "camera.batch_size=3"])
+    assert largest_settings(cfg) == (48, 3)
+    # a schedule (as another key takes them): its larger end, whichever way it runs
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"run": {"resolution": [64, 128, 0, 500]}, "camera": {"batch_size": [4, 1, 0, 100]}})
+    assert largest_settings(node) == (128, 4)
+
+
+def test_generate_plan_prints_the_estimate_and_leaves_nothing(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    from threedistill import pipeline
+    from threedistill.cli import main
+
+    planned = []
+    original = pipeline.plan_run
+
+    def spy(cfg, *args, **kwargs):
+        planned.append(cfg)
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr("threedistill.cli.plan_run", spy)
+    out = tmp_path / "out"
+    code = main(["generate", "a red cube", "--plan", "--out", str(out), f"prior.name={tiny_sd_path}", *FAST,
+                 "run.resolution=24", "camera.batch_size=2", "run.steps=300", "run.preview_every=100",
+                 "export.formats=[]", "export.turntable=false"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "24 px, camera batch 2" in text and "peak memory:" in text
+    per_step = float(text.split("time per step:")[1].split()[0])
+    assert per_step > 0
+    assert "for 300 steps" in text and "total:" in text
+    assert not out.exists()  # no run folder, no output root
+    assert planned[0].run.resolution == 24  # the config it got is the user's, not changed by the plan
+
+
+def test_generate_plan_refuses_resume(tmp_path, capsys):
+    from threedistill.cli import main
+
+    assert main(["generate", "--resume", str(tmp_path), "--plan"]) != 0
+    assert "--plan" in capsys.readouterr().err
+
+
+def test_run_plan_arithmetic():
+    from threedistill.pipeline import RunPlan
+
+    plan = RunPlan(device="cpu", resolution=64, batch_size=1, steps=1000, seconds_per_step=0.25,
+                   peak_memory=3 * 2**30, memory_kind="m", previews_s=30.0, export_s=12.0,
+                   not_estimated=["mesh extraction"])
+    assert plan.total_s == 1000 * 0.25 + 30 + 12
+    text = "\n".join(plan.lines())
+    assert "3.00 GiB" in text and "4m10s for 1000 steps" in text and "about 4m52s plus those" in text
+    assert "not counting mesh extraction" in text
+    assert "n/a" in "\n".join(RunPlan("cpu", 8, 1, 10, 1.0, None, "m", 0.0, 0.0).lines())
