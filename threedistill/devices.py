@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from threedistill.errors import UserError
+from threedistill.groups import shown
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,7 +72,7 @@ def check_threads(value: Any, key: str) -> None:
     except ValueError:
         ok = False
     if not ok or isinstance(value, bool):
-        raise UserError(f"config key '{key}' must be auto or a positive whole number of threads, got '{value}'")
+        raise UserError(f"config key '{key}' must be auto or a positive whole number of threads, got {shown(value)}")
 
 
 #: What to lower when a run runs out of memory (the front ends' one-line message).
@@ -118,13 +119,13 @@ def check_auto_count(value: Any, key: str, what: str) -> None:
         except ValueError:
             ok = False
     if not ok or int(str(value)) > 1_000_000:
-        raise UserError(f"config key '{key}' must be auto or a whole number of {what} in [1, 1000000], got '{value}'")
+        raise UserError(f"config key '{key}' must be auto or a whole number of {what} in [1, 1000000], got {shown(value)}")
 
 
 def check_auto_bool(value: Any, key: str) -> None:
     """``auto``, true or false."""
     if not (_is_auto(value) or isinstance(value, bool)):
-        raise UserError(f"config key '{key}' must be auto, true or false, got '{value}'")
+        raise UserError(f"config key '{key}' must be auto, true or false, got {shown(value)}")
 
 
 def stats_every(setting: Any, device: torch.device) -> int:
