@@ -294,3 +294,11 @@ def test_run_plan_arithmetic():
     assert "3.00 GiB" in text and "4m10s for 1000 steps" in text and "about 4m52s plus those" in text
     assert "not counting mesh extraction" in text
     assert "n/a" in "\n".join(RunPlan("cpu", 8, 1, 10, 1.0, None, "m", 0.0, 0.0).lines())
+
+
+def test_to_device_moves_like_to():
+    from threedistill.devices import to_device
+
+    x = torch.arange(6, dtype=torch.float32).view(2, 3).expand(4, 2, 3)
+    y = to_device(x, "cpu")
+    assert y.device.type == "cpu" and torch.equal(y, x)

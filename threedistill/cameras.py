@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from threedistill.devices import to_device
 from threedistill.groups import check_bounds, check_positive, check_range
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
@@ -112,7 +113,7 @@ class CameraBatch:
         host = (self.elevation, self.azimuth) if self.elevation.device.type == "cpu" else self.host_angles
         return replace(
             self,
-            **{k: getattr(self, k).to(device) for k in
+            **{k: to_device(getattr(self, k), device) for k in
                ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
             host_angles=host,
         )

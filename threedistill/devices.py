@@ -146,3 +146,14 @@ def set_tf32(enabled: bool, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
         torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor.to(device)`` that does not wait for the GPU: a plain host-to-CUDA copy of pageable
+    memory waits for the stream's queued work; from pinned memory with ``non_blocking`` it is queued
+    like any kernel (the source is a fresh tensor here; torch's pinned allocator keeps it until
+    the copy is done). Other moves are ``tensor.to(device)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch
+from threedistill.devices import to_device
 from threedistill.errors import UserError
 from threedistill.groups import (Scheduled, check_bounds, check_choice, check_positive, check_schedule_min, check_unit,
                                  parse_schedule, scheduled)
@@ -265,10 +266,11 @@ class Guidance(torch.nn.Module):
         time_encode = _now(device) - t_start if self.profile else None
         if t is None:
             t = self.sample_timesteps(B, step, generator)
-        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).to(device)
+        # drawn on the CPU (reproducible), moved without waiting for the device (to_device)
+        t = to_device(torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).contiguous(), device)
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
-        noise = noise.to(device=device, dtype=z.dtype)
+        noise = to_device(noise, device).to(dtype=z.dtype)
         labels = self.view_labels(cameras) if self._view_dependent else None
         cond, uncond = self.embeddings.for_views(labels, B)
         masks = self.embeddings.masks_for_views(labels, B)
