@@ -86,6 +86,7 @@ def bench(prior_path: Path, device: str, resolution: int, steps: int, warmup: in
     t0 = time.perf_counter()
     d.build()
     build_s = time.perf_counter() - t0
+    d.guidance.profile = True  # the encode/UNet split waits for the device (run.profile is off on CUDA by default)
     calls = [0]
     hook = d.prior.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     if d.device.type == "cuda":

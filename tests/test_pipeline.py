@@ -66,20 +66,20 @@ def _yaml(run_dir: Path):
 
 
 def test_interrupted_chain_resumes_into_the_refine_stage(chained, tmp_path, tiny_sd_path, monkeypatch, capsys):
-    real = Distiller.train_step
+    real = Distiller.step_stats  # the loop's step (train_step reads its stats at once)
 
     def interrupt_refine(self, step, timer=None):
         if self.cfg.representation.name == "mesh" and step == 1:
             raise KeyboardInterrupt
         return real(self, step, timer)
 
-    monkeypatch.setattr(Distiller, "train_step", interrupt_refine)
+    monkeypatch.setattr(Distiller, "step_stats", interrupt_refine)
     assert _chain(tmp_path, tiny_sd_path, "part") == 130
     part = tmp_path / "part"
     assert json.loads((part / "run.json").read_text())["status"] == "finished"
     assert json.loads((part / "run.json").read_text())["refine"] == str((part / "refine").resolve())
     assert json.loads((part / "refine" / "run.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(Distiller, "train_step", real)
+    monkeypatch.setattr(Distiller, "step_stats", real)
     # Both folders move together: the refine stage's init follows the coarse run to where it is now.
     moved = tmp_path / "moved"
     part.rename(moved)

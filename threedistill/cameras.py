@@ -18,10 +18,11 @@ Convention
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from threedistill.devices import to_device
 from threedistill.groups import check_bounds, check_positive, check_range
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
@@ -87,6 +88,9 @@ class CameraBatch:
     light_positions: torch.Tensor
     height: int
     width: int
+    #: ``(elevation, azimuth)`` still on the CPU after :meth:`to` moved the batch off it: the view
+    #: labels are read from these (reading the device's copies would wait for the device every step).
+    host_angles: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.c2w.shape[0]
@@ -106,10 +110,12 @@ class CameraBatch:
         return 0.5 * self.height / torch.tan(0.5 * self.fovy)
 
     def to(self, device: torch.device | str) -> "CameraBatch":
+        host = (self.elevation, self.azimuth) if self.elevation.device.type == "cpu" else self.host_angles
         return replace(
             self,
-            **{k: getattr(self, k).to(device) for k in
+            **{k: to_device(getattr(self, k), device) for k in
                ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
+            host_angles=host,
         )
 
     def __getitem__(self, idx) -> "CameraBatch":
@@ -119,6 +125,7 @@ class CameraBatch:
             self,
             **{k: getattr(self, k)[idx] for k in
                ("c2w", "fovy", "elevation", "azimuth", "distance", "light_positions")},
+            host_angles=None if self.host_angles is None else (self.host_angles[0][idx], self.host_angles[1][idx]),
         )
 
     def intrinsics(self) -> torch.Tensor:
@@ -156,7 +163,8 @@ class CameraBatch:
     def view_labels(
         self, front_threshold: float = 45.0, back_threshold: float = 45.0, overhead_threshold: float = 60.0
     ) -> List[str]:
-        return view_labels(self.elevation, self.azimuth, front_threshold, back_threshold, overhead_threshold)
+        elevation, azimuth = self.host_angles or (self.elevation, self.azimuth)
+        return view_labels(elevation, azimuth, front_threshold, back_threshold, overhead_threshold)
 
 
 def view_labels(

@@ -1,7 +1,7 @@
 """The ``threedistill`` command.
 
     threedistill [-v] COMMAND ...
-    threedistill generate "PROMPT" [-c PRESET|FILE ...] [--out DIR] [key=value ...]
+    threedistill generate "PROMPT" [-c PRESET|FILE ...] [--out DIR] [--plan] [key=value ...]
     threedistill generate --resume RUN_DIR [key=value ...]
     threedistill refine RUN_DIR [-c PRESET|FILE] [key=value ...]
     threedistill export RUN_DIR [-f glb|obj|ply|splat ...] [--resolution N] [--threshold X] [--texture-size N]
@@ -44,7 +44,7 @@ from threedistill.errors import UserError
 from threedistill.export import (build_export_mesh, export_placement, render_turntable, save_image, save_mesh,
                                  texture_paths)
 from threedistill.export.check import check_cameras, comparison_grid, fidelity_check, format_check
-from threedistill.pipeline import RunRequest, prepare_config, prepare_run, run_prepared
+from threedistill.pipeline import RunRequest, plan_run, prepare_config, prepare_run, run_prepared
 from threedistill.plots import write_curves
 from threedistill.preview import DEFAULT_SAMPLES, DEFAULT_STEPS, image_format, sample_preview, write_preview
 from threedistill.priors import load_prior
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. -c vsd-nerf -c sd)")
     g.add_argument("--out", "-o", help="output root folder (default: run.out_dir = outputs)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    g.add_argument("--plan", action="store_true",
+                   help="run two steps at the largest resolution and camera batch the run reaches, print the "
+                        "expected peak memory, time per step and total time, and exit (no run folder is made)")
     _add_overrides(g)
 
     rf = sub.add_parser("refine", help="refine a finished run's surface as a mesh (a run in RUN_DIR/refine)")
@@ -242,6 +245,8 @@ def cmd_generate(args) -> int:
     if args.resume:
         if args.prompt:
             raise UserError("give either a prompt or --resume RUN_DIR, not both")
+        if args.plan:
+            raise UserError("--plan plans a new run: give a prompt (and its settings) instead of --resume")
         request = RunRequest(resume=Path(args.resume), overrides=args.overrides)
         cfg, folder = prepare_run(request)
         info = folder.read_status()
@@ -257,6 +262,10 @@ def cmd_generate(args) -> int:
         request = RunRequest(prompt=args.prompt or "", configs=args.config or [], overrides=args.overrides,
                              out_dir=args.out or None)
     request.on_warning = _warn
+    if args.plan:
+        for line in plan_run(prepare_config(request)).lines():
+            print(line)
+        return 0
     _print_results(_run_with_folder_first(*prepare_run(request)))
     return 0
 

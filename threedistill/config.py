@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from threedistill.cameras import CameraConfig
-from threedistill.devices import check_threads
+from threedistill.devices import check_auto_bool, check_auto_count, check_threads
 from threedistill.errors import UserError
 from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_storable, parse_schedule, shown
 from threedistill.groups import plain_schedule, scheduled  # noqa: F401  (re-exported)
@@ -78,6 +78,10 @@ class OptimConfig:
     # Learning-rate multipliers per parameter group (relative to lr).
     lr_scale_background: float = 0.1
     lr_scale_mlp: float = 0.1
+    # Adam's implementation: "auto" = torch's fused kernel on CUDA when every parameter is a CUDA
+    # floating-point tensor, else the multi-tensor "foreach" one (same update, fewer kernel launches
+    # than the per-parameter loop); "fused", "foreach" or "loop" (the per-parameter loop) to force one.
+    fused: str = "auto"
 
     def validate(self, key: str = "optim") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
@@ -85,6 +89,7 @@ class OptimConfig:
         parse_schedule(self.lr, f"{key}.lr")
         check_bounds(self, key, OPTIM_BOUNDS)
         check_choice(self.name, f"{key}.name", ("adam", "adamw"))
+        check_choice(self.fused, f"{key}.fused", ("auto", "fused", "foreach", "loop"))
         betas = list(self.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise UserError(f"config key '{key}.betas' must be two numbers in [0, 1), got {shown(betas)}")
@@ -127,6 +132,19 @@ class RunConfig:
     # average leaves less free, at least 1: a busy machine does not make the threads spin against
     # each other) or N.
     threads: Any = "auto"
+    # Read the step's stats (loss, t, grad norms: tensors on the device) every N steps, in one
+    # transfer: "auto" = 1 on the CPU (free there), 20 on CUDA (a read waits for the GPU: one wait per
+    # step would leave it idle while Python queues the next). metrics.jsonl still gets a line per
+    # step (written when read); the progress bar and on_step callbacks move when read; a non-finite
+    # loss is caught within N steps, and always before a checkpoint is written.
+    stats_every: Any = "auto"
+    # Split each step's time into sections (time_render, time_guidance, time_encode, ...), waiting
+    # for the device at each section's end: "auto" = on for the CPU (free there), off on CUDA (where
+    # the waits cost speed); off, only time_step is logged. true or false to force.
+    profile: Any = "auto"
+    # TensorFloat-32 matmuls and convolutions on CUDA (Ampere and newer: ~fp16 speed for fp32 work,
+    # 10-bit mantissa); a no-op on the CPU.
+    tf32: bool = True
 
     def validate(self, key: str = "run") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
@@ -140,6 +158,10 @@ class RunConfig:
             raise UserError(f"config key '{key}.checkpoint_every_s' must be a finite number of seconds, "
                             f"got {self.checkpoint_every_s}")
         check_threads(self.threads, f"{key}.threads")
+        check_auto_count(self.stats_every, f"{key}.stats_every", "steps between two reads of the stats")
+        check_auto_bool(self.profile, f"{key}.profile")
+        if not isinstance(self.tf32, bool):
+            raise UserError(f"config key '{key}.tf32' must be true or false, got {shown(self.tf32)}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"config key '{key}.device' must be auto, cpu, cuda or cuda:N, got {shown(self.device)}")
 

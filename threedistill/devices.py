@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from threedistill.errors import UserError
+from threedistill.groups import shown
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,7 +72,7 @@ def check_threads(value: Any, key: str) -> None:
     except ValueError:
         ok = False
     if not ok or isinstance(value, bool):
-        raise UserError(f"config key '{key}' must be auto or a positive whole number of threads, got '{value}'")
+        raise UserError(f"config key '{key}' must be auto or a positive whole number of threads, got {shown(value)}")
 
 
 #: What to lower when a run runs out of memory (the front ends' one-line message).
@@ -93,3 +94,66 @@ def out_of_memory(error: BaseException) -> Optional[str]:
     if type(error) is RuntimeError and "DefaultCPUAllocator" in str(error):
         return "cpu"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed settings that depend on the device ("auto": the CPU's value or CUDA's)
+# ----------------------------------------------------------------------------------------------
+#: ``run.stats_every`` "auto": reading stats on the CPU costs nothing; on CUDA each read waits for
+#: the GPU, so it is read once in this many steps.
+STATS_EVERY_CUDA = 20
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def check_auto_count(value: Any, key: str, what: str) -> None:
+    """``auto`` or a whole number >= 1 (``what`` names it in the message)."""
+    if _is_auto(value):
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, str))
+    if ok:
+        try:
+            ok = int(str(value)) >= 1 and str(value).strip().lstrip("+").isdigit()
+        except ValueError:
+            ok = False
+    if not ok or int(str(value)) > 1_000_000:
+        raise UserError(f"config key '{key}' must be auto or a whole number of {what} in [1, 1000000], got {shown(value)}")
+
+
+def check_auto_bool(value: Any, key: str) -> None:
+    """``auto``, true or false."""
+    if not (_is_auto(value) or isinstance(value, bool)):
+        raise UserError(f"config key '{key}' must be auto, true or false, got {shown(value)}")
+
+
+def stats_every(setting: Any, device: torch.device) -> int:
+    """``run.stats_every`` resolved: ``auto`` is 1 on the CPU, :data:`STATS_EVERY_CUDA` elsewhere."""
+    if _is_auto(setting):
+        return 1 if device.type == "cpu" else STATS_EVERY_CUDA
+    return int(str(setting))
+
+
+def profile_on(setting: Any, device: torch.device) -> bool:
+    """``run.profile`` resolved: ``auto`` is on for the CPU only (where timing sections waits for nothing)."""
+    return device.type == "cpu" if _is_auto(setting) else bool(setting)
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """``run.tf32``: TensorFloat-32 for CUDA matmuls and cuDNN convolutions (process-wide flags; the
+    CPU ignores them, so nothing is set there)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor.to(device)`` that does not wait for the GPU: a plain host-to-CUDA copy of pageable
+    memory waits for the stream's queued work; from pinned memory with ``non_blocking`` it is queued
+    like any kernel (the source is a fresh tensor here; torch's pinned allocator keeps it until
+    the copy is done). Other moves are ``tensor.to(device)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -22,7 +22,7 @@ from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER
                                   step_generator)
 from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
-from threedistill.devices import choose_threads, resolve_device
+from threedistill.devices import choose_threads, profile_on, resolve_device, set_tf32, stats_every
 from threedistill.errors import UserError
 from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
 from threedistill.export.check import mesh_frame_renderer
@@ -98,24 +98,79 @@ def smoothed(ema: Optional[float], value: float, weight: float = LOSS_EMA_WEIGHT
 
 
 class _Timer:
-    """Wall-clock sections; synchronizes CUDA so GPU time lands in the right section."""
+    """Wall-clock sections; synchronizes CUDA so GPU time lands in the right section. Not
+    ``enabled`` (``run.profile`` off), it times nothing and waits for nothing."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
         self.cuda = device.type == "cuda"
         self.times: Dict[str, float] = {}
         self._t = 0.0
 
     def start(self) -> None:
+        if not self.enabled:
+            return
         if self.cuda:
             torch.cuda.synchronize()
         self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        if not self.enabled:
+            return
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
         self.times[name] = self.times.get(name, 0.0) + now - self._t
         self._t = now
+
+
+def read_stats(pending: Sequence[Dict[str, object]]) -> List[Dict[str, float]]:
+    """``pending`` steps' stats with every tensor (0-dim, on the device) read as a Python float, in
+    one transfer per device: the only wait for the device between two reads (``run.stats_every``)."""
+    out: List[Dict[str, float]] = [dict(s) for s in pending]  # type: ignore[arg-type]
+    slots: Dict[torch.device, list] = {}
+    for i, s in enumerate(pending):
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                slots.setdefault(v.device, []).append((i, k, v))
+    for items in slots.values():
+        # float64: a float32 value reads exactly as float() would have read it
+        values = torch.stack([v.detach().reshape(()).to(torch.float64) for _, _, v in items]).tolist()
+        for (i, k, _), x in zip(items, values):
+            out[i][k] = x
+    return out
+
+
+def nonfinite_loss_error(stats: Dict[str, float]) -> Optional[UserError]:
+    """The run's one-line error when this (read) step's loss is NaN or infinite, else None."""
+    if math.isfinite(stats["loss"]):
+        return None
+    return UserError(f"loss became {stats['loss']} at step {int(stats['step'])}; "
+                     f"lower optim.lr or guidance.guidance_scale")
+
+
+def adam_implementation(setting: str, params: Sequence[torch.Tensor]) -> Dict[str, Optional[bool]]:
+    """``optim.fused`` as Adam's ``fused`` / ``foreach`` arguments. "auto": the fused kernel when every
+    parameter is a CUDA floating-point tensor, else the multi-tensor ("foreach") one; both compute
+    the same update as the per-parameter loop ("loop")."""
+    if setting == "auto":
+        cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        setting = "fused" if cuda else "foreach"
+    if setting == "fused":
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": setting == "foreach"}
+
+
+def set_adam_implementation(optimizer: torch.optim.Optimizer, flags: Dict[str, Optional[bool]]) -> None:
+    """Put ``flags`` (:func:`adam_implementation`) on every group: a loaded checkpoint's groups carry
+    the flags they were saved with. The fused kernel wants its step counts on the parameters' device."""
+    for g in optimizer.param_groups:
+        g.update(flags)
+        if flags.get("fused"):
+            for p in g["params"]:
+                st = optimizer.state.get(p, {})
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +237,13 @@ class Distiller:
         if self._prior is None:
             self._prior = self.priors.get(cfg.prior, self.device)
         self.prior = self._prior
+        set_tf32(bool(cfg.run.tf32), self.device)
+        self.profile = profile_on(cfg.run.profile, self.device)
+        self.stats_every = stats_every(cfg.run.stats_every, self.device)
+        if hasattr(self.prior, "compile_unet"):  # the prior is shared (PriorCache): set per run
+            self.prior.compile_unet(cfg.prior.compile)
         self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
+        self.guidance.profile = self.profile
         self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
         torch.manual_seed(cfg.run.seed)
         rep_cfg = cfg.representation if self.representation_cfg is None else self.representation_cfg
@@ -190,8 +251,9 @@ class Distiller:
         self.sampler = CameraSampler(cfg.camera, cfg.run.resolution)
         groups = self.representation.param_groups(cfg.optim) + self.guidance.param_groups(cfg.optim)
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+        self.adam_flags = adam_implementation(str(cfg.optim.fused), [p for g in groups for p in g["params"]])
         self.optimizer = opt_cls(groups, lr=scheduled(cfg.optim.lr, 0, "optim.lr"), betas=tuple(cfg.optim.betas),
-                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, **self.adam_flags)
         self.set_learning_rates(0)  # per-group rates (lr_scale, or a group's own lr_fixed)
         self._built = True
 
@@ -202,8 +264,20 @@ class Distiller:
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, step: int, timer: Optional[_Timer] = None) -> Dict[str, float]:
-        """One distillation step at ``step`` (0-based); returns scalar stats."""
-        timer = timer or _Timer(self.device)
+        """One distillation step at ``step`` (0-based); returns its stats read (Python floats). Raises
+        the run's :class:`UserError` when the loss is not finite. The loop uses :meth:`step_stats`
+        (no wait for the device) and reads every ``run.stats_every`` steps."""
+        stats = read_stats([self.step_stats(step, timer)])[0]
+        error = nonfinite_loss_error(stats)
+        if error is not None:
+            raise error
+        return stats
+
+    def step_stats(self, step: int, timer: Optional[_Timer] = None) -> Dict[str, object]:
+        """One distillation step at ``step`` (0-based); returns its stats unread: Python numbers and
+        0-dim tensors on the device (:func:`read_stats`). Nothing here waits for the device (on
+        CUDA), unless ``timer`` is enabled (``run.profile``)."""
+        timer = timer or _Timer(self.device, enabled=getattr(self, "profile", True))
         cfg = self.cfg
         self.set_learning_rates(step)
         timer.start()
@@ -219,24 +293,24 @@ class Distiller:
         loss.backward()
         self.representation.after_backward(out, step)
         timer.lap("backward")
-        param_norm = math.sqrt(sum(float(p.grad.detach().pow(2).sum()) for grp in self.optimizer.param_groups
-                                   for p in grp["params"] if p.grad is not None))
+        # per-parameter sums of squares in float32 (as before), summed in float64: a tensor, unread
+        squares = [p.grad.detach().pow(2).sum() for grp in self.optimizer.param_groups
+                   for p in grp["params"] if p.grad is not None]
+        param_norm = torch.stack(squares).to(torch.float64).sum().sqrt() if squares else 0.0
         self.optimizer.step()
         self.representation.update(step, self.optimizer)
         timer.lap("optimizer")
-        stats: Dict[str, float] = {
+        stats: Dict[str, object] = {
             "step": step + 1,
-            "loss": float(loss.detach()),
-            "loss_guidance": float(g.loss.detach()),
+            "loss": loss.detach(),
+            "loss_guidance": g.loss.detach(),
             "param_grad_norm": param_norm,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
         for k, v in regs.items():
-            stats[f"loss_{k}"] = float(v.detach())
+            stats[f"loss_{k}"] = v.detach() if isinstance(v, torch.Tensor) else float(v)
         stats.update(g.stats)
         stats.update(self.representation.log_stats())
-        if not math.isfinite(stats["loss"]):
-            raise UserError(f"loss became {stats['loss']} at step {step + 1}; lower optim.lr or guidance.guidance_scale")
         return stats
 
     # -- outputs ------------------------------------------------------------------------------------
@@ -365,6 +439,7 @@ class Distiller:
             if loaded is not None:
                 start = loaded[0]
                 self._forget_transient_checkpoints(start)
+            set_adam_implementation(self.optimizer, self.adam_flags)
         self.step = start
         self.folder.write_config(cfg)
         self.folder.truncate_metrics(start)
@@ -393,42 +468,79 @@ class Distiller:
             status = "finished"
             every_s = float(cfg.run.checkpoint_every_s or 0.0)
             last_checkpoint_t = time.perf_counter()
+            # Steps whose stats are not read yet (tensors on the device): read every run.stats_every
+            # steps, and always before a preview, a checkpoint, a stop and the end, so a checkpoint
+            # never follows a non-finite loss.
+            pending: List[Dict[str, object]] = []
+            finite = [True]
+
+            def read_pending(metrics) -> None:
+                nonlocal loss_ema
+                lines, batch = read_stats(pending), len(pending)
+                pending.clear()
+                try:
+                    for stats in lines:
+                        error = nonfinite_loss_error(stats)
+                        if error is not None:
+                            finite[0] = False
+                            self.step = int(stats["step"]) - 1  # the last step with a finite loss
+                            raise error
+                        metrics.write(json.dumps(stats) + "\n")
+                        loss_ema = smoothed(loss_ema, stats["loss"])
+                        for cb in self.callbacks:
+                            cb.on_step(self, int(stats["step"]), stats)
+                finally:
+                    metrics.flush()
+                if bar is not None and lines:
+                    last = lines[-1]
+                    bar.set_postfix(loss=f"{last['loss']:.3g}", loss_ema=f"{loss_ema:.3g}", t=int(last["t"]),
+                                    **self.representation.progress_stats(), refresh=False)
+                    bar.update(batch)
+
             try:
                 with open(self.folder.metrics_path, "a", encoding="utf-8") as metrics:
-                    for step in range(start, cfg.run.steps):
-                        timer = _Timer(self.device)
-                        t0 = time.perf_counter()
-                        stats = self.train_step(step, timer)
-                        stats.update({f"time_{k}": v for k, v in timer.times.items()})
-                        stats["time_step"] = time.perf_counter() - t0
-                        for k, v in timer.times.items():
-                            totals[k] = totals.get(k, 0.0) + v
-                        self.step = step + 1
-                        metrics.write(json.dumps(stats) + "\n")
-                        metrics.flush()
-                        loss_ema = smoothed(loss_ema, stats["loss"])
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{stats['loss']:.3g}", loss_ema=f"{loss_ema:.3g}", t=int(stats["t"]),
-                                            **self.representation.progress_stats(), refresh=False)
-                            bar.update(1)
-                        for cb in self.callbacks:
-                            cb.on_step(self, self.step, stats)
-                        if self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps:
-                            p = self.save_preview(self.step)
-                            for cb in self.callbacks:
-                                cb.on_preview(self, self.step, p)
-                        if self.step != cfg.run.steps:
-                            if self.step % cfg.run.checkpoint_every == 0:
-                                self.save_checkpoint(self.step)
-                                last_checkpoint_t = time.perf_counter()
-                            elif every_s > 0 and time.perf_counter() - last_checkpoint_t >= every_s and not self._stop:
-                                self.save_checkpoint(self.step, transient=True)
-                                last_checkpoint_t = time.perf_counter()
-                        if self._stop:
-                            status = "stopped"
-                            break
+                    try:
+                        for step in range(start, cfg.run.steps):
+                            timer = _Timer(self.device, enabled=self.profile)
+                            t0 = time.perf_counter()
+                            stats = self.step_stats(step, timer)
+                            stats.update({f"time_{k}": v for k, v in timer.times.items()})
+                            stats["time_step"] = time.perf_counter() - t0
+                            for k, v in timer.times.items():
+                                totals[k] = totals.get(k, 0.0) + v
+                            self.step = step + 1
+                            pending.append(stats)
+                            preview = self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps
+                            checkpoint = self.step != cfg.run.steps and (
+                                self.step % cfg.run.checkpoint_every == 0
+                                or (every_s > 0 and time.perf_counter() - last_checkpoint_t >= every_s))
+                            if len(pending) >= self.stats_every or preview or checkpoint or self._stop:
+                                read_pending(metrics)
+                            if preview:
+                                p = self.save_preview(self.step)
+                                for cb in self.callbacks:
+                                    cb.on_preview(self, self.step, p)
+                            if self.step != cfg.run.steps:
+                                if self.step % cfg.run.checkpoint_every == 0:
+                                    self.save_checkpoint(self.step)
+                                    last_checkpoint_t = time.perf_counter()
+                                elif checkpoint and not self._stop:
+                                    self.save_checkpoint(self.step, transient=True)
+                                    last_checkpoint_t = time.perf_counter()
+                            if self._stop:
+                                status = "stopped"
+                                break
+                    except BaseException:
+                        if pending and finite[0]:
+                            # the steps run before the error keep their metrics lines (a non-finite
+                            # loss among them ends the run at the last finite step)
+                            try:
+                                read_pending(metrics)
+                            except UserError:
+                                pass
+                        raise
             except KeyboardInterrupt:
-                if self.step > start:
+                if self.step > start and finite[0]:
                     self.save_checkpoint(self.step)
                 self._write_status("interrupted")
                 ended = True

@@ -25,19 +25,25 @@ the last one the final asset.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from omegaconf import OmegaConf
 
+from threedistill.cameras import orbit_cameras, preview_cameras
 from threedistill.config import CONFIG_DIR, Config, ReadCheck, load_config
 from threedistill.distill import Callback, Distiller, RunResult, check_prompt, check_writable_location
 from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
-from threedistill.groups import shown
+from threedistill.groups import parse_schedule, shown
 from threedistill.priors import BUILTIN_PRIORS, PriorCache, check_prior_available
 from threedistill.representations import representation_class
 from threedistill.runs import RunFolder, slugify
@@ -550,3 +556,141 @@ __all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "prompt_warnings", "SHAPE
            "AppPathPolicy", "prepare_run", "prepare_config", "run_prepared",
            "refine_config", "check_refine", "run_chain", "then_refine", "resume_chain", "start_refine",
            "is_complete", "refine_dir_of", "coarse_of"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: what a run will cost, from two steps at its largest settings
+# ----------------------------------------------------------------------------------------------
+def largest_settings(cfg: Config) -> Tuple[int, int]:
+    """``(resolution, camera batch size)`` at their largest over the run: a plain number, or a
+    scheduled one (``[start, end, from_step, to_step]``, :func:`~threedistill.groups.parse_schedule`:
+    linear between its two ends, so its largest value is the larger end)."""
+    def largest(value: Any, key: str) -> int:
+        start, end, _, _ = parse_schedule(value, key)  # type: ignore[misc]
+        return int(math.ceil(max(start, end)))
+
+    return largest(cfg.run.resolution, "run.resolution"), largest(cfg.camera.batch_size, "camera.batch_size")
+
+
+@dataclass
+class RunPlan:
+    """:func:`plan_run`'s measurement. ``peak_memory``: bytes, or None where it cannot be measured;
+    ``memory_kind`` says which memory it is."""
+
+    device: str
+    resolution: int
+    batch_size: int
+    steps: int
+    seconds_per_step: float
+    peak_memory: Optional[int]
+    memory_kind: str
+    previews_s: float
+    #: The export's estimated seconds: the representation's own turntable frames (0 without one).
+    export_s: float
+    #: The export's parts not estimated (they need the mesh): "mesh extraction", "the mesh's turntable".
+    not_estimated: List[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        """Training, previews and the estimated part of the export."""
+        return self.steps * self.seconds_per_step + self.previews_s + self.export_s
+
+    def lines(self) -> List[str]:
+        def gib(b: Optional[int]) -> str:
+            return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+        def dur(s: float) -> str:
+            s = int(round(s))
+            return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+        return [f"plan on {self.device}, at the largest settings: {self.resolution} px, camera batch {self.batch_size}",
+                f"  peak memory:   {gib(self.peak_memory)} ({self.memory_kind})",
+                f"  time per step: {self.seconds_per_step:.3f} s (measured after a warm-up step)",
+                f"  training:      {dur(self.steps * self.seconds_per_step)} for {self.steps} steps, previews "
+                f"{dur(self.previews_s)}",
+                f"  export:        about {dur(self.export_s)}"
+                + (f", not counting {' and '.join(self.not_estimated)} (not estimated)" if self.not_estimated else ""),
+                f"  total:         about {dur(self.total_s)}" + (" plus those" if self.not_estimated else "")]
+
+
+def _process_peak_rss() -> Optional[int]:
+    """The process's peak resident set size in bytes (Linux/macOS), or None."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def plan_run(cfg: Config, priors: Optional[PriorCache] = None, steps: int = 2) -> RunPlan:
+    """Run ``steps`` steps (the first a warm-up, not timed) at the run's largest resolution and camera
+    batch size (:func:`largest_settings`) in a temporary folder, removed after; nothing else is
+    written. Returns the measured peak memory (CUDA: the allocator's peak; CPU: the peak resident
+    size of this whole process) and time per step (each step's stats read, so the device's time is
+    in it), with the whole run's time extrapolated from them (steps, previews, turntable)."""
+    steps = max(int(steps), 2)
+    cfg = copy.deepcopy(cfg)
+    resolution, batch_size = largest_settings(cfg)
+    cfg.run.resolution, cfg.camera.batch_size = resolution, batch_size
+    cfg.run.progress = False
+    tmp = Path(tempfile.mkdtemp(prefix="threedistill-plan-"))
+    try:
+        d = Distiller(cfg, run_dir=tmp / "plan", priors=priors)
+        prepare_inputs(d)
+        cuda = d.device.type == "cuda"
+
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize(d.device)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(d.device)
+        d.build()
+        times = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            d.train_step(step)  # reads its stats: the step's device work is done when it returns
+            sync()
+            times.append(time.perf_counter() - t0)
+        per_step = sum(times[1:]) / len(times[1:])
+        c, e = cfg.camera, cfg.export
+
+        def render_s(cams) -> float:
+            """Seconds per evaluation render of ``cams`` (the second of two: the first builds caches)."""
+            cams = cams.to(d.device)
+            with torch.no_grad():
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    d.representation.render(cams, step=steps, training=False)
+                    sync()
+            return time.perf_counter() - t0
+
+        size = max(resolution, int(cfg.run.preview_resolution))
+        every = int(cfg.run.preview_every)
+        n_previews = int(cfg.run.steps) // every + (int(cfg.run.steps) % every != 0)  # and the last step's
+        previews_s = n_previews * render_s(preview_cameras(size, c.eval_distance, c.eval_fovy, c.eval_elevation))
+        # The turntable's frames, when it shows the representation itself (export.turntable_of); a
+        # mesh turntable (and the mesh extraction) would need the mesh: not estimated.
+        of = str(e.turntable_of)
+        if of == "auto":
+            of = "representation" if d.representation.extra_outputs() else "mesh"
+        export_s = 0.0
+        if e.turntable and of == "representation":
+            frame = orbit_cameras(1, int(e.turntable_resolution), float(e.turntable_elevation), c.eval_distance,
+                                  c.eval_fovy)
+            export_s = int(e.turntable_frames) * render_s(frame)
+        unestimated = [what for what, on in (("mesh extraction", bool(e.formats)),
+                                             ("the mesh's turntable", bool(e.turntable) and of != "representation"))
+                       if on]
+        if cuda:
+            peak, kind = int(torch.cuda.max_memory_allocated(d.device)), "CUDA memory allocated by torch"
+        else:
+            peak, kind = _process_peak_rss(), "peak resident memory of this process"
+        return RunPlan(device=str(d.device), resolution=resolution, batch_size=batch_size, steps=int(cfg.run.steps),
+                       seconds_per_step=per_step, peak_memory=peak, memory_kind=kind, previews_s=previews_s,
+                       export_s=export_s, not_estimated=unestimated)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from threedistill.cameras import CameraBatch
+from threedistill.devices import to_device
 from threedistill.errors import UserError
 from threedistill.groups import (Scheduled, check_bounds, check_choice, check_positive, check_schedule_min, check_unit,
                                  parse_schedule, scheduled)
@@ -123,7 +124,8 @@ class GuidanceOutput:
     loss: torch.Tensor  # scalar to backpropagate: the injection loss plus any state loss
     grad: torch.Tensor  # injected gradient g in model space [B,C,h,w] (before the 1/B of the loss)
     t: torch.Tensor  # integer timesteps [B]
-    stats: Dict[str, float] = field(default_factory=dict)
+    #: Scalars: Python numbers or 0-dim tensors (read later, see :func:`threedistill.distill.read_stats`).
+    stats: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +166,9 @@ class Guidance(torch.nn.Module):
         self._view_dependent = True
         self._camera_cfg = None
         self.has_negative_prompt = False
+        #: Time the encode (``time_encode``), waiting for the device around it; the distiller sets it
+        #: from ``run.profile``. Off, no stat is timed (no wait on CUDA).
+        self.profile = True
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
@@ -264,15 +269,16 @@ class Guidance(torch.nn.Module):
         prior = self.prior
         B = images.shape[0]
         device = prior.device
-        t_start = _now(device)
+        t_start = _now(device) if self.profile else 0.0
         z = prior.encode_images(images.to(device))
-        time_encode = _now(device) - t_start
+        time_encode = _now(device) - t_start if self.profile else None
         if t is None:
             t = self.sample_timesteps(B, step, generator)
-        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).to(device)
+        # drawn on the CPU (reproducible), moved without waiting for the device (to_device)
+        t = to_device(torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(B).contiguous(), device)
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
-        noise = noise.to(device=device, dtype=z.dtype)
+        noise = to_device(noise, device).to(dtype=z.dtype)
         labels = self.view_labels(cameras) if self._view_dependent else None
         cond, uncond = self.embeddings.for_views(labels, B)
         masks = self.embeddings.masks_for_views(labels, B)
@@ -293,16 +299,19 @@ class Guidance(torch.nn.Module):
         weight = float(scheduled(self.cfg.weight, step, "guidance.weight"))
         target = (z - g).detach()
         loss = weight * 0.5 * F.mse_loss(z, target, reduction="sum") / B
-        stats = {
-            "t": float(t.float().mean()),
+        # Stats stay tensors on the device (reading one waits for the device); the distiller reads
+        # them all at once every run.stats_every steps.
+        stats: Dict[str, object] = {
+            "t": t.float().mean(),
             "guidance_scale": scale,
-            "grad_norm": float(g.flatten(1).norm(dim=1).mean()),
-            "time_encode": time_encode,
+            "grad_norm": g.flatten(1).norm(dim=1).mean(),
         }
+        if time_encode is not None:
+            stats["time_encode"] = time_encode
         stats.update(extra)
         state_loss = self.state_loss(ctx)
         if state_loss is not None:
-            stats[f"loss_{self.name}_state"] = float(state_loss.detach())
+            stats[f"loss_{self.name}_state"] = state_loss.detach()
             loss = loss + state_loss
         # On the renders' device (prior.device may differ): the gradient flows back through the .to.
         return GuidanceOutput(loss=loss.to(images.device), grad=g, t=t, stats=stats)

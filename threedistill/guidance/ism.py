@@ -59,4 +59,4 @@ class ISM(Guidance):
         _, x_t, eps_s, calls = self.ddim_invert(ctx.z, ctx.noise, s, ctx.t, null, null_mask)
         eps_cfg, _, _ = self.predict_cfg(x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
                                          ctx.cond_mask, ctx.uncond_mask)
-        return eps_cfg - eps_s, {"ism_s": float(s.float().mean()), "ism_inversion_calls": float(calls)}
+        return eps_cfg - eps_s, {"ism_s": s.float().mean(), "ism_inversion_calls": float(calls)}

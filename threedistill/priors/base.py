@@ -13,13 +13,17 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from threedistill.cameras import VIEW_LABELS
 from threedistill.errors import UserError
-from threedistill.groups import check_choice
+from threedistill.groups import check_choice, shown
+
+
+#: ``prior.compile``'s modes (torch.compile's ``mode``; "default" is its None).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -68,6 +72,10 @@ class PriorConfig:
     # 512 px render in fp32, measured: benchmarks/lora_memory.py), at the cost of a second encoder
     # forward. "false" (default), "true", or "auto" = on for a CUDA prior of >= 256 px. Same result.
     encoder_checkpointing: str = "false"
+    # torch.compile the UNet call: false (off), "default", "reduce-overhead" (CUDA graphs: least
+    # launch overhead, more memory) or "max-autotune" (longest compile). The first steps pay the
+    # compile (tens of seconds to minutes on SD); worth it on CUDA for long runs; off by default.
+    compile: Any = False
 
     def validate(self, key: str = "prior") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
@@ -79,6 +87,9 @@ class PriorConfig:
         attention_slice(self.attention_slicing, f"{key}.attention_slicing")
         check_choice(offload_setting(self.offload), f"{key}.offload", ("auto", "off"))
         check_choice(_flag(self.encoder_checkpointing), f"{key}.encoder_checkpointing", ("auto", "true", "false"))
+        if self.compile not in (False, None) and self.compile not in COMPILE_MODES:
+            raise UserError(f"config key '{key}.compile' must be false, {', '.join(COMPILE_MODES[:-1])} or "
+                            f"{COMPILE_MODES[-1]}, got {shown(self.compile)}")
         variant = self.variant
         if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
             raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "
@@ -201,6 +212,32 @@ class DiffusionPrior(ABC, torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
+
+    # -- the UNet call, optionally compiled (prior.compile) -----------------------------------------
+    def compile_unet(self, mode: Any, backend: str = "inductor") -> None:
+        """Route :meth:`unet_forward` through ``torch.compile(self.unet)`` (``mode``: one of
+        :data:`COMPILE_MODES`; false/None: the plain module again). Kept outside the module tree
+        (never a submodule, never saved); compiled once per (mode, backend)."""
+        if mode in (False, None):
+            object.__setattr__(self, "_compiled_unet", None)
+            return
+        current = getattr(self, "_compiled_unet", None)
+        if current is not None and current[:2] == (mode, backend):
+            return
+        fn = torch.compile(self.unet, mode=None if mode == "default" else mode, backend=backend)
+        object.__setattr__(self, "_compiled_unet", (mode, backend, fn))
+
+    def unet_forward(self, *args, **kwargs):
+        """``self.unet(*args, **kwargs)``, through the compiled UNet when :meth:`compile_unet` set one.
+        With CUDA graphs ("reduce-overhead") the outputs are copied: the graph's next replay
+        overwrites its output buffers, and a loss may call the UNet twice per step (VSD)."""
+        compiled = getattr(self, "_compiled_unet", None)
+        if compiled is None:
+            return self.unet(*args, **kwargs)
+        out = compiled[2](*args, **kwargs)
+        if compiled[0] == "reduce-overhead":
+            out = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+        return out
 
     # -- text ---------------------------------------------------------------------------------
     @abstractmethod

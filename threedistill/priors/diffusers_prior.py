@@ -615,7 +615,7 @@ class DiffusersPrior(DiffusionPrior):
             t = t.expand(x_t.shape[0])
         if text_mask is not None and self.uses_text_mask:
             unet_kwargs.setdefault("encoder_attention_mask", text_mask.to(self.device))
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=text.to(device=self.device, dtype=self.dtype),
+        out = self.unet_forward(x_t.to(self.dtype), t, encoder_hidden_states=text.to(device=self.device, dtype=self.dtype),
                         return_dict=False, **unet_kwargs)[0].float()
         if self.learned_variance:
             out = out[:, : self.model_channels]

@@ -93,8 +93,10 @@ class Representation(ABC, torch.nn.Module):
         densification). A representation that changes its parameters' shapes must keep
         ``optimizer``'s per-parameter state consistent."""
 
-    def log_stats(self) -> Dict[str, float]:
-        """Scalars added to each step's metrics (e.g. the number of Gaussians)."""
+    def log_stats(self) -> Dict[str, object]:
+        """Scalars added to each step's metrics (e.g. the number of Gaussians): Python numbers, or
+        0-dim tensors left on the device (read in one batch every ``run.stats_every`` steps; never
+        call ``float()``/``.item()`` here: each waits for the device)."""
         return {}
 
     # -- for export (implicit representations) --------------------------------------------------

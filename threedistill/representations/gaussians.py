@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, check_unit, parse_schedule, plain_schedule, scheduled
+from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, check_unit, parse_schedule, plain_schedule, scheduled, shown
 from threedistill.errors import UserError
 from threedistill.meshio import read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
@@ -184,7 +184,7 @@ class GaussiansConfig(BackgroundConfig):
         check_background(self, key)
         init = str(self.init)
         if init not in ("sphere", "shape") and not (init.startswith("file:") and len(init) > 5):
-            raise UserError(f"config key '{key}.init' must be sphere, shape or file:PATH, got '{self.init}'")
+            raise UserError(f"config key '{key}.init' must be sphere, shape or file:PATH, got {shown(self.init)}")
 
 
 def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
@@ -329,7 +329,7 @@ class Gaussians(Representation, Appearance):
             raise UserError("representation.gaussians.init=shape must be resolved into a file before the Gaussians "
                             "are built (threedistill.inputs.resolve_inputs)")
         if init != "sphere":
-            raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got '{init}'")
+            raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got {shown(init)}")
         return _ball_points(n, float(c.init_radius)), None
 
     # ------------------------------------------------------------------------------------------

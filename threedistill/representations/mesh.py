@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import Scheduled, check_bounds, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled
+from threedistill.groups import Scheduled, check_bounds, check_positive, check_schedule_min, parse_schedule, plain_schedule, scheduled, shown
 from threedistill.errors import UserError
 from threedistill.meshio import apply_transform, file_to_world, read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
@@ -151,7 +151,7 @@ class MeshConfig(ShadingConfig):
         init = str(self.init)
         if init not in ("sphere", "cube") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
             raise UserError(f"config key '{key}.init' must be sphere, cube, file:PATH or run:RUN_DIR, "
-                            f"got '{self.init}'")
+                            f"got {shown(self.init)}")
         for name in ("lambda_laplacian", "lambda_normal_consistency"):
             check_schedule_min(getattr(self, name), f"{key}.{name}")
 
@@ -257,7 +257,7 @@ def initial_mesh(c, from_checkpoint: bool = False) -> Tuple[np.ndarray, np.ndarr
     if init.startswith("run:"):
         raise UserError(f"{key}=run:RUN_DIR must be resolved into a file before the mesh is built "
                         "(threedistill.inputs.resolve_inputs)")
-    raise UserError(f"config key '{key}' must be sphere, cube, file:PATH or run:RUN_DIR, got '{init}'")
+    raise UserError(f"config key '{key}' must be sphere, cube, file:PATH or run:RUN_DIR, got {shown(init)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,9 +369,9 @@ class Mesh(Representation, Appearance):
         return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
                 for name, p in params.items()]
 
-    def log_stats(self) -> Dict[str, float]:
-        with torch.no_grad():
-            return {"mesh_offset_max": float(self.offsets.norm(dim=-1).amax()) if self.offsets.numel() else 0.0}
+    def log_stats(self) -> Dict[str, object]:
+        with torch.no_grad():  # a tensor: read with the step's other stats (no wait for the device here)
+            return {"mesh_offset_max": self.offsets.norm(dim=-1).amax() if self.offsets.numel() else 0.0}
 
     # ------------------------------------------------------------------------------------------
     # Export
