@@ -438,3 +438,48 @@ def test_generate_through_the_cli(tmp_path, tiny_sd_path):
     scene = trimesh.load(run / "model.glb")
     assert sum(len(g.faces) for g in scene.geometry.values()) > 0
     assert (run / "turntable.mp4").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Position learning-rate decay (3DGS's exponential decay)
+# ----------------------------------------------------------------------------------------------
+def test_exponential_decay_matches_its_closed_form():
+    from threedistill.groups import exponential_decay
+
+    # 1e-2 -> 1e-4 over 100 steps: one decade per 50 steps, constant after the end
+    for step, expected in ((0, 1e-2), (25, 10 ** -2.5), (50, 1e-3), (100, 1e-4), (150, 1e-4)):
+        assert math.isclose(exponential_decay(1e-2, 1e-4, step, 100), expected, rel_tol=1e-12)
+    assert exponential_decay(1e-2, 1e-4, 5, 0) == pytest.approx(1e-4)
+
+
+def test_position_lr_decays_in_the_loop_and_only_the_means(tmp_path):
+    from threedistill.distill import Distiller
+
+    cfg = load_config(None, ["prior.name=shapes", "representation.name=gaussians", "run.prompt=a red cube",
+                             f"run.out_dir={tmp_path}", "run.name=r", "representation.gaussians.num_points=50",
+                             "representation.gaussians.lr_means=1e-3", "representation.gaussians.lr_means_final=1e-5",
+                             "representation.gaussians.lr_means_decay_steps=40", "run.steps=10"])
+    d = Distiller(cfg)
+    d.build()
+    lrs = {}
+    for step in (0, 10, 20, 40, 60):
+        d.set_learning_rates(step)
+        lrs[step] = {g["name"]: g["lr"] for g in d.optimizer.param_groups}
+    # 1e-3 * (1e-2)^(step/40), independent of run.steps (10), held after step 40
+    for step, expected in ((0, 1e-3), (10, 1e-3 * 10 ** -0.5), (20, 1e-4), (40, 1e-5), (60, 1e-5)):
+        assert lrs[step]["means"] == pytest.approx(expected, rel=1e-9)
+        assert lrs[step]["scales"] == 5e-3 and lrs[step]["colors"] == 1e-2  # the others keep their fixed rates
+    # off by default: constant
+    d2 = Distiller(load_config(None, ["prior.name=shapes", "representation.name=gaussians", "run.prompt=a red cube",
+                                      f"run.out_dir={tmp_path}", "run.name=r2", "representation.gaussians.num_points=50"]))
+    d2.build()
+    d2.set_learning_rates(700)
+    assert {g["name"]: g["lr"] for g in d2.optimizer.param_groups}["means"] == 1e-3
+
+
+@pytest.mark.parametrize("bad", ["representation.gaussians.lr_means_final=0",
+                                 "representation.gaussians.lr_means_final=-1",
+                                 "representation.gaussians.lr_means_decay_steps=-5"])
+def test_bad_position_lr_decay_is_a_config_error(bad):
+    with pytest.raises(UserError, match=bad.split("=")[0].split(".")[-1]):
+        load_config(None, ["representation.name=gaussians", bad])

@@ -26,7 +26,7 @@ from threedistill.devices import choose_threads, profile_on, resolve_device, set
 from threedistill.errors import UserError
 from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
 from threedistill.export.check import mesh_frame_renderer
-from threedistill.groups import scheduled
+from threedistill.groups import exponential_decay, scheduled
 from threedistill.guidance import build_guidance
 from threedistill.priors import PriorCache
 from threedistill.representations import RepresentationContext, build_representation
@@ -260,7 +260,10 @@ class Distiller:
     def set_learning_rates(self, step: int) -> None:
         lr = scheduled(self.cfg.optim.lr, step, "optim.lr")
         for g in self.optimizer.param_groups:
-            g["lr"] = g["lr_fixed"] if "lr_fixed" in g else lr * g["lr_scale"]
+            if "lr_final" in g:  # a fixed rate decayed exponentially to lr_final at lr_decay_steps
+                g["lr"] = exponential_decay(g["lr_fixed"], g["lr_final"], step, g["lr_decay_steps"])
+            else:
+                g["lr"] = g["lr_fixed"] if "lr_fixed" in g else lr * g["lr_scale"]
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, step: int, timer: Optional[_Timer] = None) -> Dict[str, float]:

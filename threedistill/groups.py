@@ -86,6 +86,15 @@ def scheduled(value: Any, step: int, key: str = "value") -> Optional[float]:
     return start + (end - start) * (step - s0) / (s1 - s0)
 
 
+def exponential_decay(start: float, end: float, step: int, steps: int) -> float:
+    """Log-linear interpolation from ``start`` (step 0) to ``end`` (step ``steps`` and after):
+    ``start^(1-r) * end^r`` with ``r = clamp(step / steps, 0, 1)`` -- the exponential decay of the
+    position learning rate in 3D Gaussian Splatting (Kerbl et al. 2023, without its delay phase).
+    Both values must be > 0; ``steps <= 0`` gives ``end``."""
+    r = 1.0 if steps <= 0 else min(max(step / steps, 0.0), 1.0)
+    return math.exp((1.0 - r) * math.log(start) + r * math.log(end))
+
+
 # ----------------------------------------------------------------------------------------------
 # Value checks (one line naming the key on failure)
 # ----------------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ class Representation(ABC, torch.nn.Module):
 
     @abstractmethod
     def param_groups(self, optim_cfg) -> List[dict]:
-        """Optimizer parameter groups: dicts with ``params``, ``name`` and ``lr_scale``."""
+        """Optimizer parameter groups: dicts with ``params``, ``name`` and ``lr_scale`` (a factor on
+        ``optim.lr``), or ``lr_fixed`` (a rate of the group's own), optionally with ``lr_final`` and
+        ``lr_decay_steps`` (decayed exponentially from ``lr_fixed`` to ``lr_final`` at that step;
+        :func:`threedistill.groups.exponential_decay`). Every value is JSON (checkpoints hold them)."""
 
     def after_backward(self, out: RenderOutput, step: int) -> None:
         """After the backward pass of ``step``, before the optimizer step: read gradients the

@@ -110,7 +110,8 @@ from threedistill.representations.common import BACKGROUND_BOUNDS, LAMBDA_BOUNDS
 #: costs ~250 bytes with its optimizer state), cadences and step numbers within run.steps' bound.
 GAUSSIANS_BOUNDS = {**BACKGROUND_BOUNDS, "num_points": (1, 10_000_000), "init_radius": (1e-6, 1000.0),
                     "init_opacity": (0.0, 1.0), "lr_means": LR_BOUNDS, "lr_scales": LR_BOUNDS, "lr_quats": LR_BOUNDS,
-                    "lr_opacities": LR_BOUNDS, "lr_colors": LR_BOUNDS, "lambda_opacity": LAMBDA_BOUNDS,
+                    "lr_opacities": LR_BOUNDS, "lr_colors": LR_BOUNDS, "lr_means_final": LR_BOUNDS,
+                    "lr_means_decay_steps": (0, MAX_STEPS), "lambda_opacity": LAMBDA_BOUNDS,
                     "lambda_scale": LAMBDA_BOUNDS, "isosurface_threshold": (0.0, 1e6), "densify_from": (0, MAX_STEPS),
                     "densify_until": (0, MAX_STEPS), "densify_every": (0, MAX_STEPS),
                     "densify_grad_threshold": (0.0, 1e6), "densify_scale_threshold": (0.0, 1000.0),
@@ -137,6 +138,12 @@ class GaussiansConfig(BackgroundConfig):
     lr_quats: float = 1.0e-3
     lr_opacities: float = 5.0e-2
     lr_colors: float = 1.0e-2
+    # Position learning rate reached at step lr_means_decay_steps (and kept after): lr_means
+    # decays exponentially (log-linearly) to it, as 3D Gaussian Splatting's position lr
+    # (1.6e-4 -> 1.6e-6 over 30k steps there); null keeps lr_means constant. Must be > 0. The
+    # decay's length is its own key, not run.steps, so that extending a run keeps its schedule.
+    lr_means_final: Optional[float] = None
+    lr_means_decay_steps: int = 800
     # Regularizer weights: mean opacity, mean linear scale (0 disables).
     lambda_opacity: Scheduled = 0.0
     lambda_scale: Scheduled = 0.0
@@ -168,6 +175,7 @@ class GaussiansConfig(BackgroundConfig):
         as ``GaussiansConfig.validate(node, key)`` on an OmegaConf node."""
         for name in ("lambda_opacity", "lambda_scale"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
+        check_positive(self.lr_means_decay_steps, f"{key}.lr_means_decay_steps", allow_zero=True)
         for name in ("num_points", "init_radius"):
             check_positive(getattr(self, name), f"{key}.{name}")
         check_radius(self, key)
@@ -175,7 +183,12 @@ class GaussiansConfig(BackgroundConfig):
                      "prune_opacity", "prune_scale", "opacity_reset_every"):
             check_positive(getattr(self, name), f"{key}.{name}", allow_zero=True)
         check_positive(self.max_gaussians, f"{key}.max_gaussians")
-        check_bounds(self, key, GAUSSIANS_BOUNDS, optional=("densify_until",))
+        check_bounds(self, key, GAUSSIANS_BOUNDS, optional=("densify_until", "lr_means_final"))
+        if self.lr_means_final is not None:  # an exponential decay needs positive rates at both ends
+            for name in ("lr_means", "lr_means_final"):
+                if not getattr(self, name) > 0:
+                    raise UserError(f"config key '{key}.{name}' must be > 0 while lr_means_final is set (the decay "
+                                    f"is exponential), got {getattr(self, name)}; or set lr_means_final=null")
         if self.densify_until is not None and self.densify_until < 0:
             raise UserError(f"config key '{key}.densify_until' must be >= 0 or null, got {self.densify_until}")
         if not 0.0 < self.init_opacity < 1.0:
@@ -291,6 +304,8 @@ class Gaussians(Representation, Appearance):
         self._read_appearance(c, lit=False)
         self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
                      "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
+        self._lr_means_final = None if c.lr_means_final is None else float(c.lr_means_final)
+        self._lr_means_decay_steps = int(c.lr_means_decay_steps)
         self._lambda_opacity = plain_schedule(c.lambda_opacity)
         self._lambda_scale = plain_schedule(c.lambda_scale)
         self._isosurface_threshold = float(c.isosurface_threshold)
@@ -474,10 +489,14 @@ class Gaussians(Representation, Appearance):
         return terms
 
     def param_groups(self, optim_cfg) -> List[dict]:
-        """One group per attribute with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused)."""
+        """One group per attribute with a fixed learning rate (``lr_fixed``; ``optim.lr`` is unused);
+        the means' decays exponentially to ``lr_means_final`` at step ``lr_means_decay_steps`` when that is set."""
         params = self._parameters_by_name()
-        return [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
-                for name, p in params.items()]
+        groups = [{"params": [p], "name": name, "lr_scale": 1.0, "lr_fixed": self._lrs[name]}
+                  for name, p in params.items()]
+        if self._lr_means_final is not None:
+            groups[0].update(lr_final=self._lr_means_final, lr_decay_steps=self._lr_means_decay_steps)
+        return groups
 
     # ------------------------------------------------------------------------------------------
     # Export: density / albedo fields
