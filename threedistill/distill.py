@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
-                                  step_generator)
+from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, max_resolution,
+                                  preview_cameras, step_generator)
 from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
 from threedistill.devices import choose_threads, resolve_device
@@ -182,7 +182,7 @@ class Distiller:
         if self._prior is None:
             self._prior = self.priors.get(cfg.prior, self.device)
         self.prior = self._prior
-        self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
+        self.guidance = build_guidance(cfg.guidance, self.prior, steps=cfg.run.steps).to(self.device)
         self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
         torch.manual_seed(cfg.run.seed)
         rep_cfg = cfg.representation if self.representation_cfg is None else self.representation_cfg
@@ -207,7 +207,7 @@ class Distiller:
         cfg = self.cfg
         self.set_learning_rates(step)
         timer.start()
-        cameras = self.sampler.sample(step_generator(cfg.run.seed, step, STREAM_CAMERAS)).to(self.device)
+        cameras = self.sampler.sample(step_generator(cfg.run.seed, step, STREAM_CAMERAS), step=step).to(self.device)
         out = self.representation.render(cameras, step=step, generator=step_generator(cfg.run.seed, step, STREAM_RENDER),
                                          training=True)
         timer.lap("render")
@@ -243,7 +243,7 @@ class Distiller:
     @torch.no_grad()
     def save_preview(self, step: int) -> Path:
         c = self.cfg.camera
-        size = max(int(self.cfg.run.resolution), int(self.cfg.run.preview_resolution))
+        size = max(max_resolution(self.cfg.run.resolution), int(self.cfg.run.preview_resolution))
         cams = preview_cameras(size, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
         out = self.representation.render(cams, step=step, training=False)
         path = self.folder.preview_path(step)
