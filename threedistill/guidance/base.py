@@ -73,7 +73,8 @@ class GuidanceConfig:
     # "random": t ~ U[t_min, t_max] at the step (DreamFusion; t_min/t_max may be schedules);
     # "linear": t = t_max - (t_max - t_min) * f, decreasing deterministically over the run
     #   (DreamTime, Huang et al. 2023, "DreamTime: An Improved Optimization Strategy for
-    #   Diffusion-Guided 3D Generation": monotonically non-increasing timestep sampling);
+    #   Diffusion-Guided 3D Generation", argues for monotonically non-increasing t; its TP-SDS
+    #   shapes the decrease by a weight over t, this is the plain linear variant);
     # "sqrt": t = t_max - (t_max - t_min) * sqrt(f) (HiFA, Zhu & Zhuang 2023, "HiFA: High-fidelity
     #   Text-to-3D Generation with Advanced Diffusion Guidance", its square-root annealing).
     # The deterministic ones anneal from t_max's value at step 0 to t_min's value at run.steps
