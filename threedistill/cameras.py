@@ -23,7 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from threedistill.devices import to_device
-from threedistill.groups import check_bounds, check_positive, check_range
+from threedistill.groups import (Scheduled, check_bounds, check_range, check_whole_schedule, max_scheduled,
+                                plain_schedule, scheduled_int)
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
 
@@ -41,7 +42,10 @@ class CameraConfig:
     """The ``camera`` config group: the ranges :class:`CameraSampler` draws training cameras from,
     the view-label thresholds, and the evaluation / preview / turntable camera."""
 
-    batch_size: int = 1
+    # Views rendered per step (the guidance loss is their mean). A number or a schedule
+    # (threedistill/groups.py), e.g. [[0, 1], [500, 4]] for 1 view, then 4 from step 500
+    # (LucidDreamer trains with 4 views per step); a linear ramp is rounded down to whole views.
+    batch_size: Scheduled = 1
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 45.0])
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
@@ -63,7 +67,7 @@ class CameraConfig:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
         group's path in the whole config). Also called unbound on a structured config node:
         ``CameraConfig.validate(cfg.camera, "camera")``."""
-        check_positive(self.batch_size, f"{key}.batch_size")
+        check_whole_schedule(self.batch_size, f"{key}.batch_size", lo=1)
         check_bounds(self, key, CAMERA_BOUNDS)
         check_range(self.elevation_range, f"{key}.elevation_range", -90.0, 90.0)
         check_range(self.azimuth_range, f"{key}.azimuth_range", -360.0, 360.0)
@@ -251,13 +255,18 @@ class CameraSampler:
     Every draw comes from the ``generator`` passed in, so a step is reproducible.
     """
 
-    def __init__(self, cfg, resolution: int):
+    def __init__(self, cfg, resolution: Scheduled):
+        """``resolution``: ``run.resolution``, a number or a schedule (:func:`resolution_at`)."""
         self.cfg = cfg
-        self.resolution = int(resolution)
+        self.resolution_schedule = plain_schedule(resolution)
+        self.resolution = max_resolution(resolution)  # the largest render it makes
 
-    def sample(self, generator: torch.Generator, batch_size: Optional[int] = None) -> CameraBatch:
+    def sample(self, generator: torch.Generator, batch_size: Optional[int] = None, step: int = 0) -> CameraBatch:
+        """Cameras of ``step`` (its resolution and, unless ``batch_size`` is given, its number of
+        views), drawn from ``generator``."""
         c = self.cfg
-        B = int(batch_size or c.batch_size)
+        B = int(batch_size or batch_size_at(c.batch_size, step))
+        size = resolution_at(self.resolution_schedule, step)
 
         def uniform(lo_hi: Sequence[float]) -> torch.Tensor:
             lo, hi = float(lo_hi[0]), float(lo_hi[1])
@@ -272,7 +281,29 @@ class CameraSampler:
         light_dir = light_dir + c.light_position_perturb * 0.5 * torch.randn(B, 3, generator=generator)
         light_dir = light_dir / light_dir.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         light_positions = light_dir * uniform(c.light_distance_range)[:, None]
-        return make_cameras(elevation, azimuth, distance, fovy, self.resolution, light_positions=light_positions)
+        return make_cameras(elevation, azimuth, distance, fovy, size, light_positions=light_positions)
+
+
+#: A linear ``run.resolution`` ramp renders at multiples of this many pixels between its end values
+#: (the renderers take any size; fewer distinct sizes keep the prior's resize and any compiled
+#: kernels from seeing every integer; Stable Diffusion's VAE works on multiples of 8).
+RESOLUTION_MULTIPLE = 8
+
+
+def resolution_at(resolution: Scheduled, step: int) -> int:
+    """``run.resolution`` (a number or a schedule) at ``step``, in pixels: the given values as they
+    are; inside a linear ramp rounded down to a multiple of :data:`RESOLUTION_MULTIPLE`."""
+    return int(scheduled_int(resolution, step, "run.resolution", multiple=RESOLUTION_MULTIPLE))  # type: ignore[arg-type]
+
+
+def max_resolution(resolution: Scheduled) -> int:
+    """The largest render ``run.resolution`` asks for at any step (for previews and memory)."""
+    return int(round(max_scheduled(resolution, "run.resolution")))  # type: ignore[arg-type]
+
+
+def batch_size_at(batch_size: Scheduled, step: int) -> int:
+    """``camera.batch_size`` (a number or a schedule) at ``step``: whole views."""
+    return int(scheduled_int(batch_size, step, "camera.batch_size"))  # type: ignore[arg-type]
 
 
 def orbit_cameras(

@@ -30,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from threedistill.cameras import CameraConfig
 from threedistill.devices import check_auto_bool, check_auto_count, check_threads
 from threedistill.errors import UserError
-from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_storable, parse_schedule, shown
+from threedistill.groups import (MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_storable,
+                                 check_whole_schedule, parse_schedule, shown)
 from threedistill.groups import plain_schedule, scheduled  # noqa: F401  (re-exported)
 from threedistill.guidance.base import GuidanceConfig
 from threedistill.priors.base import PriorConfig
@@ -113,13 +114,16 @@ class RunConfig:
     # renders resized to its own resolution (64 px). threedistill/presets/sd.yaml: 10000 steps at 64 px.
     steps: int = 800
     seed: int = 0
-    resolution: int = 32
+    # Training renders' size in pixels: a number or a schedule (threedistill/groups.py), e.g.
+    # [[0, 32], [400, 64]] (coarse to fine: 32 px, 64 px from step 400); a linear ramp renders at
+    # multiples of 8 px between its end values (cameras.resolution_at). Previews use the largest.
+    resolution: Scheduled = 32
     # "auto": CUDA if available, else CPU.
     device: str = "auto"
     out_dir: str = "outputs"
     name: Optional[str] = None
     preview_every: int = 100
-    # Previews render each view at max(resolution, preview_resolution) px (large enough to watch).
+    # Previews render each view at max(resolution (its largest), preview_resolution) px (large enough to watch).
     preview_resolution: int = 128
     checkpoint_every: int = 250
     # Also checkpoint when this many seconds have passed since the last checkpoint (0: off), so a
@@ -149,8 +153,9 @@ class RunConfig:
     def validate(self, key: str = "run") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (also called
         unbound on a structured config node: ``RunConfig.validate(cfg.run, "run")``)."""
-        for name in ("steps", "resolution", "preview_every", "preview_resolution", "checkpoint_every"):
+        for name in ("steps", "preview_every", "preview_resolution", "checkpoint_every"):
             check_positive(getattr(self, name), f"{key}.{name}")
+        check_whole_schedule(self.resolution, f"{key}.resolution", lo=1)
         check_positive(self.seed, f"{key}.seed", allow_zero=True)
         check_bounds(self, key, RUN_BOUNDS)
         check_positive(self.checkpoint_every_s, f"{key}.checkpoint_every_s", allow_zero=True)

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, preview_cameras,
-                                  step_generator)
+from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER, CameraSampler, max_resolution,
+                                  preview_cameras, step_generator)
 from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
 from threedistill.devices import choose_threads, profile_on, resolve_device, set_tf32, stats_every
@@ -242,7 +242,7 @@ class Distiller:
         self.stats_every = stats_every(cfg.run.stats_every, self.device)
         if hasattr(self.prior, "compile_unet"):  # the prior is shared (PriorCache): set per run
             self.prior.compile_unet(cfg.prior.compile)
-        self.guidance = build_guidance(cfg.guidance, self.prior).to(self.device)
+        self.guidance = build_guidance(cfg.guidance, self.prior, steps=cfg.run.steps).to(self.device)
         self.guidance.profile = self.profile
         self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
         torch.manual_seed(cfg.run.seed)
@@ -284,7 +284,7 @@ class Distiller:
         cfg = self.cfg
         self.set_learning_rates(step)
         timer.start()
-        cameras = self.sampler.sample(step_generator(cfg.run.seed, step, STREAM_CAMERAS)).to(self.device)
+        cameras = self.sampler.sample(step_generator(cfg.run.seed, step, STREAM_CAMERAS), step=step).to(self.device)
         out = self.representation.render(cameras, step=step, generator=step_generator(cfg.run.seed, step, STREAM_RENDER),
                                          training=True)
         timer.lap("render")
@@ -320,7 +320,7 @@ class Distiller:
     @torch.no_grad()
     def save_preview(self, step: int) -> Path:
         c = self.cfg.camera
-        size = max(int(self.cfg.run.resolution), int(self.cfg.run.preview_resolution))
+        size = max(max_resolution(self.cfg.run.resolution), int(self.cfg.run.preview_resolution))
         cams = preview_cameras(size, c.eval_distance, c.eval_fovy, c.eval_elevation).to(self.device)
         out = self.representation.render(cams, step=step, training=False)
         path = self.folder.preview_path(step)

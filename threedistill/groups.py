@@ -11,33 +11,130 @@ Scalars that papers anneal (guidance scale, timestep range, loss weights, learni
 either a number or a linear schedule ``[start_value, end_value, start_step, end_step]``: the value
 is ``start_value`` up to ``start_step``, ``end_value`` from ``end_step`` on, linear in between.
 Example: ``guidance.t_max=[0.98,0.5,0,5000]``. :func:`scheduled` evaluates one at a step.
+
+A scheduled scalar may also be a list of milestones ``[[step, value], ...]``: piecewise constant,
+each value holds from its step on (the first value also before its step); steps are whole numbers,
+non-negative and strictly increasing. Example: ``run.resolution=[[0,32],[400,64]]``. The two list
+forms cannot be confused: the linear form is a list of four numbers, the milestone form a list of
+``[step, value]`` pairs. Either way the value depends on the step only, so a resumed run sees the
+same values as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from threedistill.errors import UserError
 
-# A scheduled scalar: a float, or [start_value, end_value, start_step, end_step].
+# A scheduled scalar: a float, [start_value, end_value, start_step, end_step] or [[step, value], ...].
 Scheduled = Any
 
 
-# ----------------------------------------------------------------------------------------------
-def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, float, int, int]]:
-    """Normalize a scheduled scalar to ``(start, end, start_step, end_step)`` (None stays None);
-    one line naming ``key`` for anything else (text, a bool, NaN, a number beyond a float)."""
+class Schedule(tuple):
+    """A parsed scheduled scalar. As a tuple it is ``(start, end, start_step, end_step)``: the
+    linear form itself, a number as ``(v, v, 0, 0)``, milestones as (first value, last value, first
+    step, last step). ``points`` holds every ``(step, value)``; ``values`` every value (for bound
+    checks); ``milestones`` says which form it is; :meth:`at` evaluates it."""
+
+    points: Tuple[Tuple[int, float], ...]
+    milestones: bool
+
+    def __new__(cls, points: Sequence[Tuple[int, float]], milestones: bool) -> "Schedule":
+        (s0, v0), (s1, v1) = points[0], points[-1]
+        self = super().__new__(cls, (v0, v1, s0, s1))
+        self.points = tuple(points)
+        self.milestones = milestones
+        return self
+
+    @property
+    def values(self) -> Tuple[float, ...]:
+        return tuple(v for _, v in self.points)
+
+    @property
+    def steps(self) -> Tuple[int, ...]:
+        return tuple(s for s, _ in self.points)
+
+    @property
+    def constant(self) -> bool:
+        return len(set(self.values)) == 1
+
+    def at(self, step: int) -> float:
+        """The value at ``step``."""
+        if self.milestones:
+            value = self.points[0][1]
+            for s, v in self.points:
+                if step >= s:
+                    value = v
+            return value
+        start, end, s0, s1 = self
+        if step <= s0:
+            return start
+        if step >= s1:
+            return end
+        return start + (end - start) * (step - s0) / (s1 - s0)
+
+    def is_between(self, step: int) -> bool:
+        """Whether ``step`` lies strictly inside a linear ramp (its value interpolated, not given)."""
+        return not self.milestones and self[2] < step < self[3] and self[0] != self[1]
+
+
+def _whole_step(x: Any) -> int:
+    """A step count: a whole number (``TypeError`` otherwise, reported by the caller)."""
+    if isinstance(x, bool) or x is None or isinstance(x, (list, tuple, ListConfig, DictConfig, str)):
+        raise TypeError
+    f = float(x)
+    if f != int(f):
+        raise TypeError
+    return int(f)
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, bool) or x is None or isinstance(x, (list, tuple, ListConfig, DictConfig, str)):
+        raise TypeError
+    return float(x)
+
+
+def _is_list(x: Any) -> bool:
+    return isinstance(x, (ListConfig, list, tuple))
+
+
+def _parse_milestones(items: list, key: str) -> Schedule:
+    points = []
+    for item in items:
+        if not _is_list(item) or len(item) != 2:
+            raise UserError(f"config key '{key}': milestones are [[step, value], ...], got {shown(items)}")
+        try:
+            step, value = _whole_step(item[0]), _number(item[1])
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"config key '{key}': a milestone is [step, value] with a whole number of steps and "
+                            f"a number, got {shown(list(item))}") from None
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}': milestone values must be finite numbers, got {shown(list(item))}")
+        if step < 0:
+            raise UserError(f"config key '{key}': milestone steps must be >= 0, got {shown(step)}")
+        if points and step <= points[-1][0]:
+            raise UserError(f"config key '{key}': milestone steps must increase, got {shown(step)} after "
+                            f"{shown(points[-1][0])}")
+        points.append((step, value))
+    return Schedule(points, milestones=True)
+
+
+def parse_schedule(value: Any, key: str = "value") -> Optional[Schedule]:
+    """Normalize a scheduled scalar to a :class:`Schedule` (None stays None); one line naming
+    ``key`` for anything else (text, a bool, NaN, a number beyond a float, a malformed list)."""
     if value is None:
         return None
-    if isinstance(value, (ListConfig, list, tuple)):
+    if _is_list(value):
         items = list(value)
-        if len(items) != 4:
+        if items and all(_is_list(v) for v in items):
+            return _parse_milestones(items, key)
+        if any(_is_list(v) for v in items) or len(items) != 4:
             raise UserError(
-                f"config key '{key}': a schedule is [start_value, end_value, start_step, end_step], "
-                f"got {shown(items)}"
+                f"config key '{key}': a schedule is [start_value, end_value, start_step, end_step] or "
+                f"[[step, value], ...], got {shown(items)}"
             )
         try:
             if any(isinstance(v, bool) or v is None for v in items):
@@ -53,7 +150,7 @@ def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, floa
             raise UserError(f"config key '{key}': schedule values must be finite numbers, got {shown(items)}")
         if s1 < s0:
             raise UserError(f"config key '{key}': schedule end_step {shown(s1)} is before start_step {shown(s0)}")
-        return (start, end, s0, s1)
+        return Schedule([(s0, start), (s1, end)], milestones=False)
     if isinstance(value, bool):
         raise UserError(f"config key '{key}': expected a number or a schedule, got {shown(value)}")
     try:
@@ -62,14 +159,16 @@ def parse_schedule(value: Any, key: str = "value") -> Optional[tuple[float, floa
         raise UserError(f"config key '{key}': expected a number or a schedule, got {shown(value)}") from None
     if not math.isfinite(v):
         raise UserError(f"config key '{key}': expected a finite number, got {shown(value)}")
-    return (v, v, 0, 0)
+    return Schedule([(0, v), (0, v)], milestones=False)
 
 
 def plain_schedule(value: Any) -> Any:
-    """A scheduled scalar as plain Python (a number or a list), detached from OmegaConf, so a
-    representation can keep it without holding the config."""
-    if isinstance(value, (list, tuple, ListConfig)):
-        return list(value)
+    """A scheduled scalar as plain Python (a number or a list, milestones as lists of lists),
+    detached from OmegaConf, so a representation can keep it without holding the config."""
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return [plain_schedule(v) for v in value]
     return value
 
 
@@ -78,12 +177,39 @@ def scheduled(value: Any, step: int, key: str = "value") -> Optional[float]:
     sched = parse_schedule(value, key)
     if sched is None:
         return None
-    start, end, s0, s1 = sched
-    if step <= s0:
-        return start
-    if step >= s1:
-        return end
-    return start + (end - start) * (step - s0) / (s1 - s0)
+    return sched.at(step)
+
+
+def scheduled_int(value: Any, step: int, key: str = "value", multiple: int = 1) -> Optional[int]:
+    """A whole-number scheduled scalar (a resolution, a batch size, a level count) at ``step``:
+    given values (a number, a milestone's value, a linear schedule's end values) as they are;
+    values interpolated inside a linear ramp rounded down to a multiple of ``multiple`` (at least
+    ``multiple``), so a ramp goes through a few sizes rather than every integer."""
+    sched = parse_schedule(value, key)
+    if sched is None:
+        return None
+    v = sched.at(step)
+    if sched.is_between(step):
+        return max(int(math.floor(v / multiple)) * multiple, multiple)
+    return int(round(v))
+
+
+def max_scheduled(value: Any, key: str = "value") -> Optional[float]:
+    """The largest value a scheduled scalar takes (a linear ramp's values lie between its ends)."""
+    sched = parse_schedule(value, key)
+    return None if sched is None else max(sched.values)
+
+
+def check_whole_schedule(value: Any, key: str, lo: int = 1) -> Optional[Schedule]:
+    """A scheduled scalar whose given values are whole numbers ``>= lo`` (a size, a count)."""
+    sched = parse_schedule(value, key)
+    if sched is None:
+        return None
+    for v in sched.values:
+        if v != int(v) or v < lo:
+            raise UserError(f"config key '{key}' must be a whole number >= {lo} (or a schedule of them), "
+                            f"got {shown(plain_schedule(value))}")
+    return sched
 
 
 def exponential_decay(start: float, end: float, step: int, steps: int) -> float:
@@ -148,11 +274,11 @@ def check_bounds(node: Any, key: str, bounds: Bounds, optional: Iterable[str] = 
                 continue
             raise UserError(f"config key '{full}' must be a number, got null")
         if isinstance(value, (ListConfig, list, tuple)):
-            start, end, s0, s1 = parse_schedule(value, full)  # type: ignore[misc]
-            values = (start, end)
-            if not (0 <= s0 <= MAX_STEPS and 0 <= s1 <= MAX_STEPS):
+            sched = parse_schedule(value, full)
+            values = sched.values  # type: ignore[union-attr]
+            if not all(0 <= s <= MAX_STEPS for s in sched.steps):  # type: ignore[union-attr]
                 raise UserError(f"config key '{full}': schedule steps must lie within [0, {MAX_STEPS}], "
-                                f"got {shown(list(value))}")
+                                f"got {shown(plain_schedule(value))}")
         else:
             parse_schedule(value, full)  # a number (not text, not a bool)
             values = (value,)
@@ -234,6 +360,6 @@ def check_range(value: Any, key: str, lo: float, hi: float) -> None:
 def check_schedule_min(value: Any, key: str, lo: float = 0.0) -> Optional[tuple]:
     """A scheduled scalar (or None) whose start and end values are ``>= lo``."""
     sched = parse_schedule(value, key)
-    if sched is not None and min(sched[0], sched[1]) < lo:
+    if sched is not None and min(sched.values) < lo:
         raise UserError(f"config key '{key}' must be >= {lo:g}, got {shown(value)}")
     return sched

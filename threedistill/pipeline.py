@@ -38,12 +38,12 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from omegaconf import OmegaConf
 
-from threedistill.cameras import orbit_cameras, preview_cameras
+from threedistill.cameras import max_resolution, orbit_cameras, preview_cameras
 from threedistill.config import CONFIG_DIR, Config, ReadCheck, load_config
 from threedistill.distill import Callback, Distiller, RunResult, check_prompt, check_writable_location
 from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
-from threedistill.groups import parse_schedule, shown
+from threedistill.groups import max_scheduled, shown
 from threedistill.priors import BUILTIN_PRIORS, PriorCache, check_prior_available
 from threedistill.representations import representation_class
 from threedistill.runs import RunFolder, slugify
@@ -562,14 +562,11 @@ __all__ = ["REFINE_DIR", "CARRIED_KEYS", "RunRequest", "prompt_warnings", "SHAPE
 # Planning: what a run will cost, from two steps at its largest settings
 # ----------------------------------------------------------------------------------------------
 def largest_settings(cfg: Config) -> Tuple[int, int]:
-    """``(resolution, camera batch size)`` at their largest over the run: a plain number, or a
-    scheduled one (``[start, end, from_step, to_step]``, :func:`~threedistill.groups.parse_schedule`:
-    linear between its two ends, so its largest value is the larger end)."""
-    def largest(value: Any, key: str) -> int:
-        start, end, _, _ = parse_schedule(value, key)  # type: ignore[misc]
-        return int(math.ceil(max(start, end)))
-
-    return largest(cfg.run.resolution, "run.resolution"), largest(cfg.camera.batch_size, "camera.batch_size")
+    """``(resolution, camera batch size)`` at their largest over the run: a plain number, a linear
+    ``[start, end, from_step, to_step]`` or milestones ``[[step, value], ...]``
+    (:func:`~threedistill.groups.max_scheduled`)."""
+    return (max_resolution(cfg.run.resolution),
+            int(math.ceil(max_scheduled(cfg.camera.batch_size, "camera.batch_size"))))
 
 
 @dataclass

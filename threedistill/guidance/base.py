@@ -22,6 +22,7 @@ A loss file subclasses :class:`Guidance` and writes only its update rule in :met
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -46,7 +47,12 @@ log = logging.getLogger(__name__)
 GUIDANCE_BOUNDS = {"guidance_scale": (0.0, 1000.0), "t_min": (0.0, 1.0), "t_max": (0.0, 1.0),
                    "grad_clip": (0.0, 1e6), "weight": (0.0, 1e6), "lora_rank": (1, 256), "state_lr": (0.0, 1.0),
                    "camera_dropout": (0.0, 1.0), "esd_lambda": (0.0, 1.0), "delta_t": (0.0, 1000.0),
-                   "xs_delta_t": (1, 1000), "xs_inv_steps": (1, 1000), "negative_weight": (-1000.0, 1000.0)}
+                   "xs_delta_t": (1, 1000), "xs_inv_steps": (1, 1000), "negative_weight": (-1000.0, 1000.0),
+                   "t_jitter": (0.0, 1.0)}
+
+
+#: ``guidance.t_schedule`` choices (see :class:`GuidanceConfig`).
+T_SCHEDULES = ("random", "linear", "sqrt")
 
 
 @dataclass
@@ -64,6 +70,20 @@ class GuidanceConfig:
     # over the default 800 steps (shape first, then detail).
     t_min: Scheduled = 0.02
     t_max: Scheduled = field(default_factory=lambda: [0.98, 0.5, 0, 800])
+    # How t is drawn at each step (fraction f = step / run.steps):
+    # "random": t ~ U[t_min, t_max] at the step (DreamFusion; t_min/t_max may be schedules);
+    # "linear": t = t_max - (t_max - t_min) * f, decreasing deterministically over the run
+    #   (DreamTime, Huang et al. 2023, "DreamTime: An Improved Optimization Strategy for
+    #   Diffusion-Guided 3D Generation", argues for monotonically non-increasing t; its TP-SDS
+    #   shapes the decrease by a weight over t, this is the plain linear variant);
+    # "sqrt": t = t_max - (t_max - t_min) * sqrt(f) (HiFA, Zhu & Zhuang 2023, "HiFA: High-fidelity
+    #   Text-to-3D Generation with Advanced Diffusion Guidance", its square-root annealing).
+    # The deterministic ones anneal from t_max's value at step 0 to t_min's value at run.steps
+    # (they replace t_max's own schedule), plus t_jitter.
+    t_schedule: str = "random"
+    # "linear" / "sqrt": each view's t moves by U[-t_jitter, t_jitter] (a fraction of the diffusion
+    # steps, like t_min/t_max), clamped to [t_min, t_max]; 0: exactly the closed form.
+    t_jitter: float = 0.02
     # w(t): "auto" = the loss's own (sqrt((1 - abar) / abar) for ism, "sds" for the others);
     # "sds" = 1 - alphas_cumprod[t], "uniform" = 1, "fantasia3d" = sqrt(abar) * (1 - abar), "ism".
     weighting: str = "auto"
@@ -101,12 +121,12 @@ class GuidanceConfig:
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_bounds(self, key, GUIDANCE_BOUNDS, optional=("grad_clip",))  # first: nulls and non-numbers
         for name in ("t_min", "t_max"):
-            start, end, _, _ = parse_schedule(getattr(self, name), f"{key}.{name}")  # type: ignore[misc]
-            for v in (start, end):
+            for v in parse_schedule(getattr(self, name), f"{key}.{name}").values:  # type: ignore[union-attr]
                 if not 0.0 <= v <= 1.0:
                     raise UserError(f"config key '{key}.{name}' is a fraction of the diffusion steps in [0, 1], "
                                     f"got {v}")
         check_choice(self.weighting, f"{key}.weighting", ("auto", "sds", "uniform", "fantasia3d", "ism"))
+        check_choice(self.t_schedule, f"{key}.t_schedule", T_SCHEDULES)
         for name in ("lora_rank", "xs_delta_t", "xs_inv_steps", "state_lr"):
             check_positive(getattr(self, name), f"{key}.{name}")
         for name in ("camera_dropout", "esd_lambda"):
@@ -114,8 +134,7 @@ class GuidanceConfig:
         check_schedule_min(self.guidance_scale, f"{key}.guidance_scale")
         check_choice(str(self.gradient_checkpointing).strip().lower(), f"{key}.gradient_checkpointing",
                      ("auto", "true", "false"))
-        start, end, _, _ = parse_schedule(self.delta_t, f"{key}.delta_t")  # type: ignore[misc]
-        if min(start, end) < 0:
+        if min(parse_schedule(self.delta_t, f"{key}.delta_t").values) < 0:  # type: ignore[union-attr]
             raise UserError(f"config key '{key}.delta_t' must be >= 0 (integer timesteps), got {self.delta_t}")
 
 
@@ -169,6 +188,8 @@ class Guidance(torch.nn.Module):
         #: Time the encode (``time_encode``), waiting for the device around it; the distiller sets it
         #: from ``run.profile``. Off, no stat is timed (no wait on CUDA).
         self.profile = True
+        #: The run's number of steps (``run.steps``): the deterministic ``t_schedule``s anneal over it.
+        self.total_steps: Optional[int] = None
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
@@ -207,9 +228,36 @@ class Guidance(torch.nn.Module):
         return t_lo, t_hi
 
     def sample_timesteps(self, batch_size: int, step: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Integer t ~ U{t_min*T, ..., t_max*T} per batch item."""
-        lo, hi = self.timestep_range(step)
-        return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.long)
+        """Integer timesteps ``[batch_size]`` at ``step`` by ``guidance.t_schedule``: "random" draws
+        t ~ U{t_min*T, ..., t_max*T} per batch item; "linear" and "sqrt" follow
+        :meth:`annealed_fraction` plus each item's jitter."""
+        kind = str(getattr(self.cfg, "t_schedule", "random"))
+        if kind == "random":
+            lo, hi = self.timestep_range(step)
+            return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.long)
+        T = self.prior.num_train_timesteps
+        frac, lo, hi = self.annealed_fraction(step)
+        fracs = torch.full((batch_size,), frac, dtype=torch.float64)
+        jitter = float(self.cfg.t_jitter)
+        if jitter > 0:
+            fracs = fracs + jitter * (2.0 * torch.rand(batch_size, generator=generator, dtype=torch.float64) - 1.0)
+        fracs = fracs.clamp(lo, hi)
+        return (fracs * T).round().long().clamp(0, T - 1)
+
+    def annealed_fraction(self, step: int) -> tuple[float, float, float]:
+        """The deterministic ``t_schedule``s at ``step``, as fractions of the diffusion steps:
+        ``(t, t_min, t_max)`` with t_max its value at step 0, t_min its value at ``run.steps``, and
+        ``t = t_max - (t_max - t_min) * g(step / run.steps)``, ``g(f) = f`` ("linear", DreamTime)
+        or ``sqrt(f)`` ("sqrt", HiFA)."""
+        if not self.total_steps:
+            raise UserError(f"guidance.t_schedule={self.cfg.t_schedule} needs the run's steps: "
+                            f"build the guidance with build_guidance(cfg.guidance, prior, steps=cfg.run.steps)")
+        steps = int(self.total_steps)
+        hi = float(scheduled(self.cfg.t_max, 0, "guidance.t_max"))
+        lo = min(float(scheduled(self.cfg.t_min, steps, "guidance.t_min")), hi)
+        f = min(max(step / steps, 0.0), 1.0)
+        g = math.sqrt(f) if self.cfg.t_schedule == "sqrt" else f
+        return hi - (hi - lo) * g, lo, hi
 
     def weighting(self, t: torch.Tensor) -> torch.Tensor:
         """w(t) ``[B,1,1,1]``."""
@@ -357,8 +405,12 @@ def guidance_names() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_guidance(cfg_guidance, prior: DiffusionPrior) -> Guidance:
+def build_guidance(cfg_guidance, prior: DiffusionPrior, steps: Optional[int] = None) -> Guidance:
+    """The loss named by ``guidance.name``; ``steps`` (``run.steps``) is what the deterministic
+    ``guidance.t_schedule``s anneal over."""
     name = cfg_guidance.name
     if name not in _REGISTRY:
         raise UserError(f"unknown guidance.name '{name}' (available: {', '.join(guidance_names())})")
-    return _REGISTRY[name](cfg_guidance, prior)
+    guidance = _REGISTRY[name](cfg_guidance, prior)
+    guidance.total_steps = None if steps is None else int(steps)
+    return guidance

@@ -10,7 +10,7 @@ normals can be taken as ``-d sigma / d x`` and an orientation loss can backpropa
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -53,6 +53,11 @@ class HashGridEncoding(nn.Module):
 
     Inputs are clamped to ``[0, 1]``. Embeddings start uniform in ``[-1e-4, 1e-4]``.
 
+    Coarse to fine (Magic3D / Neuralangelo style): with ``active_levels = k`` only the first ``k``
+    (coarsest) levels contribute; the features of the others are multiplied by zero, so the output
+    keeps its width and those levels' embeddings get zero gradient. ``None`` (the default): all
+    levels, computed exactly as without the mask.
+
     Shapes: ``forward(x [N, 3]) -> [N, n_levels * n_features_per_level]`` (level-major, i.e.
     features ``l * F : (l + 1) * F`` come from level ``l``).
     """
@@ -90,6 +95,7 @@ class HashGridEncoding(nn.Module):
                 offsets[level] = (level - self.n_dense_levels) * T
         self.level_offsets = offsets
 
+        self.active_levels: Optional[int] = None
         self.embeddings = nn.Parameter(torch.empty(o, self.n_features_per_level))
         nn.init.uniform_(self.embeddings, -1e-4, 1e-4)
 
@@ -106,6 +112,12 @@ class HashGridEncoding(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.n_levels * self.n_features_per_level
+
+    def set_active_levels(self, k: Optional[int]) -> None:
+        """Use only the ``k`` coarsest levels (None or ``n_levels``: all of them)."""
+        if k is not None and not 1 <= int(k) <= self.n_levels:
+            raise ValueError(f"active levels must lie within [1, {self.n_levels}], got {k}")
+        self.active_levels = None if k is None or int(k) == self.n_levels else int(k)
 
     def dense_grid(self, level: int) -> torch.Tensor:
         """The embeddings of a dense level as a grid ``[R+1 (z), R+1 (y), R+1 (x), F]``."""
@@ -161,6 +173,9 @@ class HashGridEncoding(nn.Module):
 
         feats = self.embeddings.index_select(0, rows.view(-1)).view(N, L, 8, F)
         out = torch.einsum("nlc,nlcf->nlf", weights, feats)  # [N, L, F]
+        k = self.active_levels
+        if k is not None and k < L:  # coarse to fine: the finer levels' features are zero
+            out = out * (torch.arange(L, device=out.device) < k).to(out.dtype)[None, :, None]
         return out.reshape(N, L * F)
 
 

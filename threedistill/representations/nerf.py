@@ -79,7 +79,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from threedistill.cameras import CameraBatch
-from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, parse_schedule, plain_schedule, scheduled
+from threedistill.errors import UserError
+from threedistill.groups import (MAX_STEPS, Scheduled, check_bounds, check_positive, check_whole_schedule, parse_schedule,
+                                plain_schedule, scheduled, scheduled_int, shown)
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     Appearance,
@@ -109,7 +111,7 @@ NERF_BOUNDS = {**SHADING_BOUNDS, "n_levels": (1, 32), "n_features_per_level": (1
                "skip_refresh_every": (1, MAX_STEPS), "occupancy_grid_resolution": (1, 512),
                "occupancy_threshold": (0.0, 1e6), "render_step_size": (1e-5, 1.0), "lambda_orient": LAMBDA_BOUNDS,
                "lambda_sparsity": LAMBDA_BOUNDS, "lambda_opaque": LAMBDA_BOUNDS,
-               "isosurface_threshold": (-1e6, 1e6)}
+               "isosurface_threshold": (-1e6, 1e6), "grid_levels": (1, 32)}
 
 
 @dataclass
@@ -124,6 +126,12 @@ class NerfConfig(ShadingConfig):
     log2_hashmap_size: int = 16
     base_resolution: int = 16
     max_resolution: int = 64
+    # Coarse to fine: the number of hash-grid levels in use (the coarsest ones; the finer levels'
+    # features are zero and get no gradient), a number or a schedule (threedistill/groups.py), e.g.
+    # [[0, 2], [200, 4], [400, 6]] or [2, 6, 0, 400] (Magic3D, Neuralangelo: levels unlocked
+    # progressively). null: all n_levels from the start. Renders after training use its value at
+    # run.steps.
+    grid_levels: Scheduled = None
     hidden_dim: int = 64
     n_hidden_layers: int = 1
     # Magic3D density blob added to the raw density at initialization.
@@ -163,7 +171,12 @@ class NerfConfig(ShadingConfig):
         for name in ("lambda_orient", "lambda_sparsity", "lambda_opaque"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.num_samples, f"{key}.num_samples")
-        check_bounds(self, key, NERF_BOUNDS)
+        check_bounds(self, key, NERF_BOUNDS, optional=("grid_levels",))
+        if self.grid_levels is not None:
+            levels = check_whole_schedule(self.grid_levels, f"{key}.grid_levels", lo=1)
+            if max(levels.values) > int(self.n_levels):  # type: ignore[union-attr]
+                raise UserError(f"config key '{key}.grid_levels' must be at most {key}.n_levels "
+                                f"({self.n_levels}), got {shown(plain_schedule(self.grid_levels))}")
         check_radius(self, key)
         check_background(self, key, NERF_BACKGROUNDS)
 
@@ -198,7 +211,7 @@ def _mlp(in_dim: int, hidden_dim: int, n_hidden_layers: int, out_dim: int) -> nn
 @register("nerf")
 class NeRF(Representation, Appearance):
     """Hash-grid NeRF (see the module docstring). Built as ``NeRF(c, context, device)`` from its
-    config group ``representation.nerf`` (the context is unused).
+    config group ``representation.nerf`` (of the context only ``steps`` is used: the grid levels after training).
 
     Attributes that callers may set:
     ``use_occupancy_grid`` (default: device is CUDA), ``render_normals`` (always compute normals),
@@ -230,6 +243,10 @@ class NeRF(Representation, Appearance):
             log2_hashmap_size=int(c.log2_hashmap_size), base_resolution=int(c.base_resolution),
             max_resolution=int(c.max_resolution),
         )
+        self._grid_levels = plain_schedule(c.grid_levels)
+        # Until training renders set it per step: the levels of the finished run (what previews,
+        # exports and evaluations of a run folder show).
+        self._set_grid_levels(int(context.steps))
         # One MLP: features -> [raw density, 3 albedo logits].
         self.mlp = _mlp(self.encoding.output_dim, int(c.hidden_dim), int(c.n_hidden_layers), 4)
 
@@ -292,7 +309,8 @@ class NeRF(Representation, Appearance):
         ``skip_density_threshold``: the density at cell centres, thresholded and dilated by one
         cell. Cached until any parameter changes (optimizer steps and checkpoint loads bump the
         parameters' version counters)."""
-        key = (self.skip_grid_resolution, self.skip_density_threshold) + tuple(p._version for p in self.parameters())
+        key = ((self.skip_grid_resolution, self.skip_density_threshold, self.encoding.active_levels)
+               + tuple(p._version for p in self.parameters()))
         if self._skip_cache is not None and self._skip_cache[0] == key:
             return self._skip_cache[1]
         grid = self._compute_skip_grid()
@@ -359,6 +377,8 @@ class NeRF(Representation, Appearance):
         cameras = cameras.to(dev)
         B, H, W = len(cameras), cameras.height, cameras.width
         n_rays = B * H * W
+        if training:
+            self._set_grid_levels(step)
 
         # Random draws in a fixed order: shading mode, background, sample jitter.
         mode = self._draw_shading(step, training, generator)
@@ -490,10 +510,20 @@ class NeRF(Representation, Appearance):
                 weights.detach(), cos.square()[:, None], ray_indices, n_rays)[:, 0]
         return res
 
+    def _set_grid_levels(self, step: int) -> None:
+        """The hash grid's active levels at ``step`` (``grid_levels``; all when it is null)."""
+        if self._grid_levels is None:
+            self.encoding.set_active_levels(None)
+            return
+        k = scheduled_int(self._grid_levels, step, "representation.nerf.grid_levels")
+        self.encoding.set_active_levels(min(max(int(k), 1), self.encoding.n_levels))  # type: ignore[arg-type]
+
     def update(self, step: int, optimizer=None) -> None:
         """After the optimizer step: refresh the fixed-sample path's skip grid every
         ``skip_refresh_every`` steps, or the occupancy grid on the CUDA back end (every 16
-        steps, EMA of density * step)."""
+        steps, EMA of density * step). The grid levels move on to the next step's (what the grids
+        and the renders until the next training step see)."""
+        self._set_grid_levels(step + 1)
         if not self.use_occupancy_grid:
             if self.skip_grid_resolution > 0 and step % max(self.skip_refresh_every, 1) == 0:
                 self.train_skip_grid.copy_(self._compute_skip_grid())
