@@ -364,6 +364,7 @@ class Distiller:
                                             self.optimizer, self.device)
             if loaded is not None:
                 start = loaded[0]
+                self.representation.set_step(start)
                 self._forget_transient_checkpoints(start)
         self.step = start
         self.folder.write_config(cfg)
