@@ -10,6 +10,11 @@ one MLP maps the features to a raw density and 3 albedo logits::
     sigma  = softplus(raw + blob_density * (1 - |x| / blob_radius))   # Magic3D density blob
     albedo = sigmoid(logits)                                         # in [0, 1]
 
+``blob_density`` is a scheduled scalar taken at the field's step: a training render of ``step``
+uses that step's, :meth:`NeRF.update` after the optimizer step moves to ``step + 1`` and
+:meth:`NeRF.set_step` sets the step of a loaded checkpoint, so a resumed run, an export and an
+evaluation see the same blob as the uninterrupted run.
+
 Normals are ``n = -grad sigma / |grad sigma|`` (outward), taken with ``torch.autograd.grad``
 (``create_graph=True`` while training, so the orientation loss reaches the field).
 
@@ -66,6 +71,9 @@ Outputs (:class:`RenderOutput`)
   and ``render_normals`` False).
 * ``extras["orient"] [B*H*W]``: per ray ``sum_i stopgrad(w_i) * relu(n_i . d)^2`` (when normals
   were computed); :meth:`NeRF.regularizers` averages it.
+* ``extras["albedo_smooth"] [B*H*W]``: per ray ``sum_i stopgrad(w_i) |albedo(x_i) -
+  albedo(x_i + albedo_smooth_eps * z_i)|^2`` (training renders with the term on; ``z`` drawn from
+  the generator after the sample jitter on the fixed-sample path).
 """
 
 from __future__ import annotations
