@@ -523,3 +523,177 @@ def test_empty_space_skipping_matches_full_evaluation():
     with torch.no_grad():
         rep.mlp[-1].bias[0] += 5.0  # denser everywhere
     assert rep.skip_grid().sum() > g1.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Clean geometry and colour: opacity targets, the blob taper, orientation, albedo smoothness
+# ----------------------------------------------------------------------------------------------
+def _alpha_images(*means_per_image):
+    """``[B,1,2,2]`` alpha images: each image's four pixels given."""
+    return torch.tensor(means_per_image, dtype=torch.float32).view(len(means_per_image), 1, 2, 2)
+
+
+def test_transmittance_loss_is_dream_fields_closed_form_with_schedules():
+    # Image 0: mean alpha 0.5 (transmittance 0.5, below the target: pushed); image 1: mean alpha
+    # 0.05 (transmittance 0.95, above: clipped at the target, no gradient).
+    alpha = _alpha_images([0.2, 0.8, 0.5, 0.5], [0.0, 0.1, 0.1, 0.0]).requires_grad_(True)
+    fake = RenderOutput(rgb=torch.zeros(2, 3, 2, 2), alpha=alpha, depth=torch.zeros(2, 1, 2, 2))
+    m = small_nerf("representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0",
+                   "representation.nerf.lambda_transmittance=[0.0,4.0,0,100]",
+                   "representation.nerf.transmittance_target=[0.5,0.9,0,100]")
+    assert m.regularizers(fake, 0) == {}  # weight 0 at step 0
+    regs = m.regularizers(fake, 50)  # weight 2, target 0.7
+    assert set(regs) == {"transmittance"}
+    expected = 2.0 * -(min(0.7, 0.5) + min(0.7, 0.95)) / 2
+    assert abs(float(regs["transmittance"].detach()) - expected) < 1e-6
+    regs["transmittance"].backward()
+    # d/d alpha of 2 * -(mean(1 - alpha_0)) / 2 = +1/4 per pixel of image 0 (4 pixels); image 1: 0.
+    torch.testing.assert_close(alpha.grad[0], torch.full((1, 2, 2), 0.25))
+    torch.testing.assert_close(alpha.grad[1], torch.zeros(1, 2, 2))
+
+
+def test_gaussians_transmittance_loss_matches_nerf_closed_form():
+    cfg = load_config(overrides=["representation.name=gaussians", "representation.gaussians.num_points=16",
+                                 "representation.gaussians.lambda_transmittance=3",
+                                 "representation.gaussians.transmittance_target=0.6"])
+    g = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
+    alpha = _alpha_images([0.2, 0.8, 0.5, 0.5], [0.0, 0.1, 0.1, 0.0])
+    fake = RenderOutput(rgb=torch.zeros(2, 3, 2, 2), alpha=alpha, depth=torch.zeros(2, 1, 2, 2))
+    regs = g.regularizers(fake, 0)
+    assert abs(float(regs["transmittance"]) - 3.0 * -(0.5 + 0.6) / 2) < 1e-6
+
+
+def test_opaque_loss_is_binary_entropy_and_scheduled():
+    alpha = torch.tensor([0.1, 0.5, 0.9, 0.25]).view(1, 1, 2, 2)
+    fake = RenderOutput(rgb=torch.zeros(1, 3, 2, 2), alpha=alpha, depth=torch.zeros(1, 1, 2, 2))
+    m = small_nerf("representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0",
+                   "representation.nerf.lambda_opaque=[0.0,2.0,100,300]")
+    assert m.regularizers(fake, 100) == {}
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.1, 0.5, 0.9, 0.25)]
+    assert abs(float(m.regularizers(fake, 200)["opaque"]) - 1.0 * sum(h) / 4) < 1e-6
+    assert abs(float(m.regularizers(fake, 900)["opaque"]) - 2.0 * sum(h) / 4) < 1e-6
+
+
+def _zero_field_mlp(model: NeRF) -> None:
+    """Raw density 0 and albedo logits 0 everywhere: the density is the blob's alone."""
+    with torch.no_grad():
+        last = model.mlp[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+def test_blob_density_tapers_on_its_schedule():
+    model = small_nerf("representation.nerf.blob_density=[10.0,0.0,0,400]", "representation.nerf.blob_radius=0.35")
+    _zero_field_mlp(model)
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.2, 0.1], [0.3, 0.3, 0.3]])
+    r = pts.norm(dim=-1)
+
+    def expected(step):
+        peak = 10.0 * (1 - min(step, 400) / 400)
+        return F.softplus(peak * (1 - r / 0.35))
+
+    cams = cameras(res=4)
+    for step in (0, 100, 250, 400, 600):
+        model.render(cams, step=step, generator=step_generator(0, step), training=True)  # training sets the step
+        with torch.no_grad():
+            torch.testing.assert_close(model.density(pts), expected(step), atol=1e-5, rtol=1e-5)
+    model.update(99)  # after the optimizer step of step 99 the field is that of step 100
+    torch.testing.assert_close(model.density(pts), expected(100), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # evaluation renders keep the step; they never reset the blob
+        model.render(cams, step=0, training=False)
+    torch.testing.assert_close(model.density(pts), expected(100), atol=1e-5, rtol=1e-5)
+    model.set_step(300)  # what loading a checkpoint does
+    torch.testing.assert_close(model.density(pts), expected(300), atol=1e-5, rtol=1e-5)
+    # A plain number: the blob of old, at every step.
+    fixed = small_nerf()
+    _zero_field_mlp(fixed)
+    fixed.set_step(10_000)
+    torch.testing.assert_close(fixed.density(pts), F.softplus(10.0 * (1 - r / 0.35)), atol=1e-5, rtol=1e-5)
+
+
+def _hand_weights(model: NeRF, cams, sigma_fn):
+    """Independent volume rendering at bin midpoints (evaluation renders): points ``[R,S,3]``,
+    weights ``[R,S]`` with w_i = T_i (1 - exp(-sigma_i delta)), ray directions ``[R,3]``."""
+    o, d = cams.rays()
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    near, far, _ = ray_box_intersect(o, d, model.radius)
+    S = model.num_samples
+    delta = (far - near) / S
+    t = near[:, None] + delta[:, None] * (torch.arange(S) + 0.5)
+    x = o[:, None] + d[:, None] * t[..., None]
+    a = 1 - torch.exp(-sigma_fn(x) * delta[:, None])
+    trans = torch.cumprod(torch.cat([torch.ones_like(a[:, :1]), 1 - a[:, :-1]], dim=1), dim=1)
+    return x, trans * a, d
+
+
+def test_orientation_loss_matches_independent_computation():
+    """Ref-NeRF / DreamFusion: sum_i w_i max(0, n_i . d)^2 per ray, averaged over rays, with
+    n = -grad sigma / |grad sigma|. A shell field sigma = softplus(k (|x| - r0)) has n = -x/|x|
+    everywhere (pointing inward), so the front of the shell faces away from the camera."""
+    k, r0 = 12.0, 0.5
+    model = small_nerf("representation.nerf.lambda_orient=3", "representation.nerf.lambda_sparsity=0")
+    model.skip_grid_resolution = 0
+
+    def sigma_fn(x):
+        return F.softplus(k * (x.norm(dim=-1) - r0))
+
+    model._field = lambda x: (sigma_fn(x), torch.full_like(x, 0.5))
+    cams = cameras(res=6)
+    out = model.render(cams, training=False)
+    x, w, d = _hand_weights(model, cams, sigma_fn)
+    n = -x / x.norm(dim=-1, keepdim=True)
+    cos = (n * d[:, None]).sum(-1).clamp_min(0)
+    w_kept = torch.where(w > model.normal_weight_threshold, w, torch.zeros_like(w))  # normals only where w matters
+    per_ray = (w_kept * cos.square()).sum(-1)
+    torch.testing.assert_close(out.extras["orient"], per_ray, atol=2e-4, rtol=1e-3)
+    assert float(per_ray.mean()) > 0.05  # the test measures something
+    torch.testing.assert_close(model.regularizers(out, 0)["orient"], 3.0 * per_ray.mean(), atol=1e-3, rtol=1e-3)
+
+
+def test_albedo_smoothness_matches_closed_form_for_a_linear_albedo():
+    """albedo(x) = 0.5 + g . x in every channel: albedo(x) - albedo(x + eps z) = -eps g . z, so the
+    per-ray term is sum_i w_i * 3 eps^2 (g . z_i)^2 with the noise z the render was given."""
+    eps, g = 0.05, torch.tensor([0.3, -0.2, 0.4])
+    model = small_nerf("representation.nerf.lambda_albedo_smooth=2", "representation.nerf.albedo_smooth_eps=0.05",
+                       "representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0")
+    model.skip_grid_resolution = 0
+
+    def sigma_fn(x):
+        return F.softplus(15.0 * (0.4 - x.norm(dim=-1)))
+
+    model._field = lambda x: (sigma_fn(x), (0.5 + x @ g)[:, None].expand(-1, 3))
+    cams = cameras(res=6)
+    o, d = cams.rays()
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    R, S = o.shape[0], model.num_samples
+    z = torch.randn(R, S, 3, generator=torch.Generator().manual_seed(3))
+    lights = cams.positions.expand(R, 3)
+    res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "albedo", False, True, z)
+    _, w, _ = _hand_weights(model, cams, sigma_fn)
+    w_kept = torch.where(w > model.normal_weight_threshold, w, torch.zeros_like(w))
+    per_ray = (w_kept * 3 * eps ** 2 * (z @ g).square()).sum(-1)
+    torch.testing.assert_close(res["albedo_smooth"], per_ray, atol=1e-6, rtol=1e-4)
+    assert float(per_ray.mean()) > 1e-4
+    # Through render() and regularizers(): on in training (drawn from the generator), weighted.
+    out = model.render(cams, step=200, generator=step_generator(0, 200), training=True)
+    regs = model.regularizers(out, 200)
+    torch.testing.assert_close(regs["albedo_smooth"], 2.0 * out.extras["albedo_smooth"].mean())
+    # A constant albedo is perfectly smooth.
+    model._field = lambda x: (sigma_fn(x), torch.full_like(x, 0.3))
+    res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "albedo", False, True, z)
+    assert float(res["albedo_smooth"].abs().max()) == 0.0
+
+
+def test_normal_smoothness_is_the_closed_form_difference_of_neighbours():
+    normal = torch.tensor([[0.0, 1.0, 1.0], [0.5, 0.5, 0.0]]).view(1, 1, 2, 3).expand(1, 3, 2, 3).clone()
+    fake = RenderOutput(rgb=torch.zeros(1, 3, 2, 3), alpha=torch.ones(1, 1, 2, 3), depth=torch.zeros(1, 1, 2, 3),
+                        normal=normal)
+    m = small_nerf("representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0",
+                   "representation.nerf.lambda_normal_smooth=[0.0,2.0,0,10]")
+    assert m.regularizers(fake, 0) == {}
+    # Rows: (0.5-0)^2, (0.5-1)^2, (0-1)^2 -> mean 0.5; columns: 1, 0, 0, 0.25 -> mean 0.3125.
+    assert abs(float(m.regularizers(fake, 5)["normal_smooth"]) - 1.0 * (0.5 + 0.3125)) < 1e-6
+    # The term turns normals on in albedo-shaded training renders.
+    m2 = small_nerf("representation.nerf.lambda_orient=0", "representation.nerf.lambda_normal_smooth=1")
+    out = m2.render(cameras(res=8), step=0, generator=step_generator(0, 0), training=True)
+    assert out.normal is not None and "normal_smooth" in m2.regularizers(out, 0)

@@ -441,6 +441,7 @@ class Distiller:
                                             self.optimizer, self.device)
             if loaded is not None:
                 start = loaded[0]
+                self.representation.set_step(start)
                 self._forget_transient_checkpoints(start)
             set_adam_implementation(self.optimizer, self.adam_flags)
         self.step = start

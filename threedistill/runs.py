@@ -512,6 +512,7 @@ class RunFolder:
         rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run, from_checkpoint=True), dev)
         # The newest checkpoint that loads (one that does not is skipped with a warning).
         step, _ = load_latest_checkpoint(self.checkpoints_dir, rep, None, None, dev)
+        rep.set_step(step)
         rep.eval()
         return cfg, rep, step
 

@@ -96,6 +96,10 @@ class Representation(ABC, torch.nn.Module):
         densification). A representation that changes its parameters' shapes must keep
         ``optimizer``'s per-parameter state consistent."""
 
+    def set_step(self, step: int) -> None:
+        """After loading the checkpoint of ``step`` (resume, export, evaluation): a representation
+        whose field depends on the step (the NeRF's scheduled density blob) takes that step's."""
+
     def log_stats(self) -> Dict[str, object]:
         """Scalars added to each step's metrics (e.g. the number of Gaussians): Python numbers, or
         0-dim tensors left on the device (read in one batch every ``run.stats_every`` steps; never

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from threedistill.groups import MAX_STEPS, check_choice, check_positive, check_unit
+from threedistill.groups import MAX_STEPS, check_choice, check_positive, check_unit, scheduled
 
 SHADING_MODES = ("albedo", "textureless", "diffuse")
 #: Background modes every representation renders (the NeRF adds its learned ``mlp``).
@@ -177,6 +177,23 @@ def normalized_depth(distance_sum: torch.Tensor, alpha: torch.Tensor, far: torch
 
 
 # ----------------------------------------------------------------------------------------------
+# Opacity
+# ----------------------------------------------------------------------------------------------
+def transmittance_term(out: Any, step: int, weight: Any, target: Any) -> dict:
+    """Dream Fields' transmittance loss (Jain et al. 2022, "Zero-Shot Text-Guided Object Generation
+    with Dream Fields", eq. 3): ``weight * mean_images -min(target, mean_pixels(1 - alpha))``, both
+    scheduled scalars at ``step``. Each image whose mean transmittance is below ``target`` is
+    pushed towards transparency; one at or above it gets no gradient. ``{}`` when the weight is 0,
+    else ``{"transmittance": term}``."""
+    w = float(scheduled(weight, step, "lambda_transmittance") or 0.0)
+    if w == 0.0:
+        return {}
+    tau = float(scheduled(target, step, "transmittance_target"))
+    mean_t = (1.0 - out.alpha).flatten(1).mean(dim=1)
+    return {"transmittance": w * (-mean_t.clamp(max=tau)).mean()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------
 def clamped_logit(p: torch.Tensor) -> torch.Tensor:
@@ -235,5 +252,5 @@ class Appearance:
 __all__ = [
     "SHADING_MODES", "SOLID_BACKGROUNDS", "Appearance", "BackgroundConfig", "ShadingConfig", "check_background",
     "check_radius", "check_unit_keys", "clamped_logit", "draw_shading_mode", "far_distance", "normalized_depth",
-    "random_replacement", "shade", "solid_background",
+    "random_replacement", "shade", "solid_background", "transmittance_term",
 ]

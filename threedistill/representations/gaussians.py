@@ -77,6 +77,7 @@ from threedistill.errors import UserError
 from threedistill.meshio import read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
+    transmittance_term,
     Appearance,
     BackgroundConfig,
     check_background,
@@ -112,7 +113,8 @@ GAUSSIANS_BOUNDS = {**BACKGROUND_BOUNDS, "num_points": (1, 10_000_000), "init_ra
                     "init_opacity": (0.0, 1.0), "lr_means": LR_BOUNDS, "lr_scales": LR_BOUNDS, "lr_quats": LR_BOUNDS,
                     "lr_opacities": LR_BOUNDS, "lr_colors": LR_BOUNDS, "lr_means_final": LR_BOUNDS,
                     "lr_means_decay_steps": (0, MAX_STEPS), "lambda_opacity": LAMBDA_BOUNDS,
-                    "lambda_scale": LAMBDA_BOUNDS, "isosurface_threshold": (0.0, 1e6), "densify_from": (0, MAX_STEPS),
+                    "lambda_scale": LAMBDA_BOUNDS, "lambda_transmittance": LAMBDA_BOUNDS,
+                    "transmittance_target": (0.0, 1.0), "isosurface_threshold": (0.0, 1e6), "densify_from": (0, MAX_STEPS),
                     "densify_until": (0, MAX_STEPS), "densify_every": (0, MAX_STEPS),
                     "densify_grad_threshold": (0.0, 1e6), "densify_scale_threshold": (0.0, 1000.0),
                     "prune_opacity": (0.0, 1.0), "prune_scale": (0.0, 1000.0), "opacity_reset_every": (0, MAX_STEPS),
@@ -147,6 +149,10 @@ class GaussiansConfig(BackgroundConfig):
     # Regularizer weights: mean opacity, mean linear scale (0 disables).
     lambda_opacity: Scheduled = 0.0
     lambda_scale: Scheduled = 0.0
+    # Dream Fields' transmittance loss, as the NeRF's (representation.nerf.lambda_transmittance):
+    # -min(transmittance_target, mean(1 - alpha)) per image; both scheduled; 0 = off (the default).
+    lambda_transmittance: Scheduled = 0.0
+    transmittance_target: Scheduled = 0.88
     # Marching-cubes level on the summed Gaussian density (export).
     isosurface_threshold: float = 0.5
     # Adaptive density control (3D Gaussian Splatting, Kerbl et al. 2023), on both back ends
@@ -173,7 +179,7 @@ class GaussiansConfig(BackgroundConfig):
     def validate(self, key: str) -> None:
         """Checks types cannot express; ``key`` is this group's dotted path (for messages). Call
         as ``GaussiansConfig.validate(node, key)`` on an OmegaConf node."""
-        for name in ("lambda_opacity", "lambda_scale"):
+        for name in ("lambda_opacity", "lambda_scale", "lambda_transmittance", "transmittance_target"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.lr_means_decay_steps, f"{key}.lr_means_decay_steps", allow_zero=True)
         for name in ("num_points", "init_radius"):
@@ -308,6 +314,8 @@ class Gaussians(Representation, Appearance):
         self._lr_means_decay_steps = int(c.lr_means_decay_steps)
         self._lambda_opacity = plain_schedule(c.lambda_opacity)
         self._lambda_scale = plain_schedule(c.lambda_scale)
+        self._lambda_transmittance = plain_schedule(c.lambda_transmittance)
+        self._transmittance_target = plain_schedule(c.transmittance_target)
         self._isosurface_threshold = float(c.isosurface_threshold)
         self.strategy = DensifyStrategy.from_group(c, seed=int(context.seed), steps=int(context.steps))
 
@@ -486,6 +494,8 @@ class Gaussians(Representation, Appearance):
         w = float(scheduled(self._lambda_scale, step, "lambda_scale") or 0.0)
         if w != 0.0:
             terms["scale"] = w * self.scales.mean()
+        # transmittance: lambda_transmittance * mean_images -min(target, mean_pixels(1 - alpha)).
+        terms.update(transmittance_term(out, step, self._lambda_transmittance, self._transmittance_target))
         return terms
 
     def param_groups(self, optim_cfg) -> List[dict]:

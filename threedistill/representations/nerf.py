@@ -10,6 +10,11 @@ one MLP maps the features to a raw density and 3 albedo logits::
     sigma  = softplus(raw + blob_density * (1 - |x| / blob_radius))   # Magic3D density blob
     albedo = sigmoid(logits)                                         # in [0, 1]
 
+``blob_density`` is a scheduled scalar taken at the field's step: a training render of ``step``
+uses that step's, :meth:`NeRF.update` after the optimizer step moves to ``step + 1`` and
+:meth:`NeRF.set_step` sets the step of a loaded checkpoint, so a resumed run, an export and an
+evaluation see the same blob as the uninterrupted run.
+
 Normals are ``n = -grad sigma / |grad sigma|`` (outward), taken with ``torch.autograd.grad``
 (``create_graph=True`` while training, so the orientation loss reaches the field).
 
@@ -66,6 +71,9 @@ Outputs (:class:`RenderOutput`)
   and ``render_normals`` False).
 * ``extras["orient"] [B*H*W]``: per ray ``sum_i stopgrad(w_i) * relu(n_i . d)^2`` (when normals
   were computed); :meth:`NeRF.regularizers` averages it.
+* ``extras["albedo_smooth"] [B*H*W]``: per ray ``sum_i stopgrad(w_i) |albedo(x_i) -
+  albedo(x_i + albedo_smooth_eps * z_i)|^2`` (training renders with the term on; ``z`` drawn from
+  the generator after the sample jitter on the fixed-sample path).
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ from threedistill.representations.common import (
     normalized_depth,
     random_replacement,
     solid_background,
+    transmittance_term,
 )
 from threedistill.representations.encodings import FrequencyEncoding, HashGridEncoding
 
@@ -111,6 +120,8 @@ NERF_BOUNDS = {**SHADING_BOUNDS, "n_levels": (1, 32), "n_features_per_level": (1
                "skip_refresh_every": (1, MAX_STEPS), "occupancy_grid_resolution": (1, 512),
                "occupancy_threshold": (0.0, 1e6), "render_step_size": (1e-5, 1.0), "lambda_orient": LAMBDA_BOUNDS,
                "lambda_sparsity": LAMBDA_BOUNDS, "lambda_opaque": LAMBDA_BOUNDS,
+               "lambda_transmittance": LAMBDA_BOUNDS, "transmittance_target": (0.0, 1.0),
+               "lambda_albedo_smooth": LAMBDA_BOUNDS, "lambda_normal_smooth": LAMBDA_BOUNDS, "albedo_smooth_eps": (1e-6, 1000.0),
                "isosurface_threshold": (-1e6, 1e6), "grid_levels": (1, 32)}
 
 
@@ -134,8 +145,13 @@ class NerfConfig(ShadingConfig):
     grid_levels: Scheduled = None
     hidden_dim: int = 64
     n_hidden_layers: int = 1
-    # Magic3D density blob added to the raw density at initialization.
-    blob_density: float = 10.0
+    # Magic3D density blob blob_density * (1 - |x| / blob_radius) added to the raw density.
+    # Scheduled: e.g. [10, 0, 0, 400] shapes the start and tapers to nothing by step 400, so the
+    # blob's low density outside the object does not stay as haze. A number keeps it for the
+    # whole run (the default, as before). Measured on the shapes quick start ("a red cube", seed 0):
+    # [10, 0, 0, 400] made it worse (haze 0.006 -> 0.017, GLB floaters 0 -> 0.22, a grey fog over
+    # the frame): the blob's negative part outside blob_radius is what keeps empty space empty.
+    blob_density: Scheduled = 10.0
     # 0.35 starts the object below the shapes world's sizes (all within radius 0.5) so SDS grows it
     # rather than having to carve a too-large blob; Magic3D's 0.5 is in threedistill/presets/sd.yaml.
     blob_radius: float = 0.35
@@ -160,7 +176,29 @@ class NerfConfig(ShadingConfig):
     # Regularizer weights.
     lambda_orient: Scheduled = field(default_factory=lambda: [10.0, 1000.0, 0, 5000])
     lambda_sparsity: Scheduled = 5.0
+    # lambda_opaque: binary entropy of each pixel's alpha (pushes alpha to 0 or 1, threestudio's
+    # lambda_opaque); 0 = off.
     lambda_opaque: Scheduled = 0.0
+    # Dream Fields' transmittance loss (Jain et al. 2022): -min(transmittance_target, mean(1 - alpha))
+    # per image, averaged over the batch: an image more opaque than the target on average is pushed
+    # towards transparency (haze and oversize go first), one at or above it is left alone. Both
+    # scheduled (Dream Fields anneals the target up); 0 = off (the default).
+    lambda_transmittance: Scheduled = 0.0
+    transmittance_target: Scheduled = 0.88
+    # Albedo smoothness (Fantasia3D / TextMesh kd smoothness): the ray weight-weighted
+    # |albedo(x) - albedo(x + albedo_smooth_eps * N(0, I))|^2 at the samples that make up the
+    # surface, summed over each ray and averaged over rays; the perturbation is drawn from the
+    # render generator (reproducible). albedo_smooth_eps is in scene units. 0 = off (the default).
+    lambda_albedo_smooth: Scheduled = 0.0
+    albedo_smooth_eps: float = 0.02
+    # Normal-map smoothness (threestudio's 2D normal smoothness; the "smooth normals" prior of
+    # Fantasia3D / RichDreamer): mean squared difference between neighbouring pixels of the
+    # rendered normal map (n + 1) / 2, rows and columns. The dark speckle of the shapes quick start
+    # is normal noise under the headlight (its albedo is clean), which this removes. Turns normals
+    # on in every training render. 0 = off (the default): at 1000 on the shapes quick start color
+    # noise fell (cube 0.041 -> 0.033, cylinder 0.029 -> 0.024) but the cylinder's IoU fell too
+    # (0.688 -> 0.649), one seed each: not a clear enough win to change sds-nerf.yaml.
+    lambda_normal_smooth: Scheduled = 0.0
     # Marching-cubes iso level on density (export). 5 puts the surface of the initial blob at
     # radius 0.25; trained objects are far denser than that at their surface.
     isosurface_threshold: float = 5.0
@@ -168,7 +206,8 @@ class NerfConfig(ShadingConfig):
     def validate(self, key: str) -> None:
         """Checks types cannot express; ``key`` is this group's dotted path (for messages). Call
         as ``NerfConfig.validate(node, key)`` on an OmegaConf node."""
-        for name in ("lambda_orient", "lambda_sparsity", "lambda_opaque"):
+        for name in ("lambda_orient", "lambda_sparsity", "lambda_opaque", "lambda_transmittance",
+                     "transmittance_target", "lambda_albedo_smooth", "lambda_normal_smooth", "blob_density"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.num_samples, f"{key}.num_samples")
         check_bounds(self, key, NERF_BOUNDS, optional=("grid_levels",))
@@ -229,13 +268,21 @@ class NeRF(Representation, Appearance):
         super().__init__()
         self._read_appearance(c, NERF_BACKGROUNDS)
         self.num_samples = int(c.num_samples)
-        self.blob_density = float(c.blob_density)
+        self._blob_density = plain_schedule(c.blob_density)
+        # The step whose blob the field uses (blob_density is scheduled): set by training renders,
+        # by update() (to the next step) and by set_step() after loading a checkpoint.
+        self._step = 0
         self.blob_radius = float(c.blob_radius)
         self.render_step_size = float(c.render_step_size)
         self.occupancy_threshold = float(c.occupancy_threshold)
         self._lambda_orient = plain_schedule(c.lambda_orient)
         self._lambda_sparsity = plain_schedule(c.lambda_sparsity)
         self._lambda_opaque = plain_schedule(c.lambda_opaque)
+        self._lambda_transmittance = plain_schedule(c.lambda_transmittance)
+        self._transmittance_target = plain_schedule(c.transmittance_target)
+        self._lambda_albedo_smooth = plain_schedule(c.lambda_albedo_smooth)
+        self._lambda_normal_smooth = plain_schedule(c.lambda_normal_smooth)
+        self.albedo_smooth_eps = float(c.albedo_smooth_eps)
         self._isosurface_threshold = float(c.isosurface_threshold)
 
         self.encoding = HashGridEncoding(
@@ -279,6 +326,17 @@ class NeRF(Representation, Appearance):
     # ------------------------------------------------------------------------------------------
     # Field
     # ------------------------------------------------------------------------------------------
+    @property
+    def blob_density(self) -> float:
+        """The density blob's peak at the current step (``blob_density`` is scheduled)."""
+        return float(scheduled(self._blob_density, self._step, "blob_density"))
+
+    def set_step(self, step: int) -> None:
+        """The field as of ``step`` (after loading that step's checkpoint): the blob's schedule and
+        the hash-grid levels in use."""
+        self._step = int(step)
+        self._set_grid_levels(step)
+
     def _field(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """World points ``[N,3]`` -> density ``[N]`` (>= 0), albedo ``[N,3]`` in [0,1]."""
         h = self.encoding((x / self.radius + 1.0) * 0.5)
@@ -309,7 +367,8 @@ class NeRF(Representation, Appearance):
         ``skip_density_threshold``: the density at cell centres, thresholded and dilated by one
         cell. Cached until any parameter changes (optimizer steps and checkpoint loads bump the
         parameters' version counters)."""
-        key = ((self.skip_grid_resolution, self.skip_density_threshold, self.encoding.active_levels)
+        key = ((self.skip_grid_resolution, self.skip_density_threshold, self.encoding.active_levels,
+               self.blob_density)
                + tuple(p._version for p in self.parameters()))
         if self._skip_cache is not None and self._skip_cache[0] == key:
             return self._skip_cache[1]
@@ -381,9 +440,13 @@ class NeRF(Representation, Appearance):
             self._set_grid_levels(step)
 
         # Random draws in a fixed order: shading mode, background, sample jitter.
+        if training:
+            self._step = int(step)  # the blob of this step (evaluation renders keep the last one)
         mode = self._draw_shading(step, training, generator)
         lam_orient = float(scheduled(self._lambda_orient, step, "lambda_orient") or 0.0)
-        need_normals = (not training) or mode != "albedo" or lam_orient > 0 or self.render_normals
+        lam_smooth = float(scheduled(self._lambda_albedo_smooth, step, "lambda_albedo_smooth") or 0.0)
+        lam_nsmooth = float(scheduled(self._lambda_normal_smooth, step, "lambda_normal_smooth") or 0.0)
+        need_normals = (not training) or mode != "albedo" or lam_orient > 0 or lam_nsmooth > 0 or self.render_normals
         create_graph = training and torch.is_grad_enabled()
 
         rays_o, rays_d = cameras.rays()
@@ -396,7 +459,8 @@ class NeRF(Representation, Appearance):
         S = self.num_samples
         if self.use_occupancy_grid:
             def march(o, d, light, b):
-                return self._render_occupancy_grid(o, d, light, b, mode, need_normals, create_graph, training)
+                return self._render_occupancy_grid(o, d, light, b, mode, need_normals, create_graph, training,
+                                                   training and torch.is_grad_enabled() and lam_smooth > 0)
             per_ray = (rays_o, rays_d, lights, bg)
         else:
             if training:
@@ -404,9 +468,11 @@ class NeRF(Representation, Appearance):
             else:
                 jitter = torch.full((n_rays, S), 0.5, device=dev)
 
-            def march(o, d, light, b, u):
-                return self._render_fixed(o, d, light, b, u, mode, need_normals, create_graph)
+            def march(o, d, light, b, u, u_smooth=None):
+                return self._render_fixed(o, d, light, b, u, mode, need_normals, create_graph, u_smooth)
             per_ray = (rays_o, rays_d, lights, bg, jitter)
+            if training and torch.is_grad_enabled() and lam_smooth > 0:  # drawn after the jitter
+                per_ray += (torch.randn(n_rays, S, 3, generator=generator).to(dev),)
         if torch.is_grad_enabled():
             res = march(*per_ray)
         else:  # evaluation renders of any size: bounded memory
@@ -424,11 +490,14 @@ class NeRF(Representation, Appearance):
         if "normal_sum" in res:
             out.normal = image(((res["normal_sum"] + 1.0) * 0.5).clamp(0.0, 1.0))
             out.extras["orient"] = res["orient"]
+        if "albedo_smooth" in res:
+            out.extras["albedo_smooth"] = res["albedo_smooth"]
         return out
 
     def _render_fixed(self, rays_o, rays_d, lights, bg, jitter, mode: str, need_normals: bool,
-                      create_graph: bool) -> Dict[str, torch.Tensor]:
-        """Fixed stratified samples on ``[rays, samples]`` tensors (any device)."""
+                      create_graph: bool, smooth_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Fixed stratified samples on ``[rays, samples]`` tensors (any device). ``smooth_noise
+        [rays, samples, 3]``: unit normal draws for the albedo-smoothness term (None: no term)."""
         R, S = jitter.shape
         near, far, _ = ray_box_intersect(rays_o, rays_d, self.radius)
         edges = torch.linspace(0.0, 1.0, S + 1, device=rays_o.device)
@@ -450,6 +519,13 @@ class NeRF(Representation, Appearance):
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma.view(R, S))
 
         res: Dict[str, torch.Tensor] = {}
+        if smooth_noise is not None:
+            # Albedo smoothness at the samples that matter (same threshold as the normals).
+            sel = (weights.detach().reshape(-1) > self.normal_weight_threshold).nonzero().squeeze(1)
+            shifted = x[sel] + self.albedo_smooth_eps * smooth_noise.reshape(R * S, 3)[sel]
+            d2 = (albedo[sel] - self._field(shifted)[1]).square().sum(dim=-1)
+            per_sample = x.new_zeros(R * S).index_put((sel,), d2)
+            res["albedo_smooth"] = (weights.detach() * per_sample.view(R, S)).sum(dim=-1)
         normal = None
         if need_normals:
             # Normals where the weight matters; elsewhere zero (their pixels change by < threshold).
@@ -472,7 +548,8 @@ class NeRF(Representation, Appearance):
 
     # -- CUDA back end (nerfacc occupancy grid). Not runnable on CPU: traverse_grids is CUDA-only.
     def _render_occupancy_grid(self, rays_o, rays_d, lights, bg, mode: str, need_normals: bool,
-                               create_graph: bool, training: bool) -> Dict[str, torch.Tensor]:
+                               create_graph: bool, training: bool, albedo_smooth: bool = False
+                               ) -> Dict[str, torch.Tensor]:
         n_rays = rays_o.shape[0]
 
         def sigma_fn(t_starts, t_ends, ray_indices):
@@ -494,6 +571,7 @@ class NeRF(Representation, Appearance):
             else:
                 sigma, albedo = self._field(x)
                 normal = None
+            cache["x"], cache["albedo"] = x, albedo
             return self._shade(albedo, normal, x, lights[ray_indices], mode), sigma
 
         rgb, alpha, _, extras = nerfacc.rendering(
@@ -508,6 +586,11 @@ class NeRF(Representation, Appearance):
             cos = (normal * rays_d[ray_indices]).sum(dim=-1).clamp_min(0.0)
             res["orient"] = nerfacc.accumulate_along_rays(
                 weights.detach(), cos.square()[:, None], ray_indices, n_rays)[:, 0]
+        if albedo_smooth and "x" in cache:  # the perturbation from torch's global CUDA RNG, as nerfacc's jitter
+            x = cache["x"]
+            shifted = x + self.albedo_smooth_eps * torch.randn_like(x)
+            d2 = (cache["albedo"] - self._field(shifted)[1]).square().sum(dim=-1)
+            res["albedo_smooth"] = nerfacc.accumulate_along_rays(weights.detach(), d2[:, None], ray_indices, n_rays)[:, 0]
         return res
 
     def _set_grid_levels(self, step: int) -> None:
@@ -524,6 +607,7 @@ class NeRF(Representation, Appearance):
         steps, EMA of density * step). The grid levels move on to the next step's (what the grids
         and the renders until the next training step see)."""
         self._set_grid_levels(step + 1)
+        self._step = int(step) + 1  # the field now holds step + 1 steps of training: its blob
         if not self.use_occupancy_grid:
             if self.skip_grid_resolution > 0 and step % max(self.skip_refresh_every, 1) == 0:
                 self.train_skip_grid.copy_(self._compute_skip_grid())
@@ -547,6 +631,13 @@ class NeRF(Representation, Appearance):
           removing density). Needs a render that computed normals.
         * ``sparsity``: ``lambda_sparsity * mean sqrt(alpha^2 + 0.01)``.
         * ``opaque``: ``lambda_opaque * mean binary_entropy(alpha)``.
+        * ``transmittance``: ``lambda_transmittance * mean_images -min(target, mean_pixels(1 - alpha))``
+          (Dream Fields, Jain et al. 2022).
+        * ``albedo_smooth``: ``lambda_albedo_smooth * mean_rays sum_i stopgrad(w_i)
+          |albedo(x_i) - albedo(x_i + eps * z_i)|^2`` (Fantasia3D's kd smoothness); needs a
+          training render with the term on.
+        * ``normal_smooth``: ``lambda_normal_smooth * (mean (N[:, :, 1:] - N[:, :, :-1])^2 +
+          mean (N[:, :, :, 1:] - N[:, :, :, :-1])^2)`` on the normal map ``N = out.normal``.
         """
         terms: Dict[str, torch.Tensor] = {}
         w = float(scheduled(self._lambda_orient, step, "lambda_orient") or 0.0)
@@ -559,6 +650,15 @@ class NeRF(Representation, Appearance):
         if w != 0.0:
             a = out.alpha.clamp(1e-5, 1.0 - 1e-5)
             terms["opaque"] = w * (-(a * torch.log(a) + (1.0 - a) * torch.log(1.0 - a))).mean()
+        terms.update(transmittance_term(out, step, self._lambda_transmittance, self._transmittance_target))
+        w = float(scheduled(self._lambda_albedo_smooth, step, "lambda_albedo_smooth") or 0.0)
+        if w != 0.0 and "albedo_smooth" in out.extras:
+            terms["albedo_smooth"] = w * out.extras["albedo_smooth"].mean()
+        w = float(scheduled(self._lambda_normal_smooth, step, "lambda_normal_smooth") or 0.0)
+        if w != 0.0 and out.normal is not None:
+            n = out.normal
+            terms["normal_smooth"] = w * ((n[:, :, 1:] - n[:, :, :-1]).square().mean()
+                                          + (n[:, :, :, 1:] - n[:, :, :, :-1]).square().mean())
         return terms
 
     def param_groups(self, optim_cfg) -> List[dict]:
