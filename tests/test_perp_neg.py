@@ -309,3 +309,14 @@ def test_set_prompt_refuses_perp_neg_without_view_prompts(shapes):
 def test_defaults_keep_todays_behaviour():
     cfg = load_config()
     assert cfg.guidance.perp_neg is False and cfg.prior.view_prompt == "discrete"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sd_overlay_turns_the_janus_fixes_on_and_the_shapes_presets_do_not(loss):
+    own = load_config(f"{loss}-nerf")
+    assert own.guidance.perp_neg is False and own.prior.view_prompt == "discrete"
+    sd = load_config([f"{loss}-nerf", "sd"])
+    assert sd.guidance.perp_neg is True and sd.prior.view_prompt == "interpolated"
+    assert list(sd.guidance.perp_neg_f_fs) == list(pn.DEFAULT_F_FS)  # threestudio's defaults
+    off = load_config([f"{loss}-nerf", "sd"], ["guidance.perp_neg=false", "prior.view_prompt=discrete"])
+    assert off.guidance.perp_neg is False
