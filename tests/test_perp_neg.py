@@ -320,3 +320,33 @@ def test_sd_overlay_turns_the_janus_fixes_on_and_the_shapes_presets_do_not(loss)
     assert list(sd.guidance.perp_neg_f_fs) == list(pn.DEFAULT_F_FS)  # threestudio's defaults
     off = load_config([f"{loss}-nerf", "sd"], ["guidance.perp_neg=false", "prior.view_prompt=discrete"])
     assert off.guidance.perp_neg is False
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) resume stays bit-exact with both knobs on (weights and blends depend on the camera only)
+# ---------------------------------------------------------------------------------------------
+def test_resume_with_perp_neg_and_interpolated_prompts_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
+    from threedistill.distill import Callback, Distiller
+    from threedistill.runs import load_trained_representation
+
+    class InterruptAt(Callback):
+        def on_step(self, d, step, stats):
+            if step == 2:
+                raise KeyboardInterrupt
+
+    def cfg(out):
+        return load_config(overrides=[
+            f"prior.name={tiny_sd_path}", "run.prompt=a red mug", f"run.out_dir={out}", "run.name=r",
+            "run.steps=4", "run.resolution=32", "representation.nerf.num_samples=16", "representation.nerf.n_levels=4",
+            "representation.nerf.log2_hashmap_size=10", "representation.nerf.max_resolution=32", "export.formats=[]",
+            "export.turntable=false", "run.progress=false", "camera.batch_size=2", "guidance.perp_neg=true",
+            "prior.view_prompt=interpolated"])
+
+    Distiller(cfg(tmp_path / "ref")).run()
+    with pytest.raises(KeyboardInterrupt):
+        Distiller(cfg(tmp_path / "cut"), callbacks=[InterruptAt()]).run()
+    assert Distiller.resume(tmp_path / "cut" / "r").run().status == "finished"
+    _, ref, _ = load_trained_representation(tmp_path / "ref" / "r")
+    _, got, _ = load_trained_representation(tmp_path / "cut" / "r")
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), k
