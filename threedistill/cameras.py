@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from threedistill.devices import to_device
+from threedistill.errors import UserError
 from threedistill.groups import (Scheduled, check_bounds, check_range, check_whole_schedule, max_scheduled,
                                 plain_schedule, scheduled_int)
 
@@ -74,6 +75,11 @@ class CameraConfig:
         check_range(self.distance_range, f"{key}.distance_range", 1e-3, 1e3)
         check_range(self.fovy_range, f"{key}.fovy_range", 1.0, 179.0)
         check_range(self.light_distance_range, f"{key}.light_distance_range", 0.0, 1e3)
+        if float(self.front_threshold) + float(self.back_threshold) > 180.0:
+            # Overlapping front and back sectors: a camera would be both (front would win silently).
+            raise UserError(f"config keys '{key}.front_threshold' + '{key}.back_threshold' must be at most 180 "
+                            f"degrees (the front and back sectors would overlap), got {self.front_threshold} + "
+                            f"{self.back_threshold}")
 
 
 @dataclass
@@ -191,6 +197,49 @@ def view_labels(
         else:
             labels.append("side")
     return labels
+
+
+def wrap_azimuth(azimuth: torch.Tensor) -> torch.Tensor:
+    """Azimuth in degrees wrapped to ``[-180, 180)``."""
+    return (azimuth + 180.0) % 360.0 - 180.0
+
+
+def view_weights(
+    elevation: torch.Tensor,
+    azimuth: torch.Tensor,
+    front_threshold: float = 45.0,
+    back_threshold: float = 45.0,
+    overhead_threshold: float = 60.0,
+    interpolated: bool = False,
+) -> torch.Tensor:
+    """Weights ``[B, 4]`` of the view prompts :data:`VIEW_LABELS` (front, side, back, overhead) per
+    camera, each row summing to 1.
+
+    ``interpolated=False``: one-hot of :func:`view_labels` (the thresholds decide).
+    ``interpolated=True`` (nerfstudio Generfacto's ``positional_prompting: interpolated``): linear in
+    azimuth between the anchors front (0 deg), side (+-90 deg) and back (180 deg), so front/side for
+    ``|a| < 90`` and side/back for ``|a| >= 90``; at the anchors the row is exactly one-hot. Cameras
+    above ``overhead_threshold`` keep the overhead label (one-hot) as in the discrete mode; the
+    front/back thresholds do not enter the blend (it has no plateaus)."""
+    elevation = elevation.detach().float().reshape(-1).cpu()
+    azimuth = azimuth.detach().float().reshape(-1).cpu()
+    B = azimuth.shape[0]
+    w = torch.zeros(B, len(VIEW_LABELS), dtype=torch.float32)
+    if not interpolated:
+        labels = view_labels(elevation, azimuth, front_threshold, back_threshold, overhead_threshold)
+        for i, lab in enumerate(labels):
+            w[i, VIEW_LABELS.index(lab)] = 1.0
+        return w
+    a = wrap_azimuth(azimuth).abs()  # [0, 180]
+    near = a < 90.0
+    r_front = (1.0 - a / 90.0).clamp(0.0, 1.0)  # 1 at the front, 0 at the side
+    r_back = (a / 90.0 - 1.0).clamp(0.0, 1.0)  # 0 at the side, 1 at the back
+    w[:, 0] = torch.where(near, r_front, torch.zeros_like(a))
+    w[:, 1] = torch.where(near, 1.0 - r_front, 1.0 - r_back)
+    w[:, 2] = torch.where(near, torch.zeros_like(a), r_back)
+    over = elevation > overhead_threshold
+    w[over] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    return w
 
 
 def look_at_c2w(positions: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -275,6 +275,9 @@ class Config:
                            ("refine", RefineConfig)):
             group.validate(getattr(self, key), key)
         RepresentationConfig.validate(self.representation, "representation")
+        if self.guidance.perp_neg and not self.prior.view_dependent:  # across groups: checked here
+            raise UserError("config key 'guidance.perp_neg' needs view-dependent prompts (its negatives are the "
+                            "other views' prompts): set prior.view_dependent=true or guidance.perp_neg=false")
         check_storable(self)  # what config.yaml and run.json will hold, the keys without bounds too
         # Registered names are checked where they are looked up (guidance / representation registries).
 

@@ -244,7 +244,8 @@ class Distiller:
             self.prior.compile_unet(cfg.prior.compile)
         self.guidance = build_guidance(cfg.guidance, self.prior, steps=cfg.run.steps).to(self.device)
         self.guidance.profile = self.profile
-        self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera)
+        self.guidance.set_prompt(cfg.run.prompt, cfg.prior.negative_prompt, cfg.prior.view_dependent, cfg.camera,
+                                 cfg.prior.view_prompt)
         torch.manual_seed(cfg.run.seed)
         rep_cfg = cfg.representation if self.representation_cfg is None else self.representation_cfg
         self.representation = build_representation(rep_cfg, RepresentationContext.of_run(cfg.run), self.device)

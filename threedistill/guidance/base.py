@@ -25,16 +25,20 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from threedistill.cameras import CameraBatch
+from omegaconf import ListConfig
+
+from threedistill.cameras import CameraBatch, view_weights
 from threedistill.devices import to_device
 from threedistill.errors import UserError
 from threedistill.groups import (Scheduled, check_bounds, check_choice, check_positive, check_schedule_min, check_unit,
-                                 parse_schedule, scheduled)
+                                 parse_schedule, scheduled, shown)
+from threedistill.guidance import perp_neg as perp_neg_math
+from threedistill.guidance.perp_neg import DEFAULT_F_FS, DEFAULT_F_FSB, DEFAULT_F_SB, DEFAULT_F_SF, PerpNegTexts
 from threedistill.priors.base import DiffusionPrior, PromptEmbeddings
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,17 @@ class GuidanceConfig:
     # a prior on CUDA whose images are >= 256 px (Stable Diffusion), "true", "false". Same
     # gradients either way; other losses train nothing through the UNet and ignore it.
     gradient_checkpointing: str = "auto"
+    # -- Perp-Neg (Armandpour et al. 2023), every loss: the other views' prompts as negatives whose
+    # directions are made orthogonal to the view's own (guidance/perp_neg.py). Needs
+    # prior.view_dependent: true; costs 2 more UNet batch items per render.
+    perp_neg: bool = False
+    # Weight functions w(r) = a * exp(-b * r) + c as [a, b, c] of the interpolation factor r
+    # (threestudio's defaults): f_fs / f_sf weigh the front / side negatives for |azimuth| < 90
+    # (r = 1 - |a|/90), f_sb / f_fsb the side / front negatives for |azimuth| >= 90 (r = 2 - |a|/90).
+    perp_neg_f_fs: List[float] = field(default_factory=lambda: list(DEFAULT_F_FS))
+    perp_neg_f_sf: List[float] = field(default_factory=lambda: list(DEFAULT_F_SF))
+    perp_neg_f_sb: List[float] = field(default_factory=lambda: list(DEFAULT_F_SB))
+    perp_neg_f_fsb: List[float] = field(default_factory=lambda: list(DEFAULT_F_FSB))
 
     def validate(self, key: str = "guidance") -> None:
         """One-line :class:`~threedistill.errors.UserError` naming the key of a bad value (``key``: this
@@ -136,6 +151,28 @@ class GuidanceConfig:
                      ("auto", "true", "false"))
         if min(parse_schedule(self.delta_t, f"{key}.delta_t").values) < 0:  # type: ignore[union-attr]
             raise UserError(f"config key '{key}.delta_t' must be >= 0 (integer timesteps), got {self.delta_t}")
+        if not isinstance(self.perp_neg, bool):
+            raise UserError(f"config key '{key}.perp_neg' must be true or false, got {shown(self.perp_neg)}")
+        for name in PERP_NEG_KEYS:
+            _check_decay(getattr(self, name), f"{key}.{name}")
+
+
+#: The Perp-Neg weight-function keys of ``guidance``: each [a, b, c] of a * exp(-b * r) + c.
+PERP_NEG_KEYS = ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb")
+
+
+def _check_decay(value, key: str) -> None:
+    """Three finite numbers [a, b, c] with |a|, |c| <= 100 and 0 <= b <= 100 (r lies in [0, 1], so
+    this bounds the weight to a few hundred; b < 0 would make the weight grow instead of decay)."""
+    fix = "three numbers [a, b, c] of the weight a * exp(-b * r) + c, e.g. [4.0, 0.5, -2.426]"
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if items is None or len(items) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in items):
+        raise UserError(f"config key '{key}' must be {fix}, got {shown(value)}")
+    a, b, c = (float(v) for v in items)
+    if not all(math.isfinite(v) for v in (a, b, c)) or abs(a) > 100 or abs(c) > 100 or not 0.0 <= b <= 100.0:
+        raise UserError(f"config key '{key}' must be {fix} with |a|, |c| <= 100 and 0 <= b <= 100, "
+                        f"got {shown(list(items))}")
 
 
 @dataclass
@@ -163,6 +200,9 @@ class GuidanceContext:
     generator: Optional[torch.Generator]
     cond_mask: Optional[torch.Tensor] = None  # [B,L] for T5-style text encoders, else None
     uncond_mask: Optional[torch.Tensor] = None
+    # guidance.perp_neg: the negatives' texts and weights; a loss passes it to predict_cfg /
+    # predict_guided wherever it forms its conditional direction (None: plain CFG).
+    perp_neg: Optional[PerpNegTexts] = None
 
 
 class Guidance(torch.nn.Module):
@@ -184,6 +224,7 @@ class Guidance(torch.nn.Module):
         self._embeddings: Optional[PromptEmbeddings] = None
         self._view_dependent = True
         self._camera_cfg = None
+        self._view_prompt = "discrete"
         self.has_negative_prompt = False
         #: Time the encode (``time_encode``), waiting for the device around it; the distiller sets it
         #: from ``run.profile``. Off, no stat is timed (no wait on CUDA).
@@ -193,7 +234,17 @@ class Guidance(torch.nn.Module):
 
     # -- prompt -----------------------------------------------------------------------------------
     def set_prompt(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True,
-                   camera_cfg=None) -> None:
+                   camera_cfg=None, view_prompt: str = "discrete") -> None:
+        """``view_prompt``: ``prior.view_prompt`` ("discrete" labels or "interpolated" embeddings);
+        ``camera_cfg``: the ``camera`` group, whose thresholds place the views."""
+        check_choice(view_prompt, "prior.view_prompt", ("discrete", "interpolated"))
+        if bool(getattr(self.cfg, "perp_neg", False)) and not view_dependent:
+            raise UserError("config key 'guidance.perp_neg' needs view-dependent prompts (its negatives are the other "
+                            "views' prompts): set prior.view_dependent=true or guidance.perp_neg=false")
+        if view_prompt == "interpolated" and not view_dependent:
+            raise UserError("config key 'prior.view_prompt' is 'interpolated' but 'prior.view_dependent' is false: "
+                            "set prior.view_dependent=true or prior.view_prompt=discrete")
+        self._view_prompt = view_prompt
         negative_prompt = negative_prompt or ""
         if self.default_negative_prompt is not None and not negative_prompt.strip():
             negative_prompt = self.default_negative_prompt
@@ -211,10 +262,46 @@ class Guidance(torch.nn.Module):
         return self._embeddings
 
     def view_labels(self, cameras: CameraBatch) -> List[str]:
+        return cameras.view_labels(*self._thresholds())
+
+    def _thresholds(self) -> tuple[float, float, float]:
+        """camera.front_threshold, back_threshold, overhead_threshold (the defaults without a camera group)."""
         c = self._camera_cfg
         if c is None:
-            return cameras.view_labels()
-        return cameras.view_labels(c.front_threshold, c.back_threshold, c.overhead_threshold)
+            return 45.0, 45.0, 60.0
+        return float(c.front_threshold), float(c.back_threshold), float(c.overhead_threshold)
+
+    def conditioning(self, cameras: CameraBatch, batch_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(cond, uncond, cond_mask, uncond_mask)`` for the cameras: the view prompt per camera
+        (a label's, or the azimuth blend with ``prior.view_prompt: interpolated``), the negative
+        prompt, and the T5-style masks (None for CLIP-style encoders)."""
+        emb = self.embeddings
+        if self._view_dependent and self._view_prompt == "interpolated":
+            weights = view_weights(cameras.elevation, cameras.azimuth, *self._thresholds(), interpolated=True)
+            cond, cond_mask = emb.blend(weights)
+            _, uncond = emb.for_views(None, batch_size)
+            uncond_mask = None if emb.uncond_mask is None else emb.uncond_mask.expand(batch_size, -1)
+            return cond, uncond, cond_mask, uncond_mask
+        labels = self.view_labels(cameras) if self._view_dependent else None
+        cond, uncond = emb.for_views(labels, batch_size)
+        masks = emb.masks_for_views(labels, batch_size)
+        cond_mask, uncond_mask = masks if masks is not None else (None, None)
+        return cond, uncond, cond_mask, uncond_mask
+
+    def perp_neg_texts(self, cameras: CameraBatch) -> Optional[PerpNegTexts]:
+        """The Perp-Neg negatives of the cameras (``guidance.perp_neg``), or None when it is off."""
+        if not bool(getattr(self.cfg, "perp_neg", False)):
+            return None
+        c = self.cfg
+        p = perp_neg_math.plan(cameras.elevation, cameras.azimuth, self._thresholds()[2], c.perp_neg_f_fs,
+                               c.perp_neg_f_sf, c.perp_neg_f_sb, c.perp_neg_f_fsb)
+        emb = self.embeddings
+        texts = [emb.for_views(labels, len(labels))[0] for labels in p.labels]
+        masks = None
+        if emb.cond_mask is not None:
+            masks = [emb.masks_for_views(labels, len(labels))[0] for labels in p.labels]  # type: ignore[index]
+        return PerpNegTexts(texts=texts, masks=masks, weights=p.weights.to(self.prior.device))
 
     # -- shared pieces ----------------------------------------------------------------------------
     def timestep_range(self, step: int) -> tuple[int, int]:
@@ -279,10 +366,42 @@ class Guidance(torch.nn.Module):
 
     def predict_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                     scale: float, cond_mask: Optional[torch.Tensor] = None,
-                    uncond_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batched UNet call; returns ``(eps_cfg, eps_uncond, eps_cond)``."""
-        eps_u, eps_c = self.predict_batch(x_t, t, [uncond, cond], [uncond_mask, cond_mask])
-        return eps_u + scale * (eps_c - eps_u), eps_u, eps_c
+                    uncond_mask: Optional[torch.Tensor] = None,
+                    perp_neg: Optional[PerpNegTexts] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched UNet call; returns ``(eps_cfg, eps_uncond, eps_cond)``. With ``perp_neg``
+        (the step's :attr:`GuidanceContext.perp_neg`) the negatives join the same call and
+        ``eps_cond`` is the effective conditional ``eps_u + d`` of the Perp-Neg direction ``d``, so
+        ``eps_cfg = eps_u + scale * (eps_cond - eps_u)`` still holds."""
+        if perp_neg is None:
+            eps_u, eps_c = self.predict_batch(x_t, t, [uncond, cond], [uncond_mask, cond_mask])
+            return eps_u + scale * (eps_c - eps_u), eps_u, eps_c
+        eps_u, d, _ = self.predict_guided(x_t, t, cond, uncond, cond_mask, uncond_mask, perp_neg=perp_neg)
+        return eps_u + scale * d, eps_u, eps_u + d
+
+    def predict_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, base: torch.Tensor,
+                       cond_mask: Optional[torch.Tensor] = None, base_mask: Optional[torch.Tensor] = None,
+                       extra: Sequence[torch.Tensor] = (), extra_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                       perp_neg: Optional[PerpNegTexts] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """The conditional direction of a loss, in one batched UNet call: ``(eps_base, d, eps_extra)``
+        with ``d = eps(cond) - eps(base)``, or Perp-Neg's ``d_pos - sum_i w_i perp(d_neg_i, d_pos)``
+        relative to the same ``base`` when ``perp_neg`` is given (:mod:`~threedistill.guidance.perp_neg`),
+        and the predictions for the ``extra`` texts (a loss's other prompts) from the same call.
+        Batch items: ``B * (2 + len(extra) + K)``."""
+        extra = list(extra)
+        masks: List[Optional[torch.Tensor]] = [base_mask, cond_mask]
+        masks += list(extra_masks) if extra_masks is not None else [None] * len(extra)
+        texts = [base, cond] + extra
+        if perp_neg is not None:
+            texts += list(perp_neg.texts)
+            masks += list(perp_neg.masks) if perp_neg.masks is not None else [None] * len(perp_neg.texts)
+        eps = self.predict_batch(x_t, t, texts, masks)
+        eps_base, eps_cond = eps[0], eps[1]
+        eps_extra = eps[2:2 + len(extra)]
+        if perp_neg is None:
+            return eps_base, eps_cond - eps_base, eps_extra
+        d = perp_neg_math.combine(eps_base, eps_cond, eps[2 + len(extra):], perp_neg.weights)
+        return eps_base, d, eps_extra
 
     def predict_batch(self, x_t: torch.Tensor, t: torch.Tensor, texts: List[torch.Tensor],
                       masks: Optional[List[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
@@ -327,17 +446,15 @@ class Guidance(torch.nn.Module):
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, dtype=torch.float32)
         noise = to_device(noise, device).to(dtype=z.dtype)
-        labels = self.view_labels(cameras) if self._view_dependent else None
-        cond, uncond = self.embeddings.for_views(labels, B)
-        masks = self.embeddings.masks_for_views(labels, B)
-        cond_mask, uncond_mask = masks if masks is not None else (None, None)
+        cond, uncond, cond_mask, uncond_mask = self.conditioning(cameras, B)
+        perp = self.perp_neg_texts(cameras)
         scale = float(scheduled(self.cfg.guidance_scale, step, "guidance.guidance_scale"))
         with torch.no_grad():
             z_detached = z.detach()
             x_t = prior.add_noise(z_detached, noise, t)
             ctx = GuidanceContext(z=z_detached, x_t=x_t, t=t, noise=noise, cond=cond, uncond=uncond,
                                   cameras=cameras, step=step, guidance_scale=scale, generator=generator,
-                                  cond_mask=cond_mask, uncond_mask=uncond_mask)
+                                  cond_mask=cond_mask, uncond_mask=uncond_mask, perp_neg=perp)
             direction, extra = self.gradient(ctx)
             g = self.weighting(ctx.t) * direction
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)

@@ -8,6 +8,10 @@ render with the empty prompt: from ``x`` (noised to ``start = max(s - n * stride
 in at most ``n = guidance.xs_inv_steps`` steps of ``stride = guidance.xs_delta_t``, then one step
 ``s -> t``. The epsilon predicted at ``x_s`` for that last step is the target, so the loss costs the
 inversion steps plus one guided batch.
+
+With ``guidance.perp_neg`` the guided ``eps_cfg`` at ``x_t`` goes through Perp-Neg (the core's
+predict_cfg); the inversion target ``eps(x_s; empty)`` is the unconditional trajectory and is not
+guided, so it stays as it is.
 """
 
 from __future__ import annotations
@@ -58,5 +62,5 @@ class ISM(Guidance):
         null, null_mask = self.null_embeddings(ctx.z.shape[0])
         _, x_t, eps_s, calls = self.ddim_invert(ctx.z, ctx.noise, s, ctx.t, null, null_mask)
         eps_cfg, _, _ = self.predict_cfg(x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
-                                         ctx.cond_mask, ctx.uncond_mask)
+                                         ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
         return eps_cfg - eps_s, {"ism_s": s.float().mean(), "ism_inversion_calls": float(calls)}

@@ -9,6 +9,11 @@ SDS's noise term is replaced by the domain correction delta_D, which needs a neg
 describing what renders look like and images should not. The paper fixes one (:data:`PAPER_NEGATIVE_PROMPT`), used when ``prior.negative_prompt``
 is empty.
 One batched UNet call for the three predictions.
+
+With ``guidance.perp_neg`` the condition term ``delta_C`` is Perp-Neg's direction relative to the
+same ``eps(x_t; empty)`` (the core's predict_guided): it is the part that carries the view prompt.
+``delta_D`` (the domain correction: empty vs the fixed negative prompt) does not depend on the view
+and is kept as it is.
 """
 
 from __future__ import annotations
@@ -33,9 +38,8 @@ class NFSD(Guidance):
     def gradient(self, ctx: GuidanceContext):
         B = ctx.x_t.shape[0]
         null, null_mask = self.null_embeddings(B)
-        eps_y, eps_empty, eps_neg = self.predict_batch(ctx.x_t, ctx.t, [ctx.cond, null, ctx.uncond],
-                                                       [ctx.cond_mask, null_mask, ctx.uncond_mask])
-        delta_c = eps_y - eps_empty
+        eps_empty, delta_c, (eps_neg,) = self.predict_guided(ctx.x_t, ctx.t, ctx.cond, null, ctx.cond_mask, null_mask,
+                                                             [ctx.uncond], [ctx.uncond_mask], perp_neg=ctx.perp_neg)
         small_t = (ctx.t < SMALL_T_FRACTION * self.prior.num_train_timesteps).view(-1, 1, 1, 1)
         delta_d = torch.where(small_t, eps_empty, eps_empty - eps_neg)
         return delta_d + ctx.guidance_scale * delta_c, {}

@@ -3,6 +3,8 @@
     grad_theta L = E_{t, eps} [ w(t) (eps_hat(x_t; y, t) - eps) dx/dtheta ]
 
 with ``eps_hat = eps_u + s (eps_c - eps_u)`` (diffusers CFG form) and ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps``.
+With ``guidance.perp_neg`` the bracket ``(eps_c - eps_u)`` is Perp-Neg's direction (the core's
+predict_cfg): the negatives are relative to the same ``eps_u`` (the negative prompt, "" by default).
 """
 
 from __future__ import annotations
@@ -14,5 +16,5 @@ from threedistill.guidance.base import Guidance, GuidanceContext, register
 class SDS(Guidance):
     def gradient(self, ctx: GuidanceContext):
         eps_cfg, _, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
-                                         ctx.cond_mask, ctx.uncond_mask)
+                                         ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
         return eps_cfg - ctx.noise, {}

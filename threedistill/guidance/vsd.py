@@ -5,6 +5,11 @@
 ``eps_lora`` is the prior with a LoRA and a camera embedding (:class:`CameraLoRA`), trained each step
 on the detached render with the ordinary denoising loss, so it tracks the score of the current
 scene's renders rather than the injected noise that SDS subtracts.
+
+With ``guidance.perp_neg`` only the pretrained term ``eps_cfg`` goes through Perp-Neg (the core's
+predict_cfg): it is the text-conditioned score the scene is pulled towards. ``eps_lora`` models the
+scene's own renders (conditioned on the view prompt and the camera) and is trained on them, so it
+is left as it is (ESD's camera-free term alike).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class VSD(Guidance):
 
     def gradient(self, ctx: GuidanceContext):
         eps_cfg, _, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
-                                         ctx.cond_mask, ctx.uncond_mask)
+                                         ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
         return eps_cfg - self.particle_score(ctx), {}
 
     def state_loss(self, ctx: GuidanceContext) -> torch.Tensor:

@@ -26,6 +26,10 @@ from threedistill.groups import check_choice, shown
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
+#: Values of ``prior.view_prompt``.
+VIEW_PROMPT_MODES = ("discrete", "interpolated")
+
+
 @dataclass
 class PriorConfig:
     """The ``prior`` config group: which frozen diffusion model :func:`~threedistill.priors.load_prior`
@@ -46,6 +50,14 @@ class PriorConfig:
     dtype: str = "auto"
     # Append ", front view" / ", side view" / ", back view" / ", overhead view" to the prompt.
     view_dependent: bool = True
+    # How a camera picks its view prompt (needs view_dependent: true):
+    # "discrete": one label per camera from camera.front/back/overhead_threshold (DreamFusion);
+    # "interpolated": the text embeddings blended linearly in azimuth, front/side for |azimuth| < 90
+    # and side/back for |azimuth| >= 90, overhead still a label above camera.overhead_threshold
+    # (nerfstudio Generfacto's positional_prompting: interpolated). Attention masks of T5-style
+    # encoders (DeepFloyd IF) are the union of the blended prompts' masks. It lives here, beside
+    # view_dependent, because it decides the conditioning text every loss sees (and perp-neg's positive).
+    view_prompt: str = "discrete"
     negative_prompt: str = ""
     # Hugging Face cache folder to search; None means the default (HF_HOME / HF_HUB_CACHE).
     cache_dir: Optional[str] = None
@@ -90,6 +102,10 @@ class PriorConfig:
         if self.compile not in (False, None) and self.compile not in COMPILE_MODES:
             raise UserError(f"config key '{key}.compile' must be false, {', '.join(COMPILE_MODES[:-1])} or "
                             f"{COMPILE_MODES[-1]}, got {shown(self.compile)}")
+        check_choice(self.view_prompt, f"{key}.view_prompt", VIEW_PROMPT_MODES)
+        if self.view_prompt == "interpolated" and not self.view_dependent:
+            raise UserError(f"config key '{key}.view_prompt' is 'interpolated' but '{key}.view_dependent' is false: "
+                            f"set {key}.view_dependent=true or {key}.view_prompt=discrete")
         variant = self.variant
         if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(variant)):
             raise UserError(f"bad value for config key '{key}.variant': '{variant}' (a weights variant such as fp16, "
@@ -176,6 +192,34 @@ class PromptEmbeddings:
         if self.cond_mask is None or self.uncond_mask is None:
             return None
         return _pick(self.cond_mask, labels, batch_size), self.uncond_mask.expand(batch_size, -1)
+
+
+    def blend(self, weights: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Conditional embeddings ``[B,L,D]`` mixed per row by ``weights [B,4]`` over
+        :data:`~threedistill.cameras.VIEW_LABELS` (see :func:`~threedistill.cameras.view_weights`),
+        and their attention masks ``[B,L]`` (T5-style encoders; else None): the union of the masks
+        of the labels with a non-zero weight, so every token any blended prompt attends to stays
+        visible. A one-hot row gives that label's embedding exactly."""
+        rows = []
+        masks = [] if self.cond_mask is not None else None
+        for w in weights:
+            emb = None
+            mask = None
+            for k, lab in enumerate(VIEW_LABELS):
+                wk = float(w[k])
+                if wk == 0.0:
+                    continue
+                term = self.cond[lab] if wk == 1.0 else self.cond[lab] * wk
+                emb = term if emb is None else emb + term
+                if masks is not None:
+                    m = self.cond_mask[lab].bool()  # type: ignore[index]
+                    mask = m if mask is None else mask | m
+            if emb is None:
+                raise ValueError("view weights row is all zero")
+            rows.append(emb)
+            if masks is not None:
+                masks.append(mask.to(self.cond_mask[VIEW_LABELS[0]].dtype))  # type: ignore[union-attr,index]
+        return torch.cat(rows, dim=0), (None if masks is None else torch.cat(masks, dim=0))
 
 
 def _pick(table: Dict[str, torch.Tensor], labels: Optional[Sequence[str]], batch_size: int) -> torch.Tensor:
