@@ -100,7 +100,7 @@ def surface_of_run(run_dir: Path, key: str, resolution: Optional[int], device: t
 
 
 #: Views and resolution of :func:`matching_cameras`: rings of azimuths at three elevations.
-MATCH_ELEVATIONS, MATCH_AZIMUTHS, MATCH_RESOLUTION = (-15.0, 15.0, 60.0), 8, 64
+MATCH_ELEVATIONS, MATCH_AZIMUTHS, MATCH_RESOLUTION = (0.0, 45.0), 8, 64
 
 
 def matching_cameras(camera_cfg) -> CameraBatch:

@@ -138,8 +138,14 @@ def _silhouette(mesh: trimesh.Trimesh, cameras: CameraBatch) -> torch.Tensor:
     return r["alpha"] > 0.5
 
 
+#: Grid size (at most) and bisection steps of :func:`silhouette_threshold`'s search: the level, not
+#: the mesh, is what it finds, and on a 64^3 grid 12 halvings of a log-density range leave it well
+#: inside a pixel of the silhouette.
+MATCH_GRID, MATCH_ITERATIONS = 64, 12
+
+
 def silhouette_threshold(rep: Representation, volume: np.ndarray, bound: float, cameras: CameraBatch,
-                         min_component_ratio: float = 0.05, iterations: int = 16) -> Optional[float]:
+                         min_component_ratio: float = 0.05, iterations: int = MATCH_ITERATIONS) -> Optional[float]:
     """The density level whose isosurface shows the silhouette ``rep`` renders.
 
     A density threshold and what volume rendering shows are different things: a pixel's opacity is
@@ -152,7 +158,8 @@ def silhouette_threshold(rep: Representation, volume: np.ndarray, bound: float, 
     steps, between the grid's smallest positive and its largest density) finds it.
 
     ``volume``: the density at the ``R^3`` grid corners spanning ``[-bound, bound]^3``
-    (:func:`_density_grid`). Returns None when the render shows nothing (no level to match)."""
+    (:func:`_density_grid`; :func:`extract_mesh` passes one of at most :data:`MATCH_GRID` a side).
+    Returns None when the render shows nothing (no level to match)."""
     cameras = cameras.to(_module_device(rep))
     was_training = rep.training
     rep.eval()
@@ -233,7 +240,8 @@ def extract_mesh(
             raise UserError(f"mesh export: representation {name} has no density field to extract a "
                             f"surface from; set export.formats=[] to skip mesh export") from None
         if threshold is None and match_cameras is not None:
-            matched = silhouette_threshold(rep, volume, bound, match_cameras, min_component_ratio)
+            search = volume if resolution <= MATCH_GRID else _density_grid(rep, MATCH_GRID, bound, int(chunk), device)
+            matched = silhouette_threshold(rep, search, bound, match_cameras, min_component_ratio)
             iso = iso if matched is None else matched
         finite = volume[np.isfinite(volume)]
         if not np.any(volume > iso):  # NaN compares False: a diverged field has no surface either
