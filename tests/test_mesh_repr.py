@@ -90,7 +90,8 @@ def test_run_init_extracts_the_surface_of_a_gaussians_run(gaussians_run):
     from threedistill.export.mesh import extract_mesh
 
     state = torch.random.get_rng_state()
-    rep = _mesh(f"representation.mesh.init=run:{gaussians_run}", "representation.mesh.init_mesh_resolution=24")
+    rep = _mesh(f"representation.mesh.init=run:{gaussians_run}", "representation.mesh.init_mesh_resolution=24",
+                "representation.mesh.init_surface=isosurface")
     assert torch.equal(torch.random.get_rng_state(), state)  # the source's reseeding does not leak
     _, src, _ = load_trained_representation(gaussians_run)
     ref = extract_mesh(src, resolution=24)
@@ -98,6 +99,25 @@ def test_run_init_extracts_the_surface_of_a_gaussians_run(gaussians_run):
     assert np.allclose(rep.base_vertices.numpy(), ref.vertices, atol=1e-5)
     ref_rgb = np.asarray(ref.visual.vertex_colors)[:, :3] / 255.0
     assert np.allclose(rep.colors.detach().numpy(), ref_rgb, atol=1e-3)  # red-ish cube colors kept
+
+
+def test_run_init_by_default_starts_from_the_silhouette_the_run_renders(gaussians_run):
+    """init_surface=silhouette (the default): the starting mesh covers, from the matching views, the
+    pixels where the Gaussians' own render is opaque (alpha > 0.5), to within a few percent."""
+    from threedistill.inputs import matching_cameras
+    from threedistill.representations.mesh_raster import render_mesh
+    from threedistill.runs import load_trained_representation
+
+    rep = _mesh(f"representation.mesh.init=run:{gaussians_run}", "representation.mesh.init_mesh_resolution=32")
+    cfg, src, _ = load_trained_representation(gaussians_run)
+    cams = matching_cameras(cfg.camera)
+    with torch.no_grad():
+        want = src.render(cams, training=False).alpha > 0.5
+        v = rep.vertices.detach()
+        got = render_mesh(v, rep.faces, cams, torch.ones_like(v), torch.zeros(3))["alpha"] > 0.5
+    assert want.sum() > 100
+    assert abs(int(got.sum()) - int(want.sum())) < 0.05 * int(want.sum())
+    assert (got & want).sum() > 0.9 * (got | want).sum()  # the same pixels, not just as many
 
 
 # -- rendering ------------------------------------------------------------------------------------

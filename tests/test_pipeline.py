@@ -28,9 +28,11 @@ def _chain(out: Path, prior: Path, name: str, *extra: str) -> int:
 def _coarse_vertex_count(run_dir: Path) -> int:
     from threedistill.runs import load_trained_representation
     from threedistill.export.mesh import extract_mesh
+    from threedistill.inputs import matching_cameras
 
-    _, rep, _ = load_trained_representation(run_dir)
-    return len(extract_mesh(rep, resolution=24).vertices)
+    # The refine stage starts from the level whose silhouette matches the render (init_surface).
+    cfg, rep, _ = load_trained_representation(run_dir)
+    return len(extract_mesh(rep, resolution=24, match_cameras=matching_cameras(cfg.camera)).vertices)
 
 
 @pytest.fixture(scope="module")

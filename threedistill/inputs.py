@@ -8,7 +8,9 @@ faces, float32 colors, lossless) in the run folder's ``inputs/`` before construc
 * ``init=run:RUN_DIR`` (the mesh refine stage): the surface of that run's newest checkpoint,
   its own triangles when it has them (:meth:`~threedistill.representations.Representation.explicit_surface`),
   else its density's isosurface at ``init_mesh_resolution`` (else the run's
-  ``export.mesh_resolution``) with colors from its albedo. The global torch RNG is left as it was.
+  ``export.mesh_resolution``) with colors from its albedo; with ``init_surface=silhouette`` at the
+  density level whose silhouette matches what the run renders (:func:`matching_cameras`,
+  :func:`threedistill.export.mesh.silhouette_threshold`), else at its ``isosurface_threshold``. The global torch RNG is left as it was.
 * ``init=shape`` (Gaussians): the shapes-world mesh that ``run.prompt`` names (``"a red cube"``);
   a prompt that names none falls back to ``init=sphere`` with a logged warning.
 
@@ -29,6 +31,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.config import Config
 from threedistill.devices import resolve_device
 from threedistill.distill import Distiller
@@ -70,16 +73,18 @@ def resolve_inputs(cfg: Config, into: RunFolder) -> Config:
                                                                             np.asarray(m.faces), None)
         else:
             arrays = surface_of_run(Path(init[len("run:"):]).expanduser(), key, group.get("init_mesh_resolution"),
-                                    resolve_device(cfg.run.device))
+                                    resolve_device(cfg.run.device), str(group.get("init_surface", "isosurface")))
         write_mesh_arrays(path, *arrays)
     out.representation[name].init = f"file:{path}"
     return out
 
 
-def surface_of_run(run_dir: Path, key: str, resolution: Optional[int],
-                   device: torch.device) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def surface_of_run(run_dir: Path, key: str, resolution: Optional[int], device: torch.device,
+                   surface: str = "isosurface") -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colors ``[V,3]`` float32
-    sRGB (or None) of the trained run in ``run_dir`` (module docstring)."""
+    sRGB (or None) of the trained run in ``run_dir`` (module docstring). ``surface``: ``isosurface``
+    (the run's ``isosurface_threshold``) or ``silhouette`` (the level whose silhouette matches the
+    run's render from :func:`matching_cameras`)."""
     source = RunFolder(run_dir)
     if not source.is_run():
         raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
@@ -87,10 +92,28 @@ def surface_of_run(run_dir: Path, key: str, resolution: Optional[int],
         cfg, rep, _ = source.load_representation(device=str(device))
         mesh = rep.explicit_surface()
         if mesh is None:
+            match = matching_cameras(cfg.camera) if surface == "silhouette" else None
             mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
-                                min_component_ratio=float(cfg.export.min_component_ratio))
+                                min_component_ratio=float(cfg.export.min_component_ratio), match_cameras=match)
     return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
             vertex_colors(mesh, linear=False))
+
+
+#: Views and resolution of :func:`matching_cameras`: rings of azimuths at three elevations.
+MATCH_ELEVATIONS, MATCH_AZIMUTHS, MATCH_RESOLUTION = (0.0, 45.0), 8, 64
+
+
+def matching_cameras(camera_cfg) -> CameraBatch:
+    """The views a ``silhouette`` surface is matched from: :data:`MATCH_AZIMUTHS` evenly spaced
+    azimuths at each of :data:`MATCH_ELEVATIONS`, at the run's evaluation distance and field of
+    view, :data:`MATCH_RESOLUTION` pixels a side (fixed, so a resumed refine stage extracts the same
+    surface; it is written to ``inputs/`` once anyway)."""
+    n = MATCH_AZIMUTHS
+    elev = torch.tensor([e for e in MATCH_ELEVATIONS for _ in range(n)])
+    azim = torch.tensor([-180.0 + (a + 0.5) * 360.0 / n for _ in MATCH_ELEVATIONS for a in range(n)])
+    k = len(elev)
+    return make_cameras(elev, azim, torch.full((k,), float(camera_cfg.eval_distance)),
+                        torch.full((k,), float(camera_cfg.eval_fovy)), MATCH_RESOLUTION)
 
 
 def prepare_inputs(d: Distiller) -> None:
@@ -106,4 +129,4 @@ def _init_of(cfg: Config) -> Optional[str]:
     return None if init is None else str(init)
 
 
-__all__ = ["needs_resolving", "prepare_inputs", "resolve_inputs", "surface_of_run"]
+__all__ = ["matching_cameras", "needs_resolving", "prepare_inputs", "resolve_inputs", "surface_of_run"]

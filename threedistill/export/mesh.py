@@ -22,7 +22,9 @@ from threedistill.atomic import atomic_write_bytes, atomic_write_text
 from threedistill.errors import UserError
 from threedistill.meshio import PLACEMENT_TAG, Z_UP_TO_Y_UP, linear_to_srgb, placement_comment
 from threedistill.meshio import srgb_to_linear as _srgb_to_linear
+from threedistill.cameras import CameraBatch
 from threedistill.representations.base import Representation
+from threedistill.representations.mesh_raster import render_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
 
@@ -178,6 +180,99 @@ def _albedo_rgba(rep: Representation, vertices: np.ndarray, chunk: int, device: 
     return rgba
 
 
+def _surface_at(volume: np.ndarray, iso: float, bound: float, min_component_ratio: float) -> trimesh.Trimesh:
+    """The ``iso`` level set of the (padded, NaN-free) density grid ``volume`` (the corners of a
+    ``(R+2)^3`` grid whose inner ``R^3`` span ``[-bound, bound]^3``) as a world-frame mesh without
+    colors, wound outward, floaters dropped (:func:`extract_mesh`). Empty when nothing exceeds ``iso``."""
+    import mcubes
+
+    resolution = volume.shape[0] - 2
+    verts, faces = mcubes.marching_cubes(volume, iso)
+    faces = np.asarray(faces, dtype=np.int64)
+    if len(faces) == 0:
+        return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), np.int64), process=False)
+    if _outward_sign(verts, faces, volume) > 0:
+        faces = faces[:, ::-1].copy()
+    # index space of the padded grid -> world: index 1 is -bound, index R is +bound.
+    step = 2.0 * bound / (resolution - 1)
+    verts = np.clip((verts - 1.0) * step - bound, -bound, bound)
+    mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)  # merges clamped duplicates
+    f = mesh.faces
+    distinct = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
+    if not distinct.all():
+        mesh.update_faces(distinct)
+        mesh.remove_unreferenced_vertices()
+    return _keep_large_components(mesh, float(min_component_ratio))
+
+
+@torch.no_grad()
+def _silhouette(mesh: trimesh.Trimesh, cameras: CameraBatch) -> torch.Tensor:
+    """``[B,1,H,W]`` bool: where ``mesh``'s antialiased coverage from ``cameras`` exceeds 0.5 (the
+    evaluation's silhouette rule)."""
+    B = len(cameras)
+    if len(mesh.faces) == 0:
+        return torch.zeros(B, 1, cameras.height, cameras.width, dtype=torch.bool)
+    v = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
+    f = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)
+    r = render_mesh(v, f, cameras, torch.ones_like(v), torch.zeros(3), antialiased=True)
+    return r["alpha"] > 0.5
+
+
+#: Grid size (at most) and bisection steps of :func:`silhouette_threshold`'s search: the level, not
+#: the mesh, is what it finds, and on a 64^3 grid 12 halvings of a log-density range leave it well
+#: inside a pixel of the silhouette.
+MATCH_GRID, MATCH_ITERATIONS = 64, 12
+
+
+def silhouette_threshold(rep: Representation, volume: np.ndarray, bound: float, cameras: CameraBatch,
+                         min_component_ratio: float = 0.05, iterations: int = MATCH_ITERATIONS) -> Optional[float]:
+    """The density level whose isosurface shows the silhouette ``rep`` renders.
+
+    A density threshold and what volume rendering shows are different things: a pixel's opacity is
+    ``1 - exp(-integral of sigma)`` along its ray, so a thin shell of high density and a thick halo
+    of low density both look solid, and a fixed iso level can extract a surface much smaller (or
+    larger) than the rendered object. Here the level is chosen so that the isosurface's silhouette
+    (coverage > 0.5) from ``cameras`` covers as many pixels as the representation's own rendered
+    silhouette (``alpha > 0.5``, ``training=False``): the superlevel sets ``{sigma > tau}`` are nested,
+    so the covered area falls as ``tau`` rises, and a bisection on ``log tau`` (``iterations``
+    steps, between the grid's smallest positive and its largest density) finds it.
+
+    ``volume``: the density at the ``R^3`` grid corners spanning ``[-bound, bound]^3``
+    (:func:`_density_grid`; :func:`extract_mesh` passes one of at most :data:`MATCH_GRID` a side).
+    Returns None when the render shows nothing (no level to match)."""
+    cameras = cameras.to(_module_device(rep))
+    was_training = rep.training
+    rep.eval()
+    try:
+        with torch.no_grad():
+            target = int((rep.render(cameras, training=False).alpha > 0.5).sum())
+    finally:
+        rep.train(was_training)
+    finite = volume[np.isfinite(volume)]
+    positive = finite[finite > 0]
+    if target == 0 or positive.size == 0:
+        return None
+    cameras = cameras.to("cpu")
+    lo, hi = float(np.log(positive.min())), float(np.log(positive.max()))
+    outside = float(min(finite.min(), 0.0)) - 1.0
+    padded = np.pad(np.nan_to_num(volume, nan=outside, posinf=np.finfo(np.float32).max, neginf=outside), 1,
+                    mode="constant", constant_values=outside)
+
+    def area(log_tau: float) -> int:
+        return int(_silhouette(_surface_at(padded, float(np.exp(log_tau)), bound, min_component_ratio), cameras).sum())
+
+    if area(lo) <= target:  # even the lowest level shows no more than the render: take it
+        return float(np.exp(lo))
+    for _ in range(int(iterations)):  # invariant: area(lo) > target >= area(hi) (hi: the maximum, ~empty)
+        mid = 0.5 * (lo + hi)
+        if area(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    # the end of the bracket whose area is closer to the target
+    return float(np.exp(lo if abs(area(lo) - target) < abs(area(hi) - target) else hi))
+
+
 def extract_mesh(
     rep: Representation,
     resolution: int = 128,
@@ -185,6 +280,7 @@ def extract_mesh(
     min_component_ratio: float = 0.05,
     chunk: int = 2**18,
     coarse_block: int = COARSE_BLOCK,
+    match_cameras: Optional[CameraBatch] = None,
 ) -> trimesh.Trimesh:
     """Extract the ``threshold`` isosurface of ``rep.density`` as a vertex-colored mesh.
 
@@ -200,11 +296,12 @@ def extract_mesh(
       component's faces (floaters) are dropped.
     * Vertex colors are ``rep.albedo(vertices)`` as uint8 RGBA (sRGB, alpha 255).
 
-    ``threshold`` defaults to ``rep.isosurface_threshold``. The mesh is in world coordinates
-    (+Z up, front +X). Raises :class:`UserError` if the density never exceeds ``threshold``.
+    ``threshold`` defaults to ``rep.isosurface_threshold``; with ``match_cameras`` (and no
+    ``threshold``) it is the level whose silhouette from those cameras matches the rendered one
+    (:func:`silhouette_threshold`; ``rep.isosurface_threshold`` when the render shows nothing).
+    The mesh is in world coordinates (+Z up, front +X). Raises :class:`UserError` if the density
+    never exceeds the threshold.
     """
-    import mcubes
-
     resolution = int(resolution)
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
@@ -221,6 +318,10 @@ def extract_mesh(
     rep.eval()
     try:
         try:
+            if threshold is None and match_cameras is not None:  # the level first: the sparse grid depends on it
+                search = _density_grid(rep, min(MATCH_GRID, resolution), bound, int(chunk), device)
+                matched = silhouette_threshold(rep, search, bound, match_cameras, min_component_ratio)
+                iso = iso if matched is None else matched
             if coarse_block and resolution > 4 * int(coarse_block):
                 volume = _sparse_density_grid(rep, resolution, bound, int(chunk), device, iso, int(coarse_block))
                 if not np.any(volume > iso):  # nothing seen: the dense grid decides (and gives the max density)
@@ -240,23 +341,10 @@ def extract_mesh(
         outside = min(float(finite.min()) if finite.size else iso, iso) - 1.0
         volume = np.nan_to_num(volume, nan=outside, posinf=np.finfo(np.float32).max, neginf=outside)
         padded = np.pad(volume, 1, mode="constant", constant_values=outside)
-        verts, faces = mcubes.marching_cubes(padded, iso)
-        faces = np.asarray(faces, dtype=np.int64)
-        if len(faces) == 0:  # pragma: no cover - cannot happen once a voxel exceeds iso
+        mesh = _surface_at(padded, iso, bound, float(min_component_ratio))
+        if len(mesh.faces) == 0:  # pragma: no cover - cannot happen once a voxel exceeds iso
             raise UserError(f"no surface found at isosurface threshold {iso:g}; train longer or lower "
                             f"{threshold_key}")
-        if _outward_sign(verts, faces, padded) > 0:
-            faces = faces[:, ::-1].copy()
-        # index space of the padded grid -> world: index 1 is -bound, index R is +bound.
-        step = 2.0 * bound / (resolution - 1)
-        verts = np.clip((verts - 1.0) * step - bound, -bound, bound)
-        mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)  # merges clamped duplicates
-        f = mesh.faces
-        distinct = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
-        if not distinct.all():
-            mesh.update_faces(distinct)
-            mesh.remove_unreferenced_vertices()
-        mesh = _keep_large_components(mesh, float(min_component_ratio))
         colors = _albedo_rgba(rep, np.asarray(mesh.vertices), int(chunk), device)
     finally:
         rep.train(was_training)

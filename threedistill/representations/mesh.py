@@ -21,7 +21,7 @@ Initialization (``representation.mesh.init``)
   Vertex colors (sRGB) are kept when the file has them (GLB ``COLOR_0``, stored linear, is
   converted back). Mesh arrays (``.npz``) are taken exactly as they are.
 * ``run:RUN_DIR`` (a previous NeRF / Gaussians / mesh run's surface: ``init_mesh_resolution``,
-  else the run's ``export.mesh_resolution``) is resolved by the pipeline
+  else the run's ``export.mesh_resolution``; the level set ``init_surface`` names) is resolved by the pipeline
   (:func:`threedistill.inputs.resolve_inputs`) into mesh arrays before the mesh is built.
 
 Colors start grey (0.5) unless the source has colors.
@@ -101,6 +101,9 @@ MESH_BOUNDS = {**SHADING_BOUNDS, "init_radius": (1e-6, 1000.0), "init_subdivisio
                "init_mesh_resolution": (2, 1024), "lr_offsets": LR_BOUNDS, "lr_colors": LR_BOUNDS,
                "lambda_laplacian": LAMBDA_BOUNDS, "lambda_normal_consistency": LAMBDA_BOUNDS}
 
+#: Values of ``representation.mesh.init_surface`` (see :class:`MeshConfig`).
+INIT_SURFACES = ("silhouette", "isosurface")
+
 
 @dataclass
 class MeshConfig(ShadingConfig):
@@ -118,6 +121,11 @@ class MeshConfig(ShadingConfig):
     init_subdivisions: int = 4
     # "run:" init: marching-cubes grid size (null: the source run's export.mesh_resolution).
     init_mesh_resolution: Optional[int] = None
+    # "run:" init of a density field (NeRF, Gaussians): which level set becomes the mesh.
+    # "silhouette": the density level whose silhouette matches what the run renders (alpha > 0.5)
+    # from rings of views (a fixed iso level can be far inside or outside the rendered object);
+    # "isosurface": the run's own isosurface_threshold, as `threedistill export` extracts.
+    init_surface: str = "silhouette"
     # Fixed learning rates: vertex offsets, color logits (independent of optim.lr).
     lr_offsets: float = 1.0e-3
     lr_colors: float = 1.0e-2
@@ -148,6 +156,9 @@ class MeshConfig(ShadingConfig):
             raise UserError(f"config keys '{key}.albedo_prob' + 'textureless_prob' must be <= 1, "
                             f"got {self.albedo_prob} + {self.textureless_prob}")
         check_background(self, key)
+        if str(self.init_surface) not in INIT_SURFACES:
+            raise UserError(f"config key '{key}.init_surface' must be {' or '.join(INIT_SURFACES)}, "
+                            f"got '{self.init_surface}'")
         init = str(self.init)
         if init not in ("sphere", "cube") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
             raise UserError(f"config key '{key}.init' must be sphere, cube, file:PATH or run:RUN_DIR, "
