@@ -14,7 +14,7 @@ import torch
 import trimesh
 
 from threedistill.config import load_config
-from threedistill.devices import choose_threads
+from threedistill.devices import ThreadGovernor, choose_threads
 from threedistill.distill import LOSS_EMA_WEIGHT, smoothed
 from threedistill.errors import UserError
 from threedistill.export import export_run_meshes, render_turntable
@@ -28,11 +28,12 @@ from threedistill.shapes.world import COLOR_NAMES, SHAPES
 # ----------------------------------------------------------------------------------------------
 # Threads
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 1), (2, 1.2, 1), (2, 7.5, 1), (16, 0.0, 8), (16, 3.4, 8),
-                                                 (16, 9.6, 6), (16, 30.0, 1), (1, 0.0, 1), (3, 0.0, 1), (4, 2.6, 1)])
+@pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 1.2, 1), (2, 7.5, 1), (16, 0.0, 16),
+                                                 (16, 3.4, 13), (16, 9.6, 6), (16, 30.0, 1), (1, 0.0, 1), (3, 0.0, 3),
+                                                 (4, 2.6, 1)])
 def test_auto_threads_take_the_cores_the_load_leaves(cores, load, expected):
     n, why = choose_threads("auto", environ={}, cores=lambda: cores, load=lambda: load)
-    assert n == expected  # min(cores // 2, round(cores - load)), at least 1
+    assert n == expected  # round(cores - load), at least 1, at most the cores
     assert f"{cores} core" in why and f"{load:.2f}" in why
 
 
@@ -40,7 +41,45 @@ def test_threads_setting_and_omp_num_threads_win():
     assert choose_threads(3, environ={"OMP_NUM_THREADS": "1"}, cores=lambda: 2, load=lambda: 0.0)[0] == 3
     assert choose_threads("auto", environ={"OMP_NUM_THREADS": "5"}, cores=lambda: 2, load=lambda: 9.0) == (5, "OMP_NUM_THREADS")
     # An unusable OMP_NUM_THREADS is ignored (torch ignores it too).
-    assert choose_threads("auto", environ={"OMP_NUM_THREADS": "x"}, cores=lambda: 4, load=lambda: 0.0)[0] == 2
+    assert choose_threads("auto", environ={"OMP_NUM_THREADS": "x"}, cores=lambda: 4, load=lambda: 0.0)[0] == 4
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_thread_governor_gives_cores_back_when_others_get_busy_and_takes_them_again():
+    clock, load, calls = _Clock(), [0.3], []
+    gov = ThreadGovernor("auto", 2, every_s=10, environ={}, cores=lambda: 2, load=lambda: load[0], clock=clock,
+                         set_threads=calls.append)
+    assert gov.tick() is None  # not yet 10 s
+    clock.t = 10
+    load[0] = 2.0  # only this run's two threads
+    assert gov.tick() is None and calls == []
+    clock.t = 20
+    load[0] = 3.1  # another busy process: 2 cores, 1.1 of them used by others -> 1 thread
+    assert gov.tick() == 1 and calls == [1]
+    clock.t = 25
+    load[0] = 0.0
+    assert gov.tick() is None  # looks only every 10 s
+    clock.t = 30
+    load[0] = 2.0  # this run's one thread plus one other: no whole core free
+    assert gov.tick() is None and gov.threads == 1
+    clock.t = 40
+    load[0] = 1.0  # the other process ended: a whole core free again
+    assert gov.tick() == 2 and calls == [1, 2]
+
+
+def test_thread_governor_leaves_a_fixed_setting_alone():
+    for setting, environ in [(3, {}), ("auto", {"OMP_NUM_THREADS": "1"})]:
+        calls = []
+        gov = ThreadGovernor(setting, 1, every_s=0, environ=environ, cores=lambda: 8, load=lambda: 0.0,
+                             set_threads=calls.append)
+        assert gov.tick() is None and calls == [] and not gov.active
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "many", "1.5"])

@@ -132,9 +132,9 @@ class RunConfig:
     checkpoint_every_s: float = 0.0
     # Progress bar on stderr (tqdm); off for quiet batch logs.
     progress: bool = True
-    # torch's CPU threads: auto (OMP_NUM_THREADS when set, else half the cores, fewer when the load
-    # average leaves less free, at least 1: a busy machine does not make the threads spin against
-    # each other) or N.
+    # torch's CPU threads: auto (OMP_NUM_THREADS when set, else the cores the load average leaves
+    # free, at least 1, looked at again every 10 s during the run: a busy machine does not make the
+    # threads spin against each other) or N.
     threads: Any = "auto"
     # Read the step's stats (loss, t, grad norms: tensors on the device) every N steps, in one
     # transfer: "auto" = 1 on the CPU (free there), 20 on CUDA (a read waits for the GPU: one wait per

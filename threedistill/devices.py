@@ -4,6 +4,7 @@ torch may use (``run.threads``), and whether an error means that its memory ran 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -44,13 +45,12 @@ def choose_threads(setting: Any = "auto", environ: Optional[dict] = None,
     """How many threads torch should use on the CPU, and why (one phrase for the log).
 
     ``setting`` is ``run.threads``: a positive number is taken as it is; ``auto`` respects
-    ``OMP_NUM_THREADS`` when the user set it, else takes half the usable cores
-    (:func:`usable_cores`), fewer when the processes already running leave less free (the
-    cores minus the 1-minute load average, rounded), at least 1. torch's default (one thread
-    per core) makes its threads spin against any other busy process: on 2 cores beside other
-    busy processes a step took 6 s at torch's 2 threads and 0.4-0.6 s at one. Half the cores
-    also leaves room for a process that starts after the run (the load average has not seen it
-    yet)."""
+    ``OMP_NUM_THREADS`` when the user set it, else takes the usable cores (:func:`usable_cores`)
+    that the processes already running leave free (the cores minus the 1-minute load average,
+    rounded), at least 1. torch's default (one thread per core) makes its threads spin against any
+    other busy process: on 2 cores beside other busy processes a step took 6 s at torch's 2 threads
+    and 0.4-0.6 s at one. A process that starts after the run is not in the load average yet:
+    :class:`ThreadGovernor` looks again while the run goes on."""
     environ = os.environ if environ is None else environ
     if setting is not None and str(setting).strip().lower() != "auto":
         return int(setting), "run.threads"
@@ -59,8 +59,53 @@ def choose_threads(setting: Any = "auto", environ: Optional[dict] = None,
         return int(env), "OMP_NUM_THREADS"
     n = (cores or usable_cores)()
     busy = (load or _load_average)()
-    free = max(1, min(n // 2, int(n - busy + 0.5)))
+    free = max(1, min(n, int(n - busy + 0.5)))
     return free, f"{n} core(s), load average {busy:.2f}"
+
+
+class ThreadGovernor:
+    """``run.threads=auto`` while a run goes on: every ``every_s`` seconds, the cores other
+    processes leave free (the cores minus the 1-minute load average less this run's own threads)
+    decide the thread count again. Fewer threads as soon as others need the cores (threads that
+    spin against another busy process slow every process several-fold); one more only when a
+    whole core is free beyond the current count. Inactive for a fixed ``run.threads`` or a set
+    ``OMP_NUM_THREADS``."""
+
+    def __init__(self, setting: Any, threads: int, every_s: float = 10.0, environ: Optional[dict] = None,
+                 cores: Optional[Callable[[], int]] = None, load: Optional[Callable[[], float]] = None,
+                 clock: Callable[[], float] = time.monotonic, set_threads: Callable[[int], None] = torch.set_num_threads):
+        environ = os.environ if environ is None else environ
+        env = str(environ.get("OMP_NUM_THREADS", "")).strip()
+        self.active = (setting is None or str(setting).strip().lower() == "auto") and not (env.isdigit() and int(env) > 0)
+        self.threads = int(threads)
+        self.every_s = float(every_s)
+        self._cores = cores or usable_cores
+        self._load = load or _load_average
+        self._clock = clock
+        self._set = set_threads
+        self._last = clock()
+
+    def tick(self) -> Optional[int]:
+        """Call once per step; the new thread count when it changed, else None."""
+        if not self.active:
+            return None
+        now = self._clock()
+        if now - self._last < self.every_s:
+            return None
+        self._last = now
+        n = self._cores()
+        avail = n - max(0.0, self._load() - self.threads)  # cores not used by other processes
+        if avail < self.threads - 0.5:
+            new = max(1, int(avail + 0.5))
+        elif avail >= self.threads + 1:
+            new = min(n, self.threads + 1)
+        else:
+            new = self.threads
+        if new != self.threads:
+            self.threads = new
+            self._set(new)
+            return new
+        return None
 
 
 def check_threads(value: Any, key: str) -> None:

@@ -22,7 +22,7 @@ from threedistill.cameras import (STREAM_CAMERAS, STREAM_GUIDANCE, STREAM_RENDER
                                   preview_cameras, step_generator)
 from threedistill.checkpoint import checkpoint_steps, load_latest_checkpoint, remove_checkpoint, save_checkpoint
 from threedistill.config import Config
-from threedistill.devices import choose_threads, profile_on, resolve_device, set_tf32, stats_every
+from threedistill.devices import ThreadGovernor, choose_threads, profile_on, resolve_device, set_tf32, stats_every
 from threedistill.errors import UserError
 from threedistill.export import export_run_meshes, image_grid, render_turntable, save_image
 from threedistill.export.check import mesh_frame_renderer
@@ -233,6 +233,8 @@ class Distiller:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         log.info("torch CPU threads: %d (%s)", self.threads, why)
+        # run.threads=auto on the CPU: looked at again every 10 s (other processes may start or end).
+        self.thread_governor = ThreadGovernor(cfg.run.threads if self.device.type == "cpu" else 1, self.threads)
         torch.manual_seed(cfg.run.seed)
         if self._prior is None:
             self._prior = self.priors.get(cfg.prior, self.device)
@@ -515,6 +517,9 @@ class Distiller:
                                 totals[k] = totals.get(k, 0.0) + v
                             self.step = step + 1
                             pending.append(stats)
+                            changed = self.thread_governor.tick()
+                            if changed is not None:
+                                log.info("torch CPU threads: %d (the load of other processes changed)", changed)
                             preview = self.step % cfg.run.preview_every == 0 or self.step == cfg.run.steps
                             checkpoint = self.step != cfg.run.steps and (
                                 self.step % cfg.run.checkpoint_every == 0
