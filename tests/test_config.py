@@ -93,7 +93,12 @@ def test_gaussian_presets_are_the_nerf_preset_plus_the_overlay(loss):
     g = load_config(f"{loss}-gaussians")
     n = load_config(f"{loss}-nerf")
     assert g.representation.name == "gaussians" and n.representation.name == "nerf"
-    assert g.guidance == n.guidance and g.run == n.run  # the loss's own settings, untouched
+    if loss == "sds":  # sds-nerf is the 300-step quick start; sds-gaussians keeps the 800-step recipe
+        assert (g.run.steps, g.guidance.guidance_scale, list(g.guidance.t_max)) == (800, 15.0, [0.98, 0.5, 0, 800])
+        assert (n.run.steps, n.guidance.guidance_scale, list(n.guidance.t_max)) == (300, 20.0, [0.98, 0.5, 0, 300])
+        assert g.guidance.name == n.guidance.name and g.guidance.weighting == n.guidance.weighting
+    else:
+        assert g.guidance == n.guidance and g.run == n.run  # the loss's own settings, untouched
     with_sd = load_config([f"{loss}-gaussians", "sd"])
     assert with_sd.prior.name == "stabilityai/stable-diffusion-2-1-base"
     assert with_sd.representation.name == "gaussians"  # the SD overlay keeps the representation
@@ -104,7 +109,7 @@ def test_extends_loads_parents_first_and_rejects_cycles(tmp_path):
     (tmp_path / "child.yaml").write_text("extends: [sds-nerf, base]\nrun:\n  resolution: 48\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.run.steps == 7 and cfg.run.resolution == 48  # base over sds-nerf, the file over both
-    assert cfg.guidance.guidance_scale == 15.0  # from the shipped preset, found by name
+    assert cfg.guidance.guidance_scale == 20.0  # from the shipped preset, found by name
     (tmp_path / "single.yaml").write_text("extends: base.yaml\n")
     assert load_config(tmp_path / "single.yaml").run.steps == 7
     (tmp_path / "a.yaml").write_text("extends: b\n")

@@ -72,7 +72,9 @@ OPTIM_BOUNDS = {"lr": (0.0, 10.0), "eps": (1e-30, 1.0), "weight_decay": (0.0, 10
 @dataclass
 class OptimConfig:
     name: str = "adam"
-    lr: Scheduled = 0.01
+    # 0.02: the quick start's 300 steps (benchmarks/results/quality-ablation-quickstart.md); the other
+    # presets keep 0.01 (set in each).
+    lr: Scheduled = 0.02
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-15
     weight_decay: float = 0.0
@@ -110,9 +112,9 @@ RUN_BOUNDS = {"steps": (1, MAX_STEPS), "seed": (0, 2**32 - 1), "resolution": (4,
 @dataclass
 class RunConfig:
     prompt: str = ""
-    # 800 steps at 32 px suit the shapes prior on a CPU (about 3 minutes on 2 cores); the prior sees
-    # renders resized to its own resolution (64 px). threedistill/presets/sd.yaml: 10000 steps at 64 px.
-    steps: int = 800
+    # 300 steps at 32 px suit the shapes prior on a CPU (under a minute on 2 idle cores); the prior
+    # sees renders resized to its own resolution (64 px). threedistill/presets/sd.yaml: 10000 steps at 64 px.
+    steps: int = 300
     seed: int = 0
     # Training renders' size in pixels: a number or a schedule (threedistill/groups.py), e.g.
     # [[0, 32], [400, 64]] (coarse to fine: 32 px, 64 px from step 400); a linear ramp renders at
