@@ -67,8 +67,9 @@ class ThreadGovernor:
     """``run.threads=auto`` while a run goes on: every ``every_s`` seconds, the cores other
     processes leave free (the cores minus the 1-minute load average less this run's own threads)
     decide the thread count again. Fewer threads as soon as others need the cores (threads that
-    spin against another busy process slow every process several-fold); one more only when a
-    whole core is free beyond the current count. Inactive for a fixed ``run.threads`` or a set
+    spin against another busy process slow every process several-fold); one more when at least
+    half a core is free beyond the current count (the estimate rounds to the same count both ways,
+    so the count does not swing). Inactive for a fixed ``run.threads`` or a set
     ``OMP_NUM_THREADS``."""
 
     def __init__(self, setting: Any, threads: int, every_s: float = 10.0, environ: Optional[dict] = None,
@@ -97,7 +98,7 @@ class ThreadGovernor:
         avail = n - max(0.0, self._load() - self.threads)  # cores not used by other processes
         if avail < self.threads - 0.5:
             new = max(1, int(avail + 0.5))
-        elif avail >= self.threads + 1:
+        elif avail >= self.threads + 0.5:
             new = min(n, self.threads + 1)
         else:
             new = self.threads

@@ -161,8 +161,9 @@ class NerfConfig(ShadingConfig):
     # CPU (fixed-sample) path: samples in cells of a skip_grid_resolution^3 grid whose density,
     # dilated by one cell, is below skip_density_threshold are not evaluated. Training renders use
     # a grid refreshed every skip_refresh_every steps (checkpointed); renders without autograd use
-    # a grid of the current weights. 0 disables skipping.
-    skip_grid_resolution: int = 64
+    # a grid of the current weights. 0 disables skipping. 32: a refresh costs 1/8 of 64's (the
+    # quick start's optimizer stage 6.8 s -> 2.3 s) and skips less, never more (same result on it).
+    skip_grid_resolution: int = 32
     skip_density_threshold: float = 0.001
     skip_refresh_every: int = 16
     # CUDA path: nerfacc occupancy grid.
