@@ -176,7 +176,8 @@ def test_presets():
     for cfg in (nerf, gauss):
         assert cfg.refine.enabled and cfg.refine.config == "sds-mesh"
         assert "run.resolution=64" in cfg.refine.overrides
-        assert cfg.guidance == load_config("sds-nerf").guidance
+    assert nerf.guidance == load_config("sds-nerf").guidance  # the coarse NeRF stage is the quick start's
+    assert gauss.guidance == load_config("sds-gaussians").guidance  # the Gaussians keep their 800-step SDS
     assert not load_config("sds-nerf").refine.enabled
 
 

@@ -28,7 +28,8 @@ def test_sd_scale_smoke(tmp_path, tiny_sd_path):
     for row in rows:
         assert set(row) == set(bench.COLUMNS) and all(v and v != "nan" for v in row.values()), row
         assert float(row["step / limit"]) >= 0.5, row
-    # UNet batch items per step: SDS one guided batch (uncond + cond) of one render; VSD the same
-    # plus the LoRA's particle score and its training forward.
-    assert [r.items for r in results] == [2, 4]
+    # UNet batch items per step: SDS one guided batch (uncond + cond) of one render plus the two
+    # Perp-Neg negatives that the sd overlay turns on; VSD the same plus the LoRA's particle score
+    # and its training forward.
+    assert [r.items for r in results] == [4, 6]
     assert [r.render_px for r in results] == [8, 8]
