@@ -170,11 +170,15 @@ class CameraBatch:
         o_world = self.c2w[:, None, None, :3, 3].expand_as(d_world)
         return o_world, d_world
 
+    def angles_on_host(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(elevation, azimuth)`` on the CPU without reading the device (the copy kept when the
+        batch moved to a GPU): for per-step view decisions."""
+        return self.host_angles or (self.elevation, self.azimuth)
+
     def view_labels(
         self, front_threshold: float = 45.0, back_threshold: float = 45.0, overhead_threshold: float = 60.0
     ) -> List[str]:
-        elevation, azimuth = self.host_angles or (self.elevation, self.azimuth)
-        return view_labels(elevation, azimuth, front_threshold, back_threshold, overhead_threshold)
+        return view_labels(*self.angles_on_host(), front_threshold, back_threshold, overhead_threshold)
 
 
 def view_labels(

@@ -279,7 +279,7 @@ class Guidance(torch.nn.Module):
         prompt, and the T5-style masks (None for CLIP-style encoders)."""
         emb = self.embeddings
         if self._view_dependent and self._view_prompt == "interpolated":
-            weights = view_weights(cameras.elevation, cameras.azimuth, *self._thresholds(), interpolated=True)
+            weights = view_weights(*cameras.angles_on_host(), *self._thresholds(), interpolated=True)
             cond, cond_mask = emb.blend(weights)
             _, uncond = emb.for_views(None, batch_size)
             uncond_mask = None if emb.uncond_mask is None else emb.uncond_mask.expand(batch_size, -1)
@@ -295,7 +295,7 @@ class Guidance(torch.nn.Module):
         if not bool(getattr(self.cfg, "perp_neg", False)):
             return None
         c = self.cfg
-        p = perp_neg_math.plan(cameras.elevation, cameras.azimuth, self._thresholds()[2], c.perp_neg_f_fs,
+        p = perp_neg_math.plan(*cameras.angles_on_host(), self._thresholds()[2], c.perp_neg_f_fs,
                                c.perp_neg_f_sf, c.perp_neg_f_sb, c.perp_neg_f_fsb)
         emb = self.embeddings
         texts = [emb.for_views(labels, len(labels))[0] for labels in p.labels]
