@@ -162,6 +162,26 @@ def test_old_run_configs_with_the_retired_nerf_encoding_still_load(tmp_path):
         load_config(old)  # as a preset, an unknown key is still an error
 
 
+def test_old_run_configs_keep_the_behaviour_of_keys_added_since(tmp_path):
+    """A run folder written before ``representation.nerf.normal_type`` existed was trained with
+    autograd normals: it loads with them (today's default is finite differences), so its renders,
+    evaluation and export stay as they were; a folder that names the key keeps its own value."""
+    from threedistill.config import load_run_config_file, to_yaml
+
+    text = to_yaml(load_config(overrides=["run.prompt=a red cube"]))
+    assert "normal_type: finite_difference" in text and "density_activation: softplus" in text
+    old = tmp_path / "config.yaml"
+    old.write_text("\n".join(line for line in text.splitlines()
+                             if "normal_type" not in line and "density_activation" not in line) + "\n")
+    cfg = load_run_config_file(old)
+    assert cfg.representation.nerf.normal_type == "analytic"
+    assert cfg.representation.nerf.density_activation == "softplus"
+    assert load_config().representation.nerf.normal_type == "finite_difference"
+    new = tmp_path / "new.yaml"
+    new.write_text(text)
+    assert load_run_config_file(new).representation.nerf.normal_type == "finite_difference"
+
+
 def test_representation_groups_live_beside_their_code_and_keep_their_keys():
     from threedistill import config
     from threedistill.representations import RepresentationConfig

@@ -28,6 +28,11 @@ SMALL = [
 ]
 
 
+# Tests that replace the field with a closed-form one (``model._field = ...``) take the normals
+# from that field's autograd gradient; finite-difference normals read ``_raw_field`` instead.
+ANALYTIC = "representation.nerf.normal_type=analytic"
+
+
 def small_nerf(*overrides: str, device: str = "cpu", seed: int = 0) -> NeRF:
     cfg = load_config(overrides=[*SMALL, *overrides])
     torch.manual_seed(seed)
@@ -210,7 +215,7 @@ def test_ray_box_intersect_hits_and_misses():
 @pytest.mark.parametrize("training", [False, True])
 def test_constant_density_box_matches_closed_form(monkeypatch, training):
     sigma0, color = 1.5, torch.tensor([0.2, 0.6, 0.9])
-    model = small_nerf("representation.nerf.background=black", "representation.nerf.lambda_orient=0",
+    model = small_nerf(ANALYTIC, "representation.nerf.background=black", "representation.nerf.lambda_orient=0",
                        "representation.nerf.num_samples=64")
 
     def constant_field(x):  # sigma0 everywhere (the renderer clips rays to the cube)
@@ -292,7 +297,7 @@ def test_blob_normals_point_outward():
 def test_orientation_penalizes_normals_facing_away():
     """n = -grad sigma points outward: at the front of the blob n . d < 0 (no penalty); a field
     whose density grows outward (inverted normals) is penalized."""
-    model = small_nerf("representation.nerf.lambda_orient=1", "representation.nerf.lambda_sparsity=0")
+    model = small_nerf(ANALYTIC, "representation.nerf.lambda_orient=1", "representation.nerf.lambda_sparsity=0")
     cams = cameras(res=8)
     out = model.render(cams, training=False)
     blob = model.regularizers(out, 0)["orient"]
@@ -608,7 +613,7 @@ def test_blob_density_tapers_on_its_schedule():
     fixed = small_nerf()
     _zero_field_mlp(fixed)
     fixed.set_step(10_000)
-    torch.testing.assert_close(fixed.density(pts), F.softplus(10.0 * (1 - r / 0.35)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed.density(pts), F.softplus(10.0 * (1 - r / 0.4)), atol=1e-5, rtol=1e-5)
 
 
 def _hand_weights(model: NeRF, cams, sigma_fn):
@@ -631,7 +636,7 @@ def test_orientation_loss_matches_independent_computation():
     n = -grad sigma / |grad sigma|. A shell field sigma = softplus(k (|x| - r0)) has n = -x/|x|
     everywhere (pointing inward), so the front of the shell faces away from the camera."""
     k, r0 = 12.0, 0.5
-    model = small_nerf("representation.nerf.lambda_orient=3", "representation.nerf.lambda_sparsity=0")
+    model = small_nerf(ANALYTIC, "representation.nerf.lambda_orient=3", "representation.nerf.lambda_sparsity=0")
     model.skip_grid_resolution = 0
 
     def sigma_fn(x):
@@ -654,7 +659,7 @@ def test_albedo_smoothness_matches_closed_form_for_a_linear_albedo():
     """albedo(x) = 0.5 + g . x in every channel: albedo(x) - albedo(x + eps z) = -eps g . z, so the
     per-ray term is sum_i w_i * 3 eps^2 (g . z_i)^2 with the noise z the render was given."""
     eps, g = 0.05, torch.tensor([0.3, -0.2, 0.4])
-    model = small_nerf("representation.nerf.lambda_albedo_smooth=2", "representation.nerf.albedo_smooth_eps=0.05",
+    model = small_nerf(ANALYTIC, "representation.nerf.lambda_albedo_smooth=2", "representation.nerf.albedo_smooth_eps=0.05",
                        "representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0")
     model.skip_grid_resolution = 0
 
@@ -697,3 +702,100 @@ def test_normal_smoothness_is_the_closed_form_difference_of_neighbours():
     m2 = small_nerf("representation.nerf.lambda_orient=0", "representation.nerf.lambda_normal_smooth=1")
     out = m2.render(cameras(res=8), step=0, generator=step_generator(0, 0), training=True)
     assert out.normal is not None and "normal_smooth" in m2.regularizers(out, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite-difference normals
+# ----------------------------------------------------------------------------------------------
+def test_finite_difference_normals_are_exact_on_a_spherical_field(monkeypatch):
+    """A raw density 1 - |x - c|^2 / r^2 has the outward normal (x - c) / |x - c| everywhere;
+    tetrahedral differences are exact for it at any eps (the field is quadratic with no cross terms)."""
+    model = small_nerf("representation.nerf.normal_type=finite_difference", "representation.nerf.normal_eps=0.05")
+    c = torch.tensor([0.1, -0.2, 0.05])
+
+    def raw_field(x):
+        return 1.0 - (x - c).square().sum(-1) / 0.3 ** 2, torch.zeros(x.shape[0], 3)
+
+    monkeypatch.setattr(model, "_raw_field", raw_field)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 0.4
+    sigma, albedo, n = model._field_and_normals(x, create_graph=False)
+    torch.testing.assert_close(n, F.normalize(x - c, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sigma, F.softplus(raw_field(x)[0]))
+
+
+def test_finite_difference_normals_approach_the_analytic_ones_and_carry_gradients():
+    """On the real (random) hash field, in double precision: with a tiny eps the finite-difference
+    normals equal the autograd ones; a training render's normals are differentiable w.r.t. the
+    grid and the MLP (the orientation loss reaches them)."""
+    torch.manual_seed(0)
+    fd = small_nerf("representation.nerf.normal_type=finite_difference", "representation.nerf.normal_eps=1e-6").double()
+    exact = small_nerf(ANALYTIC).double()
+    exact.load_state_dict(fd.state_dict())
+    with torch.no_grad():
+        for m in (fd, exact):
+            m.encoding.embeddings.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    x = (torch.rand(200, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5) * 0.8
+    _, _, n_fd = fd._field_and_normals(x, create_graph=False)
+    _, _, n_ex = exact._field_and_normals(x, create_graph=False)
+    cos = (n_fd * n_ex).sum(-1)
+    assert cos.min() > 1 - 1e-6
+
+    model = small_nerf("representation.nerf.normal_type=finite_difference", "representation.nerf.ambient_only_steps=0",
+                       "representation.nerf.albedo_prob=0")
+    out = model.render(cameras(res=12), step=5, generator=step_generator(0, 5), training=True)
+    assert out.normal is not None
+    loss = model.regularizers(out, 5)["orient"] + out.rgb.mean()
+    loss.backward()
+    assert model.encoding.embeddings.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.mlp.parameters())
+
+
+def test_finite_difference_normals_are_smoother_on_a_hash_grid():
+    """The point of the option: along a line across the random field, the finite-difference
+    normal turns less from sample to sample than the exact gradient of the piecewise-trilinear grid."""
+    fd = small_nerf("representation.nerf.normal_type=finite_difference", "representation.nerf.normal_eps=0.03")
+    exact = small_nerf(ANALYTIC)
+    exact.load_state_dict(fd.state_dict())
+    with torch.no_grad():
+        for m in (fd, exact):
+            m.encoding.embeddings.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    s = torch.linspace(-0.3, 0.3, 400)
+    x = torch.stack([s, 0.1 * torch.ones_like(s), 0.37 * torch.ones_like(s)], dim=-1)
+
+    def turning(model):
+        _, _, n = model._field_and_normals(x, create_graph=False)
+        return (1 - (n[1:] * n[:-1]).sum(-1)).sum().item()
+
+    assert turning(fd) < 0.5 * turning(exact)
+
+
+def test_normal_type_is_checked():
+    from threedistill.errors import UserError
+
+    with pytest.raises(UserError, match="normal_type"):
+        small_nerf("representation.nerf.normal_type=sobel")
+
+
+def test_exp_density_activation_and_its_clamped_gradient():
+    """density_activation=exp: sigma = exp(raw + blob); the backward uses exp(min(raw, 15))."""
+    from threedistill.representations.nerf import trunc_exp
+
+    x = torch.tensor([-3.0, 0.0, 2.0, 20.0], requires_grad=True)
+    y = trunc_exp(x)
+    torch.testing.assert_close(y, torch.exp(x.detach()))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.exp(torch.tensor([-3.0, 0.0, 2.0, 15.0])))
+
+    model = small_nerf("representation.nerf.density_activation=exp")
+    soft = small_nerf()
+    soft.load_state_dict(model.state_dict())
+    p = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)) * 0.4
+    raw, _ = model._raw_field(p)
+    torch.testing.assert_close(model._field(p)[0], torch.exp(raw))
+    torch.testing.assert_close(soft._field(p)[0], F.softplus(raw))
+    # Analytic normals (double backward through the activation) still point out of the blob.
+    dirs = F.normalize(p, dim=-1)
+    _, _, n = model._field_and_normals(dirs * 0.3, create_graph=True)
+    assert (n * dirs).sum(-1).min() > 0.98
+    with pytest.raises(Exception, match="density_activation"):
+        small_nerf("representation.nerf.density_activation=relu")

@@ -376,6 +376,10 @@ def list_presets() -> List[Tuple[str, str]]:
 #: Keys that older versions wrote into run folders and that no longer exist: ignored when a saved
 #: run's config.yaml is read, so old runs still resume, export and evaluate.
 RETIRED_KEYS = ("optim.lr_scale_guidance", "representation.nerf.encoding")
+#: Keys added after run folders were first written, with the value that reproduces how such a
+#: folder was trained (its saved config lacks the key; today's default differs): an old run keeps
+#: rendering, evaluating and exporting as it did.
+INTRODUCED_KEYS = {"representation.nerf.normal_type": "analytic", "representation.nerf.density_activation": "softplus"}
 
 
 def _yaml_error(path: Path, err: Exception) -> UserError:
@@ -408,7 +412,8 @@ def _merge(merged: Any, other: Any, source: Optional[str] = None) -> Any:
 
 
 def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
-    """A run folder's saved ``config.yaml`` (minus :data:`RETIRED_KEYS`) with ``overrides``."""
+    """A run folder's saved ``config.yaml`` (minus :data:`RETIRED_KEYS`, plus the old values of
+    :data:`INTRODUCED_KEYS` it lacks) with ``overrides``."""
     saved = _read_yaml(path)
     if not isinstance(saved, DictConfig):
         raise UserError(f"config file '{path}' does not hold a config mapping")
@@ -417,6 +422,11 @@ def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
         node = OmegaConf.select(saved, group)
         if isinstance(node, DictConfig) and name in node:
             del node[name]
+    for key, old_value in INTRODUCED_KEYS.items():
+        group, name = key.rsplit(".", 1)
+        node = OmegaConf.select(saved, group)
+        if isinstance(node, DictConfig) and name not in node:
+            node[name] = old_value
     return load_config(None, overrides, base=saved, base_source=str(path))
 
 

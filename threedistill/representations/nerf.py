@@ -7,16 +7,20 @@ World points ``x`` in ``[-radius, radius]^3`` are mapped to ``[0, 1]^3`` and enc
 multi-resolution hash grid (:class:`~threedistill.representations.encodings.HashGridEncoding`);
 one MLP maps the features to a raw density and 3 albedo logits::
 
-    sigma  = softplus(raw + blob_density * (1 - |x| / blob_radius))   # Magic3D density blob
-    albedo = sigmoid(logits)                                         # in [0, 1]
+    sigma  = act(raw + blob_density * (1 - |x| / blob_radius))   # Magic3D density blob
+    albedo = sigmoid(logits)                                     # in [0, 1]
+
+with ``act`` = softplus (``density_activation``, default) or a truncated-gradient exp.
 
 ``blob_density`` is a scheduled scalar taken at the field's step: a training render of ``step``
 uses that step's, :meth:`NeRF.update` after the optimizer step moves to ``step + 1`` and
 :meth:`NeRF.set_step` sets the step of a loaded checkpoint, so a resumed run, an export and an
 evaluation see the same blob as the uninterrupted run.
 
-Normals are ``n = -grad sigma / |grad sigma|`` (outward), taken with ``torch.autograd.grad``
-(``create_graph=True`` while training, so the orientation loss reaches the field).
+Normals are ``n = -grad sigma / |grad sigma|`` (outward). ``normal_type=finite_difference`` (the
+default) takes the gradient of the raw density by tetrahedral differences over ``normal_eps``
+(4 more field evaluations; differentiable, so the orientation loss reaches the field);
+``analytic`` takes it with ``torch.autograd.grad`` (``create_graph=True`` while training).
 
 Shading (shared with the mesh: :mod:`threedistill.representations.common`)
 -------------------------------------------------------------------------
@@ -88,7 +92,7 @@ from torch import nn
 
 from threedistill.cameras import CameraBatch
 from threedistill.errors import UserError
-from threedistill.groups import (MAX_STEPS, Scheduled, check_bounds, check_positive, check_whole_schedule, parse_schedule,
+from threedistill.groups import (MAX_STEPS, Scheduled, check_bounds, check_choice, check_positive, check_whole_schedule, parse_schedule,
                                 plain_schedule, scheduled, scheduled_int, shown)
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
@@ -122,6 +126,7 @@ NERF_BOUNDS = {**SHADING_BOUNDS, "n_levels": (1, 32), "n_features_per_level": (1
                "lambda_sparsity": LAMBDA_BOUNDS, "lambda_opaque": LAMBDA_BOUNDS,
                "lambda_transmittance": LAMBDA_BOUNDS, "transmittance_target": (0.0, 1.0),
                "lambda_albedo_smooth": LAMBDA_BOUNDS, "lambda_normal_smooth": LAMBDA_BOUNDS, "albedo_smooth_eps": (1e-6, 1000.0),
+               "normal_eps": (1e-6, 1000.0),
                "isosurface_threshold": (-1e6, 1e6), "grid_levels": (1, 32)}
 
 
@@ -136,7 +141,10 @@ class NerfConfig(ShadingConfig):
     n_features_per_level: int = 2
     log2_hashmap_size: int = 16
     base_resolution: int = 16
-    max_resolution: int = 64
+    # 32 and not 64: at 64 the finest level resolves bumps smaller than the prior can see at 64 px,
+    # and SDS leaves them there; the headlight turns them into dark speckle. 32 halves the color
+    # noise at the same IoU (4 prompts x 2 seeds, benchmarks/results/quality-ablation-issue18-round3.md).
+    max_resolution: int = 32
     # Coarse to fine: the number of hash-grid levels in use (the coarsest ones; the finer levels'
     # features are zero and get no gradient), a number or a schedule (threedistill/groups.py), e.g.
     # [[0, 2], [200, 4], [400, 6]] or [2, 6, 0, 400] (Magic3D, Neuralangelo: levels unlocked
@@ -152,9 +160,14 @@ class NerfConfig(ShadingConfig):
     # [10, 0, 0, 400] made it worse (haze 0.006 -> 0.017, GLB floaters 0 -> 0.22, a grey fog over
     # the frame): the blob's negative part outside blob_radius is what keeps empty space empty.
     blob_density: Scheduled = 10.0
-    # 0.35 starts the object below the shapes world's sizes (all within radius 0.5) so SDS grows it
-    # rather than having to carve a too-large blob; Magic3D's 0.5 is in threedistill/presets/sd.yaml.
-    blob_radius: float = 0.35
+    # The prior cannot tell an object's size: it was trained on cameras 1.5-2 units away with a
+    # 40-70 degree field of view, so the same object appears at sizes 2.6x apart, and SDS keeps
+    # close to the size it starts at. The blob's radius is therefore the size prior: 0.4 is the
+    # middle of the shapes world's objects (all within radius 0.5). Measured on four prompts outside
+    # the benchmark x 2 seeds (benchmarks/results/quality-ablation-issue18-round3.md): 0.35 left them
+    # at 0.84 of their true silhouette area (a blue mug at 0.51), 0.5 grew a cone to 1.6-1.8 with
+    # haze, 0.4 gave 0.85-1.2. Magic3D's 0.5 is in threedistill/presets/sd.yaml.
+    blob_radius: float = 0.4
     # Fixed stratified samples per ray (CPU path). The CUDA path marches the occupancy grid with
     # render_step_size instead.
     num_samples: int = 32
@@ -200,8 +213,24 @@ class NerfConfig(ShadingConfig):
     # noise fell (cube 0.041 -> 0.033, cylinder 0.029 -> 0.024) but the cylinder's IoU fell too
     # (0.688 -> 0.649), one seed each: not a clear enough win to change sds-nerf.yaml.
     lambda_normal_smooth: Scheduled = 0.0
+    # How surface normals are taken from the density: "analytic" (the exact gradient of the field
+    # by autograd; on a hash grid it jumps from cell to cell, which the headlight turns into dark
+    # speckle) or "finite_difference" (threestudio's default; Neuralangelo's numerical gradient):
+    # the gradient of the raw density over a tetrahedron of 4 points normal_eps away (scene units),
+    # which averages the field over about a cell of the finest grid level. finite_difference is
+    # the default: with eps 0.04 and the 32 grid the color noise fell from +0.031 to +0.015 (4
+    # prompts x 2 seeds, benchmarks/results/quality-ablation-issue18-round3.md); it costs 4 more
+    # field evaluations per surface sample instead of a double backward.
+    normal_type: str = "finite_difference"
+    normal_eps: float = 0.04
+    # Density activation of the raw field (blob included): "softplus" (DreamFusion / threestudio)
+    # or "exp" (Instant-NGP, nerfstudio's trunc_exp: exp forward, the gradient's exponent clamped
+    # at 15). exp lets the density grow by orders of magnitude within a few steps, so a surface
+    # becomes a thinner shell (weight depth spread 0.11 -> 0.04 on a cube); but on the shapes
+    # quick start it shrank the cube (size 0.90 -> 0.72) and doubled its color noise: softplus.
+    density_activation: str = "softplus"
     # Marching-cubes iso level on density (export). 5 puts the surface of the initial blob at
-    # radius 0.25; trained objects are far denser than that at their surface.
+    # radius 0.2; trained objects are far denser than that at their surface.
     isosurface_threshold: float = 5.0
 
     def validate(self, key: str) -> None:
@@ -211,6 +240,8 @@ class NerfConfig(ShadingConfig):
                      "transmittance_target", "lambda_albedo_smooth", "lambda_normal_smooth", "blob_density"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_positive(self.num_samples, f"{key}.num_samples")
+        check_choice(self.normal_type, f"{key}.normal_type", NORMAL_TYPES)
+        check_choice(self.density_activation, f"{key}.density_activation", DENSITY_ACTIVATIONS)
         check_bounds(self, key, NERF_BOUNDS, optional=("grid_levels",))
         if self.grid_levels is not None:
             levels = check_whole_schedule(self.grid_levels, f"{key}.grid_levels", lo=1)
@@ -219,6 +250,34 @@ class NerfConfig(ShadingConfig):
                                 f"({self.n_levels}), got {shown(plain_schedule(self.grid_levels))}")
         check_radius(self, key)
         check_background(self, key, NERF_BACKGROUNDS)
+
+#: Normal estimates (``representation.nerf.normal_type``).
+NORMAL_TYPES = ("analytic", "finite_difference")
+#: Density activations (``representation.nerf.density_activation``).
+DENSITY_ACTIVATIONS = ("softplus", "exp")
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) whose backward uses exp(min(x, 15)): large raw densities cannot blow up a step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.exp(x.clamp(max=15.0))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+#: Vertices of a regular tetrahedron centred at the origin (finite-difference normals).
+_TETRAHEDRON = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])
+
 
 def ray_box_intersect(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,6 +343,9 @@ class NeRF(Representation, Appearance):
         self._lambda_albedo_smooth = plain_schedule(c.lambda_albedo_smooth)
         self._lambda_normal_smooth = plain_schedule(c.lambda_normal_smooth)
         self.albedo_smooth_eps = float(c.albedo_smooth_eps)
+        self.normal_type = str(c.normal_type)
+        self.density_activation = str(c.density_activation)
+        self.normal_eps = float(c.normal_eps)
         self._isosurface_threshold = float(c.isosurface_threshold)
 
         self.encoding = HashGridEncoding(
@@ -338,21 +400,37 @@ class NeRF(Representation, Appearance):
         self._step = int(step)
         self._set_grid_levels(step)
 
-    def _field(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """World points ``[N,3]`` -> density ``[N]`` (>= 0), albedo ``[N,3]`` in [0,1]."""
+    def _raw_field(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """World points ``[N,3]`` -> raw density before the softplus ``[N]``, albedo logits ``[N,3]``."""
         h = self.encoding((x / self.radius + 1.0) * 0.5)
         out = self.mlp(h)
         # |x| with a tiny epsilon: finite first and second derivatives at the origin.
         r = torch.sqrt((x * x).sum(dim=-1) + 1e-12)
         blob = self.blob_density * (1.0 - r / self.blob_radius)
-        sigma = F.softplus(out[:, 0] + blob)
-        albedo = torch.sigmoid(out[:, 1:])
-        return sigma, albedo
+        return out[:, 0] + blob, out[:, 1:]
+
+    def _field(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """World points ``[N,3]`` -> density ``[N]`` (>= 0), albedo ``[N,3]`` in [0,1]."""
+        raw, logits = self._raw_field(x)
+        sigma = trunc_exp(raw) if self.density_activation == "exp" else F.softplus(raw)
+        return sigma, torch.sigmoid(logits)
 
     def _field_and_normals(self, x: torch.Tensor, create_graph: bool
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Density, albedo and outward unit normals ``-grad sigma / |grad sigma|`` at ``x [N,3]``.
-        With ``create_graph`` the normals stay differentiable w.r.t. the parameters."""
+        """Density, albedo and outward unit normals ``-grad sigma / |grad sigma|`` at ``x [N,3]``
+        (``normal_type``: the exact gradient, or finite differences over a tetrahedron of
+        ``normal_eps``). With ``create_graph`` the normals stay differentiable w.r.t. the parameters."""
+        if self.normal_type == "finite_difference":
+            with torch.set_grad_enabled(create_graph):
+                sigma, albedo = self._field(x)
+                # Tetrahedral differences: sum_k v_k f(x + eps v_k) = 4 eps grad f + O(eps^3) for the
+                # 4 vertices v_k of a regular tetrahedron (|v_k| = sqrt(3)); softplus is monotone,
+                # so the raw density's gradient has sigma's direction.
+                v = _TETRAHEDRON.to(x)
+                raw, _ = self._raw_field((x[:, None, :] + self.normal_eps * v[None]).reshape(-1, 3))
+                grad = (raw.view(-1, 4, 1) * v[None]).sum(dim=1)
+                normal = F.normalize(-grad, dim=-1, eps=1e-12)
+            return sigma, albedo, normal
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             sigma, albedo = self._field(xg)
