@@ -404,7 +404,7 @@ class NeRF(Representation, Appearance):
         self._set_grid_levels(step)
 
     def _raw_field(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """World points ``[N,3]`` -> raw density before the softplus ``[N]``, albedo logits ``[N,3]``."""
+        """World points ``[N,3]`` -> raw density before the activation ``[N]``, albedo logits ``[N,3]``."""
         h = self.encoding((x / self.radius + 1.0) * 0.5)
         out = self.mlp(h)
         # |x| with a tiny epsilon: finite first and second derivatives at the origin.
