@@ -411,6 +411,14 @@ def _merge(merged: Any, other: Any, source: Optional[str] = None) -> Any:
         raise UserError(f"{where}a value that is not a valid config value ({type(e).__name__})") from None
 
 
+def _group_of(cfg: DictConfig, key: str) -> tuple[Optional[DictConfig], str]:
+    """The mapping that holds the dotted ``key`` in ``cfg`` (None when it is absent or not a
+    mapping) and the key's last part."""
+    group, name = key.rsplit(".", 1)
+    node = OmegaConf.select(cfg, group)
+    return (node if isinstance(node, DictConfig) else None), name
+
+
 def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
     """A run folder's saved ``config.yaml`` (minus :data:`RETIRED_KEYS`, plus the old values of
     :data:`INTRODUCED_KEYS` it lacks) with ``overrides``."""
@@ -418,14 +426,12 @@ def load_run_config_file(path: Path, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(saved, DictConfig):
         raise UserError(f"config file '{path}' does not hold a config mapping")
     for key in RETIRED_KEYS:
-        group, name = key.rsplit(".", 1)
-        node = OmegaConf.select(saved, group)
-        if isinstance(node, DictConfig) and name in node:
+        node, name = _group_of(saved, key)
+        if node is not None and name in node:
             del node[name]
     for key, old_value in INTRODUCED_KEYS.items():
-        group, name = key.rsplit(".", 1)
-        node = OmegaConf.select(saved, group)
-        if isinstance(node, DictConfig) and name not in node:
+        node, name = _group_of(saved, key)
+        if node is not None and name not in node:
             node[name] = old_value
     return load_config(None, overrides, base=saved, base_source=str(path))
 
