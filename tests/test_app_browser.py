@@ -32,6 +32,9 @@ ADVANCED = ("run.preview_every=2\nexport.mesh_resolution=24\nexport.turntable_fr
             "export.turntable_resolution=32\ncamera.batch_size=1")
 QUICK_API = "run.steps=6\nrun.resolution=16\n" + ADVANCED
 TIMEOUT_MS = 90_000  # the run itself (6 steps, tiny export) takes ~5-15 s on 2 CPU cores
+#: Steps of the jobs a test stops itself: more than any machine runs before the page's 2 s poll
+#: sees them running (a 400-step job at 16 px could finish unseen on a fast, idle machine).
+LONG_STEPS = 20_000
 
 
 def _missing_or_skip():
@@ -234,7 +237,7 @@ def test_resume_button_continues_a_stopped_run(app, page):
     """A run stopped mid-way, picked in History: Resume queues it, the page follows it, and it
     continues from the step it stopped at."""
     url, manager = app
-    long = {"prompt": "a blue cube", "prior": "shapes", "overrides": QUICK_API.replace("run.steps=6", "run.steps=400")}
+    long = {"prompt": "a blue cube", "prior": "shapes", "overrides": QUICK_API.replace("run.steps=6", f"run.steps={LONG_STEPS}")}
     jid = manager.submit(long)
     end = time.time() + 60
     while manager.status(jid)["step"] < 2 and time.time() < end:
@@ -248,16 +251,18 @@ def test_resume_button_continues_a_stopped_run(app, page):
     page.get_by_role("button", name="Resume").click()
     page.locator("#resume-msg").get_by_text(f"Resuming {stopped['run_name']}").wait_for()
     new = next(j for j in manager.jobs() if j["resume_of"] == stopped["run_name"])
-    progress = page.locator("#progress")
-    progress.get_by_text("a blue cube").wait_for()
-    end = time.time() + 60
-    while manager.status(new["id"])["start_step"] is None and time.time() < end:
-        time.sleep(0.1)
-    assert manager.status(new["id"])["start_step"] == stopped["step"]
-    progress.get_by_text("running").wait_for(timeout=TIMEOUT_MS)
-    shot = artifacts_dir() / "app_browser_resume.png"
-    page.screenshot(path=str(shot), full_page=True)
-    manager.cancel(new["id"])
+    try:
+        progress = page.locator("#progress")
+        progress.get_by_text("a blue cube").wait_for()
+        end = time.time() + 60
+        while manager.status(new["id"])["start_step"] is None and time.time() < end:
+            time.sleep(0.1)
+        assert manager.status(new["id"])["start_step"] == stopped["step"]
+        progress.get_by_text("running").wait_for(timeout=TIMEOUT_MS)
+        shot = artifacts_dir() / "app_browser_resume.png"
+        page.screenshot(path=str(shot), full_page=True)
+    finally:  # a failure above must not leave the job running into the next test's queue
+        manager.cancel(new["id"])
     assert manager.wait(new["id"], timeout=60)["status"] == "stopped"
     # a stopped run offers Resume in its progress line
     progress.get_by_text("Resume it").wait_for(timeout=TIMEOUT_MS)
@@ -285,7 +290,7 @@ def test_preview_button_and_curves(app, page, monkeypatch):
 
     # a longer job: the page follows it and draws its curves while it runs
     jid = manager.submit({"prompt": "a red torus", "prior": "shapes", "overrides": QUICK_API.replace(
-        "run.steps=6", "run.steps=400") + "\nexport.formats=[]\nexport.turntable=false"})
+        "run.steps=6", f"run.steps={LONG_STEPS}") + "\nexport.formats=[]\nexport.turntable=false"})
     # A job submitted through the API: a fresh page follows the active job (this page may still follow
     # an earlier test's stopped job).
     page.reload()
