@@ -22,7 +22,7 @@ image (``-dL/dimage``, the direction a step would move the render) is read two w
 
 A preset may carry its own overrides after ``+``: ``ism-nerf+guidance.xs_inv_steps=1``.
 Averages over ``--batches`` x 16 random cameras, timesteps and noises (the same draws for every
-preset). Prints a markdown table.
+preset); F is printed with its standard error over the batches. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def measure(preset: str, prompt: str, step: int, scales: List[float], resolution
         guidance(images, cams, step, generator=gen).loss.backward()
         return -images.grad
 
-    force = {k: 0.0 for k in scales}
+    force: Dict[float, List[float]] = {k: [] for k in scales}  # per batch, per image
     push = {r: [0.0, 0.0] for r in REGIONS}
-    n = 0
     for b in range(batches):
         for k in scales:
             gen = step_generator(0, b)  # the same cameras, timesteps and noise at every scale and preset
@@ -86,7 +85,7 @@ def measure(preset: str, prompt: str, step: int, scales: List[float], resolution
             upd = update(gt.rgb, cams, gen)
             bigger = render(1.1 * k, cams)
             grown = (bigger.mask - gt.mask).clamp_min(0.0)  # the pixels the larger object adds
-            force[k] += float((upd * (bigger.rgb - gt.rgb) * grown).sum())
+            force[k].append(float((upd * (bigger.rgb - gt.rgb) * grown).sum()) / batch_size)
             if k == 1.0:
                 toward = (upd * (obj - 1.0)).sum(1, keepdim=True) / float((obj - 1.0).square().sum())
                 m = gt.mask
@@ -96,8 +95,10 @@ def measure(preset: str, prompt: str, step: int, scales: List[float], resolution
                 for name, region in regions.items():
                     push[name][0] += float((toward * region).sum())
                     push[name][1] += float(region.sum())
-        n += batch_size
-    return {"force": {k: v / n for k, v in force.items()},
+    t = torch.tensor
+    return {"force": {k: float(t(v).mean()) for k, v in force.items()},
+            # standard error of the mean over the batches (0 with one batch)
+            "force_se": {k: float(t(v).std() / len(v) ** 0.5) if len(v) > 1 else 0.0 for k, v in force.items()},
             "push": {r: 1e3 * s / max(c, 1.0) for r, (s, c) in push.items()}}
 
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     for entry in args.presets:
         preset, *own = entry.split("+")
         r = measure(preset, args.prompt, args.step, scales, args.resolution, args.batches, [*args.overrides, *own])
-        print(f"| {entry} | " + " | ".join(f"{r['force'][k]:+.3f}" for k in scales) + " | "
+        print(f"| {entry} | " + " | ".join(f"{r['force'][k]:+.2f} ± {r['force_se'][k]:.2f}" for k in scales) + " | "
               + " | ".join(f"{r['push'][name]:+.2f}" for name in REGIONS) + " |", flush=True)
     return 0
 

@@ -173,7 +173,7 @@ def test_deterministic_timesteps_match_the_closed_form(kind):
         t = g.sample_timesteps(3, step, torch.Generator().manual_seed(step))
         assert t.tolist() == [round(frac * 1000)] * 3, step
     # with t_max annealed in the config, the deterministic schedules start from its step-0 value
-    g = _timesteps(N, f"guidance.t_schedule={kind}", "guidance.t_jitter=0")  # t_max [0.98, 0.5, 0, 800]
+    g = _timesteps(N, f"guidance.t_schedule={kind}", "guidance.t_jitter=0", "guidance.t_max=[0.98,0.5,0,800]")
     assert g.sample_timesteps(1, 0, None).item() == 980 and g.sample_timesteps(1, N, None).item() == 20
 
 
