@@ -32,20 +32,16 @@ import sys
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
 from threedistill.cameras import CameraSampler, step_generator
 from threedistill.config import load_config
 from threedistill.guidance.base import build_guidance
 from threedistill.priors import load_prior
+from threedistill.shapes.evaluate import _dilate, _erode
 from threedistill.shapes.render import render_mesh
 from threedistill.shapes.world import COLORS, parse_prompt, shape_mesh
 
 REGIONS = ("far background", "outer ring", "inner ring", "interior")
-
-
-def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
-    return F.max_pool2d(mask, 2 * r + 1, 1, r)
 
 
 def measure(preset: str, prompt: str, step: int, scales: List[float], resolution: int, batches: int,
@@ -88,9 +84,9 @@ def measure(preset: str, prompt: str, step: int, scales: List[float], resolution
             force[k].append(float((upd * (bigger.rgb - gt.rgb) * grown).sum()) / batch_size)
             if k == 1.0:
                 toward = (upd * (obj - 1.0)).sum(1, keepdim=True) / float((obj - 1.0).square().sum())
-                m = gt.mask
-                inner = 1.0 - _dilate(1.0 - m, 2)
-                regions = {"far background": 1.0 - _dilate(m, 2), "outer ring": _dilate(m, 2) - m,
+                m, hit = gt.mask, gt.mask > 0.5
+                inner, near = _erode(hit, 2).float(), _dilate(hit, 2).float()
+                regions = {"far background": 1.0 - near, "outer ring": near - m,
                            "inner ring": m - inner, "interior": inner}
                 for name, region in regions.items():
                     push[name][0] += float((toward * region).sum())
