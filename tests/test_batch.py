@@ -291,6 +291,36 @@ def test_ctrl_c_checkpoints_the_running_row_and_exits_130(tmp_path, tiny_sd_path
     assert 0 < step < 200 and (out / stopped[0]["run_dir"] / "checkpoints" / f"step_{step:06d}.safetensors").is_file()
 
 
+def test_ctrl_c_inside_a_finalizer_is_not_lost():
+    """Python drops an exception raised in ``__del__``: a Ctrl-C that landed there used to vanish and
+    the batch ran on to exit 0. The coordinator's handler turns it into a flag instead; a second
+    Ctrl-C raises at once, and the previous handler is back afterwards."""
+    from threedistill.batch import _ctrl_c_requests
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+    before = signal.getsignal(signal.SIGINT)
+    with _ctrl_c_requests() as ctrl_c:
+        assert not ctrl_c()
+        Finalized()  # collected at once
+        assert ctrl_c()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    # Without the handler the same Ctrl-C is swallowed by the finalizer: what the flag fixes.
+    dropped = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: dropped.append(u.exc_type)
+    try:
+        Finalized()
+    finally:
+        sys.unraisablehook = hook
+    assert dropped == [KeyboardInterrupt]
+
+
 @pytest.mark.slow
 def test_ray_executor_runs_a_batch(tmp_path, tiny_sd_path):
     pytest.importorskip("ray")

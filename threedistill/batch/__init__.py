@@ -13,10 +13,12 @@ attempts again. Only one batch at a time may use an output folder (a lock file).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from threedistill.batch.executors import make_executor
 from threedistill.batch.manifest import MANIFEST, Manifest
@@ -40,6 +42,31 @@ def _batch_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"another batch is running in '{out}'; wait for it or use another --out") from None
         yield
+
+
+@contextmanager
+def _ctrl_c_requests() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C (SIGINT) into a flag the coordinator's loop reads, rather than a
+    ``KeyboardInterrupt`` raised wherever the main thread happens to be: an exception raised inside
+    a finalizer (``__del__``, a weakref or queue callback) is printed and dropped by Python, and the
+    batch then ran on and exited 0. A second Ctrl-C raises at once (the previous handler is back),
+    for a user who does not want to wait for the running rows' checkpoints. Off the main thread
+    (where handlers cannot be installed) the flag stays down and Ctrl-C behaves as before."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # noqa: ARG001
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _task(entry: Dict[str, Any], out: Path, configs: Sequence[str], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -109,7 +136,7 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
     rows: List[BatchRow] = read_batch_input(input_path, seeds=seeds, default_seed=int(cfg0.run.seed))
     title = f"{Path(input_path).name} ({len(rows)} rows)"
     t_start = time.time()
-    with _batch_lock(out):
+    with _batch_lock(out), _ctrl_c_requests() as ctrl_c:
         manifest = Manifest.open(out, rows)
         tasks = {e["id"]: _task(e, out, configs, overrides) for e in manifest.rows()}
         queue: List[str] = []
@@ -144,6 +171,8 @@ def run_batch(input_path: str | Path, out: Optional[str | Path], configs: Sequen
                 log(f"batch: {ex.describe()}")
             bar = _Progress(len(rows), skipped + rejected, progress)
             while queue or (ex is not None and ex.free() < ex.slots):
+                if ctrl_c():
+                    raise KeyboardInterrupt
                 while queue and ex.free() > 0:
                     rid = queue.pop(0)
                     attempts_now[rid] = attempts_now.get(rid, 0) + 1
