@@ -195,9 +195,9 @@ def test_representation_groups_live_beside_their_code_and_keep_their_keys():
                                  "representation.gaussians.random_background_prob=0.4"])
     r = cfg.representation
     assert r.nerf.ambient_light == 0.3 and r.mesh.albedo_prob == 0.2 and r.gaussians.random_background_prob == 0.4
-    # the shared fields with each group's own defaults; unlit Gaussians have no shading fields
+    # the shared fields with each group's own defaults; the Gaussians' shading fields serve `lit`
     assert (r.nerf.random_background_prob, r.mesh.random_background_prob) == (0.5, 0.0)
-    assert "ambient_light" not in r.gaussians and "radius" in r.gaussians
+    assert "ambient_light" in r.gaussians and "radius" in r.gaussians and r.gaussians.lit is False
     with pytest.raises(UserError, match="representation.mesh.background"):
         load_config(overrides=["representation.mesh.background=mlp"])
     with pytest.raises(UserError, match="representation.nerf.background"):

@@ -379,7 +379,8 @@ RETIRED_KEYS = ("optim.lr_scale_guidance", "representation.nerf.encoding")
 #: Keys added after run folders were first written, with the value that reproduces how such a
 #: folder was trained (its saved config lacks the key; today's default differs): an old run keeps
 #: rendering, evaluating and exporting as it did.
-INTRODUCED_KEYS = {"representation.nerf.normal_type": "analytic", "representation.nerf.density_activation": "softplus"}
+INTRODUCED_KEYS = {"representation.nerf.normal_type": "analytic", "representation.nerf.density_activation": "softplus",
+                   "representation.gaussians.lit": False}
 
 
 def _yaml_error(path: Path, err: Exception) -> UserError:

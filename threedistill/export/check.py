@@ -23,7 +23,7 @@ What is compared
   render ``diffuse`` with a headlight at evaluation, so the mesh gets
   ``albedo * (ambient + (1 - ambient) max(0, n . l))`` with ``l`` towards the camera and ``n``
   the interpolated smooth vertex normal (the same :func:`~threedistill.representations.nerf.shade`);
-  the others (Gaussians: colors only) are compared unlit (albedo). The NeRF's normals come from
+  the others (Gaussians unless `lit`: colors only) are compared unlit (albedo). The NeRF's normals come from
   its density gradient and the mesh's from its triangles, so some shading difference remains.
 * **Background.** The representation's evaluation background: white (``white``, ``random``),
   black (``black``), or the NeRF's learned ``mlp`` background along each pixel's ray.

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from threedistill.errors import UserError
 from threedistill.groups import MAX_STEPS, check_choice, check_positive, check_unit, scheduled
 
 SHADING_MODES = ("albedo", "textureless", "diffuse")
@@ -88,6 +89,14 @@ def check_background(node: Any, key: str, choices: Sequence[str] = SOLID_BACKGRO
 
 def check_radius(node: Any, key: str) -> None:
     check_positive(node.radius, f"{key}.radius")
+
+
+def check_shading(node: Any, key: str) -> None:
+    """The shading-mode draw's probabilities (a :class:`ShadingConfig` group ``key``; their ranges
+    are in :data:`SHADING_BOUNDS`) add up to at most 1: the rest is ``diffuse``."""
+    if node.albedo_prob + node.textureless_prob > 1.0:
+        raise UserError(f"config keys '{key}.albedo_prob' + 'textureless_prob' must be <= 1, "
+                        f"got {node.albedo_prob} + {node.textureless_prob}")
 
 
 def check_unit_keys(node: Any, key: str, names: Sequence[str]) -> None:
@@ -251,6 +260,6 @@ class Appearance:
 
 __all__ = [
     "SHADING_MODES", "SOLID_BACKGROUNDS", "Appearance", "BackgroundConfig", "ShadingConfig", "check_background",
-    "check_radius", "check_unit_keys", "clamped_logit", "draw_shading_mode", "far_distance", "normalized_depth",
+    "check_radius", "check_shading", "check_unit_keys", "clamped_logit", "draw_shading_mode", "far_distance", "normalized_depth",
     "random_replacement", "shade", "solid_background", "transmittance_term",
 ]

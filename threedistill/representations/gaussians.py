@@ -1,5 +1,5 @@
 """3D Gaussian Splatting as a score-distillation representation (DreamGaussian / GaussianDreamer
-style, colors only: no spherical harmonics, no lighting).
+style: one RGB color per Gaussian, no spherical harmonics), unlit or lit (``lit``).
 
 Parameters (all ``nn.Parameter``; N changes with densification)
 ---------------------------------------------------------------
@@ -31,9 +31,25 @@ CUDA: ``gsplat.rasterization`` (same math). Outputs follow the :class:`RenderOut
 * ``depth``: ``(sum_i w_i t_i + (1 - alpha) * far) / far`` clamped to [0, 1], the NeRF's
   contract: ``t_i`` is the distance along the pixel's ray (camera-space z times the length of the
   pixel's ``(x/z, y/z, 1)`` direction) and ``far = |camera| + radius * sqrt(3)``.
-* ``normal``: from the depth image: world points ``o + t d`` at the expected distance, normals
-  ``cross`` of their finite differences (oriented towards the camera), composited as
-  ``(alpha * n + 1) / 2`` over a 0.5 background. Computed without autograd (no loss uses them).
+* ``normal``: from the depth image (:func:`depth_normals`): world points ``o + t d`` at the
+  expected distance, normals ``cross`` of their one-sided differences (per axis the side with the
+  smaller step, so a silhouette pixel does not take its slope from the background), oriented
+  towards the camera, composited as ``(alpha * n + 1) / 2`` over a 0.5 background.
+
+Shading (``lit``)
+-----------------
+Unlit (``lit: false``, the class default) the colors are what the prior sees, shading and all:
+the prior's training images are mostly lit, so the colors learn a darkened, shading-averaged
+version of the object's (a yellow cube came out olive). Lit (``lit: true``), the colors are an
+albedo and the training render draws a shading mode per batch like the NeRF and the mesh
+(``ambient_only_steps``, ``albedo_prob``, ``textureless_prob``, ``ambient_light``: DreamFusion's
+random shading): deferred diffuse shading of the composited albedo ``C`` (premultiplied by
+alpha) with the depth normals ``n`` and the batch's light, ``rgb = C * (ambient + (1 - ambient)
+* max(0, n . l)) + (1 - alpha) * bg``, the gradient flowing through the normals into the
+Gaussians' positions, scales and opacities. Evaluation renders are then diffuse with the light at
+the camera, as the NeRF's. The depth behind a normal is ``sum w t / max(alpha, 0.1)``: below
+alpha 0.1 a pixel's point is pulled towards the camera (so its neighbours take their slopes from
+the other side) and its depth's gradient is bounded.
 * ``extras["means2d"] [B,N,2]`` (the graph's projected means; ``retain_grad()`` them before the
   backward pass for densification) and ``extras["radii"] [B,N]`` (int32 pixels, 0 = culled).
 
@@ -79,9 +95,10 @@ from threedistill.representations.base import RenderOutput, Representation, Repr
 from threedistill.representations.common import (
     transmittance_term,
     Appearance,
-    BackgroundConfig,
+    ShadingConfig,
     check_background,
     check_radius,
+    check_shading,
     clamped_logit,
     far_distance,
     normalized_depth,
@@ -105,11 +122,11 @@ _PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "
               "uint": "u4", "uint32": "u4", "int": "i4", "int32": "i4"}
 
 
-from threedistill.representations.common import BACKGROUND_BOUNDS, LAMBDA_BOUNDS, LR_BOUNDS
+from threedistill.representations.common import LAMBDA_BOUNDS, LR_BOUNDS, SHADING_BOUNDS
 
 #: Bounds of the Gaussians' numbers: up to 1e7 Gaussians (3DGS scenes hold 1-6 million; each
 #: costs ~250 bytes with its optimizer state), cadences and step numbers within run.steps' bound.
-GAUSSIANS_BOUNDS = {**BACKGROUND_BOUNDS, "num_points": (1, 10_000_000), "init_radius": (1e-6, 1000.0),
+GAUSSIANS_BOUNDS = {**SHADING_BOUNDS, "num_points": (1, 10_000_000), "init_radius": (1e-6, 1000.0),
                     "init_opacity": (0.0, 1.0), "lr_means": LR_BOUNDS, "lr_scales": LR_BOUNDS, "lr_quats": LR_BOUNDS,
                     "lr_opacities": LR_BOUNDS, "lr_colors": LR_BOUNDS, "lr_means_final": LR_BOUNDS,
                     "lr_means_decay_steps": (0, MAX_STEPS), "lambda_opacity": LAMBDA_BOUNDS,
@@ -122,9 +139,14 @@ GAUSSIANS_BOUNDS = {**BACKGROUND_BOUNDS, "num_points": (1, 10_000_000), "init_ra
 
 
 @dataclass
-class GaussiansConfig(BackgroundConfig):
-    """``representation.gaussians``. Radius and background fields: :class:`BackgroundConfig`
-    (the Gaussians render unlit colors)."""
+class GaussiansConfig(ShadingConfig):
+    """``representation.gaussians``. Radius, background and shading fields: :class:`ShadingConfig`
+    (the shading ones apply with ``lit``)."""
+
+    # Render the colors as an albedo under diffuse shading from the depth normals (the module
+    # docstring's "Shading"), with the shading-mode draw of the NeRF and the mesh; false: the
+    # colors are shown as they are (the old behaviour, and what a run saved before the key has).
+    lit: bool = False
 
     # Initial number of Gaussians (densification changes it). A "file:" init uses the file's
     # points (randomly subsampled to num_points when it has more).
@@ -200,10 +222,28 @@ class GaussiansConfig(BackgroundConfig):
         if not 0.0 < self.init_opacity < 1.0:
             raise UserError(f"config key '{key}.init_opacity' must lie within (0, 1), got {self.init_opacity}")
         check_unit(self.random_background_prob, f"{key}.random_background_prob")
+        check_shading(self, key)
         check_background(self, key)
         init = str(self.init)
         if init not in ("sphere", "shape") and not (init.startswith("file:") and len(init) > 5):
             raise UserError(f"config key '{key}.init' must be sphere, shape or file:PATH, got {shown(self.init)}")
+
+
+def depth_normals(points: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
+    """Unit world normals ``[B,3,H,W]`` of the surface through the per-pixel world ``points
+    [B,3,H,W]``: the cross product of the pixel-to-pixel steps along x and y, each the one-sided
+    difference with the smaller length (central differences would take a silhouette pixel's slope
+    half from the background; the inner side at the image border), turned to face the camera (against
+    the unit ray directions ``rays_d [B,3,H,W]``)."""
+    pad = F.pad(points, (1, 1, 1, 1), value=1e10)  # beyond the border: a step no side prefers
+
+    def shorter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a.norm(dim=1, keepdim=True) <= b.norm(dim=1, keepdim=True), a, b)
+
+    dx = shorter(pad[:, :, 1:-1, 2:] - points, points - pad[:, :, 1:-1, :-2])
+    dy = shorter(pad[:, :, 2:, 1:-1] - points, points - pad[:, :, :-2, 1:-1])
+    n = F.normalize(torch.cross(dx, dy, dim=1), dim=1, eps=1e-12)
+    return torch.where((n * rays_d).sum(1, keepdim=True) > 0, -n, n)
 
 
 def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
@@ -307,7 +347,8 @@ class Gaussians(Representation, Appearance):
 
     def __init__(self, c, context: RepresentationContext, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self._read_appearance(c, lit=False)
+        self.lit = bool(c.lit)
+        self._read_appearance(c, lit=True)
         self._lrs = {"means": float(c.lr_means), "scales": float(c.lr_scales), "quats": float(c.lr_quats),
                      "opacities": float(c.lr_opacities), "colors": float(c.lr_colors)}
         self._lr_means_final = None if c.lr_means_final is None else float(c.lr_means_final)
@@ -406,8 +447,10 @@ class Gaussians(Representation, Appearance):
         dev = self.means.device
         cameras = cameras.to(dev)
         B, H, W = len(cameras), cameras.height, cameras.width
+        mode = self._draw_shading(step, training, generator) if self.lit else "albedo"
         bg = self._solid_background(B, training, generator, dev)
-        r = self._rasterize(cameras, bg)
+        # lit: the albedo composited over black, shaded below, then the background
+        r = self._rasterize(cameras, bg if mode == "albedo" else torch.zeros_like(bg))
         alpha = r["alpha"].clamp(0.0, 1.0)
 
         # camera-space z -> distance along the pixel's ray: times |(x/z, y/z, 1)| of the pixel.
@@ -421,28 +464,25 @@ class Gaussians(Representation, Appearance):
         far = far_distance(cameras.positions, self.radius)[:, None, None, None]
         depth = normalized_depth(dist_sum, alpha, far)
 
-        out = RenderOutput(rgb=r["rgb"].clamp(0.0, 1.0), alpha=alpha, depth=depth,
-                           normal=self._normals_from_depth(cameras, dist_sum, alpha))
+        rays_o, rays_d = cameras.rays()  # [B,H,W,3]
+        # differentiable only where the shading uses them
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mode != "albedo"):
+            points = rays_o.permute(0, 3, 1, 2) + rays_d.permute(0, 3, 1, 2) * (dist_sum / alpha.clamp_min(0.1))
+            n = depth_normals(points, rays_d.permute(0, 3, 1, 2))
+        rgb = r["rgb"]
+        if mode != "albedo":
+            light = (cameras.light_positions if training else cameras.positions).to(points.dtype)
+            l_dir = F.normalize(light[:, :, None, None] - points.detach(), dim=1, eps=1e-12)
+            shading = self.ambient_light + (1.0 - self.ambient_light) * (n * l_dir).sum(1, keepdim=True).clamp_min(0.0)
+            fg = alpha * shading if mode == "textureless" else rgb * shading
+            rgb = fg + (1.0 - alpha) * bg[:, :, None, None]
+        out = RenderOutput(rgb=rgb.clamp(0.0, 1.0), alpha=alpha, depth=depth,
+                           normal=((alpha * n.detach() + 1.0) * 0.5).clamp(0.0, 1.0))
         if training:
             self.strategy.step_pre_backward(r["means2d"])  # for after_backward's statistics
         out.extras["means2d"] = r["means2d"]
         out.extras["radii"] = r["radii"]
         return out
-
-    @torch.no_grad()
-    def _normals_from_depth(self, cameras: CameraBatch, dist_sum: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """World normals from the expected-distance image, mapped to [0,1] over a 0.5 background."""
-        rays_o, rays_d = cameras.rays()  # [B,H,W,3]
-        t = (dist_sum / alpha.clamp_min(1e-6)).permute(0, 2, 3, 1)  # [B,H,W,1]
-        pts = rays_o + rays_d * t
-        # central differences inside, one-sided at the borders
-        pad = F.pad(pts.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
-        dx = pad[:, 1:-1, 2:] - pad[:, 1:-1, :-2]
-        dy = pad[:, 2:, 1:-1] - pad[:, :-2, 1:-1]
-        n = F.normalize(torch.cross(dx, dy, dim=-1), dim=-1, eps=1e-12)
-        n = torch.where((n * rays_d).sum(-1, keepdim=True) > 0, -n, n)  # face the camera
-        n = n.permute(0, 3, 1, 2)
-        return ((alpha * n + 1.0) * 0.5).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------------------------------
     # Densification and pruning
@@ -636,10 +676,14 @@ class Gaussians(Representation, Appearance):
             return super().write_extra_output(name, path)
         return self.save_splat_ply(path)
 
+    def evaluation_ambient(self) -> Optional[float]:
+        """Lit: evaluation renders are diffuse with the light at the camera, ambient
+        ``ambient_light``; unlit: None (the colors as they are)."""
+        return self.ambient_light if self.lit else None
+
     @torch.no_grad()
     def evaluation_background(self, cameras: CameraBatch) -> torch.Tensor:
-        """The evaluation render's solid background (black, else white) as ``[B,3,H,W]`` (CPU).
-        Evaluation renders are unlit (:meth:`evaluation_ambient` is None)."""
+        """The evaluation render's solid background (black, else white) as ``[B,3,H,W]`` (CPU)."""
         bg = self._solid_background(len(cameras), False, None, "cpu")
         return bg[:, :, None, None].expand(-1, -1, cameras.height, cameras.width).contiguous()
 
@@ -647,4 +691,4 @@ class Gaussians(Representation, Appearance):
         return {"gaussians": self.num_gaussians}
 
 
-__all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "knn_mean_distance", "read_splat_ply"]
+__all__ = ["Gaussians", "SH_C0", "SPLAT_PLY_PROPERTIES", "depth_normals", "knn_mean_distance", "read_splat_ply"]

@@ -82,6 +82,7 @@ from threedistill.representations.common import (
     ShadingConfig,
     check_background,
     check_radius,
+    check_shading,
     check_unit_keys,
     clamped_logit,
     far_distance,
@@ -152,9 +153,7 @@ class MeshConfig(ShadingConfig):
             raise UserError(f"config key '{key}.init_mesh_resolution' must be >= 2 or null, "
                             f"got {self.init_mesh_resolution}")
         check_unit_keys(self, key, ("albedo_prob", "textureless_prob", "ambient_light", "random_background_prob"))
-        if self.albedo_prob + self.textureless_prob > 1.0:
-            raise UserError(f"config keys '{key}.albedo_prob' + 'textureless_prob' must be <= 1, "
-                            f"got {self.albedo_prob} + {self.textureless_prob}")
+        check_shading(self, key)
         check_background(self, key)
         if str(self.init_surface) not in INIT_SURFACES:
             raise UserError(f"config key '{key}.init_surface' must be {' or '.join(INIT_SURFACES)}, "

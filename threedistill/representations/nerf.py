@@ -100,6 +100,7 @@ from threedistill.representations.common import (
     ShadingConfig,
     check_background,
     check_radius,
+    check_shading,
     far_distance,
     normalized_depth,
     random_replacement,
@@ -249,6 +250,7 @@ class NerfConfig(ShadingConfig):
                 raise UserError(f"config key '{key}.grid_levels' must be at most {key}.n_levels "
                                 f"({self.n_levels}), got {shown(plain_schedule(self.grid_levels))}")
         check_radius(self, key)
+        check_shading(self, key)
         check_background(self, key, NERF_BACKGROUNDS)
 
 #: Normal estimates (``representation.nerf.normal_type``).
