@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from threedistill.cli import main
 from threedistill.config import load_config, to_yaml
 from threedistill.distill import Distiller
+from threedistill.pipeline import refine_config
 
 # Tiny stages: a 2-step NeRF at 16 px, then a 3-step mesh at 24 px (refine.overrides).
 COARSE = ["run.resolution=16", "representation.nerf.num_samples=16", "representation.nerf.n_levels=4",
@@ -176,6 +177,9 @@ def test_presets():
     for cfg in (nerf, gauss):
         assert cfg.refine.enabled and cfg.refine.config == "sds-mesh"
         assert "run.resolution=64" in cfg.refine.overrides
+        # the refine stage samples Magic3D's fine-stage t range, [0.02, 0.5]
+        stage = refine_config(cfg, Path("coarse"))
+        assert (stage.guidance.t_min, stage.guidance.t_max, stage.run.resolution) == (0.02, 0.5, 64)
     assert nerf.guidance == load_config("sds-nerf").guidance  # the coarse NeRF stage is the quick start's
     assert gauss.guidance == load_config("sds-gaussians").guidance  # the Gaussians keep their 800-step SDS
     assert not load_config("sds-nerf").refine.enabled
