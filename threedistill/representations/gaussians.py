@@ -470,11 +470,12 @@ class Gaussians(Representation, Appearance):
             points = rays_o.permute(0, 3, 1, 2) + rays_d.permute(0, 3, 1, 2) * (dist_sum / alpha.clamp_min(0.1))
             n = depth_normals(points, rays_d.permute(0, 3, 1, 2))
         rgb = r["rgb"]
-        if mode != "albedo":
+        if mode != "albedo":  # the NeRF's and the mesh's shading, per pixel
             light = (cameras.light_positions if training else cameras.positions).to(points.dtype)
-            l_dir = F.normalize(light[:, :, None, None] - points.detach(), dim=1, eps=1e-12)
-            shading = self.ambient_light + (1.0 - self.ambient_light) * (n * l_dir).sum(1, keepdim=True).clamp_min(0.0)
-            fg = alpha * shading if mode == "textureless" else rgb * shading
+            flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731  [B,3,H,W] -> [BHW,3]
+            lit = self._shade(flat(rgb), flat(n), flat(points), flat(light[:, :, None, None].expand_as(points)), mode)
+            lit = lit.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+            fg = alpha * lit if mode == "textureless" else lit  # textureless: white albedo, also premultiplied
             rgb = fg + (1.0 - alpha) * bg[:, :, None, None]
         out = RenderOutput(rgb=rgb.clamp(0.0, 1.0), alpha=alpha, depth=depth,
                            normal=((alpha * n.detach() + 1.0) * 0.5).clamp(0.0, 1.0))
