@@ -43,6 +43,7 @@ DEFAULT_PRESETS = [f"{loss}-{rep}" for rep in ("nerf", "gaussians") for loss in 
 COLUMNS = [("iou", "IoU", ".3f"), ("shape_iou", "shape IoU", ".3f"), ("size", "size", ".2f"),
            ("color_error", "color err", ".3f"), ("prompt_correct", "prompt acc", ".2f"),
            ("view_consistency", "mug view cons.", ".2f"), ("haze", "haze", ".3f"), ("floaters", "floaters", ".3f"),
+           ("mesh_iou", "GLB IoU", ".3f"), ("mesh_color_error", "GLB color err", ".3f"),
            ("color_noise", "color noise", "+.3f"), ("wall_s", "wall s/run", ".0f")]
 
 

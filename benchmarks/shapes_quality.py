@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         if sel:
             summary[split] = {k: mean(k, sel) for k in ("iou", "shape_iou", "size", "color_error", "prompt_correct",
                                                          "shape_correct", "color_correct", "view_consistency", "haze",
-                                                         "color_noise", "floaters", "coarse_iou", "coarse_color_error",
+                                                         "color_noise", "floaters", "mesh_iou", "mesh_color_error", "coarse_iou", "coarse_color_error",
                                                          "silhouette_diversity", "appearance_diversity", "wall_s",
                                                          "steps")}
             summary[split]["runs"] = len(sel)
@@ -119,24 +119,25 @@ def main(argv=None) -> int:
              f"x seeds {args.seeds}, device {device}, torch threads {torch.get_num_threads()}, "
              f"overrides: `{' '.join(args.overrides) or 'none'}`", "",
              "| prompt | seed | held out | IoU | shape IoU | size | color err | classified as | correct | view cons. | "
-             "haze | color noise | floaters | steps | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "haze | color noise | floaters | GLB IoU | GLB color err | steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vc = f"{r['view_consistency']:.2f}" if "view_consistency" in r else ""
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
         fl = f"{r['floaters']:.3f}" if "floaters" in r else ""
+        glb = f"{r['mesh_iou']:.3f} | {r['mesh_color_error']:.3f}" if "mesh_iou" in r else " | "
         lines.append(f"| {r['prompt']} | {r['seed']} | {'yes' if r['held_out'] else ''} | {r['iou']:.3f} | "
                      f"{r['shape_iou']:.3f} | {r['size']:.2f} | "
                      f"{r['color_error']:.3f} | {r['predicted']} | {'yes' if r['prompt_correct'] else 'no'} | {vc} | "
-                     f"{r['haze']:.3f} | {r['color_noise']:+.3f} | {fl} | {r['steps']} | {wall} |")
+                     f"{r['haze']:.3f} | {r['color_noise']:+.3f} | {fl} | {glb} | {r['steps']} | {wall} |")
     lines += ["", "| split | runs | mean IoU | shape IoU | size | mean color err | prompt acc | shape acc | color acc | "
-                  "view cons. | haze | color noise | floaters | seed div. (silhouette) | seed div. (RGB) | mean wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "view cons. | haze | color noise | floaters | GLB IoU | GLB color err | seed div. (silhouette) | seed div. (RGB) | mean wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for split, s in summary.items():
         lines.append(f"| {split} | {s['runs']} | {s['iou']:.3f} | {s['shape_iou']:.3f} | {s['size']:.2f} | "
                      f"{s['color_error']:.3f} | {s['prompt_correct']:.2f} | "
                      f"{s['shape_correct']:.2f} | {s['color_correct']:.2f} | {s['view_consistency']:.2f} | "
-                     f"{s['haze']:.3f} | {s['color_noise']:+.3f} | {s['floaters']:.3f} | "
+                     f"{s['haze']:.3f} | {s['color_noise']:+.3f} | {s['floaters']:.3f} | {s['mesh_iou']:.3f} | {s['mesh_color_error']:.3f} | "
                      f"{s['silhouette_diversity']:.3f} | {s['appearance_diversity']:.3f} | {s['wall_s']:.0f} |")
     if any("coarse_iou" in r for r in rows):
         lines += ["", "Refine stage against its coarse run (per prompt): IoU coarse -> refined, color error coarse -> refined", ""]

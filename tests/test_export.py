@@ -553,3 +553,51 @@ def test_bake_texture_from_vertex_colors_without_a_representation():
     assert np.abs(got - rgb[idx].astype(int)).mean() <= 3
     with pytest.raises(ValueError, match="vertex colors"):
         bake_texture(None, trimesh.creation.icosphere(subdivisions=1), texture_size=64)
+
+
+def test_export_surface_silhouette_matches_the_render_and_isosurface_keeps_the_level(tmp_path):
+    """A fresh NeRF is its density blob: the fixed level 5 lies at radius ~0.2 (the blob's
+    ``blob_density * (1 - r / blob_radius)`` = softplus^-1(5)), far inside what it renders. With
+    ``export.surface=silhouette`` the written mesh's silhouette from the matching views covers the
+    rendered one (within 5% of its pixels); with ``isosurface`` it is the small level-5 ball; a
+    ``--threshold`` given by hand wins over both."""
+    import math
+
+    from threedistill.config import load_config
+    from threedistill.export import export_run_meshes, matching_cameras
+    from threedistill.export.check import load_exported_mesh, render_exported_mesh
+    from threedistill.representations import build_representation
+    from threedistill.representations.base import RepresentationContext
+
+    cfg = load_config(None, ["representation.nerf.num_samples=64"])
+    rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
+    rep.eval()
+    cams = matching_cameras(cfg.camera)
+    with torch.no_grad():
+        rendered = int((rep.render(cams, training=False).alpha > 0.5).sum())
+
+    def covered(folder, surface, threshold=None):
+        cfg.export.surface = surface
+        cfg.export.texture = False
+        (path,) = export_run_meshes(rep, folder, ["glb"], cfg.export, threshold=threshold, camera_cfg=cfg.camera)
+        mesh = load_exported_mesh(path)
+        radius = float(np.linalg.norm(mesh.vertices - mesh.vertices.mean(0), axis=1).mean())
+        alpha = render_exported_mesh(mesh, cams, torch.ones(len(cams), 3, cams.height, cams.width))["alpha"]
+        return int((alpha > 0.5).sum()), radius
+
+    matched, _ = covered(tmp_path / "m", "silhouette")
+    assert abs(matched - rendered) <= 0.05 * rendered
+    level5, r5 = covered(tmp_path / "i", "isosurface")
+    expected_r = cfg.representation.nerf.blob_radius * (1 - math.log(math.expm1(5.0)) / cfg.representation.nerf.blob_density)
+    assert r5 == pytest.approx(expected_r, abs=0.02) and level5 < 0.8 * rendered
+    by_hand, r_hand = covered(tmp_path / "h", "silhouette", threshold=5.0)
+    assert r_hand == pytest.approx(r5, abs=1e-6)
+
+
+def test_export_surface_is_checked_and_old_runs_keep_the_isosurface(tmp_path):
+    from threedistill.config import INTRODUCED_KEYS, load_config
+
+    with pytest.raises(UserError, match="export.surface"):
+        load_config(None, ["export.surface=smooth"])
+    assert load_config(None).export.surface == "silhouette"
+    assert INTRODUCED_KEYS["export.surface"] == "isosurface"  # how run folders written before it exported

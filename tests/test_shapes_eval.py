@@ -689,3 +689,37 @@ def test_cli_eval_of_a_run_prints_and_writes_the_new_metrics(tmp_path, capsys):
     assert f"shape IoU {saved['shape_iou']:.3f}" in line and f"size {saved['size']:.2f}" in line
     if "floaters" in saved:  # the 2-step blob may have no surface to export
         assert 0.0 <= saved["floaters"] <= 1.0 and "floaters" in line
+        assert 0.0 <= saved["mesh_iou"] <= 1.0 and f"exported mesh IoU {saved['mesh_iou']:.3f}" in line
+
+
+def _ground_truth_glb(path, shape, color, scale=1.0):
+    """The ground-truth mesh of ``shape`` with its color as vertex colors, scaled about the origin,
+    written as a Y-up GLB the way exports are (placement recorded)."""
+    from threedistill.export import save_mesh
+    from threedistill.shapes.world import shape_mesh
+
+    mesh = shape_mesh(shape).copy()
+    mesh.apply_scale(scale)
+    rgba = np.tile(np.append(np.round(np.asarray(COLORS[color]) * 255), 255).astype(np.uint8), (len(mesh.vertices), 1))
+    mesh.visual.vertex_colors = rgba
+    save_mesh(mesh, path, "glb")
+    return path
+
+
+def test_exported_mesh_file_is_scored_against_the_ground_truth(tmp_path):
+    """The ground truth's own mesh, written to a GLB, scores (nearly) perfectly; the same mesh at
+    0.8x scores the size it has (0.64 of the area), and a wrongly colored one a color error near
+    the two colors' difference."""
+    from threedistill.shapes.evaluate import evaluate_mesh_file
+
+    right = evaluate_mesh_file(_ground_truth_glb(tmp_path / "s.glb", "sphere", "blue"), "a blue sphere", ambient=0.1)
+    assert right["mesh_iou"] > 0.97 and right["mesh_color_error"] < 0.02
+    assert right["mesh_size"] == pytest.approx(1.0, abs=0.03)
+    small = evaluate_mesh_file(_ground_truth_glb(tmp_path / "k.glb", "sphere", "blue", 0.8), "a blue sphere", ambient=0.1)
+    assert small["mesh_size"] == pytest.approx(0.64, abs=0.03) and small["mesh_shape_iou"] > 0.95
+    assert small["mesh_iou"] == pytest.approx(0.64, abs=0.04)
+    wrong = evaluate_mesh_file(_ground_truth_glb(tmp_path / "r.glb", "sphere", "red"), "a blue sphere", ambient=None)
+    expected = float(np.abs(np.asarray(COLORS["red"]) - np.asarray(COLORS["blue"])).mean())
+    assert wrong["mesh_color_error"] == pytest.approx(expected, abs=0.03)  # unlit: the albedo difference
+    with pytest.raises(UserError, match="not a shapes-world prompt"):
+        evaluate_mesh_file(tmp_path / "s.glb", "a hamburger")

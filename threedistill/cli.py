@@ -335,7 +335,7 @@ def cmd_export(args) -> int:
             raise UserError(f"--output '{out}' does not end in .{fmt}")
         outs.append(out)
     mesh, textured = build_export_mesh(rep, cfg.export, formats, resolution=args.resolution, threshold=args.threshold,
-                                       texture=texture, texture_size=texture_size)
+                                       texture=texture, texture_size=texture_size, camera_cfg=cfg.camera)
     for fmt, out in zip(formats, outs):
         written = textured if textured is not None and fmt != "ply" else mesh
         save_mesh(written, out, fmt, export_placement(mesh, fmt, cfg.export))
@@ -517,6 +517,8 @@ def cmd_eval(args) -> int:
                 f"classified as '{r['predicted']}' ({'correct' if r['prompt_correct'] else 'wrong'})")
         if "floaters" in r:
             line += f", floaters {r['floaters']:.3f}"
+        if "mesh_iou" in r:
+            line += f", exported mesh IoU {r['mesh_iou']:.3f} color error {r['mesh_color_error']:.3f}"
         if "view_consistency" in r:
             line += f", view consistency {r['view_consistency']:.2f}"
         print(line)

@@ -176,6 +176,8 @@ class RunConfig:
 #: Bounds of the ``export`` numbers: marching cubes up to 1024^3 cells (threestudio exports at
 #: 256; 1024^3 density queries take minutes on a GPU, beyond is a typo), textures up to 8192 px
 #: (what GLB viewers load), turntables up to a minute of 60 fps frames at up to 2048 px.
+#: Values of ``export.surface``.
+EXPORT_SURFACES = ("silhouette", "isosurface")
 EXPORT_BOUNDS = {"mesh_resolution": (8, 1024), "min_component_ratio": (0.0, 1.0), "texture_size": (16, 8192),
                  "turntable_frames": (1, 3600), "turntable_fps": (1, 120), "turntable_resolution": (16, 2048),
                  "turntable_elevation": (-90.0, 90.0)}
@@ -197,6 +199,14 @@ class ExportConfig:
     # Gaussians only: also write splat.ply (the standard 3DGS layout splat viewers read).
     splat: bool = True
     mesh_resolution: int = 128
+    # Which level set of a density (NeRF, Gaussians) is exported: "silhouette" (the level whose
+    # silhouette from 16 views matches what the run renders, the refine stage's start surface too)
+    # or "isosurface" (the representation's fixed isosurface_threshold). silhouette: the NeRF's
+    # fixed level 5 lies inside the rendered object, so the GLB came out smaller and rougher than
+    # the renders (16 SDS + NeRF runs: exported-mesh IoU and color error against the ground truth,
+    # benchmarks/results/quality-ablation-issue18-round6.md). `threedistill export --threshold X`
+    # sets a level by hand.
+    surface: str = "silhouette"
     # Keep connected components with at least this fraction of the largest one's faces.
     min_component_ratio: float = 0.05
     # GLB/OBJ: UV-unwrap (xatlas) and bake the albedo into a texture_size^2 base-color PNG;
@@ -226,6 +236,7 @@ class ExportConfig:
         check_choice(str(self.up_axis).lower(), f"{key}.up_axis", ("auto", "y", "z"))
         check_choice(str(self.turntable_of), f"{key}.turntable_of", ("auto", "mesh", "representation"))
         check_choice(str(self.origin).lower(), f"{key}.origin", ("base", "center", "world"))
+        check_choice(str(self.surface), f"{key}.surface", EXPORT_SURFACES)
         if self.size is not None and not float(self.size) > 0:
             raise UserError(f"config key '{key}.size' must be > 0 (the object's height in metres) or null, got {self.size}")
         for fmt in self.formats:
@@ -380,7 +391,7 @@ RETIRED_KEYS = ("optim.lr_scale_guidance", "representation.nerf.encoding")
 #: folder was trained (its saved config lacks the key; today's default differs): an old run keeps
 #: rendering, evaluating and exporting as it did.
 INTRODUCED_KEYS = {"representation.nerf.normal_type": "analytic", "representation.nerf.density_activation": "softplus",
-                   "representation.gaussians.lit": False}
+                   "representation.gaussians.lit": False, "export.surface": "isosurface"}
 
 
 def _yaml_error(path: Path, err: Exception) -> UserError:

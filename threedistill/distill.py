@@ -391,7 +391,8 @@ class Distiller:
                 outputs["splat"] = str(self.representation.write_extra_output("splat", self.folder.splat_path))
             if e.formats and not stopped():
                 try:
-                    for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e, stage=stage):
+                    for p in export_run_meshes(self.representation, self.run_dir, list(e.formats), e, stage=stage,
+                                                   camera_cfg=self.cfg.camera):
                         outputs[p.suffix.lstrip(".")] = str(p)
                 except UserError as err:
                     error = f"{err}; the trained run is kept: retry with `threedistill export {self.run_dir} --threshold X`"

@@ -31,13 +31,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.config import Config
 from threedistill.devices import resolve_device
 from threedistill.distill import Distiller
 from threedistill.runs import RunFolder
 from threedistill.errors import UserError
-from threedistill.export.mesh import extract_mesh
+from threedistill.export.mesh import extract_mesh, matching_cameras
 from threedistill.meshio import MESH_ARRAYS_SUFFIX, vertex_colors, write_mesh_arrays
 from threedistill.shapes.world import parse_prompt, shape_mesh
 
@@ -97,23 +96,6 @@ def surface_of_run(run_dir: Path, key: str, resolution: Optional[int], device: t
                                 min_component_ratio=float(cfg.export.min_component_ratio), match_cameras=match)
     return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
             vertex_colors(mesh, linear=False))
-
-
-#: Views and resolution of :func:`matching_cameras`: rings of azimuths at three elevations.
-MATCH_ELEVATIONS, MATCH_AZIMUTHS, MATCH_RESOLUTION = (0.0, 45.0), 8, 64
-
-
-def matching_cameras(camera_cfg) -> CameraBatch:
-    """The views a ``silhouette`` surface is matched from: :data:`MATCH_AZIMUTHS` evenly spaced
-    azimuths at each of :data:`MATCH_ELEVATIONS`, at the run's evaluation distance and field of
-    view, :data:`MATCH_RESOLUTION` pixels a side (fixed, so a resumed refine stage extracts the same
-    surface; it is written to ``inputs/`` once anyway)."""
-    n = MATCH_AZIMUTHS
-    elev = torch.tensor([e for e in MATCH_ELEVATIONS for _ in range(n)])
-    azim = torch.tensor([-180.0 + (a + 0.5) * 360.0 / n for _ in MATCH_ELEVATIONS for a in range(n)])
-    k = len(elev)
-    return make_cameras(elev, azim, torch.full((k,), float(camera_cfg.eval_distance)),
-                        torch.full((k,), float(camera_cfg.eval_fovy)), MATCH_RESOLUTION)
 
 
 def prepare_inputs(d: Distiller) -> None:

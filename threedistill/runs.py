@@ -61,7 +61,7 @@ from threedistill.devices import resolve_device
 from threedistill.errors import UserError
 from threedistill.meshio import read_mesh
 from threedistill.representations import RepresentationContext, build_representation
-from threedistill.shapes.evaluate import evaluate_representation, floater_fraction
+from threedistill.shapes.evaluate import evaluate_mesh_file, evaluate_representation, floater_fraction
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +528,8 @@ class RunFolder:
         if exported is not None:
             mesh = read_mesh(exported, "evaluation")
             result["floaters"] = floater_fraction(mesh.vertices, mesh.faces)
+            result.update(evaluate_mesh_file(exported, str(cfg.run.prompt), camera_cfg=cfg.camera,
+                                             ambient=rep.evaluation_ambient()))
         if write:
             atomic_write_text(self.eval_path, json.dumps(result, indent=2) + "\n")
         return result

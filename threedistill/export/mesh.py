@@ -22,7 +22,7 @@ from threedistill.atomic import atomic_write_bytes, atomic_write_text
 from threedistill.errors import UserError
 from threedistill.meshio import PLACEMENT_TAG, Z_UP_TO_Y_UP, linear_to_srgb, placement_comment
 from threedistill.meshio import srgb_to_linear as _srgb_to_linear
-from threedistill.cameras import CameraBatch
+from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.representations.base import Representation
 from threedistill.representations.mesh_raster import render_mesh
 
@@ -216,6 +216,23 @@ def _silhouette(mesh: trimesh.Trimesh, cameras: CameraBatch) -> torch.Tensor:
     f = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)
     r = render_mesh(v, f, cameras, torch.ones_like(v), torch.zeros(3), antialiased=True)
     return r["alpha"] > 0.5
+
+
+#: Views and resolution of :func:`matching_cameras`: rings of azimuths at two elevations.
+MATCH_ELEVATIONS, MATCH_AZIMUTHS, MATCH_RESOLUTION = (0.0, 45.0), 8, 64
+
+
+def matching_cameras(camera_cfg) -> CameraBatch:
+    """The views a ``silhouette`` surface (the exported mesh's, ``export.surface``, and the refine
+    stage's start, ``init_surface``) is matched from: :data:`MATCH_AZIMUTHS` evenly spaced azimuths
+    at each of :data:`MATCH_ELEVATIONS`, at the run's evaluation distance and field of view,
+    :data:`MATCH_RESOLUTION` pixels a side (fixed, so the same run always gives the same surface)."""
+    n = MATCH_AZIMUTHS
+    elev = torch.tensor([e for e in MATCH_ELEVATIONS for _ in range(n)])
+    azim = torch.tensor([-180.0 + (a + 0.5) * 360.0 / n for _ in MATCH_ELEVATIONS for a in range(n)])
+    k = len(elev)
+    return make_cameras(elev, azim, torch.full((k,), float(camera_cfg.eval_distance)),
+                        torch.full((k,), float(camera_cfg.eval_fovy)), MATCH_RESOLUTION)
 
 
 #: Grid size (at most) and bisection steps of :func:`silhouette_threshold`'s search: the level, not
@@ -852,5 +869,5 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
 
 
 __all__ = ["placement", "export_placement", "file_up_axis", "UP_AXES", "ORIGINS", "Z_UP_FRONT_MINUS_Y",
-           "extract_mesh", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
+           "extract_mesh", "matching_cameras", "silhouette_threshold", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
            "Z_UP_TO_Y_UP"]

@@ -24,6 +24,12 @@ compared with the exact render of the object its prompt names:
   truth (about 0 for a clean surface; dark speckle raises it).
 * ``floaters`` (of an exported mesh, :func:`floater_fraction`): the area of every connected
   component but the largest, as a fraction of the total area.
+* ``mesh_iou``, ``mesh_color_error``, ``mesh_shape_iou``, ``mesh_size`` (of an exported mesh file,
+  :func:`evaluate_mesh_file`): the file as written (its texture or vertex colors, its recorded
+  placement undone) rendered from the same evaluation cameras, shaded as the representation's
+  evaluation render, and scored like it: what a user who downloads the GLB gets, which can
+  differ from the renders (a marching-cubes surface shows bumps that the volume render's
+  smoothed normals hide).
 * ``view_consistency`` (mug only): the fraction of views whose handle is on the correct side:
   the ground-truth handle region is more than half covered and the mirrored mug's handle region
   (where a Janus or mirrored result puts it) less than half. 1 for the ground truth, 0 for a
@@ -49,7 +55,7 @@ from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
 from threedistill.shapes.classifier import load_classifier
 from threedistill.shapes.render import render_mesh, render_shape
-from threedistill.shapes.world import FRONTED_SHAPE, ShapePrompt, mirrored_mug, parse_prompt, shape_mesh
+from threedistill.shapes.world import BACKGROUND, FRONTED_SHAPE, ShapePrompt, mirrored_mug, parse_prompt, shape_mesh
 
 EVAL_AZIMUTHS = tuple(float(a) for a in range(0, 360, 45))
 EVAL_ELEVATIONS = (5.0, 30.0)
@@ -224,6 +230,33 @@ def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, amb
     if classifier is None:
         classifier = load_classifier()
     return score_images(prompt, rgb, alpha, cams, ambient=ambient, classifier=classifier)
+
+
+@torch.no_grad()
+def evaluate_mesh_file(path, prompt: ShapePrompt | str, camera_cfg=None, ambient: Optional[float] = 0.1,
+                       resolution: int = EVAL_RESOLUTION) -> Dict[str, Any]:
+    """Score an exported mesh file (GLB/OBJ/PLY) against the ground truth of ``prompt`` from the
+    evaluation cameras: read back with its colors and placement
+    (:func:`~threedistill.export.check.load_exported_mesh`), rendered on the shapes-world background
+    with the interpolated vertex normals, diffuse with a headlight at ``ambient`` (None: unlit),
+    and scored by :func:`score_images` (no classifier). Keys: ``mesh_`` + ``iou``,
+    ``color_error``, ``shape_iou``, ``size``."""
+    from threedistill.export.check import load_exported_mesh, render_exported_mesh
+
+    if isinstance(prompt, str):
+        parsed = parse_prompt(prompt)
+        if parsed is None:
+            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <color> <shape>'); "
+                            "evaluation needs a known ground-truth object")
+        prompt = parsed
+    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
+    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
+    cams = eval_cameras(resolution, dist, fovy)
+    background = torch.as_tensor(BACKGROUND, dtype=torch.float32)[None, :, None, None].expand(
+        len(cams), 3, cams.height, cams.width)
+    out = render_exported_mesh(load_exported_mesh(path), cams, background, ambient)
+    m = score_images(prompt, out["rgb"], out["alpha"], cams, ambient=ambient)
+    return {f"mesh_{k}": m[k] for k in ("iou", "color_error", "shape_iou", "size")}
 
 
 @torch.no_grad()
