@@ -601,3 +601,32 @@ def test_export_surface_is_checked_and_old_runs_keep_the_isosurface(tmp_path):
         load_config(None, ["export.surface=smooth"])
     assert load_config(None).export.surface == "silhouette"
     assert INTRODUCED_KEYS["export.surface"] == "isosurface"  # how run folders written before it exported
+
+
+def test_cli_export_surface_flag_reexports_an_old_run_at_the_matched_level(tmp_path, capsys):
+    """A run folder written before export.surface existed exports the isosurface; ``--surface
+    silhouette`` gives the matched level, a larger mesh for a fresh blob (level 5 sits at radius 0.2)."""
+    import yaml
+
+    from threedistill.cli import main
+    from threedistill.export.check import load_exported_mesh
+
+    assert main(["generate", "a red cube", "--out", str(tmp_path), "run.name=r", "run.steps=1", "run.resolution=16",
+                 "run.progress=false", "run.device=cpu", "export.turntable=false", "export.formats=[]",
+                 "representation.nerf.num_samples=16"]) == 0
+    cfg_path = tmp_path / "r" / "config.yaml"
+    saved = yaml.safe_load(cfg_path.read_text())
+    del saved["export"]["surface"]  # as a run folder from before the key
+    cfg_path.write_text(yaml.safe_dump(saved))
+
+    def extent(*flags):
+        out = tmp_path / f"m{len(flags)}.glb"
+        assert main(["export", str(tmp_path / "r"), "--no-texture", "--resolution", "48", "--output", str(out), *flags]) == 0
+        v = load_exported_mesh(out).vertices
+        return float(v[:, 0].max() - v[:, 0].min())
+
+    old, matched = extent(), extent("--surface", "silhouette")
+    assert old < 0.5 and matched > 1.3 * old
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "r"), "--surface", "smooth"])
+    capsys.readouterr()

@@ -4,8 +4,8 @@
     threedistill generate "PROMPT" [-c PRESET|FILE ...] [--out DIR] [--plan] [key=value ...]
     threedistill generate --resume RUN_DIR [key=value ...]
     threedistill refine RUN_DIR [-c PRESET|FILE] [key=value ...]
-    threedistill export RUN_DIR [-f glb|obj|ply|splat ...] [--resolution N] [--threshold X] [--texture-size N]
-                            [--no-texture] [--output FILE] [--check] [--check-images]
+    threedistill export RUN_DIR [-f glb|obj|ply|splat ...] [--resolution N] [--threshold X] [--surface S]
+                            [--texture-size N] [--no-texture] [--output FILE] [--check] [--check-images]
     threedistill render RUN_DIR [--frames N] [--resolution N] [--fps N] [--output FILE]
     threedistill batch INPUT.txt|.jsonl|.csv [-c PRESET|FILE ...] [--out DIR] [--seeds N]
                             [--executor local|ray] [--workers N] [--threads N] [--ray-address ADDR]
@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 from threedistill.atomic import atomic_write_text
 from threedistill.batch import check_batch_flags, run_batch
-from threedistill.config import EXPORT_BOUNDS, PriorConfig, is_override, list_presets, load_config
+from threedistill.config import EXPORT_BOUNDS, EXPORT_SURFACES, PriorConfig, is_override, list_presets, load_config
 from threedistill.devices import OOM_HINT, out_of_memory
 from threedistill.errors import UserError
 from threedistill.export import (build_export_mesh, export_placement, render_turntable, save_image, save_mesh,
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesh format, or splat for a Gaussians run's 3DGS splat.ply (repeatable; default glb)")
     e.add_argument("--resolution", type=int, help="marching-cubes grid size (default export.mesh_resolution)")
     e.add_argument("--threshold", type=float, help="density iso level (default from the representation config)")
+    e.add_argument("--surface", choices=list(EXPORT_SURFACES),
+                   help="which level set without --threshold: silhouette (the level whose silhouette matches the "
+                        "render) or isosurface (the representation's isosurface_threshold); default export.surface")
     e.add_argument("--texture-size", type=int, metavar="N",
                    help="baked base-color texture size for glb/obj (default export.texture_size)")
     e.add_argument("--no-texture", action="store_true",
@@ -308,6 +311,8 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     folder = RunFolder(run_dir)
     cfg, rep, step = folder.load_representation()
+    if args.surface:
+        cfg.export.surface = args.surface
     formats = args.format or ["glb"]
     if args.output and len(formats) > 1:
         raise UserError("--output takes one --format")
