@@ -302,23 +302,29 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler runs here, inside the finalizer
 
-    before = signal.getsignal(signal.SIGINT)
-    with _ctrl_c_requests() as ctrl_c:
-        assert not ctrl_c()
-        Finalized()  # collected at once
-        assert ctrl_c()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is before
-    # Without the handler the same Ctrl-C is swallowed by the finalizer: what the flag fixes.
-    dropped = []
-    hook, sys.unraisablehook = sys.unraisablehook, lambda u: dropped.append(u.exc_type)
+    # Python's own handler as the one before (a test that ran earlier in the session may have left
+    # another installed: the second Ctrl-C gets whatever handler was there, by design).
+    session_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        Finalized()
+        before = signal.getsignal(signal.SIGINT)
+        with _ctrl_c_requests() as ctrl_c:
+            assert not ctrl_c()
+            Finalized()  # collected at once
+            assert ctrl_c()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is before
+        # Without the handler the same Ctrl-C is swallowed by the finalizer: what the flag fixes.
+        dropped = []
+        hook, sys.unraisablehook = sys.unraisablehook, lambda u: dropped.append(u.exc_type)
+        try:
+            Finalized()
+        finally:
+            sys.unraisablehook = hook
+        assert dropped == [KeyboardInterrupt]
     finally:
-        sys.unraisablehook = hook
-    assert dropped == [KeyboardInterrupt]
+        signal.signal(signal.SIGINT, session_handler)
 
 
 @pytest.mark.slow

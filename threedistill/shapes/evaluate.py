@@ -237,11 +237,11 @@ def evaluate_mesh_file(path, prompt: ShapePrompt | str, camera_cfg=None, ambient
                        resolution: int = EVAL_RESOLUTION) -> Dict[str, Any]:
     """Score an exported mesh file (GLB/OBJ/PLY) against the ground truth of ``prompt`` from the
     evaluation cameras: read back with its colors and placement
-    (:func:`~threedistill.export.check.load_exported_mesh`), rendered on the shapes-world background
+    (:func:`~threedistill.representations.mesh_file.load_exported_mesh`), rendered on the shapes-world background
     with the interpolated vertex normals, diffuse with a headlight at ``ambient`` (None: unlit),
     and scored by :func:`score_images` (no classifier). Keys: ``mesh_`` + ``iou``,
     ``color_error``, ``shape_iou``, ``size``."""
-    from threedistill.export.check import load_exported_mesh, render_exported_mesh
+    from threedistill.representations.mesh_file import load_exported_mesh, render_exported_mesh
 
     if isinstance(prompt, str):
         parsed = parse_prompt(prompt)
