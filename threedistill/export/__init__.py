@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
 
 from threedistill.errors import UserError
-from threedistill.export.mesh import (MESH_FORMATS, bake_texture, export_placement, extract_mesh, matching_cameras, placement,
-                                     save_mesh, texture_paths, to_y_up)
+from threedistill.export.mesh import (MESH_FORMATS, bake_texture, export_placement, extract_mesh, matching_cameras,
+                                     placement, save_mesh, texture_paths, to_y_up)
 from threedistill.export.video import image_grid, render_turntable, save_image
 from threedistill.representations.base import Representation
 from threedistill.runs import RunFolder
@@ -25,7 +25,8 @@ def export_run_meshes(rep: Representation, out_dir: Union[str, Path], formats: I
                       export_cfg, threshold: Optional[float] = None, stage: Stage = _no_stage,
                       camera_cfg=None) -> List[Path]:
     """Extract the surface once (``export_cfg.mesh_resolution``, ``min_component_ratio``,
-    ``surface`` with the views of ``camera_cfg``: :func:`build_export_mesh`) and write ``out_dir/model.<fmt>`` for each of ``formats`` (glb, obj, ply; duplicates ignored).
+    ``surface`` with the views of ``camera_cfg``: :func:`build_export_mesh`) and write
+    ``out_dir/model.<fmt>`` for each of ``formats`` (glb, obj, ply; duplicates ignored).
 
     With ``export_cfg.texture`` (default true) the surface is UV-unwrapped once and ``rep.albedo``
     is baked into a ``export_cfg.texture_size`` texture (:func:`bake_texture`) for GLB and OBJ
@@ -64,7 +65,8 @@ def build_export_mesh(rep: Representation, export_cfg, formats: Iterable[str], r
     (:func:`extract_mesh` at ``resolution``, defaults from ``export_cfg``; at ``threshold`` when one
     is given, else, with ``export_cfg.surface`` "silhouette" and a ``camera_cfg``, the level whose
     silhouette from :func:`matching_cameras` (at ``camera_cfg``'s evaluation distance and field of
-    view) matches the render, else the representation's ``isosurface_threshold``). ``textured`` is that mesh UV-unwrapped with a baked base-color texture
+    view) matches the render, else the representation's ``isosurface_threshold``). ``textured`` is
+    that mesh UV-unwrapped with a baked base-color texture
     (:func:`bake_texture`: from ``rep.albedo``, or from the mesh's own vertex colors for an
     explicit mesh) when ``texture`` (default ``export_cfg.texture``) and a format other than PLY is
     asked for; else None. PLY is always written from ``mesh``."""

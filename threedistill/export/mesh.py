@@ -869,5 +869,6 @@ def save_mesh(mesh: trimesh.Trimesh, path: Union[str, Path], fmt: Optional[str] 
 
 
 __all__ = ["placement", "export_placement", "file_up_axis", "UP_AXES", "ORIGINS", "Z_UP_FRONT_MINUS_Y",
-           "extract_mesh", "matching_cameras", "silhouette_threshold", "bake_texture", "save_mesh", "texture_paths", "to_y_up", "linear_to_srgb", "MESH_FORMATS",
+           "extract_mesh", "matching_cameras", "silhouette_threshold", "bake_texture", "save_mesh", "texture_paths",
+           "to_y_up", "linear_to_srgb", "MESH_FORMATS",
            "Z_UP_TO_Y_UP"]

@@ -125,6 +125,17 @@ def shade(albedo: torch.Tensor, normal: Optional[torch.Tensor], x: torch.Tensor,
     return albedo * shading
 
 
+def shade_image(albedo: torch.Tensor, normal: torch.Tensor, points: torch.Tensor, lights: torch.Tensor,
+                mode: str, ambient_light: float) -> torch.Tensor:
+    """:func:`shade` per pixel of images (deferred shading): ``albedo``, unit ``normal`` and surface
+    ``points`` ``[B,3,H,W]``, one light position per image ``lights [B,3]`` -> ``[B,3,H,W]``."""
+    B, _, H, W = albedo.shape
+    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731  [B,3,H,W] -> [BHW,3]
+    light = lights.to(points.dtype)[:, :, None, None].expand_as(points)
+    out = shade(flat(albedo), flat(normal), flat(points), flat(light), mode, ambient_light)
+    return out.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+
+
 def draw_shading_mode(step: int, training: bool, generator: Optional[torch.Generator], ambient_only_steps: int,
                       albedo_prob: float, textureless_prob: float) -> str:
     """The shading mode of one training batch (module docstring): ``diffuse`` at evaluation,
@@ -261,5 +272,5 @@ class Appearance:
 __all__ = [
     "SHADING_MODES", "SOLID_BACKGROUNDS", "Appearance", "BackgroundConfig", "ShadingConfig", "check_background",
     "check_radius", "check_shading", "check_unit_keys", "clamped_logit", "draw_shading_mode", "far_distance", "normalized_depth",
-    "random_replacement", "shade", "solid_background", "transmittance_term",
+    "random_replacement", "shade", "shade_image", "solid_background", "transmittance_term",
 ]

@@ -102,6 +102,7 @@ from threedistill.representations.common import (
     clamped_logit,
     far_distance,
     normalized_depth,
+    shade_image,
 )
 from threedistill.representations.densify import DensifyState, DensifyStrategy
 from threedistill.representations.gaussian_raster import quat_to_rotmat, rasterize
@@ -471,10 +472,8 @@ class Gaussians(Representation, Appearance):
             n = depth_normals(points, rays_d.permute(0, 3, 1, 2))
         rgb = r["rgb"]
         if mode != "albedo":  # the NeRF's and the mesh's shading, per pixel
-            light = (cameras.light_positions if training else cameras.positions).to(points.dtype)
-            flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731  [B,3,H,W] -> [BHW,3]
-            lit = self._shade(flat(rgb), flat(n), flat(points), flat(light[:, :, None, None].expand_as(points)), mode)
-            lit = lit.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+            lights = cameras.light_positions if training else cameras.positions
+            lit = shade_image(rgb, n, points, lights, mode, self.ambient_light)
             fg = alpha * lit if mode == "textureless" else lit  # textureless: white albedo, also premultiplied
             rgb = fg + (1.0 - alpha) * bg[:, :, None, None]
         out = RenderOutput(rgb=rgb.clamp(0.0, 1.0), alpha=alpha, depth=depth,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from threedistill.cameras import CameraBatch
 from threedistill.errors import UserError
 from threedistill.meshio import apply_transform, file_to_world, linear_to_srgb, read_mesh_parts, srgb_to_linear
-from threedistill.representations.common import shade
+from threedistill.representations.common import shade_image
 from threedistill.representations.mesh_raster import antialias, interpolate, rasterize_triangles
 
 
@@ -153,10 +153,7 @@ def render_exported_mesh(mesh: ExportedMesh, cameras: CameraBatch, background: t
     if ambient is not None:
         normal = F.normalize(interpolate(t["normals"], frags), dim=1, eps=1e-12)
         points = interpolate(verts, frags)
-        light = cameras.positions.to(points.dtype)[:, :, None, None].expand_as(points)
-        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731
-        albedo = shade(flat(albedo), flat(normal), flat(points), flat(light), "diffuse", ambient)
-        albedo = albedo.reshape(B, H, W, 3).permute(0, 3, 1, 2)
+        albedo = shade_image(albedo, normal, points, cameras.positions, "diffuse", ambient)
     rgb = mask * albedo + (1.0 - mask) * background
     both = antialias(torch.cat([rgb, mask], 1), frags, verts, faces, cameras)
     return {"rgb": both[:, :3].clamp(0.0, 1.0), "alpha": both[:, 3:].clamp(0.0, 1.0)}

@@ -53,6 +53,7 @@ import trimesh
 
 from threedistill.cameras import CameraBatch, make_cameras
 from threedistill.errors import UserError
+from threedistill.representations.mesh_file import load_exported_mesh, render_exported_mesh
 from threedistill.shapes.classifier import load_classifier
 from threedistill.shapes.render import render_mesh, render_shape
 from threedistill.shapes.world import BACKGROUND, FRONTED_SHAPE, ShapePrompt, mirrored_mug, parse_prompt, shape_mesh
@@ -212,18 +213,30 @@ def view_consistency(pred_mask: torch.Tensor, cameras: CameraBatch, min_pixels: 
     return sum(scores) / len(scores) if scores else float("nan")
 
 
+def _shape_prompt(prompt: ShapePrompt | str) -> ShapePrompt:
+    """``prompt`` parsed (a :class:`UserError` when it names no shapes-world object)."""
+    if isinstance(prompt, str):
+        parsed = parse_prompt(prompt)
+        if parsed is None:
+            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <color> <shape>'); "
+                            "evaluation needs a known ground-truth object")
+        return parsed
+    return prompt
+
+
+def _run_eval_cameras(camera_cfg=None, resolution: int = EVAL_RESOLUTION) -> CameraBatch:
+    """:func:`eval_cameras` at a run's ``camera.eval_distance`` / ``eval_fovy`` (1.75 / 55 without a config)."""
+    return eval_cameras(resolution, float(getattr(camera_cfg, "eval_distance", 1.75)),
+                        float(getattr(camera_cfg, "eval_fovy", 55.0)))
+
+
 @torch.no_grad()
 def evaluate_representation(rep, prompt: ShapePrompt | str, camera_cfg=None, ambient: Optional[float] = None,
                             classifier=None, resolution: int = EVAL_RESOLUTION) -> Dict[str, Any]:
     """Render ``rep`` from the evaluation cameras (deterministic evaluation renders) and score it
     against a ground truth lit at ``ambient`` (default: as ``rep``'s evaluation render is lit,
     :meth:`~threedistill.representations.Representation.evaluation_ambient`; None there = unlit)."""
-    if isinstance(prompt, str):
-        parsed = parse_prompt(prompt)
-        if parsed is None:
-            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <color> <shape>'); "
-                            "evaluation needs a known ground-truth object")
-        prompt = parsed
+    prompt = _shape_prompt(prompt)
     rgb, alpha, cams = eval_renders(rep, camera_cfg, resolution)
     if ambient is None:
         ambient = rep.evaluation_ambient()
@@ -241,17 +254,8 @@ def evaluate_mesh_file(path, prompt: ShapePrompt | str, camera_cfg=None, ambient
     with the interpolated vertex normals, diffuse with a headlight at ``ambient`` (None: unlit),
     and scored by :func:`score_images` (no classifier). Keys: ``mesh_`` + ``iou``,
     ``color_error``, ``shape_iou``, ``size``."""
-    from threedistill.representations.mesh_file import load_exported_mesh, render_exported_mesh
-
-    if isinstance(prompt, str):
-        parsed = parse_prompt(prompt)
-        if parsed is None:
-            raise UserError(f"prompt '{prompt}' is not a shapes-world prompt ('a <color> <shape>'); "
-                            "evaluation needs a known ground-truth object")
-        prompt = parsed
-    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
-    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
-    cams = eval_cameras(resolution, dist, fovy)
+    prompt = _shape_prompt(prompt)
+    cams = _run_eval_cameras(camera_cfg, resolution)
     background = torch.as_tensor(BACKGROUND, dtype=torch.float32)[None, :, None, None].expand(
         len(cams), 3, cams.height, cams.width)
     out = render_exported_mesh(load_exported_mesh(path), cams, background, ambient)
@@ -262,9 +266,7 @@ def evaluate_mesh_file(path, prompt: ShapePrompt | str, camera_cfg=None, ambient
 @torch.no_grad()
 def eval_renders(rep, camera_cfg=None, resolution: int = EVAL_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor, CameraBatch]:
     """``rgb [V,3,H,W]``, ``alpha [V,1,H,W]`` (CPU) of ``rep`` from the evaluation cameras, and the cameras."""
-    dist = float(getattr(camera_cfg, "eval_distance", 1.75))
-    fovy = float(getattr(camera_cfg, "eval_fovy", 55.0))
-    cams = eval_cameras(resolution, dist, fovy)
+    cams = _run_eval_cameras(camera_cfg, resolution)
     dev = next((p.device for p in rep.parameters()), torch.device("cpu"))
     out = rep.render(cams.to(dev), training=False)
     return out.rgb.float().cpu(), out.alpha.float().cpu(), cams
