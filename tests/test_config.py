@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import pytest
 
 from threedistill.config import load_config, parse_schedule, scheduled
@@ -99,7 +101,34 @@ def test_gaussian_presets_are_the_nerf_preset_plus_the_overlay(loss):
         assert (n.run.steps, n.guidance.guidance_scale, list(n.guidance.t_max)) == (300, 20.0, [0.98, 0.5, 0, 300])
         assert g.guidance.name == n.guidance.name and g.guidance.weighting == n.guidance.weighting
     else:
-        assert g.guidance == n.guidance and g.run == n.run  # the loss's own settings, untouched
+        # the loss's own settings, untouched; the NeRF runs the 300-step recipe (nerf-slow.yaml or
+        # nfsd-nerf.yaml; ISM still 800 steps, nerf-800.yaml), the Gaussians keep their 800 steps with
+        # the t schedule stretched over them
+        assert (n.run.steps, g.run.steps) == (800 if loss == "ism" else 300, 800)
+        same = ("name", "guidance_scale", "t_min", "weighting", "weight", "lora_rank", "state_lr", "camera_dropout",
+                "esd_lambda", "delta_t", "xs_delta_t", "xs_inv_steps")
+        assert all(getattr(g.guidance, k) == getattr(n.guidance, k) for k in same)
+        assert n.representation.nerf.blob_radius == 0.35  # below the objects: these losses do not shrink one
+
+
+@pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
+@pytest.mark.parametrize("rep", ["nerf", "gaussians"])
+def test_a_loss_presets_schedules_finish_within_its_run(loss, rep):
+    """The schedules a loss preset sets are stretched over its own run: a linear ``[start, end, from,
+    to]`` whose ``to`` lies past ``run.steps`` never reaches its end value (a schedule left at
+    another run length, e.g. a Gaussians preset inheriting the 300-step NeRF's t_max switch)."""
+    cfg = load_config(f"{loss}-{rep}")
+    keys = {"guidance.t_max": cfg.guidance.t_max, "optim.lr": cfg.optim.lr}
+    if loss == "ism":
+        keys["guidance.delta_t"] = cfg.guidance.delta_t
+    if loss == "csd":
+        keys["guidance.negative_weight"] = cfg.guidance.negative_weight
+    late = {k: list(v) for k, v in keys.items()
+            if not isinstance(v, (int, float)) and len(v) == 4 and not isinstance(v[0], Sequence)
+            and v[3] > cfg.run.steps}
+    assert not late, f"{loss}-{rep}: schedules end after run.steps={cfg.run.steps}: {late}"
+    if isinstance(cfg.guidance.t_max, Sequence):  # nor squeezed into a small part of it
+        assert cfg.guidance.t_max[3] >= cfg.run.steps / 10
     with_sd = load_config([f"{loss}-gaussians", "sd"])
     assert with_sd.prior.name == "stabilityai/stable-diffusion-2-1-base"
     assert with_sd.representation.name == "gaussians"  # the SD overlay keeps the representation
