@@ -107,8 +107,11 @@ def test_gaussian_presets_are_the_nerf_preset_plus_the_overlay(loss):
         assert (n.run.steps, g.run.steps) == (800 if loss == "ism" else 300, 800)
         same = ("name", "guidance_scale", "t_min", "weighting", "weight", "lora_rank", "state_lr", "camera_dropout",
                 "esd_lambda", "delta_t", "xs_delta_t", "xs_inv_steps")
-        assert all(getattr(g.guidance, k) == getattr(n.guidance, k) for k in same)
+        assert {k: getattr(g.guidance, k) for k in same} == {k: getattr(n.guidance, k) for k in same}
         assert n.representation.nerf.blob_radius == 0.35  # below the objects: these losses do not shrink one
+    with_sd = load_config([f"{loss}-gaussians", "sd"])
+    assert with_sd.prior.name == "stabilityai/stable-diffusion-2-1-base"
+    assert with_sd.representation.name == "gaussians"  # the SD overlay keeps the representation
 
 
 @pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
@@ -129,9 +132,6 @@ def test_a_loss_presets_schedules_finish_within_its_run(loss, rep):
     assert not late, f"{loss}-{rep}: schedules end after run.steps={cfg.run.steps}: {late}"
     if isinstance(cfg.guidance.t_max, Sequence):  # nor squeezed into a small part of it
         assert cfg.guidance.t_max[3] >= cfg.run.steps / 10
-    with_sd = load_config([f"{loss}-gaussians", "sd"])
-    assert with_sd.prior.name == "stabilityai/stable-diffusion-2-1-base"
-    assert with_sd.representation.name == "gaussians"  # the SD overlay keeps the representation
 
 
 def test_extends_loads_parents_first_and_rejects_cycles(tmp_path):
