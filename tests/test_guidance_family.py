@@ -130,6 +130,41 @@ def test_nfsd_without_a_negative_prompt_uses_the_papers_and_says_so(prior, caplo
     assert not torch.allclose(implicit.grad, other.grad)  # the negative prompt does enter the gradient
 
 
+@pytest.mark.parametrize("negative", ["", NEGATIVE])
+def test_denoise_weight_adds_sds_denoising_term(prior, negative):
+    """guidance.denoise_weight (scheduled): CSD's classifier score plus lambda * (eps(x_t; negative
+    prompt) - noise), the term SDS has and CSD drops, all under w(t); with no negative prompt the
+    term's prediction is the empty prompt's."""
+    images, t, noise, z, abar, x_t = _setup(prior, seed=4)
+    g = _guidance(prior, "csd", "guidance.denoise_weight=[0.0,0.8,0,10]", "guidance.negative_weight=0",
+                  negative=negative)
+    out = g(images, _cams(), 5, t=t, noise=noise)  # lambda = 0.4 at step 5
+    with torch.no_grad():
+        rows = []
+        for i in range(2):
+            e_y, e_0, e_n = _three_eps(prior, x_t, t, i)
+            e_u = e_n if negative else e_0
+            rows.append((1 - abar[i]) * ((e_y - e_0) + 0.4 * (e_u - noise[i:i + 1])))
+    assert torch.allclose(out.grad, torch.cat(rows), atol=1e-5, rtol=1e-4)
+    assert out.stats["denoise_weight"] == pytest.approx(0.4)
+    plain = _guidance(prior, "csd", "guidance.negative_weight=0", negative=negative)(images, _cams(), 0, t=t, noise=noise)
+    assert "denoise_weight" not in plain.stats  # off by default: the published loss
+    # at weight 1 with a CFG scale of 1, SDS is CSD plus its denoising term (SDS's CFG scale s
+    # multiplies the same classifier score)
+    sds = _guidance(prior, "sds", "guidance.guidance_scale=1", negative=negative)(images, _cams(), 0, t=t, noise=noise)
+    if not negative:
+        both = _guidance(prior, "csd", "guidance.denoise_weight=1")(images, _cams(), 0, t=t, noise=noise)
+        assert torch.allclose(both.grad, sds.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_denoise_weight_is_validated():
+    from threedistill.errors import UserError
+
+    for bad in ("-0.5", "[0.0,-1.0,0,10]", "1000", "true"):
+        with pytest.raises(UserError, match="guidance.denoise_weight"):
+            load_config(overrides=[f"guidance.denoise_weight={bad}"])
+
+
 # ---------------------------------------------------------------------------------------------
 # ISM
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ GUIDANCE_BOUNDS = {"guidance_scale": (0.0, 1000.0), "t_min": (0.0, 1.0), "t_max"
                    "grad_clip": (0.0, 1e6), "weight": (0.0, 1e6), "lora_rank": (1, 256), "state_lr": (0.0, 1.0),
                    "camera_dropout": (0.0, 1.0), "esd_lambda": (0.0, 1.0), "delta_t": (0.0, 1000.0),
                    "xs_delta_t": (1, 1000), "xs_inv_steps": (1, 1000), "negative_weight": (-1000.0, 1000.0),
-                   "t_jitter": (0.0, 1.0)}
+                   "t_jitter": (0.0, 1.0), "denoise_weight": (0.0, 100.0)}
 
 
 #: ``guidance.t_schedule`` choices (see :class:`GuidanceConfig`).
@@ -95,6 +95,14 @@ class GuidanceConfig:
     # Clamp the injected gradient elementwise to +-grad_clip (None or 0 disables).
     grad_clip: Scheduled = None
     weight: Scheduled = 1.0
+    # SDS's denoising term added to any loss: g += denoise_weight * (eps(x_t; negative prompt) - eps),
+    # the one-step-noised render and its noise (one more UNet batch item per render). SDS's update
+    # is this term plus the classifier direction (CSD, Yu et al. 2023, and NFSD, Katzir et al. 2024,
+    # split it so); the term pulls the render towards the prior's likely images, which holds an
+    # object's size. VSD, ESD, CSD and ISM replace it by a difference of two predictions and, without
+    # it, grow their objects (issue 18): a weight between 0 (the loss as published) and 1 (the
+    # term at SDS's strength) restores that pull. 0 for SDS, whose update already has it once.
+    denoise_weight: Scheduled = 0.0
     # -- trainable guidance state (vsd, esd): a LoRA on the prior's UNet plus a camera embedding --
     lora_rank: int = 4
     # Learning rate of the LoRA and camera embedding (fixed; ProlificDreamer's 1e-4).
@@ -133,7 +141,8 @@ class GuidanceConfig:
         group's path in the whole config). Also called unbound on a structured config node:
         ``GuidanceConfig.validate(cfg.guidance, "guidance")``. The loss name is checked where it is
         looked up (:func:`build_guidance`)."""
-        for name in ("guidance_scale", "t_min", "t_max", "grad_clip", "weight", "delta_t", "negative_weight"):
+        for name in ("guidance_scale", "t_min", "t_max", "grad_clip", "weight", "delta_t", "negative_weight",
+                     "denoise_weight"):
             parse_schedule(getattr(self, name), f"{key}.{name}")
         check_bounds(self, key, GUIDANCE_BOUNDS, optional=("grad_clip",))  # first: nulls and non-numbers
         for name in ("t_min", "t_max"):
@@ -419,6 +428,12 @@ class Guidance(torch.nn.Module):
         """The empty prompt's embedding (the "unconditional" of CSD, NFSD and ISM's inversion)."""
         return self.embeddings.null_for(batch_size)
 
+    def denoising_term(self, ctx: GuidanceContext) -> torch.Tensor:
+        """SDS's denoising term ``eps(x_t; negative prompt, t) - noise`` of the one-step-noised render
+        (``guidance.denoise_weight``), one batched UNet call."""
+        (eps_u,) = self.predict_batch(ctx.x_t, ctx.t, [ctx.uncond], [ctx.uncond_mask])
+        return eps_u - ctx.noise
+
     def gradient(self, ctx: GuidanceContext) -> tuple[torch.Tensor, Dict[str, float]]:
         """The loss's update direction ``g`` in model space (without w(t)), and extra stats."""
         raise NotImplementedError
@@ -457,6 +472,10 @@ class Guidance(torch.nn.Module):
                                   cameras=cameras, step=step, guidance_scale=scale, generator=generator,
                                   cond_mask=cond_mask, uncond_mask=uncond_mask, perp_neg=perp)
             direction, extra = self.gradient(ctx)
+            denoise = float(scheduled(self.cfg.denoise_weight, step, "guidance.denoise_weight"))
+            if denoise > 0:
+                direction = direction + denoise * self.denoising_term(ctx)
+                extra = {**extra, "denoise_weight": denoise}
             g = self.weighting(ctx.t) * direction
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
             clip = scheduled(self.cfg.grad_clip, step, "guidance.grad_clip")
