@@ -88,6 +88,7 @@ def test_loss_presets_compose_with_the_sd_overlay(loss):
     assert both.prior.name == "stabilityai/stable-diffusion-2-1-base"  # ... and sets the prior's scale
     assert both.representation.nerf.max_resolution == 512 and both.run.steps == 10000
     assert both.guidance.lora_rank == 8  # overrides still come last
+    assert both.guidance.denoise_weight == 0.0  # the papers' losses on SD, whatever the shapes preset adds
 
 
 @pytest.mark.parametrize("loss", ["sds", "vsd", "esd", "ism", "csd", "nfsd"])
@@ -101,9 +102,9 @@ def test_gaussian_presets_are_the_nerf_preset_plus_the_overlay(loss):
         assert (n.run.steps, n.guidance.guidance_scale, list(n.guidance.t_max)) == (300, 20.0, [0.98, 0.5, 0, 300])
         assert g.guidance.name == n.guidance.name and g.guidance.weighting == n.guidance.weighting
     else:
-        # the loss's own settings, untouched; the NeRF runs the 300-step recipe (nerf-slow.yaml or
-        # nfsd-nerf.yaml; ISM still 800 steps, nerf-800.yaml), the Gaussians keep their 800 steps with
-        # the t schedule stretched over them
+        # the loss's own settings, untouched; the NeRF runs the 300-step recipe (SDS's, with its
+        # denoising term added to VSD, ESD and CSD; ISM still 800 steps, nerf-800.yaml), the
+        # Gaussians keep their 800 steps with the t schedule stretched over them
         assert (n.run.steps, g.run.steps) == (800 if loss == "ism" else 300, 800)
         same = ("name", "guidance_scale", "t_min", "weighting", "weight", "lora_rank", "state_lr", "camera_dropout",
                 "esd_lambda", "delta_t", "xs_delta_t", "xs_inv_steps")
