@@ -211,6 +211,13 @@ def test_old_run_configs_keep_the_behaviour_of_keys_added_since(tmp_path):
     new = tmp_path / "new.yaml"
     new.write_text(text)
     assert load_run_config_file(new).representation.nerf.normal_type == "finite_difference"
+    # guidance.denoise_weight (issue 18 round 8): its default 0 is the behaviour before it existed,
+    # so a VSD run folder from round 7 resumes without the term its preset adds today
+    vsd = to_yaml(load_config("vsd-nerf", ["run.prompt=a red cube"]))
+    assert "denoise_weight: 0.5" in vsd
+    old_vsd = tmp_path / "old-vsd.yaml"
+    old_vsd.write_text("\n".join(line for line in vsd.splitlines() if "denoise_weight" not in line) + "\n")
+    assert load_run_config_file(old_vsd).guidance.denoise_weight == 0.0
 
 
 def test_representation_groups_live_beside_their_code_and_keep_their_keys():

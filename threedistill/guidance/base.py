@@ -472,7 +472,7 @@ class Guidance(torch.nn.Module):
                                   cameras=cameras, step=step, guidance_scale=scale, generator=generator,
                                   cond_mask=cond_mask, uncond_mask=uncond_mask, perp_neg=perp)
             direction, extra = self.gradient(ctx)
-            denoise = float(scheduled(self.cfg.denoise_weight, step, "guidance.denoise_weight"))
+            denoise = float(scheduled(getattr(self.cfg, "denoise_weight", 0.0), step, "guidance.denoise_weight"))
             if denoise > 0:
                 direction = direction + denoise * self.denoising_term(ctx)
                 extra = {**extra, "denoise_weight": denoise}
