@@ -157,6 +157,25 @@ def test_denoise_weight_adds_sds_denoising_term(prior, negative):
         assert torch.allclose(both.grad, sds.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name, negative", [("sds", ""), ("nfsd", NEGATIVE), ("csd", NEGATIVE)])
+def test_denoise_weight_reuses_the_losss_own_unconditional_prediction(prior, name, negative, monkeypatch):
+    """Where the update already predicts eps(x_t; negative prompt) (SDS's CFG batch, CSD's and NFSD's
+    negative), the denoising term reuses it: no more UNet batch items than the loss alone, and the
+    same term as the closed form from a separate per-sample call."""
+    images, t, noise, z, abar, x_t = _setup(prior, seed=5)
+    items = []
+    real = prior.predict_noise
+    monkeypatch.setattr(prior, "predict_noise", lambda x, *a, **k: items.append(x.shape[0]) or real(x, *a, **k))
+    plain = _guidance(prior, name, negative=negative)(images, _cams(), 0, t=t, noise=noise)
+    n_plain, items[:] = sum(items), []
+    mixed = _guidance(prior, name, "guidance.denoise_weight=0.5", negative=negative)(images, _cams(), 0, t=t, noise=noise)
+    assert sum(items) == n_plain
+    with torch.no_grad():
+        term = torch.cat([(1 - abar[i]) * 0.5 * (_eps(prior, x_t[i:i + 1], t[i], negative) - noise[i:i + 1])
+                          for i in range(2)])
+    assert torch.allclose(mixed.grad - plain.grad, term, atol=1e-5, rtol=1e-4)
+
+
 def test_denoise_weight_is_validated():
     from threedistill.errors import UserError
 

@@ -213,6 +213,10 @@ class GuidanceContext:
     # guidance.perp_neg: the negatives' texts and weights; a loss passes it to predict_cfg /
     # predict_guided wherever it forms its conditional direction (None: plain CFG).
     perp_neg: Optional[PerpNegTexts] = None
+    # eps(x_t; negative prompt, t) at this x_t, when the loss's update already predicted it (SDS,
+    # VSD/ESD, CSD/NFSD with a negative prompt): guidance.denoise_weight's term reuses it instead of
+    # a UNet call of its own.
+    eps_uncond: Optional[torch.Tensor] = None
 
 
 class Guidance(torch.nn.Module):
@@ -430,8 +434,11 @@ class Guidance(torch.nn.Module):
 
     def denoising_term(self, ctx: GuidanceContext) -> torch.Tensor:
         """SDS's denoising term ``eps(x_t; negative prompt, t) - noise`` of the one-step-noised render
-        (``guidance.denoise_weight``), one batched UNet call."""
-        (eps_u,) = self.predict_batch(ctx.x_t, ctx.t, [ctx.uncond], [ctx.uncond_mask])
+        (``guidance.denoise_weight``): the loss's own prediction (:attr:`GuidanceContext.eps_uncond`)
+        where it made one, else one batched UNet call."""
+        eps_u = ctx.eps_uncond
+        if eps_u is None:
+            (eps_u,) = self.predict_batch(ctx.x_t, ctx.t, [ctx.uncond], [ctx.uncond_mask])
         return eps_u - ctx.noise
 
     def gradient(self, ctx: GuidanceContext) -> tuple[torch.Tensor, Dict[str, float]]:

@@ -33,5 +33,6 @@ class CSD(Guidance):
         eps_empty, classifier, (eps_neg,) = self.predict_guided(ctx.x_t, ctx.t, ctx.cond, null, ctx.cond_mask,
                                                                 null_mask, [ctx.uncond], [ctx.uncond_mask],
                                                                 perp_neg=ctx.perp_neg)
+        ctx.eps_uncond = eps_neg
         w_neg = float(scheduled(self.cfg.negative_weight, ctx.step, "guidance.negative_weight"))
         return classifier - w_neg * (eps_neg - eps_empty), {"negative_weight": w_neg}

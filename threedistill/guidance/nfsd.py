@@ -40,6 +40,7 @@ class NFSD(Guidance):
         null, null_mask = self.null_embeddings(B)
         eps_empty, delta_c, (eps_neg,) = self.predict_guided(ctx.x_t, ctx.t, ctx.cond, null, ctx.cond_mask, null_mask,
                                                              [ctx.uncond], [ctx.uncond_mask], perp_neg=ctx.perp_neg)
+        ctx.eps_uncond = eps_neg
         small_t = (ctx.t < SMALL_T_FRACTION * self.prior.num_train_timesteps).view(-1, 1, 1, 1)
         delta_d = torch.where(small_t, eps_empty, eps_empty - eps_neg)
         return delta_d + ctx.guidance_scale * delta_c, {}

@@ -15,6 +15,6 @@ from threedistill.guidance.base import Guidance, GuidanceContext, register
 @register("sds")
 class SDS(Guidance):
     def gradient(self, ctx: GuidanceContext):
-        eps_cfg, _, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
-                                         ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
+        eps_cfg, ctx.eps_uncond, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
+                                                      ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
         return eps_cfg - ctx.noise, {}

@@ -34,8 +34,8 @@ class VSD(Guidance):
         return self.lora.predict(ctx.x_t, ctx.t, ctx.cond, camera, ctx.cond_mask)
 
     def gradient(self, ctx: GuidanceContext):
-        eps_cfg, _, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
-                                         ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
+        eps_cfg, ctx.eps_uncond, _ = self.predict_cfg(ctx.x_t, ctx.t, ctx.cond, ctx.uncond, ctx.guidance_scale,
+                                                      ctx.cond_mask, ctx.uncond_mask, ctx.perp_neg)
         return eps_cfg - self.particle_score(ctx), {}
 
     def state_loss(self, ctx: GuidanceContext) -> torch.Tensor:
