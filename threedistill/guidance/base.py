@@ -96,7 +96,8 @@ class GuidanceConfig:
     grad_clip: Scheduled = None
     weight: Scheduled = 1.0
     # SDS's denoising term added to any loss: g += denoise_weight * (eps(x_t; negative prompt) - eps),
-    # the one-step-noised render and its noise (one more UNet batch item per render). SDS's update
+    # the one-step-noised render and its noise (the loss's own eps(x_t; negative prompt) where it has
+    # one, GuidanceContext.eps_uncond, else one more UNet batch item per render). SDS's update
     # is this term plus the classifier direction (CSD, Yu et al. 2023, and NFSD, Katzir et al. 2024,
     # split it so); the term pulls the render towards the prior's likely images, which holds an
     # object's size. VSD, ESD, CSD and ISM replace it by a difference of two predictions and, without
