@@ -655,6 +655,16 @@ def test_orientation_loss_matches_independent_computation():
     torch.testing.assert_close(model.regularizers(out, 0)["orient"], 3.0 * per_ray.mean(), atol=1e-3, rtol=1e-3)
 
 
+def _fixed_path_inputs(model: NeRF, res: int = 6):
+    """Cameras, flat rays ``o, d [R,3]``, headlights ``[R,3]`` and unit normal draws ``z [R,S,3]``
+    (seeded) for calling ``_render_fixed`` directly."""
+    cams = cameras(res=res)
+    o, d = cams.rays()
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    z = torch.randn(o.shape[0], model.num_samples, 3, generator=torch.Generator().manual_seed(3))
+    return cams, o, d, cams.positions.expand(o.shape[0], 3), z
+
+
 def test_albedo_smoothness_matches_closed_form_for_a_linear_albedo():
     """albedo(x) = 0.5 + g . x in every channel: albedo(x) - albedo(x + eps z) = -eps g . z, so the
     per-ray term is sum_i w_i * 3 eps^2 (g . z_i)^2 with the noise z the render was given."""
@@ -667,12 +677,8 @@ def test_albedo_smoothness_matches_closed_form_for_a_linear_albedo():
         return F.softplus(15.0 * (0.4 - x.norm(dim=-1)))
 
     model._field = lambda x: (sigma_fn(x), (0.5 + x @ g)[:, None].expand(-1, 3))
-    cams = cameras(res=6)
-    o, d = cams.rays()
-    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
-    R, S = o.shape[0], model.num_samples
-    z = torch.randn(R, S, 3, generator=torch.Generator().manual_seed(3))
-    lights = cams.positions.expand(R, 3)
+    cams, o, d, lights, z = _fixed_path_inputs(model)
+    R, S = z.shape[:2]
     res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "albedo", False, True, z)
     _, w, _ = _hand_weights(model, cams, sigma_fn)
     w_kept = torch.where(w > model.normal_weight_threshold, w, torch.zeros_like(w))
@@ -687,6 +693,134 @@ def test_albedo_smoothness_matches_closed_form_for_a_linear_albedo():
     model._field = lambda x: (sigma_fn(x), torch.full_like(x, 0.3))
     res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "albedo", False, True, z)
     assert float(res["albedo_smooth"].abs().max()) == 0.0
+
+
+def test_3d_normal_smoothness_matches_closed_form_for_a_sphere():
+    """A density falling off with |x|: the outward normal at x is x / |x|, so the per-ray term is
+    sum_i w_i |x_i / |x_i| - y_i / |y_i||^2 with y_i = x_i + eps z_i and z the render's draws."""
+    eps = 0.05
+    model = small_nerf(ANALYTIC, "representation.nerf.lambda_normal_smooth_3d=[0.0,4.0,0,10]",
+                       "representation.nerf.normal_smooth_eps=0.05", "representation.nerf.lambda_orient=0",
+                       "representation.nerf.lambda_sparsity=0", "representation.nerf.ambient_only_steps=0")
+    model.skip_grid_resolution = 0
+
+    def sigma_fn(x):
+        return F.softplus(15.0 * (0.4 - x.norm(dim=-1)))
+
+    model._field = lambda x: (sigma_fn(x), torch.full_like(x, 0.5))
+    cams, o, d, lights, z = _fixed_path_inputs(model)
+    R, S = z.shape[:2]
+    res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "diffuse", True, True,
+                              None, z)
+    x, w, _ = _hand_weights(model, cams, sigma_fn)
+    y = x + eps * z
+    w_kept = torch.where(w > model.normal_weight_threshold, w, torch.zeros_like(w))
+    per_ray = (w_kept * (x / x.norm(dim=-1, keepdim=True) - y / y.norm(dim=-1, keepdim=True)).square().sum(-1)).sum(-1)
+    torch.testing.assert_close(res["normal_smooth_3d"], per_ray, atol=1e-5, rtol=1e-4)
+    assert float(per_ray.mean()) > 1e-3  # the test measures something
+    # Through render() and regularizers(): on in albedo-shaded training renders too, scheduled.
+    model._draw_shading = lambda *a, **k: "albedo"
+    out = model.render(cams, step=5, generator=step_generator(0, 5), training=True)
+    regs = model.regularizers(out, 5)
+    torch.testing.assert_close(regs["normal_smooth_3d"], 2.0 * out.extras["normal_smooth_3d"].mean())
+    assert "normal_smooth_3d" not in model.regularizers(out, 0)  # weight 0 at step 0
+    # Off: no draw, no term (the default config's renders are unchanged).
+    plain = small_nerf(ANALYTIC, "representation.nerf.ambient_only_steps=0")
+    assert "normal_smooth_3d" not in plain.render(cams, step=5, generator=step_generator(0, 5), training=True).extras
+    # A plane's normals are all the same: the term is 0 there.
+    model._field = lambda x: (F.softplus(15.0 * (0.1 - x[:, 0])), torch.full_like(x, 0.5))
+    res = model._render_fixed(o, d, lights, torch.ones(R, 3), torch.full((R, S), 0.5), "diffuse", True, True,
+                              None, z)
+    assert float(res["normal_smooth_3d"].abs().max()) < 1e-10
+
+
+def test_median_depth_matches_a_per_ray_search_on_packed_samples():
+    """Packed samples (nerfacc's layout: rays of different sample counts, one with none, one with
+    no weight): the depth where the cumulative weight reaches half the ray's total, interpolated
+    in its interval, against a plain loop over each ray."""
+    from threedistill.representations.nerf import median_depth
+
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 3, 8, 1, 4]
+    rays, starts, ends, ws = [], [], [], []
+    for r, n in enumerate(counts):
+        edges = torch.sort(torch.rand(n + 1, generator=g) * 3.0).values
+        w = torch.rand(n, generator=g) * 0.3
+        if r == 5:
+            w = torch.zeros(n)  # an empty ray
+        rays += [r] * n; starts.append(edges[:-1]); ends.append(edges[1:]); ws.append(w)
+    ray_indices = torch.tensor(rays)
+    t_starts, t_ends, weights = torch.cat(starts), torch.cat(ends), torch.cat(ws)
+    t, hit = median_depth(weights, t_starts, t_ends, ray_indices, len(counts))
+    for r in range(len(counts)):
+        m = ray_indices == r
+        w, a, b = weights[m].double(), t_starts[m].double(), t_ends[m].double()
+        if m.sum() == 0 or float(w.sum()) <= 1e-4:
+            assert not hit[r] and float(t[r]) == 0.0
+            continue
+        half, acc = 0.5 * float(w.sum()), 0.0
+        for k in range(len(w)):
+            if acc + float(w[k]) >= half and float(w[k]) > 0:
+                want = float(a[k] + (b[k] - a[k]) * (half - acc) / float(w[k]))
+                break
+            acc += float(w[k])
+        assert hit[r] and abs(float(t[r]) - want) < 1e-5, (r, float(t[r]), want)
+
+
+def test_surface_shading_is_the_composited_albedo_lit_at_the_median_depth():
+    """shading_point=surface on an analytic sphere: rgb = sum_i w_i a_i * (ambient + (1 - ambient)
+    max(0, n(x_s) . l)) + (1 - alpha) bg, with x_s at the weights' median depth and n = x_s / |x_s|;
+    samples shading differs (it shades each sample with its own normal)."""
+    model = small_nerf(ANALYTIC, "representation.nerf.shading_point=surface", "representation.nerf.lambda_orient=0",
+                       "representation.nerf.lambda_sparsity=0")
+    model.skip_grid_resolution = 0
+
+    def sigma_fn(x):
+        return F.softplus(40.0 * (0.4 - x.norm(dim=-1)))
+
+    albedo_of = lambda x: torch.sigmoid(torch.stack([x[:, 0] * 3, x[:, 1] * 2, 1 - x[:, 2]], dim=-1))
+    model._field = lambda x: (sigma_fn(x), albedo_of(x))
+    cams = cameras(res=6)
+    o, d = cams.rays()
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    R, S = o.shape[0], model.num_samples
+    lights = (cams.positions + torch.tensor([[0.3, -0.5, 0.8]])).expand(R, 3)
+    bg = torch.full((R, 3), 0.25)
+    res = model._render_fixed(o, d, lights, bg, torch.full((R, S), 0.5), "diffuse", False, False)
+    x, w, _ = _hand_weights(model, cams, sigma_fn)
+    alpha = w.sum(-1, keepdim=True)
+    a_sum = (w[..., None] * albedo_of(x.reshape(-1, 3)).view(R, S, 3)).sum(1)
+    # median depth by hand: bins of equal length between the box entry and exit
+    near, far, _ = ray_box_intersect(o, d, model.radius)
+    want = torch.empty(R, 3)
+    for r in range(R):
+        cw = torch.cumsum(w[r], 0)
+        k = int((cw >= 0.5 * cw[-1]).nonzero()[0])
+        dt = (far[r] - near[r]) / S
+        t_s = near[r] + dt * (k + (0.5 * cw[-1] - (cw[k] - w[r, k])) / w[r, k])
+        xs = o[r] + d[r] * t_s
+        lam = max(0.0, float((xs / xs.norm()) @ F.normalize(lights[r] - xs, dim=0)))
+        shade = model.ambient_light + (1 - model.ambient_light) * lam if float(alpha[r]) > 1e-4 else model.ambient_light
+        want[r] = a_sum[r] * shade + (1 - alpha[r]) * bg[r]
+    assert float(alpha.max()) > 0.9 and float(alpha.min()) < 0.1  # the object and the background
+    torch.testing.assert_close(res["rgb"], want, atol=1e-4, rtol=1e-4)
+    per_sample = small_nerf(ANALYTIC, "representation.nerf.lambda_orient=0", "representation.nerf.lambda_sparsity=0")
+    per_sample.skip_grid_resolution, per_sample._field = 0, model._field
+    other = per_sample._render_fixed(o, d, lights, bg, torch.full((R, S), 0.5), "diffuse", True, False)
+    assert float((other["rgb"] - res["rgb"]).abs().max()) > 1e-3
+    # textureless: white albedo, i.e. alpha times the shading factor; albedo mode is unchanged.
+    tl = model._render_fixed(o, d, lights, bg, torch.full((R, S), 0.5), "textureless", False, False)
+    factor = (res["rgb"] - (1 - alpha) * bg) / a_sum.clamp_min(1e-8)
+    keep = alpha[:, 0] > 0.05
+    torch.testing.assert_close((tl["rgb"] - (1 - alpha) * bg)[keep], (alpha * factor)[keep], atol=1e-4, rtol=1e-3)
+    alb = model._render_fixed(o, d, lights, bg, torch.full((R, S), 0.5), "albedo", False, False)
+    torch.testing.assert_close(alb["rgb"], a_sum + (1 - alpha) * bg, atol=1e-5, rtol=1e-4)
+    # Training through render(): the lit render's gradient reaches the field's parameters.
+    m2 = small_nerf("representation.nerf.shading_point=surface", "representation.nerf.ambient_only_steps=0",
+                    "representation.nerf.albedo_prob=0")
+    out = m2.render(cameras(res=8), step=5, generator=step_generator(0, 5), training=True)
+    out.rgb.sum().backward()
+    assert all(p.grad is not None for p in m2.encoding.parameters())
 
 
 def test_normal_smoothness_is_the_closed_form_difference_of_neighbours():
