@@ -33,9 +33,8 @@ p = textureless_prob), else ``diffuse``: ``albedo * (ambient + (1 - ambient) * m
 Where the lit modes are shaded (``shading_point``): ``samples`` shades every sample with its own
 normal and composites the colors; ``surface`` composites the albedo and shades it once per ray
 with the normal at the ray's median depth (where the accumulated weight reaches half the ray's
-opacity; :func:`median_depth`), NeRFactor's surface point: a fuzzy shell then shades like the
-surface it shows, where per-sample shading darkens it (the deeper samples of a shell see the
-light at more grazing angles).
+opacity; :func:`median_depth`), NeRFactor's surface point: each ray is lit by one normal, that
+of the surface it shows, rather than by the mixture of the normals through a fuzzy shell.
 
 Background
 ----------
@@ -245,10 +244,11 @@ class NerfConfig(ShadingConfig):
     normal_eps: float = 0.04
     # Where lit renders are shaded (module docstring): "samples" (each sample with its own normal,
     # then composited; DreamFusion, threestudio) or "surface" (the composited albedo shaded once per
-    # ray with the normal at the median depth; NeRFactor's surface point). A trained SDS sphere
-    # shaded per sample reads 0.54 mean Lambert against the truth's 0.65: its normals lean 8-14
-    # degrees too far towards the silhouette, because the samples deeper in its fuzzy shell meet
-    # the light at grazing angles (benchmarks/results/quality-ablation-issue18-round9.md).
+    # ray with the normal at the median depth; NeRFactor's surface point). It was tried against the
+    # NeRF's dark lit renders (a trained SDS sphere reads 0.54 mean Lambert against the truth's
+    # 0.65) and does not fix them: re-shading the shipped runs at the median depth leaves the colour
+    # error at 0.150 -> 0.151, trained with it 0.154; the dents are in the surface itself
+    # (benchmarks/results/quality-ablation-issue18-round9.md).
     shading_point: str = "samples"
     # Density activation of the raw field (blob included): "softplus" (DreamFusion / threestudio)
     # or "exp" (Instant-NGP, nerfstudio's trunc_exp: exp forward, the gradient's exponent clamped
@@ -405,13 +405,13 @@ class NeRF(Representation, Appearance):
         self._transmittance_target = plain_schedule(c.transmittance_target)
         self._lambda_albedo_smooth = plain_schedule(c.lambda_albedo_smooth)
         self._lambda_normal_smooth = plain_schedule(c.lambda_normal_smooth)
-        self._lambda_normal_smooth_3d = plain_schedule(getattr(c, "lambda_normal_smooth_3d", 0.0))
+        self._lambda_normal_smooth_3d = plain_schedule(c.lambda_normal_smooth_3d)
         self.albedo_smooth_eps = float(c.albedo_smooth_eps)
-        self.normal_smooth_eps = float(getattr(c, "normal_smooth_eps", 0.04))
+        self.normal_smooth_eps = float(c.normal_smooth_eps)
         self.normal_type = str(c.normal_type)
         self.density_activation = str(c.density_activation)
         self.normal_eps = float(c.normal_eps)
-        self.shading_point = str(getattr(c, "shading_point", "samples"))
+        self.shading_point = str(c.shading_point)
         self._isosurface_threshold = float(c.isosurface_threshold)
 
         self.encoding = HashGridEncoding(
