@@ -1,10 +1,13 @@
 """The quality matrix: every ``<loss>-nerf`` / ``<loss>-gaussians`` preset and the ``-then-mesh``
 chains over the shapes-world benchmark prompts, scored against the ground truth.
 
-Each cell is one ``benchmarks/shapes_quality.py`` run (its own folder under ``--out``, resumable:
-finished runs are scored again, not re-run). Cells run side by side in ``--lanes`` processes at
-one torch thread each (on a 2-core CPU: 2 lanes; on a GPU: as many as fit). At the end the cells'
-``results.json`` are gathered into ``quality-matrix.md`` (per cell: IoU, shape IoU, size, color
+Each cell is one ``benchmarks/shapes_quality.py`` folder under ``--out`` (resumable: finished runs
+are scored again, not re-run). Its runs (prompt x seed) are the units of work: they train side by
+side in ``--lanes`` processes at one torch thread each (on a 2-core CPU: 2 lanes; on a GPU: as many
+as fit), every run of every cell in one queue, so 2 lanes finish one cell in half the time and a
+GPU with many lanes is never idle while one cell's runs remain. Once a cell's runs are trained, one
+plain ``shapes_quality.py`` call in the same queue scores the folder (``results.json``). At the end
+the cells' ``results.json`` are gathered into ``quality-matrix.md`` (per cell: IoU, shape IoU, size, color
 error, prompt accuracy, mug view consistency, haze, floaters, color noise, wall time) and
 ``quality-matrix.png`` (an 8-view strip per cell for ``--strip-prompt``, so a reader can look).
 
@@ -29,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
@@ -48,30 +52,78 @@ COLUMNS = [("iou", "IoU", ".3f"), ("shape_iou", "shape IoU", ".3f"), ("size", "s
 
 
 def cell_command(preset: str, out: Path, prompts: List[str], seeds: List[int], extra: List[str],
-                 folder: str = "") -> List[str]:
+                 folder: str = "", runs_only: bool = False) -> List[str]:
     return [sys.executable, str(HERE / "shapes_quality.py"), "--out", str(out / (folder or preset)), "--config", preset,
-            "--seeds", *map(str, seeds), "--prompts", *prompts, "--", *extra]
+            *(["--runs-only"] if runs_only else []), "--seeds", *map(str, seeds), "--prompts", *prompts, "--", *extra]
 
 
-def run_cells(cells: Dict[str, List[str]], lanes: int, log_dir: Path) -> Dict[str, int]:
-    """Run each cell's command, ``lanes`` at a time at one thread each; the exit codes."""
+@dataclass
+class Job:
+    """One process of the queue: a run to train (``cell`` names the cell it belongs to) or a
+    cell's scoring, which waits until every run job of its cell has ended."""
+    name: str
+    cmd: List[str]
+    cell: str
+    scores_cell: bool = False
+
+
+def plan_jobs(cells: Dict[str, tuple], prompts: List[str], out: Path) -> List[Job]:
+    """``cells``: name -> (preset, seeds, overrides). One training job per prompt x seed of every
+    cell, cell after cell, then one scoring job per cell (queued behind its cell's runs)."""
+    from threedistill.runs import slugify
+
+    jobs: List[Job] = []
+    for name, (preset, seeds, extra) in cells.items():
+        for prompt in prompts:
+            for seed in seeds:
+                jobs.append(Job(f"{name}/{slugify(prompt)}-seed{seed}",
+                                cell_command(preset, out, [prompt], [seed], extra, folder=name, runs_only=True),
+                                name))
+        jobs.append(Job(f"{name}/score", cell_command(preset, out, prompts, seeds, extra, folder=name),
+                        name, scores_cell=True))
+    return jobs
+
+
+def run_jobs(jobs: List[Job], lanes: int, log_dir: Path, popen=subprocess.Popen, poll_s: float = 1.0) -> Dict[str, int]:
+    """Run the jobs ``lanes`` at a time at one torch thread each, in order, except that a cell's
+    scoring job starts only once all its run jobs have ended (and is skipped, exit code -1, when
+    one of them failed: scoring would train that run again in a single lane); the exit codes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    pending = list(cells.items())
-    running: Dict[str, subprocess.Popen] = {}
+    pending = list(jobs)
+    running: Dict[str, tuple] = {}
     codes: Dict[str, int] = {}
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def runs_left(cell: str) -> bool:
+        return any(j.cell == cell and not j.scores_cell for j in pending) or \
+            any(j.cell == cell and not j.scores_cell for j, _ in running.values())
+
     while pending or running:
-        while pending and len(running) < lanes:
-            name, cmd = pending.pop(0)
-            log = open(log_dir / f"{name}.log", "w")
-            running[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            print(f"started {name}", file=sys.stderr)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                codes[name] = proc.returncode
+        for job in list(pending):
+            if len(running) >= lanes:
+                break
+            if job.scores_cell:
+                if runs_left(job.cell):
+                    continue
+                failed = [n for n, c in codes.items() if c and n.startswith(job.cell + "/")]
+                if failed:
+                    pending.remove(job)
+                    codes[job.name] = -1
+                    print(f"{job.name}: skipped, failed runs {failed}", file=sys.stderr)
+                    continue
+            pending.remove(job)
+            log_path = log_dir / (job.name.replace("/", "__") + ".log")
+            with open(log_path, "w") as log:
+                running[job.name] = (job, popen(job.cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            print(f"started {job.name}", file=sys.stderr)
+        for name, (job, proc) in list(running.items()):
+            code = proc.poll()
+            if code is not None:
+                codes[name] = code
                 del running[name]
-                print(f"{name}: exit {proc.returncode}", file=sys.stderr)
-        time.sleep(1.0)
+                print(f"{name}: exit {code}", file=sys.stderr)
+        if pending or running:
+            time.sleep(poll_s)
     return codes
 
 
@@ -190,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every cell")
     ap.add_argument("--sds-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the SDS cells")
-    ap.add_argument("--lanes", type=int, default=2, help="cells run side by side, one torch thread each")
+    ap.add_argument("--lanes", type=int, default=2, help="runs trained side by side, one torch thread each")
     ap.add_argument("--strip-prompt", default="a red mug")
     ap.add_argument("--variant", action="append", default=[], metavar='NAME="key=value ..."',
                     help="an ablation: every preset again with these overrides, cell <preset>+NAME")
@@ -206,14 +258,14 @@ def main(argv=None) -> int:
         cells = {}
         for p in args.presets:
             seeds = args.sds_seeds if p.startswith("sds-") else args.seeds
-            cells[p] = cell_command(p, out, args.prompts, seeds, list(args.overrides))
+            cells[p] = (p, seeds, list(args.overrides))
             for name, extra in variants.items():
-                cells[f"{p}+{name}"] = cell_command(p, out, args.prompts, seeds, [*args.overrides, *extra],
-                                                    folder=f"{p}+{name}")
+                cells[f"{p}+{name}"] = (p, seeds, [*args.overrides, *extra])
         t0 = time.time()
-        codes = run_cells(cells, args.lanes, out / "logs")
-        print(f"matrix: {len(cells)} cells in {time.time() - t0:.0f} s; failed: "
-              f"{[n for n, c in codes.items() if c] or 'none'}", file=sys.stderr)
+        jobs = plan_jobs(cells, args.prompts, out)
+        codes = run_jobs(jobs, args.lanes, out / "logs")
+        print(f"matrix: {len(cells)} cells, {sum(not j.scores_cell for j in jobs)} runs in {time.time() - t0:.0f} s; "
+              f"failed: {[n for n, c in codes.items() if c] or 'none'}", file=sys.stderr)
     cells = [c for p in args.presets for c in (p, *(f"{p}+{n}" for n in variants))]
     print(report(out, cells, args.strip_prompt))
     if variants:

@@ -10,7 +10,9 @@ seeds (1 - pairwise silhouette IoU; pairwise RGB difference), steps and wall tim
         [--guidance NAME] [--representation nerf] [--seeds 0 1] [--prompts "a red cube" ...] [key=value ...]
 
 Runs already finished in ``--out`` are evaluated again but not re-run, so an interrupted benchmark
-continues where it stopped.
+continues where it stopped. ``--runs-only`` trains (or resumes) the runs and stops there: no
+evaluation and no ``results.*`` files, so that several processes can fill one ``--out`` side by
+side (``quality_matrix.py`` does this, then scores the folder with one plain call).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
     ap.add_argument("--config", action="append", help="YAML config or preset, repeatable (default: the built-in defaults)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--runs-only", action="store_true",
+                    help="train or resume the runs only: no evaluation, no results.md / results.json")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
                 wall = time.time() - t0
                 wall_file.write_text(json.dumps({"wall_s": wall, "steps": results[-1].step}))
                 print(f"{prompt} seed {seed}: {results[-1].status} in {wall:.0f} s", file=sys.stderr)
+            if args.runs_only:
+                continue
             timing = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
             m = final.evaluate(classifier=classifier)
             if final is not folder:  # a chain: the coarse stage's numbers beside the refined ones
@@ -94,10 +100,15 @@ def main(argv=None) -> int:
             print(f"  IoU {m['iou']:.3f} color err {m['color_error']:.3f} -> '{m['predicted']}'", file=sys.stderr)
             run_cfg, rep, _ = final.load_representation()
             renders.append(eval_renders(rep, run_cfg.camera)[:2])
+        if args.runs_only:
+            continue
         diversity[prompt] = seed_diversity(renders)
         for r in rows:
             if r["prompt"] == prompt:
                 r.update(diversity[prompt])
+
+    if args.runs_only:
+        return 0
 
     def mean(key, part):
         vals = [r[key] for r in part if r.get(key) is not None and r[key] == r[key]]
