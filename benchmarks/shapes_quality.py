@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     cfg0 = load_config(args.config, overrides, base={"run": {"prompt": args.prompts[0]}})
     guidance_name, rep_name = cfg0.guidance.name, cfg0.representation.name
     priors = PriorCache()
-    classifier = load_classifier()
+    classifier = None if args.runs_only else load_classifier()  # only the scoring reads it
     rows = []
     diversity = {}
     for prompt in args.prompts:

@@ -63,15 +63,18 @@ def test_plan_has_one_training_job_per_run_then_the_cells_scoring(tmp_path):
 
 
 class _FakeProcs:
-    """A stand-in for subprocess.Popen: each process ends after ``polls`` polls with the exit code
-    its job name maps to; records start order and the most processes alive at once."""
+    """A stand-in for subprocess.Popen over ``jobs``: each process ends after ``polls`` polls,
+    exit code 1 for the jobs named in ``failing`` and 0 otherwise; records start order and the
+    most processes alive at once."""
 
-    def __init__(self, codes, polls=2):
-        self.codes, self.polls, self.started, self.alive, self.most = codes, polls, [], 0, 0
+    def __init__(self, jobs, failing=(), polls=2):
+        self.codes = {j.name: (1 if j.name in failing else 0) for j in jobs}
+        self.names = {tuple(j.cmd): j.name for j in jobs}
+        self.polls, self.started, self.alive, self.most = polls, [], 0, 0
 
     def __call__(self, cmd, env=None, stdout=None, stderr=None):
         fake = self
-        name = next(n for n in fake.codes if cmd == fake.cmds[n])
+        name = fake.names[tuple(cmd)]
         fake.started.append(name)
         fake.alive += 1
         fake.most = max(fake.most, fake.alive)
@@ -92,8 +95,7 @@ class _FakeProcs:
 
 def _run_fake(tmp_path, cells, prompts, lanes, failing=()):
     jobs = qm.plan_jobs(cells, prompts, tmp_path)
-    procs = _FakeProcs({j.name: (1 if j.name in failing else 0) for j in jobs})
-    procs.cmds = {j.name: j.cmd for j in jobs}
+    procs = _FakeProcs(jobs, failing)
     codes = qm.run_jobs(jobs, lanes, tmp_path / "logs", popen=procs, poll_s=0.0)
     return jobs, procs, codes
 
