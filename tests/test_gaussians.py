@@ -75,8 +75,31 @@ def test_file_init_reads_points_and_colors(tmp_path):
     rep = _rep(f"representation.gaussians.init=file:{path}", n=30)
     assert rep.num_gaussians == 30
     got = rep.means.detach().double().numpy()
-    assert np.abs(got[:, None, :] - pts[None]).sum(-1).min(1).max() < 1e-6  # a subset of the file's points
+    # A file without a recorded placement is glTF's Y-up: file (x, y, z) is world (z, x, y)
+    world = pts[:, [2, 0, 1]]
+    assert np.abs(got[:, None, :] - world[None]).sum(-1).min(1).max() < 1e-6  # a subset of the file's points
     assert torch.allclose(rep.colors, torch.tensor([1.0, 0.0, 0.0]).expand(30, 3), atol=1e-5)
+
+
+def test_file_init_from_an_export_comes_back_in_place(tmp_path):
+    """A mesh written as `threedistill export` writes it (placed: base pivot, a size in metres, Y-up
+    or Z-up) gives Gaussians on the world-frame surface it was exported from: every mean on the
+    faces of the off-centre world box, spread over its whole extent."""
+    from threedistill.export.mesh import placement, save_mesh
+
+    lo, hi = np.array([-0.05, -0.2, -0.25]), np.array([0.15, 0.2, 0.35])
+    box = trimesh.creation.box(bounds=np.stack([lo, hi]))
+    box.visual.vertex_colors = np.tile(np.array([[0, 0, 255, 255]], np.uint8), (len(box.vertices), 1))
+    for fmt, origin, size in (("glb", "base", 1.7), ("ply", "center", None), ("obj", "world", None)):
+        path = save_mesh(box, tmp_path / f"box.{fmt}", world_to_file=placement(np.asarray(box.vertices), fmt, "auto", origin, size))
+        rep = _rep(f"representation.gaussians.init=file:{path}", n=400)
+        m = rep.means.detach().double().numpy()
+        assert np.all(m > lo - 1e-5) and np.all(m < hi + 1e-5), fmt
+        on_face = np.minimum(np.abs(m - lo), np.abs(m - hi)).min(axis=1)
+        assert on_face.max() < 1e-5, fmt  # on the surface, not merely inside the box
+        assert np.allclose(m.min(0), lo, atol=0.03) and np.allclose(m.max(0), hi, atol=0.03), fmt
+        if fmt != "obj":  # OBJ colors need the .mtl texture path, not tested here
+            assert rep.colors[:, 2].min() > 0.9 and rep.colors[:, :2].max() < 0.1, fmt
 
 
 def test_missing_init_file_is_a_user_error(tmp_path):

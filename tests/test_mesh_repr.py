@@ -120,6 +120,76 @@ def test_run_init_by_default_starts_from_the_silhouette_the_run_renders(gaussian
     assert (got & want).sum() > 0.9 * (got | want).sum()  # the same pixels, not just as many
 
 
+def test_gaussians_run_init_samples_the_surface_the_run_renders(gaussians_run):
+    """representation.gaussians.init=run:RUN_DIR: the new Gaussians start on the surface a mesh
+    refine of that run would start from (every mean within a hair of that surface)."""
+    from threedistill.representations.gaussians import Gaussians
+
+    cfg = load_config(None, ["representation.name=gaussians", f"representation.gaussians.init=run:{gaussians_run}",
+                             "representation.gaussians.num_points=200", "run.prompt=a red cube"])
+    folder = RunFolder(tempfile.mkdtemp())
+    cfg = resolve_inputs(cfg, folder)
+    assert str(cfg.representation.gaussians.init).startswith("file:")
+    rep = build_representation(cfg.representation, RepresentationContext.of_run(cfg.run), torch.device("cpu"))
+    assert isinstance(rep, Gaussians) and rep.num_gaussians == 200
+    surface = _mesh(f"representation.mesh.init=run:{gaussians_run}")  # init_surface=silhouette, as here
+    tri = surface.base_vertices.double()[surface.faces]  # [F,3,3]
+    p = rep.means.detach().double()[:, None]  # [N,1,3]
+    a, b, c = tri[None, :, 0], tri[None, :, 1], tri[None, :, 2]
+    n = torch.cross(b - a, c - a, dim=-1)
+    area2 = n.norm(dim=-1)
+    plane = ((p - a) * n).sum(-1).abs() / area2.clamp_min(1e-20)  # distance to each face's plane
+    # barycentric coordinates of the point's projection, from the sub-triangle areas
+    u = (torch.cross(c - b, p - b, dim=-1) * n).sum(-1) / area2.square().clamp_min(1e-30)
+    v = (torch.cross(a - c, p - c, dim=-1) * n).sum(-1) / area2.square().clamp_min(1e-30)
+    inside = (u >= -1e-6) & (v >= -1e-6) & (u + v <= 1 + 1e-6) & (area2 > 0)
+    on_some_face = ((plane < 1e-5) & inside).any(dim=1)
+    assert bool(on_some_face.all())
+    with pytest.raises(UserError, match="representation.gaussians.init"):
+        load_config(None, ["representation.name=gaussians", "representation.gaussians.init=run:"])
+
+
+def test_taubin_smoothing_removes_bumps_and_keeps_the_size():
+    """A sphere of radius 0.4 with radial noise of 0.02 per vertex: Taubin passes bring the vertices
+    back towards the sphere (radial spread down by more than half) without shrinking it (mean
+    radius within 1%); plain Laplacian steps of the same count shrink it measurably."""
+    from threedistill.inputs import taubin_smooth
+
+    m = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    v, f = np.asarray(m.vertices), np.asarray(m.faces, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    noisy = v * (1.0 + 0.05 * rng.standard_normal((len(v), 1)))
+    r0 = np.linalg.norm(noisy, axis=1)
+    out = taubin_smooth(noisy, f, 10)
+    r = np.linalg.norm(out, axis=1)
+    assert out.shape == noisy.shape and not np.shares_memory(out, noisy)
+    assert np.abs(r - 0.4).std() < 0.5 * np.abs(r0 - 0.4).std()
+    assert abs(r.mean() / 0.4 - 1.0) < 0.01
+    lap = trimesh.Trimesh(vertices=noisy.copy(), faces=f, process=False)
+    trimesh.smoothing.filter_laplacian(lap, lamb=0.5, iterations=20, volume_constraint=False)
+    assert np.linalg.norm(lap.vertices, axis=1).mean() < 0.985 * r.mean()  # what the mu step prevents
+    assert np.array_equal(taubin_smooth(noisy, f, 0), noisy)
+
+
+def test_run_init_smooth_passes_smooth_the_extracted_surface(gaussians_run):
+    """init_smooth_passes: the refine stage starts from the extracted surface after that many
+    Taubin passes (same vertices and faces, smoother: a lower mean Laplacian norm)."""
+    from threedistill.inputs import taubin_smooth
+
+    args = (f"representation.mesh.init=run:{gaussians_run}", "representation.mesh.init_mesh_resolution=24",
+            "representation.mesh.init_surface=isosurface")
+    raw = _mesh(*args)
+    smooth = _mesh(*args, "representation.mesh.init_smooth_passes=5")
+    assert torch.equal(raw.faces, smooth.faces)
+    f = raw.faces.numpy()
+    want = taubin_smooth(raw.base_vertices.double().numpy(), f, 5)
+    assert np.allclose(smooth.base_vertices.numpy(), want, atol=1e-5)
+    edges = mesh_edges(raw.faces)
+    assert laplacian_loss(smooth.base_vertices, edges) < 0.5 * laplacian_loss(raw.base_vertices, edges)
+    with pytest.raises(UserError, match="init_smooth_passes"):
+        load_config(None, ["representation.name=mesh", "representation.mesh.init_smooth_passes=-1"])
+
+
 # -- rendering ------------------------------------------------------------------------------------
 def test_render_contract_and_modes():
     rep = _mesh("representation.mesh.ambient_only_steps=0", "representation.mesh.albedo_prob=0",

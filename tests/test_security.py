@@ -82,6 +82,7 @@ def _path_attacks(world):
         "gaussians.init": ("representation.gaussians.init=file:{}", [s / "cloud.ply", s / "nope.ply", o / "link-cloud.ply"]),
         "mesh.init file": ("representation.mesh.init=file:{}", [s / "cloud.ply", s / "nope.ply", o / "link-cloud.ply"]),
         "mesh.init run": ("representation.mesh.init=run:{}", [s / "run", s / "nope", o / "link-run"]),
+        "gaussians.init run": ("representation.gaussians.init=run:{}", [s / "run", s / "nope", o / "link-run"]),
         "refine.config": ("refine.enabled=true\nrefine.config={}", [s / "passwd", s / "nope.yaml", o / "link-conf.yaml",
                                                                    "/etc/passwd", "../../../../etc/passwd"]),
         "refine prior": ("refine.enabled=true\nrefine.overrides=[prior.name={}]", [s / "pipeline", s / "nope"]),

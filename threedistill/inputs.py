@@ -5,12 +5,15 @@ their built-in shapes). Two inputs name something outside the run instead; the p
 them into mesh arrays (:func:`threedistill.meshio.write_mesh_arrays`: float64 vertices, int64
 faces, float32 colors, lossless) in the run folder's ``inputs/`` before construction:
 
-* ``init=run:RUN_DIR`` (the mesh refine stage): the surface of that run's newest checkpoint,
-  its own triangles when it has them (:meth:`~threedistill.representations.Representation.explicit_surface`),
-  else its density's isosurface at ``init_mesh_resolution`` (else the run's
-  ``export.mesh_resolution``) with colors from its albedo; with ``init_surface=silhouette`` at the
-  density level whose silhouette matches what the run renders (:func:`matching_cameras`,
-  :func:`threedistill.export.mesh.silhouette_threshold`), else at its ``isosurface_threshold``. The global torch RNG is left as it was.
+* ``init=run:RUN_DIR`` (the mesh refine stage; a Gaussians run's 3D initialization): the
+  surface of that run's newest checkpoint, its own triangles when it has them
+  (:meth:`~threedistill.representations.Representation.explicit_surface`), else its density's
+  isosurface at ``init_mesh_resolution`` (else the run's ``export.mesh_resolution``) with colors
+  from its albedo; with ``init_surface=silhouette`` (the default, and what a group without the
+  key, the Gaussians', gets) at the density level whose silhouette matches what the run renders
+  (:func:`matching_cameras`, :func:`threedistill.export.mesh.silhouette_threshold`), else at its
+  ``isosurface_threshold``; then ``init_smooth_passes`` Taubin passes (:func:`taubin_smooth`; 0
+  when the group has no such key). The global torch RNG is left as it was.
 * ``init=shape`` (Gaussians): the shapes-world mesh that ``run.prompt`` names (``"a red cube"``);
   a prompt that names none falls back to ``init=sphere`` with a logged warning.
 
@@ -72,18 +75,20 @@ def resolve_inputs(cfg: Config, into: RunFolder) -> Config:
                                                                             np.asarray(m.faces), None)
         else:
             arrays = surface_of_run(Path(init[len("run:"):]).expanduser(), key, group.get("init_mesh_resolution"),
-                                    resolve_device(cfg.run.device), str(group.get("init_surface", "isosurface")))
+                                    resolve_device(cfg.run.device), str(group.get("init_surface", "silhouette")),
+                                    int(group.get("init_smooth_passes", 0)))
         write_mesh_arrays(path, *arrays)
     out.representation[name].init = f"file:{path}"
     return out
 
 
 def surface_of_run(run_dir: Path, key: str, resolution: Optional[int], device: torch.device,
-                   surface: str = "isosurface") -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+                   surface: str = "isosurface", smooth_passes: int = 0) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """World vertices ``[V,3]`` float64, faces ``[F,3]`` int64 and vertex colors ``[V,3]`` float32
     sRGB (or None) of the trained run in ``run_dir`` (module docstring). ``surface``: ``isosurface``
     (the run's ``isosurface_threshold``) or ``silhouette`` (the level whose silhouette matches the
-    run's render from :func:`matching_cameras`)."""
+    run's render from :func:`matching_cameras`). ``smooth_passes``: Taubin smoothing passes of the
+    vertices (:func:`taubin_smooth`)."""
     source = RunFolder(run_dir)
     if not source.is_run():
         raise UserError(f"{key}: '{run_dir}' is not a threedistill run folder (no config.yaml)")
@@ -94,8 +99,28 @@ def surface_of_run(run_dir: Path, key: str, resolution: Optional[int], device: t
             match = matching_cameras(cfg.camera) if surface == "silhouette" else None
             mesh = extract_mesh(rep, resolution=int(resolution or cfg.export.mesh_resolution),
                                 min_component_ratio=float(cfg.export.min_component_ratio), match_cameras=match)
-    return (np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64),
-            vertex_colors(mesh, linear=False))
+    verts = np.asarray(mesh.vertices, dtype=np.float64)
+    if smooth_passes > 0:
+        verts = taubin_smooth(verts, np.asarray(mesh.faces, dtype=np.int64), smooth_passes)
+    return verts, np.asarray(mesh.faces, dtype=np.int64), vertex_colors(mesh, linear=False)
+
+
+#: Taubin's two steps (Taubin 1995, "A signal processing approach to fair surface design"): a
+#: Laplacian step of TAUBIN_LAMBDA shrinks, one of TAUBIN_MU (negative, |mu| > lambda) inflates;
+#: together a low-pass filter with pass-band frequency 1/lambda + 1/mu = 0.11, so bumps a few
+#: cells wide go while the volume stays.
+TAUBIN_LAMBDA, TAUBIN_MU = 0.5, -0.53
+
+
+def taubin_smooth(verts: np.ndarray, faces: np.ndarray, passes: int) -> np.ndarray:
+    """``verts`` after ``passes`` Taubin passes over the mesh ``faces`` (trimesh's uniform
+    Laplacian, each pass a ``TAUBIN_LAMBDA`` then a ``TAUBIN_MU`` step); a new array."""
+    import trimesh
+    from trimesh.smoothing import filter_taubin
+
+    m = trimesh.Trimesh(vertices=np.array(verts, dtype=np.float64), faces=faces, process=False)
+    filter_taubin(m, lamb=TAUBIN_LAMBDA, nu=-TAUBIN_MU, iterations=2 * int(passes))
+    return np.asarray(m.vertices, dtype=np.float64)
 
 
 def prepare_inputs(d: Distiller) -> None:

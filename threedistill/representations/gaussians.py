@@ -11,12 +11,18 @@ Initialization (``representation.gaussians.init``; random draws from torch's glo
 -----------------------------------------------------------------------------------------
 * ``sphere``: ``num_points`` points uniform in the ball of radius ``init_radius``.
 * ``file:PATH``: the vertices of a point cloud (or points sampled uniformly on a mesh) read
-  with :func:`threedistill.meshio.read_mesh` (coordinates as stored), randomly subsampled to
-  ``num_points`` if there are more; their vertex colors when present.
+  with :func:`threedistill.meshio.read_mesh`, randomly subsampled to ``num_points`` if there are
+  more; their vertex colors when present. An exchange file (PLY, OBJ, GLB...) is brought into the
+  world frame as the mesh's ``file:`` init brings it (:func:`threedistill.meshio.file_to_world`:
+  the placement our exports record, else glTF's Y-up), so a file written by ``threedistill
+  export`` comes back where it was trained; mesh arrays (``.npz``) are in the world frame.
 * ``shape`` (the shapes-world mesh that ``run.prompt`` names, ``"a red cube"``; any other
-  prompt falls back to ``sphere`` with a logged warning) is resolved by the pipeline
-  (:func:`threedistill.inputs.resolve_inputs`) into a ``file:`` of that mesh before the
-  Gaussians are built, so they sample points on it as on any mesh file.
+  prompt falls back to ``sphere`` with a logged warning) and ``run:RUN_DIR`` (the surface of a
+  finished NeRF, Gaussians or mesh run, at the density level whose silhouette matches its
+  render, colors from its albedo: a 3D initialization as GaussianDreamer's, from a run of this
+  project) are resolved by the pipeline (:func:`threedistill.inputs.resolve_inputs`) into a
+  ``file:`` of that mesh before the Gaussians are built, so they sample points on it as on any
+  mesh file.
 
 Scales start at the mean distance to the 3 nearest neighbours (isotropic), rotations at the
 identity, opacities at ``init_opacity``, colors grey-ish (``0.5 +- 0.05``) unless read from a file.
@@ -78,7 +84,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -90,7 +96,7 @@ from torch import nn
 from threedistill.cameras import CameraBatch
 from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, check_unit, parse_schedule, plain_schedule, scheduled, shown
 from threedistill.errors import UserError
-from threedistill.meshio import read_mesh
+from threedistill.meshio import apply_transform, file_to_world, read_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     transmittance_term,
@@ -153,7 +159,8 @@ class GaussiansConfig(ShadingConfig):
     # points (randomly subsampled to num_points when it has more).
     num_points: int = 4096
     # "sphere": uniform in a ball of init_radius; "shape": on the shapes-world mesh named by the
-    # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh.
+    # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh
+    # (placed as the mesh's file: init places it); "run:RUN_DIR": on the surface of a finished run.
     init: str = "sphere"
     init_radius: float = 0.5
     init_opacity: float = 0.1
@@ -226,8 +233,8 @@ class GaussiansConfig(ShadingConfig):
         check_shading(self, key)
         check_background(self, key)
         init = str(self.init)
-        if init not in ("sphere", "shape") and not (init.startswith("file:") and len(init) > 5):
-            raise UserError(f"config key '{key}.init' must be sphere, shape or file:PATH, got {shown(self.init)}")
+        if init not in ("sphere", "shape") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
+            raise UserError(f"config key '{key}.init' must be sphere, shape, file:PATH or run:RUN_DIR, got {shown(self.init)}")
 
 
 def depth_normals(points: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
@@ -281,6 +288,8 @@ def _load_init_file(path_str: str, n: int) -> Tuple[torch.Tensor, Optional[torch
 
     key = "representation.gaussians.init"
     data = read_mesh(path_str, key)
+    if data.y_up:  # an exchange file: back into the world frame (the mesh's file: init does the same)
+        data = replace(data, vertices=apply_transform(data.vertices, file_to_world(Path(path_str).expanduser())))
     colors = None
     if len(data.faces) > 0:
         mesh = trimesh.Trimesh(vertices=data.vertices, faces=data.faces, process=False)
@@ -390,11 +399,12 @@ class Gaussians(Representation, Appearance):
             init = "sphere"  # the checkpoint replaces every Gaussian: read no input
         if init.startswith("file:"):
             return _load_init_file(init[len("file:"):], n)
-        if init == "shape":
-            raise UserError("representation.gaussians.init=shape must be resolved into a file before the Gaussians "
+        if init == "shape" or init.startswith("run:"):
+            raise UserError(f"representation.gaussians.init={init} must be resolved into a file before the Gaussians "
                             "are built (threedistill.inputs.resolve_inputs)")
         if init != "sphere":
-            raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape or file:PATH, got {shown(init)}")
+            raise UserError(f"config key 'representation.gaussians.init' must be sphere, shape, file:PATH or run:RUN_DIR, "
+                            f"got {shown(init)}")
         return _ball_points(n, float(c.init_radius)), None
 
     # ------------------------------------------------------------------------------------------

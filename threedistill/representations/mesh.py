@@ -99,7 +99,7 @@ from threedistill.representations.common import LAMBDA_BOUNDS, LR_BOUNDS, SHADIN
 #: Bounds of the mesh's numbers: icospheres up to 7 subdivisions (~330k faces), "run:" inits
 #: extracted on grids up to 1024^3 (as export.mesh_resolution).
 MESH_BOUNDS = {**SHADING_BOUNDS, "init_radius": (1e-6, 1000.0), "init_subdivisions": (0, 7),
-               "init_mesh_resolution": (2, 1024), "lr_offsets": LR_BOUNDS, "lr_colors": LR_BOUNDS,
+               "init_mesh_resolution": (2, 1024), "init_smooth_passes": (0, 1000), "lr_offsets": LR_BOUNDS, "lr_colors": LR_BOUNDS,
                "lambda_laplacian": LAMBDA_BOUNDS, "lambda_normal_consistency": LAMBDA_BOUNDS}
 
 #: Values of ``representation.mesh.init_surface`` (see :class:`MeshConfig`).
@@ -127,6 +127,10 @@ class MeshConfig(ShadingConfig):
     # from rings of views (a fixed iso level can be far inside or outside the rendered object);
     # "isosurface": the run's own isosurface_threshold, as `threedistill export` extracts.
     init_surface: str = "silhouette"
+    # "run:" init: passes of Taubin smoothing (Taubin 1995: a shrinking step lambda = 0.5, then an
+    # inflating step mu = -0.53, so the volume is kept) applied to the extracted surface; 0 keeps
+    # the marching-cubes surface as it is. A pass is the pair of steps.
+    init_smooth_passes: int = 0
     # Fixed learning rates: vertex offsets, color logits (independent of optim.lr).
     lr_offsets: float = 1.0e-3
     lr_colors: float = 1.0e-2
