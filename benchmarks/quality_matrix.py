@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from shapes_quality import DEFAULT_PROMPTS  # noqa: E402
 
 LOSSES = ("sds", "vsd", "esd", "ism", "csd", "nfsd")
-CHAINS = ("sds-nerf-then-mesh", "sds-gaussians-then-mesh")
+CHAINS = ("sds-nerf-then-mesh", "sds-gaussians-then-mesh", "sds-nerf-then-gaussians")
 DEFAULT_PRESETS = [f"{loss}-{rep}" for rep in ("nerf", "gaussians") for loss in LOSSES] + list(CHAINS)
 
 COLUMNS = [("iou", "IoU", ".3f"), ("shape_iou", "shape IoU", ".3f"), ("size", "size", ".2f"),

@@ -4,6 +4,7 @@ resuming a chained run interrupted in its refine stage, and bad inputs."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -157,18 +158,51 @@ def test_bad_refine_inputs(chained, tmp_path, tiny_sd_path, capsys):
     assert not (unfinished / "refine").exists()
     # A refine config that is not a mesh representation, from the command line or a chained config.
     before = sorted(p.name for p in chained.iterdir())
-    _one_line_error(capsys, main(["refine", str(chained), "--config", "sds-nerf"]), "sds-nerf", "representation.name=mesh")
-    _one_line_error(capsys, main(["refine", str(chained), "representation.name=gaussians"]), "must be mesh")
+    _one_line_error(capsys, main(["refine", str(chained), "--config", "sds-nerf"]), "sds-nerf",
+                    "representation.name=gaussians or mesh")
+    _one_line_error(capsys, main(["refine", str(chained), "representation.name=nerf"]), "must be gaussians or mesh")
     _one_line_error(capsys, main(["refine", str(chained)]), "already holds a refine stage")
     assert sorted(p.name for p in chained.iterdir()) == before
     out = tmp_path / "o"
     _one_line_error(capsys, main(["generate", "a cube", "-c", "sds-nerf-then-mesh", "--out", str(out),
-                                  f"prior.name={tiny_sd_path}", "refine.config=sds-gaussians"]), "refine stage")
+                                  f"prior.name={tiny_sd_path}", "refine.config=csd-nerf"]), "refine stage")
     _one_line_error(capsys, main(["generate", "a cube", "-c", "sds-nerf-then-mesh", "--out", str(out),
                                   f"prior.name={tiny_sd_path}", "refine.overrides=[run.stepz=2]"]), "run.stepz")
     _one_line_error(capsys, main(["generate", "a cube", "--out", str(out), "refine.overrides=[oops]"]),
                     "refine.overrides")
     assert not out.exists()  # nothing half-written: the refine config is checked before the coarse stage
+
+
+def test_nerf_then_gaussians_starts_the_gaussians_inside_the_nerf_surface(tmp_path, tiny_sd_path):
+    import trimesh
+
+    from threedistill.inputs import surface_of_run
+
+    out = tmp_path / "o"
+    assert main(["generate", "a red cube", "-c", "sds-nerf-then-gaussians", "--out", str(out),
+                 f"prior.name={tiny_sd_path}", "run.name=ng", *COARSE,
+                 "refine.overrides=[run.steps=2,run.resolution=16,representation.gaussians.num_points=300,"
+                 "representation.gaussians.init_inset=match]"]) == 0
+    coarse, stage = out / "ng", out / "ng" / "refine"
+    rcfg = load_config(None, base=_yaml(stage))
+    assert rcfg.representation.name == "gaussians" and rcfg.run.steps == 2
+    assert rcfg.representation.gaussians.init == f"run:{coarse.resolve()}"
+    assert json.loads((stage / "run.json").read_text())["status"] == "finished"
+    assert (stage / "model.glb").is_file()
+    # The start: the NeRF's silhouette-matched surface, every vertex moved the same distance inwards.
+    v0, f0, _ = surface_of_run(coarse, "t", None, torch.device("cpu"), "silhouette")
+    from threedistill.meshio import read_mesh
+
+    start = read_mesh(stage / "inputs" / "representation.gaussians.init.npz", "t")
+    np.testing.assert_array_equal(start.faces, f0)
+    normals = trimesh.Trimesh(v0, f0, process=False).vertex_normals
+    depth = ((v0 - start.vertices) * normals).sum(1)  # along the outward normals
+    assert depth.min() > 0 and np.ptp(depth) < 1e-9
+    # The Gaussians were placed on it (2 steps at lr 1e-3 move a mean by well under 0.01).
+    means = load_file(str(stage / "checkpoints" / "step_000002.safetensors"))["representation.means"].numpy()
+    assert len(means) <= 300
+    _, dist, _ = trimesh.proximity.closest_point_naive(trimesh.Trimesh(start.vertices, start.faces, process=False), means)
+    assert dist.max() < 0.01
 
 
 def test_presets():
@@ -183,6 +217,12 @@ def test_presets():
     assert nerf.guidance == load_config("sds-nerf").guidance  # the coarse NeRF stage is the quick start's
     assert gauss.guidance == load_config("sds-gaussians").guidance  # the Gaussians keep their 800-step SDS
     assert not load_config("sds-nerf").refine.enabled
+    # NeRF -> Gaussians: the coarse NeRF is the quick start's, the stage is sds-gaussians started inside its surface
+    chain = load_config("sds-nerf-then-gaussians")
+    stage = refine_config(chain, Path("coarse"))
+    assert chain.guidance == nerf.guidance and chain.representation.name == "nerf"
+    assert stage.representation.name == "gaussians" and stage.representation.gaussians.init_inset == "match"
+    assert stage.guidance == gauss.guidance and stage.run.steps == load_config("sds-gaussians").run.steps
 
 
 def test_batch_runs_and_resumes_chains(tmp_path, tiny_sd_path, capsys):

@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "expected peak memory, time per step and total time, and exit (no run folder is made)")
     _add_overrides(g)
 
-    rf = sub.add_parser("refine", help="refine a finished run's surface as a mesh (a run in RUN_DIR/refine)")
+    rf = sub.add_parser("refine", help="continue a finished run as a mesh (or Gaussians) started on its surface "
+                        "(a run in RUN_DIR/refine)")
     rf.add_argument("run_dir", help="a finished run folder (NeRF, Gaussians or mesh)")
     rf.add_argument("--config", "-c", help="the refine stage's preset or YAML file "
-                    "(default: the run's refine.config, sds-mesh)")
+                    "(a mesh or Gaussians run; default: the run's refine.config, sds-mesh)")
     _add_overrides(rf)
 
     e = sub.add_parser("export", help="extract and write the mesh of a run")

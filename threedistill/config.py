@@ -252,11 +252,12 @@ class ExportConfig:
 @dataclass
 class RefineConfig:
     """Coarse-to-fine: when ``enabled``, a finished run continues with a refine stage, its own run
-    folder ``<run_dir>/refine`` (:mod:`threedistill.pipeline`): a mesh run initialized from this
-    run's surface (``representation.mesh.init=run:<this run's folder>``)."""
+    folder ``<run_dir>/refine`` (:mod:`threedistill.pipeline`): a mesh (or Gaussians) run initialized
+    from this run's surface (``representation.<name>.init=run:<this run's folder>``)."""
 
     enabled: bool = False
-    # The refine stage's preset or YAML file (it must give representation.name=mesh).
+    # The refine stage's preset or YAML file (it must give representation.name=mesh or gaussians:
+    # a representation that starts from a run's surface).
     config: str = "sds-mesh"
     # key=value overrides for the refine stage, e.g. [run.resolution=64, run.steps=400].
     overrides: List[str] = field(default_factory=list)

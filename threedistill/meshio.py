@@ -23,7 +23,7 @@ textures).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -226,6 +226,15 @@ def read_mesh(path: Union[str, Path], key: str) -> MeshData:
     return data
 
 
+def read_world_mesh(path: Union[str, Path], key: str) -> MeshData:
+    """:func:`read_mesh`, an exchange file's coordinates brought into the world frame
+    (:func:`file_to_world`: the placement our exports record, else glTF's Y-up); ``y_up`` False."""
+    data = read_mesh(path, key)
+    if data.y_up:
+        data = replace(data, vertices=apply_transform(data.vertices, file_to_world(Path(path).expanduser())), y_up=False)
+    return data
+
+
 def _read_arrays(path: Path, key: str) -> MeshData:
     try:
         with np.load(str(path), allow_pickle=False) as z:
@@ -253,5 +262,5 @@ def write_mesh_arrays(path: Union[str, Path], vertices: np.ndarray, faces: np.nd
 
 
 __all__ = ["PLACEMENT_TAG", "placement_comment", "world_to_file", "file_to_world", "apply_transform",
-           "MeshData", "read_mesh", "read_mesh_parts", "vertex_colors", "write_mesh_arrays", "linear_to_srgb",
+           "MeshData", "read_mesh", "read_world_mesh", "read_mesh_parts", "vertex_colors", "write_mesh_arrays", "linear_to_srgb",
            "srgb_to_linear", "Z_UP_TO_Y_UP", "MESH_ARRAYS_SUFFIX"]

@@ -45,7 +45,7 @@ from threedistill.errors import UserError
 from threedistill.inputs import prepare_inputs
 from threedistill.groups import max_scheduled, shown
 from threedistill.priors import BUILTIN_PRIORS, PriorCache, check_prior_available
-from threedistill.representations import representation_class
+from threedistill.representations import representation_class, representation_names
 from threedistill.runs import RunFolder, slugify
 from threedistill.shapes.world import COLOR_NAMES, SHAPES, parse_prompt
 
@@ -85,20 +85,26 @@ def refine_config(coarse_cfg: Config, coarse_dir: Path, config: Optional[str] = 
         raise UserError(f"refine stage: {e}") from None
     if not representation_class(str(preset.representation.name)).refines_surfaces:
         raise UserError(f"refine stage: refine.config '{config}' is a {preset.representation.name} run; "
-                        "the refine stage needs representation.name=mesh (e.g. refine.config=sds-mesh)")
+                        f"the refine stage needs representation.name={' or '.join(_refining())} "
+                        "(e.g. refine.config=sds-mesh)")
     base = OmegaConf.merge(preset, carried)
     try:
         cfg = load_config(None, overrides, base=base)
     except UserError as e:
         raise UserError(f"refine stage: {e}") from None
     if not representation_class(str(cfg.representation.name)).refines_surfaces:
-        raise UserError(f"refine stage: representation.name must be mesh, got '{cfg.representation.name}' "
-                        "(from refine.overrides)")
+        raise UserError(f"refine stage: representation.name must be {' or '.join(_refining())}, "
+                        f"got '{cfg.representation.name}' (from refine.overrides)")
     # Set directly, not as a key=value override, so any folder name is taken literally.
     cfg.representation[cfg.representation.name].init = init
     cfg.refine.enabled = False
     cfg.run.name = None
     return cfg
+
+
+def _refining() -> List[str]:
+    """The representations a refine stage can be (they start from a run's surface)."""
+    return [n for n in representation_names() if representation_class(n).refines_surfaces]
 
 
 def check_refine(cfg: Config, policy: Optional["PathPolicy"] = None) -> None:

@@ -206,7 +206,7 @@ def _surface_at(volume: np.ndarray, iso: float, bound: float, min_component_rati
 
 
 @torch.no_grad()
-def _silhouette(mesh: trimesh.Trimesh, cameras: CameraBatch) -> torch.Tensor:
+def mesh_silhouette(mesh: trimesh.Trimesh, cameras: CameraBatch) -> torch.Tensor:
     """``[B,1,H,W]`` bool: where ``mesh``'s antialiased coverage from ``cameras`` exceeds 0.5 (the
     evaluation's silhouette rule)."""
     B = len(cameras)
@@ -276,7 +276,7 @@ def silhouette_threshold(rep: Representation, volume: np.ndarray, bound: float, 
                     mode="constant", constant_values=outside)
 
     def area(log_tau: float) -> int:
-        return int(_silhouette(_surface_at(padded, float(np.exp(log_tau)), bound, min_component_ratio), cameras).sum())
+        return int(mesh_silhouette(_surface_at(padded, float(np.exp(log_tau)), bound, min_component_ratio), cameras).sum())
 
     if area(lo) <= target:  # even the lowest level shows no more than the render: take it
         return float(np.exp(lo))

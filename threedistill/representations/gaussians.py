@@ -84,9 +84,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ from torch import nn
 from threedistill.cameras import CameraBatch
 from threedistill.groups import MAX_STEPS, Scheduled, check_bounds, check_positive, check_unit, parse_schedule, plain_schedule, scheduled, shown
 from threedistill.errors import UserError
-from threedistill.meshio import apply_transform, file_to_world, read_mesh
+from threedistill.meshio import read_world_mesh
 from threedistill.representations.base import RenderOutput, Representation, RepresentationContext, register
 from threedistill.representations.common import (
     transmittance_term,
@@ -145,6 +145,10 @@ GAUSSIANS_BOUNDS = {**SHADING_BOUNDS, "num_points": (1, 10_000_000), "init_radiu
                     "max_gaussians": (1, 10_000_000)}
 
 
+#: ``representation.gaussians.init_inset``'s calibrated value (see :class:`GaussiansConfig`).
+INSET_MATCH = "match"
+
+
 @dataclass
 class GaussiansConfig(ShadingConfig):
     """``representation.gaussians``. Radius, background and shading fields: :class:`ShadingConfig`
@@ -162,6 +166,13 @@ class GaussiansConfig(ShadingConfig):
     # prompt (falls back to "sphere" otherwise); "file:PATH": a point cloud / mesh read by trimesh
     # (placed as the mesh's file: init places it); "run:RUN_DIR": on the surface of a finished run.
     init: str = "sphere"
+    # A mesh start (file:, shape, run:) moved this far inwards along its vertex normals before the
+    # Gaussians are placed on it (world units), or "match": the inset at which the start's render
+    # (alpha > 0.5) covers as many pixels as the mesh's own silhouette, from the views of
+    # threedistill.export.mesh.matching_cameras (threedistill.inputs.matched_inset). Gaussians
+    # centred on a surface reach past it by about their scale, so an inset of 0 starts larger than
+    # the mesh. Point clouds and the sphere are used as they are.
+    init_inset: Any = 0.0
     init_radius: float = 0.5
     init_opacity: float = 0.1
     # Fixed learning rates per group (DreamGaussian-style), independent of optim.lr.
@@ -232,6 +243,11 @@ class GaussiansConfig(ShadingConfig):
         check_unit(self.random_background_prob, f"{key}.random_background_prob")
         check_shading(self, key)
         check_background(self, key)
+        inset = self.init_inset
+        if not (inset == INSET_MATCH or (isinstance(inset, (int, float)) and not isinstance(inset, bool)
+                                         and 0.0 <= inset <= 1000.0)):
+            raise UserError(f"config key '{key}.init_inset' must be a distance in [0, 1000] or '{INSET_MATCH}', "
+                            f"got {shown(inset)}")
         init = str(self.init)
         if init not in ("sphere", "shape") and not (init.startswith(("file:", "run:")) and len(init.split(":", 1)[1]) > 0):
             raise UserError(f"config key '{key}.init' must be sphere, shape, file:PATH or run:RUN_DIR, got {shown(self.init)}")
@@ -287,9 +303,7 @@ def _load_init_file(path_str: str, n: int) -> Tuple[torch.Tensor, Optional[torch
     import trimesh
 
     key = "representation.gaussians.init"
-    data = read_mesh(path_str, key)
-    if data.y_up:  # an exchange file: back into the world frame (the mesh's file: init does the same)
-        data = replace(data, vertices=apply_transform(data.vertices, file_to_world(Path(path_str).expanduser())))
+    data = read_world_mesh(path_str, key)  # an exchange file: back into the world frame, as the mesh's file: init
     colors = None
     if len(data.faces) > 0:
         mesh = trimesh.Trimesh(vertices=data.vertices, faces=data.faces, process=False)
@@ -351,6 +365,7 @@ class Gaussians(Representation, Appearance):
     """
 
     config_key = "representation.gaussians"  # where its settings live (named in error messages)
+    refines_surfaces = True  # init=run:RUN_DIR: a refine stage's representation (a NeRF -> Gaussians chain)
 
     chunk_points: int = 2048
     cutoff_sigmas: float = 5.0
