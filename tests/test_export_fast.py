@@ -153,3 +153,26 @@ def test_turntable_renderer_reuses_the_mesh_tensors_without_going_stale(tmp_path
         fresh = render_exported_mesh(load_exported_mesh(path), cams[i], white, 0.1)["rgb"]
         torch.testing.assert_close(frames[i], fresh, rtol=0, atol=0)
     assert not torch.equal(frames[0], frames[2])
+
+
+class Shell(Spheres):
+    """A hollow ball: density ``50 * sigmoid(40 * min(R_OUT - r, r - R_IN))``, so the level 25 is
+    the sphere of radius R_OUT outside and the wall of an empty pocket of radius R_IN inside."""
+
+    R_IN, R_OUT = 0.2, 0.45
+
+    def density(self, points):
+        r = points.norm(dim=-1)
+        return 50.0 * torch.sigmoid(40.0 * torch.minimum(self.R_OUT - r, r - self.R_IN))
+
+
+def test_the_inner_wall_of_a_hollow_density_is_not_exported():
+    mesh = M.extract_mesh(Shell(), resolution=48, min_component_ratio=0.0)
+    # one closed surface, the outer sphere: every vertex at R_OUT, enclosing the full ball's volume
+    np.testing.assert_allclose(np.linalg.norm(mesh.vertices, axis=1), Shell.R_OUT, atol=0.02)
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(4.0 / 3.0 * np.pi * Shell.R_OUT ** 3, rel=0.03)
+    # two separate solid balls both stay (positive volumes are never dropped)
+    two = M.extract_mesh(Spheres(spheres=(((0.4, 0.0, 0.0), 0.3), ((-0.5, 0.0, 0.0), 0.2))), resolution=48,
+                         min_component_ratio=0.0)
+    assert two.volume == pytest.approx(4.0 / 3.0 * np.pi * (0.3 ** 3 + 0.2 ** 3), rel=0.03)

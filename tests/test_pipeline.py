@@ -222,6 +222,7 @@ def test_presets():
     stage = refine_config(chain, Path("coarse"))
     assert chain.guidance == nerf.guidance and chain.representation.name == "nerf"
     assert stage.representation.name == "gaussians" and stage.representation.gaussians.init_inset == "match"
+    assert stage.representation.gaussians.init_opacity == 0.7  # an opaque start (one layer of Gaussians)
     assert stage.guidance == gauss.guidance and stage.run.steps == load_config("sds-gaussians").run.steps
 
 

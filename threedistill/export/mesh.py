@@ -168,6 +168,26 @@ def _keep_large_components(mesh: trimesh.Trimesh, min_component_ratio: float) ->
     return mesh
 
 
+def _drop_cavities(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """``mesh`` (closed components, wound outward: normals from high to low density) without the
+    components of negative signed volume: the walls of empty pockets inside the solid, wound
+    towards the pocket. Nothing outside sees them, yet a hollow density (a shell of Gaussians
+    started on a surface) exports one as large as the outer surface. Kept as is when no component
+    has a positive volume."""
+    if len(mesh.faces) == 0:
+        return mesh
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    tri = mesh.vertices[mesh.faces]
+    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0  # per face, about the origin
+    volume = np.bincount(labels, weights=signed)
+    keep = volume > 0
+    if keep.all() or not keep.any():
+        return mesh
+    mesh.update_faces(keep[labels])
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
 @torch.no_grad()
 def _albedo_rgba(rep: Representation, vertices: np.ndarray, chunk: int, device: torch.device) -> np.ndarray:
     cols = []
@@ -202,7 +222,7 @@ def _surface_at(volume: np.ndarray, iso: float, bound: float, min_component_rati
     if not distinct.all():
         mesh.update_faces(distinct)
         mesh.remove_unreferenced_vertices()
-    return _keep_large_components(mesh, float(min_component_ratio))
+    return _keep_large_components(_drop_cavities(mesh), float(min_component_ratio))
 
 
 @torch.no_grad()
@@ -309,8 +329,10 @@ def extract_mesh(
     * The grid is padded by one sub-threshold layer so the surface is closed where the object
       touches the bounds; those caps are clamped onto the bounding cube.
     * Faces are wound so normals point from high to low density (outward).
-    * Connected components with fewer than ``min_component_ratio`` times the largest
-      component's faces (floaters) are dropped.
+    * Inner walls of empty pockets (closed components of negative signed volume, invisible from
+      outside: a hollow density's inside) are dropped (:func:`_drop_cavities`), then connected
+      components with fewer than ``min_component_ratio`` times the largest component's faces
+      (floaters).
     * Vertex colors are ``rep.albedo(vertices)`` as uint8 RGBA (sRGB, alpha 255).
 
     ``threshold`` defaults to ``rep.isosurface_threshold``; with ``match_cameras`` (and no
