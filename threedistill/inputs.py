@@ -222,15 +222,20 @@ def prepare_inputs(d: Distiller) -> None:
         d.representation_cfg = resolve_inputs(d.cfg, d.folder).representation
 
 
+def _active_group(cfg: Config):
+    """The active representation's config group (None when the config has none)."""
+    return cfg.representation.get(str(cfg.representation.name))
+
+
 def _inset_of(cfg: Config):
     """The active group's ``init_inset`` (0 when it has none): a distance or ``INSET_MATCH``."""
-    group = cfg.representation.get(str(cfg.representation.name))
+    group = _active_group(cfg)
     inset = group.get("init_inset", 0) if group is not None else 0
     return inset if inset == INSET_MATCH else float(inset)
 
 
 def _init_of(cfg: Config) -> Optional[str]:
-    group = cfg.representation.get(str(cfg.representation.name))
+    group = _active_group(cfg)
     init = group.get("init") if group is not None else None
     return None if init is None else str(init)
 

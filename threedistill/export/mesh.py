@@ -155,33 +155,28 @@ def _outward_sign(vertices: np.ndarray, faces: np.ndarray, volume: np.ndarray) -
     return float(np.sign(np.einsum("ij,ij->i", normals, grad)).sum())
 
 
-def _keep_large_components(mesh: trimesh.Trimesh, min_component_ratio: float) -> trimesh.Trimesh:
-    if min_component_ratio <= 0 or len(mesh.faces) == 0:
-        return mesh
-    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
-    counts = np.bincount(labels)
-    keep = counts >= min_component_ratio * counts.max()
-    if keep.all():
-        return mesh
-    mesh.update_faces(keep[labels])
-    mesh.remove_unreferenced_vertices()
-    return mesh
-
-
-def _drop_cavities(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """``mesh`` (closed components, wound outward: normals from high to low density) without the
-    components of negative signed volume: the walls of empty pockets inside the solid, wound
-    towards the pocket. Nothing outside sees them, yet a hollow density (a shell of Gaussians
-    started on a surface) exports one as large as the outer surface. Kept as is when no component
-    has a positive volume."""
+def _keep_components(mesh: trimesh.Trimesh, min_component_ratio: float) -> trimesh.Trimesh:
+    """``mesh`` (closed components, wound outward: normals from high to low density) without
+    * the walls of empty pockets inside the solid: components of negative signed volume, wound
+      towards the pocket. Nothing outside sees them, yet a hollow density (a shell of Gaussians
+      started on a surface) exports one as large as the outer surface. All are kept when no
+      component has a positive volume;
+    * floaters: of the components left, those with fewer than ``min_component_ratio`` times the
+      largest one's faces (0: none dropped).
+    One pass of connected-component labels serves both (this runs in every step of the
+    silhouette-level search)."""
     if len(mesh.faces) == 0:
         return mesh
     labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
     tri = mesh.vertices[mesh.faces]
     signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0  # per face, about the origin
-    volume = np.bincount(labels, weights=signed)
-    keep = volume > 0
-    if keep.all() or not keep.any():
+    keep = np.bincount(labels, weights=signed) > 0
+    if not keep.any():
+        keep[:] = True
+    if min_component_ratio > 0:
+        counts = np.bincount(labels)
+        keep &= counts >= min_component_ratio * counts[keep].max()
+    if keep.all():
         return mesh
     mesh.update_faces(keep[labels])
     mesh.remove_unreferenced_vertices()
@@ -222,7 +217,7 @@ def _surface_at(volume: np.ndarray, iso: float, bound: float, min_component_rati
     if not distinct.all():
         mesh.update_faces(distinct)
         mesh.remove_unreferenced_vertices()
-    return _keep_large_components(_drop_cavities(mesh), float(min_component_ratio))
+    return _keep_components(mesh, float(min_component_ratio))
 
 
 @torch.no_grad()
@@ -330,7 +325,7 @@ def extract_mesh(
       touches the bounds; those caps are clamped onto the bounding cube.
     * Faces are wound so normals point from high to low density (outward).
     * Inner walls of empty pockets (closed components of negative signed volume, invisible from
-      outside: a hollow density's inside) are dropped (:func:`_drop_cavities`), then connected
+      outside: a hollow density's inside) are dropped (:func:`_keep_components`), then connected
       components with fewer than ``min_component_ratio`` times the largest component's faces
       (floaters).
     * Vertex colors are ``rep.albedo(vertices)`` as uint8 RGBA (sRGB, alpha 255).
